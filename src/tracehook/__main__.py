@@ -1,0 +1,3 @@
+from tracehook.cli import run
+
+run()

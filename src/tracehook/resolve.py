@@ -1,0 +1,120 @@
+"""Resolving a derivation: Nix's ``Derivation::tryResolve`` (Nix 2.4 to 2.34).
+
+Resolution fixes each input derivation's output to one store path: inputDrvs become empty,
+the chosen paths join inputSrcs, every upstream placeholder of an input output is replaced
+by its path in builder, args and env, and deferred (input-addressed) outputs get the paths
+their now-fixed inputs determine. The store-path hash part of the resolved derivation is
+the key laut signs (``in.rdrv_aterm_ca``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from tracehook.aterm import Derivation, DerivationOutput
+from tracehook.derivation_hash import hash_derivation_modulo
+from tracehook.errors import TracehookError
+from tracehook.storepath import (
+    STORE_DIR,
+    derivation_path,
+    hash_part,
+    make_output_path,
+    parse_store_path,
+    upstream_placeholder,
+)
+
+Chosen = Mapping[tuple[str, str], str]
+
+
+class UnresolvedInput(TracehookError):
+    """No output path was chosen for an input derivation's output."""
+
+    def __init__(self, drv_path: str, output: str) -> None:
+        self.drv_path = drv_path
+        self.output = output
+        super().__init__(f"no path chosen for output {output!r} of input {drv_path}")
+
+
+def _bkey(s: str) -> bytes:
+    return s.encode("utf-8", errors="surrogateescape")
+
+
+def _rewrite(s: str, rewrites: Mapping[str, str]) -> str:
+    """Nix's ``rewriteStrings``: each rewrite in key order, searching on from each match."""
+    for old in sorted(rewrites, key=_bkey):
+        new = rewrites[old]
+        if old == new or old not in s:
+            continue
+        if old in new:  # Nix would loop forever; a placeholder is never part of a path
+            raise TracehookError(f"rewrite of {old!r} to {new!r} does not terminate")
+        j = s.find(old)
+        while j != -1:
+            s = s[:j] + new + s[j + len(old) :]
+            j = s.find(old, j)
+    return s
+
+
+def resolve(
+    drv: Derivation,
+    chosen: Chosen,
+    store_dir: str = STORE_DIR,
+    name: str | None = None,
+) -> Derivation:
+    """The resolved derivation, given the path chosen for each ``(input drv, output)``.
+
+    Raises UnresolvedInput when an input output has no chosen path, ParseError when a
+    chosen path is not a store path. ``name`` defaults to ``drv.name``.
+    """
+    rewrites: dict[str, str] = {}
+    srcs = set(drv.input_srcs)
+    for drv_path, names in drv.input_drvs.items():
+        for output in names:
+            path = chosen.get((drv_path, output))
+            if path is None:
+                raise UnresolvedInput(drv_path, output)
+            parse_store_path(path, store_dir)
+            rewrites.setdefault(upstream_placeholder(drv_path, output), path)
+            srcs.add(path)
+
+    env: dict[str, str] = {}
+    for key in sorted(drv.env, key=_bkey):
+        env.setdefault(_rewrite(key, rewrites), _rewrite(drv.env[key], rewrites))
+    resolved = Derivation(
+        outputs=dict(drv.outputs),
+        input_drvs={},
+        input_srcs=tuple(sorted(srcs, key=_bkey)),
+        platform=drv.platform,
+        builder=_rewrite(drv.builder, rewrites),
+        args=tuple(_rewrite(a, rewrites) for a in drv.args),
+        env=dict(sorted(env.items(), key=lambda kv: _bkey(kv[0]))),
+    )
+
+    deferred = [out for out, o in resolved.outputs.items() if o.is_deferred]
+    if not deferred:
+        return resolved
+    drv_name = resolved.name if name is None else name
+    masked = hash_derivation_modulo(resolved, mask_outputs=True, store_dir=store_dir)
+    outputs = dict(resolved.outputs)
+    env = dict(resolved.env)
+    for out in deferred:
+        path = make_output_path(out, masked.hashes[out], drv_name, store_dir)
+        outputs[out] = DerivationOutput(path, "", "")
+        env[out] = path
+    return replace(
+        resolved, outputs=outputs, env=dict(sorted(env.items(), key=lambda kv: _bkey(kv[0])))
+    )
+
+
+def resolved_path(
+    drv: Derivation, chosen: Chosen, store_dir: str = STORE_DIR, name: str | None = None
+) -> str:
+    """The store path of the resolved derivation."""
+    return derivation_path(resolve(drv, chosen, store_dir, name), store_dir, name)
+
+
+def resolved_key(
+    drv: Derivation, chosen: Chosen, store_dir: str = STORE_DIR, name: str | None = None
+) -> str:
+    """laut's ``in.rdrv_aterm_ca``: the hash part of the resolved derivation's path."""
+    return hash_part(resolved_path(drv, chosen, store_dir, name))

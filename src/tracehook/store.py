@@ -1,0 +1,80 @@
+"""Reading derivations straight from a Nix store on disk, without spawning Nix.
+
+With ``root`` the store is chroot-style, as Nix's ``--store ROOT``: a path
+``<store_dir>/<hash>-<name>`` lives at ``ROOT<store_dir>/<hash>-<name>``.
+This is the only core module that does I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from tracehook.aterm import Derivation, decode_drv, parse
+from tracehook.errors import EnvironmentFault, ParseError
+from tracehook.storepath import STORE_DIR, derivation_path, parse_store_path
+
+log = logging.getLogger(__name__)
+
+
+class StoreReader:
+    """Reads and memoizes derivations from one store."""
+
+    def __init__(
+        self, root: str | None = None, store_dir: str = STORE_DIR, verify_paths: bool = True
+    ) -> None:
+        """``verify_paths``: check that each .drv's contents hash to its own store path."""
+        self.root = root
+        self.store_dir = store_dir
+        self.verify_paths = verify_paths
+        self._drvs: dict[str, Derivation] = {}
+
+    def real_path(self, store_path: str) -> str:
+        """Where a store path's file is on this machine (ParseError if not a store path)."""
+        parse_store_path(store_path, self.store_dir)
+        return store_path if self.root is None else self.root.rstrip("/") + store_path
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(self.real_path(path))
+
+    def read_derivation(self, drv_path: str) -> Derivation:
+        """The parsed derivation at ``drv_path``.
+
+        EnvironmentFault when it cannot be read; ParseError (naming the file) when it is
+        malformed or, with ``verify_paths``, does not hash to its own path.
+        """
+        drv = self._drvs.get(drv_path)
+        if drv is not None:
+            return drv
+        _, name = parse_store_path(drv_path, self.store_dir)
+        if not name.endswith(".drv"):
+            raise ParseError("derivation path", f"{drv_path} is not a .drv", len(drv_path))
+        real = self.real_path(drv_path)
+        try:
+            with open(real, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise EnvironmentFault(f"cannot read derivation {drv_path} ({real}): {e}") from e
+        drv = parse(decode_drv(data), what=f"derivation {drv_path}")
+        if self.verify_paths:
+            computed = derivation_path(drv, self.store_dir, name=name[: -len(".drv")])
+            if computed != drv_path:
+                raise ParseError(
+                    f"derivation {drv_path}", f"its contents hash to {computed}, not to its path"
+                )
+        log.debug("read derivation %s", drv_path)
+        self._drvs[drv_path] = drv
+        return drv
+
+    def load_closure(self, drv_path: str) -> dict[str, Derivation]:
+        """Every derivation reachable through inputDrvs from ``drv_path``, itself included."""
+        closure: dict[str, Derivation] = {}
+        todo = [drv_path]
+        while todo:
+            path = todo.pop()
+            if path in closure:
+                continue
+            drv = self.read_derivation(path)
+            closure[path] = drv
+            todo.extend(p for p in drv.input_drvs if p not in closure)
+        return closure

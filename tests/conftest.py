@@ -1,0 +1,60 @@
+"""Shared fixtures: real Nix tiers and isolated stores (see tests/nixharness.py)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from nixharness import CONFORMANCE, TIERS, NixEnv, NixTier, get_tier
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session", params=TIERS, ids=[f"nix-{t}" for t in TIERS])
+def nix_tier(request: pytest.FixtureRequest) -> NixTier:
+    """Each real-Nix test runs once per tier (2.26, the main tier; 2.8, the old one)."""
+    name = str(request.param)
+    return get_tier(name)
+
+
+@pytest.fixture(scope="session")
+def nix226() -> NixTier:
+    return get_tier("2.26")
+
+
+@pytest.fixture(scope="session")
+def nix28() -> NixTier:
+    return get_tier("2.8")
+
+
+MakeNixEnv = Callable[..., NixEnv]
+
+
+@pytest.fixture
+def make_nixenv(tmp_path: Path) -> Iterator[MakeNixEnv]:
+    """Factory: ``make_nixenv(tier, **nix_conf_settings)`` gives a fresh isolated store."""
+
+    def make(tier: NixTier, **settings: str) -> NixEnv:
+        base = tmp_path / f"nix{next(_counter)}"
+        env = NixEnv(tier, base)
+        if settings:
+            env.configure(**settings)
+        return env
+
+    yield make
+
+
+@pytest.fixture
+def nixenv(nix_tier: NixTier, make_nixenv: MakeNixEnv) -> NixEnv:
+    """One isolated store on the parametrized tier."""
+    return make_nixenv(nix_tier)
+
+
+@pytest.fixture(scope="session")
+def conformance() -> Path:
+    if not CONFORMANCE.is_dir():
+        raise RuntimeError(f"conformance data not found at {CONFORMANCE} (shared/ beside the repo)")
+    return CONFORMANCE
