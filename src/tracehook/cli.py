@@ -26,7 +26,7 @@ exit codes: 0 ok, 1 refused or verification failed, 2 usage or configuration err
 
 # One module a subcommand; each has ``register(subparsers)``. Keep this list sorted.
 _SUBCOMMANDS = (
-    "tracehook.cmd_inspect",
+    "tracehook.cmd_log",
 )
 
 
