@@ -8,8 +8,10 @@ place that turns a :class:`~tracehook.errors.TracehookError` into a message and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -26,7 +28,13 @@ exit codes: 0 ok, 1 refused or verification failed, 2 usage or configuration err
 
 # One module a subcommand; each has ``register(subparsers)``. Keep this list sorted.
 _SUBCOMMANDS = (
+    "tracehook.cmd_demo",
+    "tracehook.cmd_gate",
+    "tracehook.cmd_keygen",
     "tracehook.cmd_log",
+    "tracehook.cmd_publish",
+    "tracehook.cmd_sign",
+    "tracehook.cmd_verify",
 )
 
 
@@ -70,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tracehook ... | head`: the reader left; that is not an error
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 0
 
 
 def run() -> None:

@@ -79,3 +79,25 @@ def run(
         tail = proc.stderr.strip()[-_STDERR_TAIL:]
         raise CommandFailed(f"exit {proc.returncode}: {cmdline}\n{tail}")
     return result
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    stdout: int | None = subprocess.DEVNULL,
+    stderr: int | None = subprocess.DEVNULL,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running program (a gate, a publisher); the caller stops it."""
+    args = tuple(str(a) for a in argv)
+    full_env = dict(os.environ if env is None else env)
+    if extra_env:
+        full_env.update(extra_env)
+    log.debug("$ %s &", shlex.join(args))
+    try:
+        return subprocess.Popen(
+            args, env=full_env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
+        )
+    except FileNotFoundError as exc:
+        raise EnvironmentFault(f"{args[0]}: not found (is it installed and on PATH?)") from exc
