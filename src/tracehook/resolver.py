@@ -1,0 +1,305 @@
+"""The verifier's resolver: walks derivations, fetches traces, feeds the trusted set.
+
+For each target it reads the derivation graph bottom-up (explicit stack, visited set,
+maximum depth, cycles named), then processes the build steps in waves of equal height: for
+every step of a wave it computes each candidate resolution from the *verified* values of the
+input outputs it references (never from what a signer says it used), fetches the trace of
+every resolved key from every trace store concurrently (each key once per run and store),
+checks the signatures in worker threads (Ed25519 verification releases the GIL), and records
+the evidence in :class:`~tracehook.verify_core.TrustedSet`. Decisions live in the core; the
+fetching and the order of work live here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from tracehook.aterm import Derivation
+from tracehook.errors import EnvironmentFault, ParseError, TracehookError
+from tracehook.policy import Policy
+from tracehook.step import InputOutput, Resolution, producer_is_content_addressed, step_key
+from tracehook.storepath import basename
+from tracehook.trace_format import TraceKey
+from tracehook.tracestore import TraceStore
+from tracehook.verify_core import Checked, Failure, KeyRing, Rejected, TrustedSet
+from tracehook.verify_report import StepReport, TargetReport, build_target_report
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[str], Derivation]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_depth: int = 2000  # longest input chain below a target
+    max_resolutions: int = 256  # candidate resolutions of one step
+    workers: int = 8
+
+
+@dataclass(frozen=True)
+class Target:
+    spec: str  # as the user gave it
+    drv_path: str
+    outputs: frozenset[str] | None = None  # None: every output of the derivation
+    path: str | None = None  # an output path the user asked about
+
+
+@dataclass(frozen=True)
+class StoreFault:
+    url: str
+    message: str
+
+
+class GraphError(TracehookError):
+    def __init__(self, drv_path: str, message: str) -> None:
+        self.drv_path = drv_path
+        super().__init__(message)
+
+
+class Resolver:
+    def __init__(
+        self,
+        policy: Policy,
+        stores: Sequence[TraceStore],
+        load: Loader,
+        now: dt.datetime,
+        limits: Limits | None = None,
+    ) -> None:
+        self.policy = policy
+        self.stores = list(stores)
+        self.load = load
+        self.now = now
+        self.limits = limits or Limits()
+        self.ring = KeyRing(policy, now)
+        self.trusted = TrustedSet(policy.require)
+        self.faults: list[StoreFault] = []
+        self._drvs: dict[str, Derivation] = {}
+        self._heights: dict[str, int] = {}
+        self._requests: dict[str, set[frozenset[str]]] = {}
+        self._fetched: dict[str, Checked] = {}
+        self._graph_failures: dict[str, GraphError] = {}
+
+    # ------------------------------------------------------------------------ public
+
+    def verify(self, targets: Sequence[Target]) -> list[TargetReport]:
+        with ThreadPoolExecutor(self.limits.workers, thread_name_prefix="tracehook") as pool:
+            for target in targets:
+                order = self._walk_target(target)
+                self._process(order, pool)
+        return [self._report(t) for t in targets]
+
+    # ----------------------------------------------------------------------- the walk
+
+    def _read(self, drv_path: str, referrer: str | None) -> Derivation:
+        drv = self._drvs.get(drv_path)
+        if drv is None:
+            try:
+                drv = self.load(drv_path)
+                drv.kind  # noqa: B018  (validates the outputs)
+            except ParseError as exc:
+                via = f" (input of {basename(referrer)})" if referrer else ""
+                raise GraphError(drv_path, f"malformed derivation {drv_path}{via}: "
+                                 f"{exc.diagnostics()}") from None
+            self._drvs[drv_path] = drv
+        return drv
+
+    def _walk_target(self, target: Target) -> list[str]:
+        order: list[str] = []
+        try:
+            drv = self._read(target.drv_path, None)
+            want = target.outputs or frozenset(drv.outputs)
+            missing = sorted(want - set(drv.outputs))
+            if missing:
+                raise GraphError(target.drv_path, f"{target.drv_path} has no output "
+                                 f"'{missing[0]}'")
+            self._requests.setdefault(target.drv_path, set()).add(want)
+            self._walk(target.drv_path, order)
+        except GraphError as exc:
+            self._graph_failures[target.spec] = exc
+        return order
+
+    def _walk(self, root: str, order: list[str]) -> None:
+        """Post-order over the inputs of ``root`` with an explicit stack."""
+        if root in self._heights:
+            return
+        max_depth = self.limits.max_depth
+        stack = [(root, iter(self._read(root, None).input_drvs.items()))]
+        on_stack = {root: 0}
+        while stack:
+            path, children = stack[-1]
+            for child, outputs in children:
+                self._requests.setdefault(child, set()).add(frozenset(outputs))
+                if child in self._heights:
+                    continue
+                if child in on_stack:
+                    cycle = [p for p, _ in stack[on_stack[child]:]] + [child]
+                    raise GraphError(child, "cycle in the derivation graph: "
+                                     + " -> ".join(basename(p) for p in cycle))
+                if len(stack) >= max_depth:
+                    raise GraphError(child, f"derivation graph deeper than {max_depth} "
+                                     f"steps below {basename(root)} (raise --max-depth)")
+                drv = self._read(child, path)
+                on_stack[child] = len(stack)
+                stack.append((child, iter(drv.input_drvs.items())))
+                break
+            else:
+                stack.pop()
+                del on_stack[path]
+                inputs = self._drvs[path].input_drvs
+                height = 1 + max((self._heights[c] for c in inputs), default=0)
+                if height > max_depth:
+                    raise GraphError(path, f"derivation graph deeper than {max_depth} steps "
+                                     f"at {basename(path)} (raise --max-depth)")
+                self._heights[path] = height
+                order.append(path)
+
+    # -------------------------------------------------------------------- the waves
+
+    def _process(self, order: list[str], pool: ThreadPoolExecutor) -> None:
+        """Wave by wave (equal height): plan each step and start fetching and checking its
+        keys at once, so signature checks overlap with planning the rest of the wave."""
+        waves: dict[int, list[str]] = {}
+        for path in order:
+            waves.setdefault(self._heights[path], []).append(path)
+        for height in sorted(waves):
+            plans = []
+            pending: dict[str, Future[Checked]] = {}
+            for path in waves[height]:
+                resolutions = self._plan(path)
+                plans.append((path, resolutions))
+                for res in resolutions or ():
+                    key = res.key.key
+                    if key not in self._fetched and key not in pending:
+                        gets = [(s, pool.submit(s.get, key)) for s in self.stores]
+                        pending[key] = pool.submit(self._check, res.key, gets)
+            for key, fut in pending.items():
+                self._fetched[key] = fut.result()
+            for path, resolutions in plans:
+                if resolutions is not None:
+                    evidence = [(r, self._fetched[r.key.key]) for r in resolutions]
+                    self.trusted.add_step(path, self._drvs[path], evidence)
+
+    def _plan(self, path: str) -> list[Resolution] | None:
+        """The step's candidate resolutions, or None when it was decided without evidence."""
+        drv = self._drvs[path]
+        kind = drv.kind
+        if kind == "fixed":
+            self.trusted.add_fixed(path, drv)
+            return None
+        if kind == "impure":
+            self.trusted.refuse(path, drv, Failure("impure", "impure derivations cannot be "
+                                                   "verified: their outputs are not traced"))
+            return None
+        choices = []
+        for inp, outputs in drv.input_drvs.items():
+            values = self.trusted.values(inp, frozenset(outputs))
+            if not values:
+                self.trusted.refuse(path, drv, Failure(
+                    "input", f"input {basename(inp)} ({', '.join(outputs)}) is not verified",
+                    cause=inp))
+                return None
+            choices.append((inp, producer_is_content_addressed(self._drvs[inp]), values))
+        total = 1
+        for _, _, values in choices:
+            total *= len(values)
+        if total > self.limits.max_resolutions:
+            spread = ", ".join(f"{basename(i)}: {len(v)}" for i, _, v in choices if len(v) > 1)
+            self.trusted.refuse(path, drv, Failure(
+                "too-many-resolutions",
+                f"{total} candidate resolutions (verified values per input: {spread}) exceed "
+                f"the cap of {self.limits.max_resolutions}; builders disagree on inputs this "
+                "step uses: fix the divergence or raise --max-resolutions"))
+            return None
+        resolutions: dict[str, Resolution] = {}
+        for combo in itertools.product(*(values for _, _, values in choices)):
+            inputs: dict[tuple[str, str], InputOutput] = {}
+            for (inp, ca, _), cand in zip(choices, combo, strict=False):
+                for name, oc in cand.value:
+                    inputs[(inp, name)] = InputOutput(oc.path, ca, None if ca else oc.nar_hash)
+            try:
+                res = step_key(drv, inputs)
+            except TracehookError as exc:
+                self.trusted.refuse(path, drv, Failure("resolution", f"cannot resolve: "
+                                                       f"{exc.diagnostics()}"))
+                return None
+            resolutions.setdefault(res.key.key, res)
+        return list(resolutions.values())
+
+    def _check(self, key: TraceKey, gets: list[tuple[TraceStore, Future[list[str]]]]) -> Checked:
+        """Runs in a worker: gather one key's traces from every store, check them."""
+        tokens: list[str] = []
+        bad_files: list[Rejected] = []
+        for store, fut in gets:
+            try:
+                tokens.extend(fut.result())
+            except EnvironmentFault as exc:
+                log.warning("trace store %s: %s", store.url, exc.diagnostics())
+                self.faults.append(StoreFault(store.url, exc.diagnostics()))
+            except ParseError as exc:
+                bad_files.append(Rejected("malformed", None, f"{store.url} serves a malformed "
+                                          f"trace file for {key.key}: {exc.diagnostics()}"))
+        result = self.ring.check(tokens, key)
+        return Checked(result.accepted, result.rejected + tuple(bad_files), result.seen)
+
+    # ------------------------------------------------------------------------ reports
+
+    def _report(self, target: Target) -> TargetReport:
+        closure = self._closure(target.drv_path)
+        steps = [self._step_report(p) for p in closure]
+        graph = self._graph_failures.get(target.spec)
+        if graph is not None:
+            drv = self._drvs.get(graph.drv_path)
+            steps.append(StepReport(graph.drv_path, drv.name if drv else basename(graph.drv_path),
+                                    "unknown" if drv is None else drv.kind, (), (), "refused",
+                                    "graph", graph.diagnostics(), (), 0))
+        want = None
+        if graph is None:
+            want = target.outputs or frozenset(self._drvs[target.drv_path].outputs)
+        candidates = self.trusted.values(target.drv_path, want) if want else []
+        failure = None if want is None else (
+            None if candidates else self.trusted.explain(target.drv_path, want))
+        return build_target_report(target.spec, target.drv_path, target.path, candidates,
+                                   failure, steps, self.policy, self.now,
+                                   tuple(f"{f.url}: {f.message}" for f in self.faults))
+
+    def _closure(self, root: str) -> list[str]:
+        if root not in self._heights:
+            return []
+        seen = {root}
+        todo = [root]
+        while todo:
+            for child in self._drvs[todo.pop()].input_drvs:
+                if child not in seen and child in self._heights:
+                    seen.add(child)
+                    todo.append(child)
+        return sorted(seen, key=lambda p: (self._heights[p], p))
+
+    def _step_report(self, path: str) -> StepReport:
+        drv = self._drvs[path]
+        height = self._heights[path]
+        if path not in self.trusted:
+            return StepReport(path, drv.name, drv.kind, (), (), "not-reached", None, None, (),
+                              height)
+        if self.trusted.is_fixed(path):
+            return StepReport(path, drv.name, drv.kind, (), (), "fixed-output", None, None, (),
+                              height)
+        keys = tuple(f"{k.kind}:{k.key}" for k in self.trusted.keys(path))
+        rejected = tuple(self.trusted.rejected(path))
+        signers: set[str] = set()
+        failure: Failure | None = None
+        for want in sorted(self._requests.get(path, ()), key=sorted):
+            values = self.trusted.values(path, want)
+            if values:
+                for v in values:
+                    signers |= v.signers
+            elif failure is None:
+                failure = self.trusted.explain(path, want)
+        outcome = "verified" if failure is None else "refused"
+        return StepReport(path, drv.name, drv.kind, keys, tuple(sorted(signers)), outcome,
+                          failure.kind if failure else None,
+                          failure.message if failure else None, rejected, height)

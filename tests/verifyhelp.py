@@ -1,0 +1,86 @@
+"""Helpers for the verifier's tests: policies, signing with the laut test keys, the CLI.
+
+The laut test keys are read in place from ../shared/conformance-laut-v2/keys (published by
+laut for tests; never copied into this repository).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nixharness import CONFORMANCE
+from tracehook import cli, crypto
+from tracehook.trace_format import BuilderInfo, OutputClaim, TraceKey, sign_trace
+from tracehook.tracestore import FileTraceStore
+
+KEYS = CONFORMANCE / "keys"
+BUILDER = BuilderInfo(1, "/nix/store", "nix", "2.26.3")
+
+
+def secret(name: str) -> crypto.SecretKey:
+    """builderA / builderB from the conformance keys; anything else: a fixed test key."""
+    path = KEYS / f"{name}_key.private"
+    if path.exists():
+        return crypto.read_secret_key_file(path)
+    seed = (name.encode() * 32)[:32]
+    return crypto.SecretKey(name, seed)
+
+
+def public_text(name: str) -> str:
+    return crypto.format_public_key(secret(name).public)
+
+
+def write_policy(
+    path: Path,
+    require: str,
+    keys: Mapping[str, str] | Sequence[str] = ("builderA", "builderB"),
+    traces: Sequence[str] = (),
+) -> Path:
+    """``keys``: names (entry = the key), or name -> extra inline fields (``not-after = ...``)."""
+    lines = [f"traces = {json.dumps(list(traces))}", "", "[keys]"]
+    if isinstance(keys, Mapping):
+        for name, extra in keys.items():
+            inner = f'key = "{public_text(name)}"' + (f", {extra}" if extra else "")
+            lines.append(f"{name} = {{ {inner} }}")
+    else:
+        lines += [f'{name} = "{public_text(name)}"' for name in keys]
+    lines += ["", "[trust]", f"require = {require}", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def sign_into(
+    store_dir: Path,
+    key: TraceKey,
+    outputs: Mapping[str, OutputClaim],
+    signer: str,
+    drv_name: str,
+) -> str:
+    token = sign_trace(secret(signer), key, outputs, BUILDER, drv_name)
+    FileTraceStore(f"file://{store_dir}", store_dir).append(key.key, [token])
+    return token
+
+
+@dataclass(frozen=True)
+class CliResult:
+    rc: int
+    out: str
+    err: str
+
+    def json(self) -> dict[str, Any]:
+        obj = json.loads(self.out)
+        assert isinstance(obj, dict)
+        return obj
+
+
+def run_verify(capsys: pytest.CaptureFixture[str], *args: str) -> CliResult:
+    capsys.readouterr()
+    rc = cli.main(["verify", *args])
+    captured = capsys.readouterr()
+    return CliResult(rc, captured.out, captured.err)
