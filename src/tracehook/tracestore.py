@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,7 +32,9 @@ from tracehook.jws import merge_signatures, parse_trace_file, render_trace_file
 
 MAX_TRACE_FILE = 16 * 1024 * 1024
 DEFAULT_TIMEOUT = 10.0
-CONFLICT_RETRIES = 20
+CONFLICT_RETRIES = 50
+TRANSIENT_RETRIES = 3  # dropped connections retried per append
+CONFLICT_BACKOFF_MAX = 0.5  # seconds; jittered, doubling from 5 ms
 
 
 class TraceStore(Protocol):
@@ -127,8 +131,7 @@ class HttpTraceStore:
                 return [], None, False
             raise EnvironmentFault(f"trace store {self.url}: HTTP {exc.code} for {key}") from exc
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise EnvironmentFault(f"trace store {self.url} unreachable: {reason}") from exc
+            raise _unreachable(self.url, exc) from exc
         if len(data) > MAX_TRACE_FILE:
             raise EnvironmentFault(f"trace store {self.url}: trace {key} is over 16 MiB")
         return parse_trace_file(data, f"trace {key} from {self.url}"), etag, True
@@ -137,34 +140,75 @@ class HttpTraceStore:
         return self._fetch(key)[0]
 
     def append(self, key: str, signatures: Sequence[str]) -> None:
-        for _ in range(CONFLICT_RETRIES):
-            existing, etag, exists = self._fetch(key)
-            merged = merge_signatures(existing, signatures)
-            if exists and merged == existing:
-                return
-            headers = {"Content-Type": "application/json"}
-            if not exists:
-                headers["If-None-Match"] = "*"
-            elif etag is not None:
-                headers["If-Match"] = etag
-            req = urllib.request.Request(
-                self._key_url(key), data=render_trace_file(merged), method="PUT", headers=headers
-            )
+        """Append with laut's conditional PUTs.
+
+        A 409/412 (another writer was first) and a dropped connection (reset, closed
+        without an answer) start over from a fresh GET, after a jittered backoff: every
+        attempt merges into what it just read, so repeating one is always safe, even when
+        the lost answer was to a PUT that the server applied.
+        """
+        transient = 0
+        for attempt in range(CONFLICT_RETRIES):
+            if attempt:  # jittered exponential backoff: writers racing on one key spread out
+                time.sleep(random.uniform(0, min(CONFLICT_BACKOFF_MAX, 0.005 * 2**attempt)))
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout):
+                if self._try_append(key, signatures):
                     return
-            except urllib.error.HTTPError as exc:
-                if exc.code in (409, 412):
-                    continue
-                raise EnvironmentFault(
-                    f"trace store {self.url}: PUT {key} answered HTTP {exc.code}"
-                ) from exc
-            except (urllib.error.URLError, OSError, TimeoutError) as exc:
-                reason = getattr(exc, "reason", exc)
-                raise EnvironmentFault(f"trace store {self.url} unreachable: {reason}") from exc
+            except _Dropped as exc:
+                transient += 1
+                if transient > TRANSIENT_RETRIES:
+                    raise exc.fault from exc.__cause__
         raise EnvironmentFault(
             f"trace store {self.url}: {CONFLICT_RETRIES} conflicting writes to {key}, giving up"
         )
+
+    def _try_append(self, key: str, signatures: Sequence[str]) -> bool:
+        """One GET + conditional PUT; False when another writer got in first."""
+        existing, etag, exists = self._fetch(key)
+        merged = merge_signatures(existing, signatures)
+        if exists and merged == existing:
+            return True
+        headers = {"Content-Type": "application/json"}
+        if not exists:
+            headers["If-None-Match"] = "*"
+        elif etag is not None:
+            headers["If-Match"] = etag
+        else:
+            # Without an ETag the PUT could replace another signer's newer file.
+            raise EnvironmentFault(
+                f"trace store {self.url}: GET {key} sent no ETag, so an append cannot "
+                "be made safely (the server must support If-Match)"
+            )
+        req = urllib.request.Request(
+            self._key_url(key), data=render_trace_file(merged), method="PUT", headers=headers
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout):
+                return True
+        except urllib.error.HTTPError as exc:
+            if exc.code in (409, 412):
+                return False
+            raise EnvironmentFault(
+                f"trace store {self.url}: PUT {key} answered HTTP {exc.code}"
+            ) from exc
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            raise _unreachable(self.url, exc) from exc
+
+
+class _Dropped(Exception):
+    """A connection dropped mid-request: worth one more try (carries the final error)."""
+
+    def __init__(self, fault: EnvironmentFault) -> None:
+        super().__init__(fault.diagnostics())
+        self.fault = fault
+
+
+def _unreachable(url: str, exc: BaseException) -> Exception:
+    reason = getattr(exc, "reason", exc)
+    fault = EnvironmentFault(f"trace store {url} unreachable: {reason}")
+    if isinstance(reason, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        return _Dropped(fault)  # http.client.RemoteDisconnected is a ConnectionResetError
+    return fault
 
 
 def open_store(url: str, timeout: float = DEFAULT_TIMEOUT) -> TraceStore:

@@ -1,0 +1,30 @@
+"""Signed spool entries for tests (fixed keys, real JWS), shared by spool and publish tests."""
+
+from __future__ import annotations
+
+import hashlib
+
+from tracehook import crypto
+from tracehook.nar import format_nar_hash
+from tracehook.spool import SpoolEntry
+from tracehook.trace_format import BuilderInfo, OutputClaim, TraceKey, sign_trace
+
+SK = crypto.SecretKey("test-signer-1", hashlib.sha256(b"tracehook spool tests").digest())
+OTHER = crypto.SecretKey("test-signer-2", hashlib.sha256(b"tracehook other signer").digest())
+
+
+def make_entry(
+    n: int, sk: crypto.SecretKey = SK, rebuild_id: int = 1, out_byte: int = 0
+) -> SpoolEntry:
+    """A real signed claim for a made-up CA step ``n``."""
+    key = ("0123456789abcdfghijklmnpqrsvwxyz"[n % 32] * 32)
+    rdrv = f"/nix/store/{key}-step{n}.drv"
+    digest = hashlib.sha256(bytes([n, out_byte])).digest()
+    out = OutputClaim(f"/nix/store/{'1' * 31}{n % 10}-step{n}", digest)
+    tk = TraceKey("ca", key, rdrv)
+    token = sign_trace(sk, tk, {"out": out}, BuilderInfo(rebuild_id, "/nix/store", "nix", "t"),
+                       f"step{n}")
+    kid = f"{sk.name}:{crypto.thumbprint16(sk.public)}"
+    outputs = {"out": {"path": out.path, "hash": format_nar_hash(out.nar_hash)}}
+    return SpoolEntry("ca", key, kid, f"/nix/store/{'2' * 32}-step{n}.drv", outputs, token,
+                      1000.0 + n, crypto.format_public_key(sk.public))

@@ -1,0 +1,99 @@
+"""The spool: atomic entries, dedupe of identical claims, delivered ledger, bad entries."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from pathlib import Path
+
+import pytest
+
+from spoolhelp import make_entry
+from tracehook.errors import EnvironmentFault
+from tracehook.spool import Spool, SpoolEntry
+
+
+def test_add_and_list(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    first, second = make_entry(1), make_entry(2)
+    p1, p2 = spool.add(second), spool.add(first)
+    assert p1 is not None and p2 is not None
+    assert [it.entry for it in spool.pending()] == [first, second]  # oldest first
+    assert (os.stat(p1).st_mode & 0o777) == 0o600
+    assert (os.stat(tmp_path / "spool").st_mode & 0o777) == 0o700
+    assert not list((tmp_path / "spool" / "tmp").iterdir())  # no half-written leftovers
+
+
+def test_same_claim_other_rebuild_id_is_a_duplicate(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    assert spool.add(make_entry(1, rebuild_id=1)) is not None
+    assert spool.add(make_entry(1, rebuild_id=2)) is None
+    assert len(spool.pending()) == 1
+
+
+def test_different_outputs_are_a_new_claim(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    assert spool.add(make_entry(1)) is not None
+    assert spool.add(make_entry(1, out_byte=9)) is not None
+    assert len(spool.pending()) == 2
+
+
+def test_sent_claim_is_not_spooled_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.add(make_entry(1))
+    (item,) = spool.pending()
+    spool.mark_sent(item)
+    spool.mark_sent(item)  # a second move is a no-op
+    assert spool.pending() == []
+    assert spool.add(make_entry(1, rebuild_id=7)) is None
+    assert spool.known(make_entry(1).name)
+
+
+def test_concurrent_identical_claims_spooled_once(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: spool.add(make_entry(3, rebuild_id=i)), range(32)))
+    assert sum(r is not None for r in results) == 1
+    assert len(spool.pending()) == 1
+
+
+def test_entry_round_trip() -> None:
+    entry = make_entry(4)
+    assert SpoolEntry.from_json(entry.to_json(), "x") == entry
+
+
+@pytest.mark.parametrize(
+    ("case", "data"),
+    [
+        pytest.param("not json", b"{", id="not json"),
+        pytest.param("wrong version", b'{"version": 99}', id="wrong version"),
+        pytest.param("missing jws", b'{"version": 1, "kind": "ca"}', id="missing field"),
+        pytest.param("a list", b"[1]", id="a list"),
+    ],
+)
+def test_bad_entries_are_reported_and_quarantined(case: str, data: bytes, tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.add(make_entry(1))
+    bad = tmp_path / "pending" / "zzz.json"
+    bad.write_bytes(data)
+    items, problems = spool.scan()
+    assert len(items) == 1
+    assert [p for p, _ in problems] == [bad]
+    moved = spool.quarantine(bad)
+    assert moved.read_bytes() == data and not bad.exists()
+
+
+def test_unwritable_spool_is_environment_fault(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(EnvironmentFault, match="spool"):
+        Spool(blocker / "spool").add(make_entry(1))
+
+
+def test_prune_sent(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.add(make_entry(1))
+    spool.mark_sent(spool.pending()[0])
+    assert spool.prune_sent(3600) == 0
+    assert spool.prune_sent(0, now=10**12) == 1
+    assert spool.sent() == []
