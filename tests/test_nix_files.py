@@ -1,0 +1,526 @@
+"""The Nix side of the project: every .nix file, the NixOS module, the VM test, the examples.
+
+What runs here, with real Nix 2.26 and 2.8 (no nixpkgs is available offline):
+
+- every ``.nix`` file in the repository passes ``nix-instantiate --parse``;
+- ``nix/tests/eval-module.nix`` evaluates the module under nixpkgs' ``lib.evalModules``
+  when ``<nixpkgs/lib>`` resolves on ``NIX_PATH`` (the flake's ``checks.module-eval`` runs it
+  with the flake's nixpkgs); without it, that test checks what it can without a ``lib``
+  and says so with a warning in the pytest summary;
+- ``flake.nix`` is evaluated against a stand-in nixpkgs (the one ``lib`` function it calls,
+  ``genAttrs``, and stub packages): its outputs, apps and checks are wired as documented;
+- the VM test is evaluated the same way: its test script passes the pyflakes rules the
+  NixOS test driver applies, its policy loads with the verifier's loader, its keys pair up,
+  and its trace-tampering script really breaks the signature it targets and no other;
+- every example configuration is read by the project's own loaders (sign.toml, the policies,
+  the policy of the NixOS example), ``examples/nix.conf`` is accepted by real Nix without an
+  unknown setting, and the systemd units' command lines parse with tracehook's CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import MakeNixEnv
+from nixharness import REPO, NixEnv, NixTier
+from tracehook import cli, crypto, jws, sign_config
+from tracehook.errors import BadSignature
+from tracehook.policy import Policy, load_policy, parse_policy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+EXCLUDED_DIRS = {".git", ".venv", "build", "dist", "node_modules", "__pycache__", "result"}
+STUB_STORE = "/nix/store/00000000000000000000000000000000"
+
+
+def repo_nix_files() -> list[Path]:
+    found = []
+    for path in REPO.rglob("*.nix"):
+        rel = path.relative_to(REPO)
+        if not any(part in EXCLUDED_DIRS or part.endswith(".egg-info") for part in rel.parts):
+            found.append(path)
+    return sorted(found)
+
+
+NIX_FILES = repo_nix_files()
+
+
+def test_the_nix_files_are_found() -> None:
+    names = {str(p.relative_to(REPO)) for p in NIX_FILES}
+    assert {
+        "flake.nix",
+        "nix/package.nix",
+        "nix/module.nix",
+        "nix/tests/vm.nix",
+        "nix/tests/eval-module.nix",
+        "nix/tests/chain.nix",
+        "examples/nixos/configuration.nix",
+        "examples/flake-consumer/flake.nix",
+    } <= names
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("path", NIX_FILES, ids=[str(p.relative_to(REPO)) for p in NIX_FILES])
+def test_parses(nix_tier: NixTier, make_nixenv: MakeNixEnv, path: Path) -> None:
+    env = make_nixenv(nix_tier)
+    env.run("nix-instantiate", "--parse", str(path))
+
+
+# ------------------------------------------------------------------ evaluating with Nix
+
+
+def nix_eval(env: NixEnv, expr: str, *args: str, nix_path: str | None = None) -> Any:
+    """``nix-instantiate --eval --strict --json`` of ``expr`` (read-write: toFile works)."""
+    extra = {"NIX_PATH": nix_path} if nix_path is not None else None
+    out = env.run(
+        "nix-instantiate", "--read-write-mode", "--eval", "--strict", "--json",
+        "--expr", expr, *args, extra_env=extra,
+    ).stdout
+    return json.loads(out)
+
+
+def nixpkgs_lib(env: NixEnv) -> str | None:
+    """``<nixpkgs/lib>`` as the caller's NIX_PATH resolves it, or None."""
+    nix_path = os.environ.get("NIX_PATH", "")
+    if not nix_path:
+        return None
+    res = env.run(
+        "nix-instantiate", "--find-file", "nixpkgs/lib",
+        check=False, extra_env={"NIX_PATH": nix_path},
+    )
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else None
+
+
+EVAL_SCENARIOS = {
+    "nothing-enabled", "sign", "sign-key-from-nix-settings", "sign-strict-and-settings",
+    "gate-exclusive", "gate-shared", "example-configuration", "gate-without-policy",
+    "sign-without-key", "exclusive-gate-without-upstreams", "signing-key-without-public-key",
+    "gate-listening-beyond-loopback",
+}
+
+
+@pytest.mark.nix
+def test_module_evaluates_with_nixpkgs_lib(nix_tier: NixTier, make_nixenv: MakeNixEnv) -> None:
+    """nix/module.nix under nixpkgs' ``lib.evalModules``, every scenario of eval-module.nix.
+
+    Needs ``<nixpkgs/lib>`` on NIX_PATH (e.g. ``NIX_PATH=nixpkgs=/path/to/nixpkgs``, or a
+    checkout of nixpkgs' ``lib`` alone); these machines have none. Without it, this test
+    cannot evaluate the module (re-implementing the module system is not reasonable): it
+    checks that the harness parses and is wired into the flake's checks (evaluated in
+    ``test_flake_outputs``), and warns, so the gap shows in the pytest summary.
+    """
+    env = make_nixenv(nix_tier)
+    harness = REPO / "nix" / "tests" / "eval-module.nix"
+    lib = nixpkgs_lib(env)
+    if lib is None:
+        env.run("nix-instantiate", "--parse", str(harness))
+        flake = (REPO / "flake.nix").read_text()
+        assert "import ./nix/tests/eval-module.nix" in flake
+        warnings.warn(
+            "no <nixpkgs/lib> on NIX_PATH: nix/module.nix was not evaluated under "
+            "lib.evalModules here (the flake's checks.module-eval does that)",
+            stacklevel=1,
+        )
+        return
+    result = nix_eval(
+        env, f"import {harness} {{ lib = import {lib}; }}", nix_path=os.environ["NIX_PATH"]
+    )
+    assert result["stubbed"] is True
+    assert set(result["scenarios"]) == EVAL_SCENARIOS
+    assert all(v is True for v in result["scenarios"].values())
+
+
+# A stand-in nixpkgs: just what flake.nix and vm.nix touch, so that their wiring evaluates.
+STUB_NIXPKGS = """
+let
+  drv = name: { type = "derivation"; inherit name; outPath = "@STORE@-" + name; };
+  pkgsFor = system: {
+    inherit system;
+    stdenv.hostPlatform.system = system;
+    callPackage = _f: _args: drv "tracehook";
+    runCommand = name: _env: _script: drv name;
+    writeScriptBin = name: text: drv name // { inherit text; };
+    python3.interpreter = "@STORE@-python3/bin/python3";
+    busybox-sandbox-shell = drv "busybox";
+    nixfmt-rfc-style = drv "nixfmt";
+    testers.runNixOSTest = test: test // { type = "derivation"; outPath = "@STORE@-vm"; };
+  };
+  stubLib = {
+    genAttrs = names: f: builtins.listToAttrs (map (n: { name = n; value = f n; }) names);
+    optional = cond: x: if cond then [ x ] else [ ];
+    mkForce = x: x;
+  };
+in {
+  inherit pkgsFor stubLib;
+  nixpkgs = {
+    lib = stubLib;
+    legacyPackages = stubLib.genAttrs [ "x86_64-linux" "aarch64-linux" ] pkgsFor;
+  };
+}
+""".replace("@STORE@", STUB_STORE)
+
+
+def flake_expr(body: str) -> str:
+    return f"""
+let
+  stub = {STUB_NIXPKGS};
+  flake = import {REPO}/flake.nix;
+  self = flake.outputs {{ inherit self; inherit (stub) nixpkgs; }};
+in {body}
+"""
+
+
+@pytest.mark.nix
+def test_flake_outputs(nix226: NixTier, make_nixenv: MakeNixEnv) -> None:
+    env = make_nixenv(nix226)
+    out = nix_eval(env, flake_expr("""{
+      inputs = flake.inputs;
+      systems = builtins.attrNames self.packages;
+      packages = builtins.attrNames self.packages.x86_64-linux;
+      apps = builtins.mapAttrs (_: a: { inherit (a) type program; }) self.apps.x86_64-linux;
+      checks = builtins.attrNames self.checks.x86_64-linux;
+      vm = self.checks.x86_64-linux.vm.name;
+      module = toString self.nixosModules.default;
+      overlay = builtins.isFunction self.overlays.default;
+      overlaid =
+        (self.overlays.default stub.nixpkgs.legacyPackages.x86_64-linux { }).tracehook.name;
+    }"""))
+    assert out["inputs"] == {"nixpkgs": {"url": "github:NixOS/nixpkgs/nixos-unstable"}}
+    assert out["systems"] == ["aarch64-linux", "x86_64-linux"]
+    assert out["packages"] == ["default", "tracehook"]
+    pkg = f"{STUB_STORE}-tracehook"
+    assert out["apps"] == {
+        "default": {"type": "app", "program": f"{pkg}/bin/tracehook"},
+        "tracehook": {"type": "app", "program": f"{pkg}/bin/tracehook"},
+        "tracehook-gate": {"type": "app", "program": f"{pkg}/bin/tracehook-gate"},
+        "tracehook-post-build": {"type": "app", "program": f"{pkg}/bin/tracehook-post-build"},
+    }
+    assert out["checks"] == ["module-eval", "package", "vm"]
+    assert out["vm"] == "tracehook"
+    assert out["module"] == str(REPO / "nix" / "module.nix")
+    assert out["overlay"] is True
+    assert out["overlaid"] == "tracehook"
+
+
+def test_apps_are_console_scripts() -> None:
+    """The flake's apps and the module's commands name executables the package installs."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"tracehook", "tracehook-gate", "tracehook-post-build"} <= set(scripts)
+    module = (REPO / "nix" / "module.nix").read_text()
+    assert "/bin/tracehook-post-build" in module
+    assert "/bin/tracehook publish --daemon" in module
+
+
+# ------------------------------------------------------------------ the VM test
+
+
+VM_NODE_ARGS = """{
+  lib = stub.stubLib;
+  pkgs = pkgs;
+  nodes.cache.networking = {
+    primaryIPAddress = "192.168.1.2";
+    primaryIPv6Address = "2001:db8:1::2";
+  };
+}"""
+
+
+def vm_expr(body: str) -> str:
+    return f"""
+let
+  stub = {STUB_NIXPKGS};
+  pkgs = stub.pkgsFor "x86_64-linux";
+  test = import {REPO}/nix/tests/vm.nix {{ inherit pkgs; }};
+  node = name: test.nodes.${{name}} {VM_NODE_ARGS};
+in {body}
+"""
+
+
+@pytest.fixture(scope="module")
+def vm_test(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """vm.nix evaluated against the stand-in nixpkgs (Nix 2.26)."""
+    from nixharness import get_tier
+
+    env = NixEnv(get_tier("2.26"), tmp_path_factory.mktemp("vmnix"))
+    out: dict[str, Any] = nix_eval(env, vm_expr("""{
+      inherit (test) name;
+      nodes = builtins.attrNames test.nodes;
+      testScript = test.testScript;
+      tamper = (builtins.head (node "cache").environment.systemPackages).text;
+      consumer = (node "consumer").services.tracehook;
+      builder = (node "builder").services.tracehook;
+      imports = map toString ((node "consumer").imports ++ (node "builder").imports);
+      secrets = {
+        builder = (node "builder").environment.etc."tracehook-test/builder.sec".text;
+        gate = (node "consumer").environment.etc."tracehook-test/gate.sec".text;
+      };
+    }"""))
+    return out
+
+
+@pytest.mark.nix
+def test_vm_test_structure(vm_test: dict[str, Any]) -> None:
+    assert vm_test["name"] == "tracehook"
+    assert vm_test["nodes"] == ["builder", "cache", "consumer"]
+    assert set(vm_test["imports"]) == {str(REPO / "nix" / "module.nix")}
+    gate = vm_test["consumer"]["gate"]
+    assert gate["enable"] is True
+    assert gate["upstreams"] == ["http://cache/cache"]
+    assert gate["allowedIPs"] == ["192.168.1.2", "2001:db8:1::2"]
+    sign = vm_test["builder"]["sign"]
+    assert sign["enable"] is True
+    assert sign["publishTo"] == gate["policy"]["traces"]
+
+
+@pytest.mark.nix
+def test_vm_test_keys_pair_up(vm_test: dict[str, Any]) -> None:
+    """The test's secret keys are the ones whose public halves the policy and nix.conf trust."""
+    gate = vm_test["consumer"]["gate"]
+    builder_sk = crypto.parse_secret_key(vm_test["secrets"]["builder"])
+    gate_sk = crypto.parse_secret_key(vm_test["secrets"]["gate"])
+    assert crypto.format_public_key(gate_sk.public) == gate["signingPublicKey"]
+    policy = policy_from_nix(gate["policy"], "vm.nix policy")
+    assert policy.key("vm-builder-1").public == builder_sk.public
+
+
+@pytest.mark.nix
+def test_vm_test_script_passes_the_drivers_lint(vm_test: dict[str, Any], tmp_path: Path) -> None:
+    """The NixOS test driver runs pyflakes over testScript, machine names as builtins."""
+    script = tmp_path / "testScript.py"
+    script.write_text(vm_test["testScript"])
+    compile(vm_test["testScript"], "testScript", "exec")
+    builtins = ["start_all", "subtest", "builder", "cache", "consumer", "machines"]
+    ruff = Path(sys.executable).parent / "ruff"
+    res = subprocess.run(
+        [str(ruff), "check", "--no-cache", "--isolated", "--select", "F",
+         "--config", f"builtins = {json.dumps(builtins)}", str(script)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def laut_trace(sk: crypto.SecretKey, out_path: str) -> str:
+    payload = {
+        "in": {"rdrv_ia": "0" * 32},
+        "out": {"nix": {"out": {"path": out_path, "hash": "sha256:" + "1" * 52}}},
+    }
+    return jws.sign_compact(sk, jws.laut_header(sk.name, sk.public, typ_jwt=True), payload)
+
+
+@pytest.mark.nix
+def test_vm_tamper_script_breaks_only_its_target(vm_test: dict[str, Any], tmp_path: Path) -> None:
+    text = vm_test["tamper"]
+    first, _, body = text.partition("\n")
+    assert first == f"#!{STUB_STORE}-python3/bin/python3"
+    script = tmp_path / "tamper.py"
+    script.write_text(body)
+    sk = crypto.parse_secret_key(vm_test["secrets"]["builder"])
+    target = "/nix/store/" + "a" * 32 + "-tracehook-vm-a"
+    other = "/nix/store/" + "b" * 32 + "-tracehook-vm-b"
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    (traces / ("1" * 32)).write_bytes(jws.render_trace_file([laut_trace(sk, target)]))
+    (traces / ("2" * 32)).write_bytes(jws.render_trace_file([laut_trace(sk, other)]))
+    (traces / ".lock").write_text("")
+    res = subprocess.run([sys.executable, str(script), str(traces), target],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    [tampered] = jws.parse_trace_file((traces / ("1" * 32)).read_bytes())
+    [untouched] = jws.parse_trace_file((traces / ("2" * 32)).read_bytes())
+    with pytest.raises(BadSignature):
+        jws.verify(jws.parse_compact(tampered), sk.public)
+    jws.verify(jws.parse_compact(untouched), sk.public)
+    res = subprocess.run([sys.executable, str(script), str(traces), "/nix/store/none-x"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode != 0, "a target no trace claims must fail the test, not pass it"
+
+
+# ------------------------------------------------------------------ examples
+
+
+EXAMPLES = REPO / "examples"
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, str)):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """TOML for the JSON of a Nix attribute set, as pkgs.formats.toml renders it."""
+    lines = [
+        f"{json.dumps(k)} = {toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict)
+    ]
+    for name, table in doc.items():
+        if isinstance(table, dict):
+            lines.append(f"[{json.dumps(name)}]")
+            lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def policy_from_nix(attrs: dict[str, Any], source: str) -> Policy:
+    return parse_policy(to_toml(attrs), source)
+
+
+def test_sign_toml_example_loads() -> None:
+    cfg = sign_config.load(EXAMPLES / "sign.toml", environ={})
+    assert cfg.secret_key_file == Path("/etc/nix/builder.sec")
+    assert cfg.publish_to == ("file:///var/lib/tracehook/traces", "https://traces.example.org")
+    assert cfg.spool_dir == sign_config.DEFAULT_SPOOL
+    assert cfg.log_file == sign_config.DEFAULT_LOG
+    assert cfg.strict is False
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("policy-*.toml")), ids=lambda p: p.name)
+def test_policy_examples_load(path: Path) -> None:
+    assert load_policy(path).keys
+
+
+@pytest.mark.nix
+def test_nixos_example_options(nix226: NixTier, make_nixenv: MakeNixEnv) -> None:
+    """The NixOS example's values, read by Nix, satisfy the signer's and verifier's loaders."""
+    env = make_nixenv(nix226)
+    cfg = nix_eval(env, f"(import {EXAMPLES}/nixos/configuration.nix {{ }}).services.tracehook")
+    policy = policy_from_nix(cfg["gate"]["policy"], "configuration.nix")
+    assert {k.name for k in policy.keys} == {"mine", "rebuilderX", "rebuilderY"}
+    pub = crypto.parse_public_key(cfg["gate"]["signingPublicKey"])
+    assert crypto.format_public_key(pub) == cfg["gate"]["signingPublicKey"]
+    sign = cfg["sign"]
+    rendered = tmp = env.base / "sign.toml"
+    tmp.write_text(to_toml({"secret-key-file": sign["secretKeyFile"],
+                            "publish-to": sign["publishTo"]}))
+    assert sign_config.load(rendered, environ={}).publish_to == tuple(sign["publishTo"])
+
+
+@pytest.mark.nix
+def test_flake_consumer_example(nix226: NixTier, make_nixenv: MakeNixEnv) -> None:
+    env = make_nixenv(nix226)
+    out = nix_eval(env, f"""
+      let f = import {EXAMPLES}/flake-consumer/flake.nix; in
+      {{ inputs = f.inputs; outputs = builtins.isFunction f.outputs; }}""")
+    assert out["inputs"]["tracehook"]["url"] == "path:../.."
+    assert out["inputs"]["tracehook"]["inputs"] == {"nixpkgs": {"follows": "nixpkgs"}}
+    assert out["outputs"] is True
+
+
+def nix_conf_settings(text: str) -> dict[str, str]:
+    settings = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+@pytest.mark.nix
+def test_nix_conf_example_is_accepted_by_nix(nix_tier: NixTier, make_nixenv: MakeNixEnv) -> None:
+    """Nix reads examples/nix.conf with no unknown setting, and shows each value as written."""
+    env = make_nixenv(nix_tier)
+    conf_dir = env.base / "example-conf"
+    conf_dir.mkdir()
+    text = (EXAMPLES / "nix.conf").read_text()
+    (conf_dir / "nix.conf").write_text(text)
+    show = ["show-config"] if nix_tier.name == "2.8" else ["config", "show"]
+    res = env.run(
+        "nix", "--extra-experimental-features", "nix-command", *show,
+        extra_env={"NIX_CONF_DIR": str(conf_dir), "NIX_USER_CONF_FILES": ""},
+    )
+    assert "unknown setting" not in res.stderr
+    assert "warning" not in res.stderr, res.stderr
+    shown = nix_conf_settings(res.stdout)
+    for key, value in nix_conf_settings(text).items():
+        assert shown.get(key) == value, (key, shown.get(key), value)
+
+
+def unit_file(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit: section -> key -> every value (keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        assert current is not None, f"{path}: {line!r} outside a section"
+        key, sep, value = line.partition("=")
+        assert sep, f"{path}: {line!r} is not KEY=VALUE"
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def exec_argv(unit: dict[str, dict[str, list[str]]]) -> list[str]:
+    [line] = unit["Service"]["ExecStart"]
+    return shlex.split(line.replace("%d", "/run/credentials/x"))
+
+
+def test_gate_unit_matches_cli_and_nix_conf() -> None:
+    unit = unit_file(EXAMPLES / "systemd" / "tracehook-gate.service")
+    argv = exec_argv(unit)
+    assert argv[0].endswith("/tracehook")
+    args = cli.build_parser().parse_args(argv[1:])
+    assert args.command == "gate"
+    assert args.policy == "/etc/tracehook/policy.toml"
+    assert args.signing_key == "/run/credentials/x/signing-key"
+    assert unit["Service"]["LoadCredential"] == ["signing-key:/etc/tracehook/gate.sec"]
+    assert unit["Service"]["DynamicUser"] == ["yes"]
+    conf = nix_conf_settings((EXAMPLES / "nix.conf").read_text())
+    assert conf["substituters"] == f"http://{args.listen}"
+    assert args.log_file.startswith("/var/log/" + unit["Service"]["LogsDirectory"][0] + "/")
+
+
+def test_publish_unit_matches_cli_and_sign_toml() -> None:
+    unit = unit_file(EXAMPLES / "systemd" / "tracehook-publish.service")
+    argv = exec_argv(unit)
+    args = cli.build_parser().parse_args(argv[1:])
+    assert args.command == "publish" and args.daemon is True
+    cfg = sign_config.load(EXAMPLES / "sign.toml", environ={})
+    writable = " ".join(unit["Service"]["ReadWritePaths"]).split()
+    assert str(cfg.spool_dir) in writable
+    assert cfg.log_file is not None and str(cfg.log_file.parent) in writable
+    conf = nix_conf_settings((EXAMPLES / "nix.conf").read_text())
+    assert conf["post-build-hook"].rsplit("/", 1)[0] == argv[0].rsplit("/", 1)[0]
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` knows every directive (a typo would be silently ignored)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        warnings.warn("systemd-analyze not installed: units only parsed, not verified",
+                      stacklevel=1)
+        for unit in (EXAMPLES / "systemd").glob("*.service"):
+            assert unit_file(unit)["Service"]["ExecStart"]
+        return
+    tracehook = Path(sys.executable).parent / "tracehook"
+    units = []
+    for unit in sorted((EXAMPLES / "systemd").glob("*.service")):
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace("/opt/tracehook/.venv/bin/tracehook",
+                                                 str(tracehook)))
+        units.append(str(copy))
+    res = subprocess.run([analyze, "verify", *units], capture_output=True, text=True,
+                         timeout=60, check=False)
+    output = res.stdout + res.stderr
+    assert "Unknown" not in output and "nknown key" not in output, output
+    assert "not executable" not in output, output
