@@ -1,0 +1,116 @@
+"""The gate's decision cache: bounded, expiring, one computation per key at a time.
+
+A decision is keyed by what it depends on: the policy (its digest), the state of the trace
+stores (a token that changes when a file trace store changes), and the request's subject
+(a derivation path). A changed policy or trace store therefore misses the cache instead of
+serving a stale answer; entries also expire after ``ttl`` seconds (HTTP trace stores have
+no cheap state token), and the least recently used entries go first beyond ``max_entries``.
+
+Concurrent requests for the same key wait for the one computation in progress
+("single flight"), so a burst of Nix clients asking for one closure verifies it once. A
+computation that raises is not cached: the next request tries again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    max_entries: int = 50_000
+    ttl: float = 300.0  # seconds a positive or negative decision is reused
+    fault_ttl: float = 0.0  # decisions that came from a fault are not reused by default
+
+
+class _Flight(Generic[V]):
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.value: V | None = None
+
+
+class DecisionCache(Generic[V]):
+    def __init__(self, config: CacheConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Hashable, tuple[float, V]] = OrderedDict()
+        self._flights: dict[Hashable, _Flight[V]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, key: Hashable) -> V | None:
+        """The cached value if present and fresh, without computing anything."""
+        with self._lock:
+            return self._fresh(key)
+
+    def _fresh(self, key: Hashable) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if self.clock() >= expires:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    def get(
+        self, key: Hashable, compute: Callable[[], V], ttl: Callable[[V], float] | None = None
+    ) -> tuple[V, bool]:
+        """(value, computed_now). ``ttl(value)`` overrides the configured TTL per value."""
+        while True:
+            with self._lock:
+                value = self._fresh(key)
+                if value is not None:
+                    self.hits += 1
+                    return value, False
+                flight = self._flights.get(key)
+                if flight is None:
+                    flight = _Flight[V]()
+                    self._flights[key] = flight
+                    mine = True
+                    self.misses += 1
+                else:
+                    mine = False
+            if not mine:
+                flight.done.wait()
+                if flight.error is not None:
+                    raise flight.error
+                if flight.value is not None:  # the owner's answer, cached or not
+                    return flight.value, False
+                continue
+            try:
+                value = compute()
+            except BaseException as exc:
+                flight.error = exc
+                with self._lock:
+                    del self._flights[key]
+                flight.done.set()
+                raise
+            lifetime = self.config.ttl if ttl is None else ttl(value)
+            with self._lock:
+                if lifetime > 0:
+                    self._entries[key] = (self.clock() + lifetime, value)
+                    self._entries.move_to_end(key)
+                    while len(self._entries) > self.config.max_entries:
+                        self._entries.popitem(last=False)
+                del self._flights[key]
+            flight.value = value
+            flight.done.set()
+            return value, True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

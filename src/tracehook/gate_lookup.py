@@ -1,0 +1,138 @@
+"""What the gate checks upstream: narinfos against attested NAR hashes or fixed-output
+pins, and upstream realisations against the verified output. No decisions of its own: each
+function returns what it found or raises :class:`Refusal` (the answer is 404, with the
+reason) or :class:`~tracehook.upstream.UpstreamFault` (502).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tracehook import narinfo, nixbase32, realisation
+from tracehook.aterm import Derivation
+from tracehook.errors import ParseError
+from tracehook.nar import format_nar_hash, parse_nar_hash
+from tracehook.narinfo import NarInfo
+from tracehook.storepath import STORE_DIR, basename, hash_part
+from tracehook.upstream import Upstream, UpstreamFault
+
+
+class Refusal(Exception):
+    """Why the gate says no (404), and the step it names."""
+
+    def __init__(self, reason: str, step: str | None = None, name: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.step = step
+        self.name = name
+
+
+
+def find_narinfo(
+    upstreams: Sequence[Upstream], path: str, nar_hash: bytes
+) -> tuple[int, NarInfo]:
+    """The first upstream narinfo for ``path`` whose NarHash is ``nar_hash``."""
+    wrong: list[str] = []
+    fault: UpstreamFault | None = None
+    for i, up in enumerate(upstreams):
+        try:
+            ni = upstream_narinfo(up, path)
+        except UpstreamFault as exc:
+            fault = exc
+            continue
+        except Refusal as exc:
+            wrong.append(exc.reason)
+            continue
+        if ni is None:
+            continue
+        try:
+            got = parse_nar_hash(ni.nar_hash)
+        except ParseError as exc:
+            wrong.append(f"{up.url}: {exc.diagnostics()}")
+            continue
+        if got != nar_hash:
+            wrong.append(f"{up.url} serves NarHash {format_nar_hash(got)}, the trusted "
+                         f"traces attest {format_nar_hash(nar_hash)}")
+            continue
+        return i, ni
+    if wrong:
+        raise Refusal(f"{path}: " + "; ".join(wrong))
+    if fault is not None:
+        raise fault
+    raise Refusal(f"no upstream has a narinfo for {path}")
+
+def find_fixed(
+    upstreams: Sequence[Upstream], path: str, drv: Derivation
+) -> tuple[int, NarInfo]:
+    out = drv.outputs["out"]
+    prefix = {"nar": "r:", "git": "git:", "text": "text:"}.get(out.method, "")
+    digest = bytes.fromhex(out.hash)
+    ca = f"fixed:{prefix}{out.algo}:{nixbase32.encode(digest)}"
+    wrong: list[str] = []
+    fault: UpstreamFault | None = None
+    for i, up in enumerate(upstreams):
+        try:
+            ni = upstream_narinfo(up, path)
+        except UpstreamFault as exc:
+            fault = exc
+            continue
+        except Refusal as exc:
+            wrong.append(exc.reason)
+            continue
+        if ni is None:
+            continue
+        if ni.ca != ca:
+            wrong.append(f"{up.url} serves CA {ni.ca!r}, the fixed-output derivation pins "
+                          f"{ca!r}")
+            continue
+        if out.method == "nar" and out.algo == "sha256" and (
+                parse_nar_hash(ni.nar_hash) != digest):
+            wrong.append(f"{up.url} serves NarHash {ni.nar_hash}, the derivation pins "
+                         f"{format_nar_hash(digest)}")
+            continue
+        return i, ni
+    if wrong:
+        raise Refusal(f"fixed output {path}: " + "; ".join(wrong))
+    if fault is not None:
+        raise fault
+    raise Refusal(f"no upstream has a narinfo for {path}")
+
+def upstream_narinfo(up: Upstream, path: str) -> NarInfo | None:
+    data = up.get(f"{hash_part(path)}.narinfo")
+    if data is None:
+        return None
+    try:
+        ni = narinfo.parse(data.decode("utf-8"), f"narinfo from {up.url}")
+    except (ParseError, UnicodeDecodeError) as exc:
+        raise Refusal(f"{up.url} serves a malformed narinfo: {exc}") from None
+    if ni.store_path != path:
+        raise Refusal(f"{up.url}'s narinfo is for {ni.store_path}, not {path}")
+    return ni
+
+
+def check_upstream_realisation(
+    upstreams: Sequence[Upstream], drv_path: str, output: str, rid: str | None, path: str,
+    step_drv: str, store_dir: str = STORE_DIR,
+) -> None:
+    """Refusal if an upstream's realisation for the same id points at another path (or is
+    malformed): a cache that disagrees with the trusted traces is not used for this step."""
+    rel = (f"realisations/{rid}.doi" if rid is not None
+           else f"build-trace-v2/{basename(drv_path)}/{output}.doi")
+    for up in upstreams:
+        data = up.get(rel)
+        if data is None:
+            continue
+        try:
+            if rid is not None:
+                theirs = realisation.parse_doi_v1(data, f"realisation from {up.url}")
+            else:
+                theirs = realisation.parse_doi_v2(data, drv_path, output)
+        except ParseError as exc:
+            raise Refusal(f"upstream {up.url} serves a malformed realisation for "
+                           f"{output}: {exc.diagnostics()}", step_drv) from None
+        if theirs.out_path != basename(path):
+            raise Refusal(
+                f"upstream {up.url}'s realisation of {output} points at "
+                f"{store_dir}/{theirs.out_path}, but the trusted traces attest {path}",
+                step_drv)
+

@@ -1,0 +1,483 @@
+"""The gate over real HTTP on 127.0.0.1, without Nix: answers, refusals, bad requests,
+broken and slow upstreams, concurrency, restarts. The store, traces and cache are made by
+hand (tests/gatekit.py ``make_synthetic``): one input-addressed and one floating
+content-addressed derivation, signed by builderA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from cacheserver import CacheState, serve_cache, sparse_file
+from gatekit import (
+    RunningGate,
+    Synthetic,
+    make_synthetic,
+    running_gate,
+    tamper_trace,
+    write_gate_key,
+    write_policy,
+)
+from tracehook import crypto, narinfo, realisation
+from tracehook.gate_http import HttpLimits
+from tracehook.storepath import basename, hash_part
+
+
+@pytest.fixture
+def syn(tmp_path: Path) -> Synthetic:
+    return make_synthetic(tmp_path / "syn")
+
+
+@pytest.fixture
+def gate_key(tmp_path: Path) -> tuple[Path, str]:
+    return write_gate_key(tmp_path)
+
+
+@pytest.fixture
+def gate(syn: Synthetic, gate_key: tuple[Path, str], tmp_path: Path) -> Iterator[RunningGate]:
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log", signing_key=gate_key[0]) as g:
+        yield g
+
+
+def get(url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None,
+        body: bytes | None = None) -> tuple[int, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=20)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def gate_public(gate_key: tuple[Path, str]) -> dict[str, crypto.PublicKey]:
+    pk = crypto.parse_public_key(gate_key[1])
+    return {pk.name: pk}
+
+
+# ------------------------------------------------------------------------- answers
+
+
+def test_cache_info(gate: RunningGate) -> None:
+    status, body = get(gate.url, "/nix-cache-info")
+    assert status == 200
+    assert b"StoreDir: /nix/store\n" in body and b"WantMassQuery: 1\n" in body
+    assert b"Priority: " in body
+
+
+def test_verified_ia_narinfo_is_resigned(gate: RunningGate, syn: Synthetic,
+                                         gate_key: tuple[Path, str]) -> None:
+    status, body = get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")
+    assert status == 200, body
+    ni = narinfo.parse(body.decode())
+    assert ni.store_path == syn.ia_out
+    assert len(ni.sigs) == 1
+    assert crypto.nix_verify(gate_public(gate_key), narinfo.fingerprint(ni), ni.sigs[0])
+    status, nar = get(gate.url, f"/{ni.url}")
+    assert status == 200 and nar == syn.nar_data
+    allowed = [e for e in gate.events() if e["outcome"] == "allowed"]
+    assert allowed and allowed[0]["drv"] == syn.ia_drv
+
+
+def test_verified_ca_realisation_both_layouts(gate: RunningGate, syn: Synthetic,
+                                              gate_key: tuple[Path, str]) -> None:
+    status, body = get(gate.url, f"/realisations/{syn.ca_id}.doi")
+    assert status == 200, body
+    r = realisation.parse_doi_v1(body)
+    assert (r.id, r.out_path) == (syn.ca_id, basename(syn.ca_out))
+    assert crypto.nix_verify(gate_public(gate_key), realisation.fingerprint_v1(r),
+                             r.signatures[0])
+    status, body = get(gate.url, f"/build-trace-v2/{basename(syn.ca_drv)}/out.doi")
+    assert status == 200, body
+    v2 = json.loads(body)
+    assert v2["outPath"] == basename(syn.ca_out)
+    assert v2["signatures"][0]["keyName"] == "gate-1"
+    # Its narinfo is answered too, now that the gate knows the verified CA path.
+    status, _ = get(gate.url, f"/{hash_part(syn.ca_out)}.narinfo")
+    assert status == 200
+
+
+def test_unknown_paths_and_ids_are_404(gate: RunningGate) -> None:
+    assert get(gate.url, "/" + "0" * 32 + ".narinfo")[0] == 404
+    assert get(gate.url, "/realisations/sha256:" + "ab" * 32 + "!out.doi")[0] == 404
+    assert get(gate.url, "/build-trace-v2/" + "0" * 32 + "-x.drv/out.doi")[0] == 404
+    assert get(gate.url, "/nar/" + "0" * 52 + ".nar.xz")[0] == 404
+    assert get(gate.url, "/log/whatever")[0] == 404
+    refusals = gate.refusals()
+    assert {e["request"] for e in refusals} == {"realisation"}  # narinfo probes: no noise
+
+
+# -------------------------------------------------------------------------- refusals
+
+
+def test_tampered_trace_refuses_with_reason(syn: Synthetic, tmp_path: Path) -> None:
+    for key_file in (syn.traces / "traces").iterdir():
+        if not key_file.name.startswith("."):
+            tamper_trace(syn.traces, key_file.name)
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 404
+        assert get(gate.url, f"/realisations/{syn.ca_id}.doi")[0] == 404
+        reasons = {e["name"]: e["reason"] for e in gate.refusals()}
+    assert "bad signature" in str(reasons["hello"])
+    assert "bad signature" in str(reasons["hello-ca"])
+    line = json.loads((tmp_path / "gate.log").read_text().splitlines()[0])
+    assert {"time", "event", "drv", "name", "outcome", "reason"} <= set(line)
+
+
+def test_narinfo_with_other_nar_hash_is_refused(syn: Synthetic, tmp_path: Path) -> None:
+    file = syn.cache / f"{hash_part(syn.ia_out)}.narinfo"
+    ni = narinfo.parse(file.read_text())
+    forged = narinfo.NarInfo(ni.store_path, "sha256:" + "1" * 52, ni.nar_size, ni.url)
+    file.write_text(narinfo.render(forged))
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 404
+        assert "trusted traces attest" in str(gate.refusals()[0]["reason"])
+
+
+def test_trace_store_change_is_seen_without_restart(syn: Synthetic, tmp_path: Path) -> None:
+    saved = tmp_path / "saved"
+    (syn.traces / "traces").rename(saved)
+    (syn.traces / "traces").mkdir()
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        path = f"/{hash_part(syn.ia_out)}.narinfo"
+        assert get(gate.url, path)[0] == 404
+        for f in saved.iterdir():
+            f.rename(syn.traces / "traces" / f.name)
+        assert get(gate.url, path)[0] == 200  # the trace store's state changed: re-decided
+
+
+def test_restart_keeps_answering(syn: Synthetic, tmp_path: Path) -> None:
+    """Nothing that matters lives only in memory: a new gate decides the same, including
+    a content-addressed narinfo it has not seen a realisation for (found via Deriver)."""
+    ca = syn.cache / f"{hash_part(syn.ca_out)}.narinfo"
+    ca.write_text(ca.read_text() + f"Deriver: {basename(syn.ca_drv)}\n")
+    for _ in range(2):
+        with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                          tmp_path / "gate.log") as gate:
+            assert get(gate.url, f"/{hash_part(syn.ca_out)}.narinfo")[0] == 200
+            assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 200
+
+
+def test_new_derivations_are_indexed_incrementally(syn: Synthetic, tmp_path: Path) -> None:
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 200
+        more = make_synthetic(tmp_path / "more", tag="-2")
+        for f in (more.root / "nix/store").iterdir():
+            f.rename(syn.root / "nix/store" / f.name)
+        for f in (more.traces / "traces").iterdir():
+            if not f.name.startswith("."):
+                f.rename(syn.traces / "traces" / f.name)
+        for f in more.cache.rglob("*.nar*"):
+            dest = syn.cache / f.relative_to(more.cache)
+            dest.parent.mkdir(exist_ok=True)
+            f.rename(dest)
+        assert get(gate.url, f"/realisations/{more.ca_id}.doi")[0] == 200
+        assert get(gate.url, f"/{hash_part(more.ia_out)}.narinfo")[0] == 200
+
+
+def test_two_of_two_needs_both(syn: Synthetic, tmp_path: Path) -> None:
+    write_policy(syn.policy, syn.traces, '{ threshold = 2, of = ["builderA", "builderB"] }',
+                 ["builderA", "builderB"])
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 404
+        assert "threshold" in str(gate.refusals()[0]["reason"])
+
+
+# ----------------------------------------------------------------------- bad requests
+
+BAD = [
+    ("dotdot", "/../../etc/passwd"),
+    ("nar-dotdot", "/nar/../../etc/passwd"),
+    ("encoded-dotdot", "/nar/%2e%2e/%2e%2e/etc/passwd"),
+    ("encoded-slash", "/nar/..%2f..%2fetc%2fpasswd"),
+    ("double-slash", "//etc/passwd"),
+    ("backslash", "/nar/..\\..\\x.nar"),
+    ("nul", "/nix-cache-info%00"),
+    ("short-narinfo", "/abc.narinfo"),
+    ("upper-narinfo", "/" + "A" * 32 + ".narinfo"),
+    ("bad-id-hex", "/realisations/sha256:zz!out.doi"),
+    ("bad-id-output", "/realisations/sha256:" + "ab" * 32 + "!..%2fx.doi"),
+    ("bad-id-no-output", "/realisations/sha256:" + "ab" * 32 + "!.doi"),
+    ("v2-not-drv", "/build-trace-v2/" + "0" * 32 + "-x/out.doi"),
+    ("v2-traversal", "/build-trace-v2/../out.doi"),
+    ("v2-deep", "/build-trace-v2/" + "0" * 32 + "-x.drv/a/out.doi"),
+    ("nar-name", "/nar/passwd"),
+    ("bad-percent", "/nar/%ff%fe.nar"),
+]
+
+
+@pytest.mark.parametrize("path", [p for _, p in BAD], ids=[n for n, _ in BAD])
+def test_bad_requests_are_400(gate: RunningGate, path: str) -> None:
+    status, _ = get(gate.url, path)
+    assert status in (400, 404), status
+    assert status != 200
+
+
+def test_methods_bodies_and_huge_lines(gate: RunningGate) -> None:
+    assert get(gate.url, "/nix-cache-info", method="POST", body=b"x",
+               headers={"Content-Length": "1"})[0] == 405
+    assert get(gate.url, "/nix-cache-info", method="PUT")[0] == 405
+    assert get(gate.url, "/nix-cache-info", headers={"Content-Length": "100000000"})[0] == 413
+    assert get(gate.url, "/" + "a" * 20000)[0] == 414
+    many = {f"X-H{i}": "v" for i in range(80)}
+    assert get(gate.url, "/nix-cache-info", headers=many)[0] == 431
+    assert get(gate.url, "/nix-cache-info", method="HEAD")[0] == 200
+    assert get(gate.url, "/nix-cache-info")[0] == 200  # still serving
+
+
+def test_garbage_bytes_do_not_crash(gate: RunningGate) -> None:
+    host, port = gate.url.removeprefix("http://").split(":")
+    for junk in (b"\x00\xff\xfe garbage\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(junk)
+            s.recv(1024)
+    assert get(gate.url, "/nix-cache-info")[0] == 200
+
+
+# ------------------------------------------------------------------- upstream faults
+
+
+def test_slow_upstream_is_502_then_recovers(syn: Synthetic, tmp_path: Path) -> None:
+    state = CacheState(delay=1.5)
+    with serve_cache(syn.cache, state) as up, running_gate(
+        syn.policy, [up.url], str(syn.root), tmp_path / "gate.log", upstream_timeout=0.5
+    ) as gate:
+        path = f"/{hash_part(syn.ia_out)}.narinfo"
+        assert get(gate.url, path)[0] == 502
+        assert get(gate.url, f"/realisations/{syn.ca_id}.doi")[0] == 502
+        state.delay = 0
+        assert get(gate.url, path)[0] == 200  # a fault is never cached
+        assert [e["outcome"] for e in gate.events()].count("failed") == 2
+
+
+@pytest.mark.parametrize("status", [500, 503, 302])
+def test_failing_upstream_is_502_never_200(syn: Synthetic, tmp_path: Path, status: int) -> None:
+    with serve_cache(syn.cache, CacheState(status=status)) as up, running_gate(
+        syn.policy, [up.url], str(syn.root), tmp_path / "gate.log"
+    ) as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 502
+        assert get(gate.url, f"/realisations/{syn.ca_id}.doi")[0] == 502
+        assert get(gate.url, f"/{syn.nar_url}")[0] == 502
+
+
+def test_unreachable_upstream_and_fallback_to_second(syn: Synthetic, tmp_path: Path) -> None:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()
+    with running_gate(syn.policy, [dead_url], str(syn.root), tmp_path / "a.log") as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 502
+    with running_gate(syn.policy, [dead_url, f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "b.log") as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 200
+
+
+def test_malformed_upstream_narinfo_is_refused(syn: Synthetic, tmp_path: Path) -> None:
+    (syn.cache / f"{hash_part(syn.ia_out)}.narinfo").write_bytes(b"\xff\x00 not a narinfo")
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 404
+        assert "malformed narinfo" in str(gate.refusals()[0]["reason"])
+
+
+def test_unreadable_trace_store_is_502(syn: Synthetic, tmp_path: Path) -> None:
+    write_policy(syn.policy, syn.traces, '"builderA"', ["builderA"])
+    text = syn.policy.read_text().replace(f"file://{syn.traces}", "http://127.0.0.1:9")
+    syn.policy.write_text(text)
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 502
+        assert get(gate.url, f"/realisations/{syn.ca_id}.doi")[0] == 502
+
+
+# ----------------------------------------------------------------------------- NARs
+
+
+def test_nar_streams_through_http_upstream(syn: Synthetic, tmp_path: Path) -> None:
+    big = sparse_file(syn.cache / "nar" / ("1" * 52 + ".nar"), 64 * 1024 * 1024)
+    with serve_cache(syn.cache) as up, running_gate(
+        syn.policy, [up.url], str(syn.root), tmp_path / "gate.log"
+    ) as gate:
+        status, body = get(gate.url, "/nar/" + big.name)
+        assert status == 200 and len(body) == 64 * 1024 * 1024
+        assert hashlib.sha256(body).digest() == hashlib.sha256(bytes(len(body))).digest()
+
+
+def test_nar_broken_off_upstream_gives_short_body(syn: Synthetic, tmp_path: Path) -> None:
+    big = sparse_file(syn.cache / "nar" / ("2" * 52 + ".nar"), 8 * 1024 * 1024)
+    with serve_cache(syn.cache, CacheState(break_after=1024 * 1024)) as up, running_gate(
+        syn.policy, [up.url], str(syn.root), tmp_path / "gate.log"
+    ) as gate:
+        with pytest.raises(http.client.IncompleteRead):
+            get(gate.url, "/nar/" + big.name)
+        assert get(gate.url, "/nix-cache-info")[0] == 200
+
+
+# ---------------------------------------------------------------------- concurrency
+
+
+def test_many_concurrent_clients_one_decision(gate: RunningGate, syn: Synthetic) -> None:
+    paths = [f"/{hash_part(syn.ia_out)}.narinfo", f"/realisations/{syn.ca_id}.doi",
+             "/" + "0" * 32 + ".narinfo", "/nix-cache-info"]
+
+    def client(i: int) -> list[tuple[str, int, bytes]]:
+        return [(p, *get(gate.url, p)) for p in paths for _ in range(5)]
+
+    with ThreadPoolExecutor(64) as pool:
+        results = [r for rs in pool.map(client, range(64)) for r in rs]
+    by_path: dict[str, set[tuple[int, bytes]]] = {}
+    for p, status, body in results:
+        by_path.setdefault(p, set()).add((status, body))
+    assert [s for s, _ in by_path[paths[0]]] == [200]
+    assert [s for s, _ in by_path[paths[1]]] == [200]
+    assert [s for s, _ in by_path[paths[2]]] == [404]
+    core = gate.server.core
+    assert core.verdicts.misses <= 2  # one verification per derivation, not per request
+
+
+def test_slow_clients_do_not_block_others(syn: Synthetic, tmp_path: Path) -> None:
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log",
+                      http=HttpLimits(request_timeout=1.0, max_connections=8)) as gate:
+        host, port = gate.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(6)]
+        for s in idle:
+            s.sendall(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n")  # never finished
+        assert get(gate.url, "/nix-cache-info")[0] == 200
+        # Beyond the connection cap new clients get 503 at once, not a hang.
+        more = [socket.create_connection((host, int(port))) for _ in range(4)]
+        statuses = set()
+        for s in more:
+            s.sendall(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.settimeout(5)
+            statuses.add(s.recv(64).split(b" ")[1])
+        assert b"503" in statuses
+        # The slow ones are dropped after the request timeout; then there is room again.
+        time.sleep(1.5)
+        for s in idle + more:
+            s.close()
+        deadline = time.monotonic() + 5
+        while get(gate.url, "/nix-cache-info")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert get(gate.url, "/nix-cache-info")[0] == 200
+
+
+def test_keep_alive_connection_serves_many(gate: RunningGate, syn: Synthetic) -> None:
+    host, port = gate.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    for _ in range(20):
+        conn.request("GET", f"/{hash_part(syn.ia_out)}.narinfo")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        resp.read()
+    conn.close()
+
+
+def test_single_flight_under_contention(syn: Synthetic, tmp_path: Path) -> None:
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        barrier = threading.Barrier(32)
+
+        def client(_: int) -> int:
+            barrier.wait()
+            return get(gate.url, f"/realisations/{syn.ca_id}.doi")[0]
+
+        with ThreadPoolExecutor(32) as pool:
+            assert set(pool.map(client, range(32))) == {200}
+        assert gate.server.core.verdicts.misses == 1
+
+
+# ------------------------------------------------------------------------ CLI and logs
+
+
+def test_log_refused_reads_gate_log(syn: Synthetic, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from tracehook import cli
+
+    (syn.traces / "traces").rename(tmp_path / "gone")
+    log = tmp_path / "gate.log"
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root), log) as gate:
+        assert get(gate.url, f"/realisations/{syn.ca_id}.doi")[0] == 404
+    capsys.readouterr()
+    assert cli.main(["log", "--refused", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "hello-ca" in out and "refused" in out and "no trace" in out
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--upstream", "file:///nonexistent-cache"], "not a directory"),
+    ([], "at least one --upstream"),
+    (["--upstream", "ftp://x"], "use file:///DIR"),
+    (["--upstream", "file:///", "--listen", "127.0.0.1:notaport"], "HOST:PORT"),
+    (["--upstream", "file:///", "--signing-key", "/nonexistent.key"], "key"),
+])
+def test_gate_cli_config_errors(syn: Synthetic, argv: list[str], why: str,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from tracehook import cli
+
+    rc = cli.main(["gate", "--policy", str(syn.policy), "--listen", "127.0.0.1:0",
+                   "--store", str(syn.root), *argv])
+    assert rc == 2
+    assert why in capsys.readouterr().err
+
+
+def test_gate_console_script_serves_and_stops(syn: Synthetic, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    exe = Path(sys.executable).parent / "tracehook-gate"
+    proc = subprocess.Popen([str(exe), "--policy", str(syn.policy), "--upstream",
+                             f"file://{syn.cache}", "--listen", f"127.0.0.1:{port}",
+                             "--store", str(syn.root), "--log-file", str(tmp_path / "g.log")],
+                            stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if get(url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "gate did not start"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert b"serving on" in err and b"allowed" in err
+
+
+def test_broken_local_derivation_is_skipped(syn: Synthetic, tmp_path: Path) -> None:
+    junk = syn.root / "nix/store" / ("0" * 32 + "-junk.drv")
+    junk.write_text("Derive([this is not an ATerm")
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 200
+        assert get(gate.url, "/build-trace-v2/" + junk.name + "/out.doi")[0] == 404
+        assert gate.server.core.index.skipped
