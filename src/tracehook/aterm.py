@@ -18,9 +18,11 @@ with ``decode_drv`` (UTF-8, ``surrogateescape``) so arbitrary bytes round-trip.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,9 +97,10 @@ class DerivationOutput:
                 return self.hash_algo[len(prefix) :]
         return self.hash_algo
 
-    @property
+    @functools.cached_property
     def kind(self) -> OutputKind:
-        """The output's kind, as Nix's ``parseDerivationOutput`` decides it.
+        """The output's kind, as Nix's ``parseDerivationOutput`` decides it (once per
+        output: its fields are immutable strings).
 
         Raises ParseError (without a position) for field combinations Nix rejects or would
         not write back unchanged.
@@ -171,6 +174,13 @@ class Derivation:
 
 def derivation_kind(outputs: Mapping[str, DerivationOutput]) -> DerivationKind:
     """All outputs must be of one kind; a fixed-output derivation has only ``out``."""
+    if len(outputs) == 1:
+        [(name, out)] = outputs.items()
+        if out.kind == "fixed" and name != "out":
+            raise ParseError(
+                "derivation", "a fixed-output derivation has exactly one output, 'out'"
+            )
+        return out.kind
     kinds = {name: out.kind for name, out in outputs.items()}
     found = set(kinds.values())
     if not found:
@@ -280,7 +290,20 @@ def _check_encodable(text: str, what: str) -> None:
 
 
 def parse(text: str, what: str = "derivation") -> Derivation:
-    """Parse the ATerm text of a derivation; ParseError with a position on anything else."""
+    """Parse the ATerm text of a derivation; ParseError with a position on anything else.
+
+    A well-formed derivation is read by :func:`_parse_fast`; anything it does not accept is
+    read again by :func:`_parse_checked`, which says what is wrong and where.
+    """
+    if text.isascii() or _is_encodable(text):
+        drv = _parse_fast(text)
+        if drv is not None:
+            return drv
+    return _parse_checked(text, what)
+
+
+def _parse_checked(text: str, what: str) -> Derivation:
+    """The reference parser: one step at a time, with a position for every error."""
     _check_encodable(text, what)
     p = _Parser(text, what)
     if p.peek("DrvWithVersion("):
@@ -388,6 +411,139 @@ def parse(text: str, what: str = "derivation") -> Derivation:
     )
 
 
+def _is_encodable(text: str) -> bool:
+    try:
+        encode_drv(text)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# The fast reader: one regular expression per list entry. It accepts exactly what
+# _parse_checked accepts (the same checks, done in bulk) and returns None on anything else.
+_S = r'"([^"\\]*(?:\\.[^"\\]*)*)"'  # a string; group 1 is its raw (escaped) body
+_STRING = re.compile(_S, re.S)
+_OUTPUT = re.compile(rf"\({_S},{_S},{_S},{_S}\)", re.S)
+_NAMES = r'(?:"[A-Za-z0-9+\-._?=]+"(?:,"[A-Za-z0-9+\-._?=]+")*)?'
+_INPUT = re.compile(rf"\({_S},\[({_NAMES})\]\)", re.S)
+_PAIR = re.compile(rf"\({_S},{_S}\)", re.S)
+_ESCAPE = re.compile(r"\\(.)", re.S)
+_UNESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
+
+
+def _unescape(raw: str) -> str:
+    if "\\" not in raw:
+        return raw
+    return _ESCAPE.sub(lambda m: _UNESCAPES.get(m[1], m[1]), raw)
+
+
+def _strictly_sorted(items: Sequence[str]) -> bool:
+    """Sorted by bytes without duplicates (code point order is byte order for ASCII)."""
+    if all(s.isascii() for s in items):
+        return all(a < b for a, b in itertools.pairwise(items))
+    keys = [_bkey(s) for s in items]
+    return all(a < b for a, b in itertools.pairwise(keys))
+
+
+def _writable_path(path: str) -> bool:
+    return path.startswith("/") and _UNWRITABLE.search(path) is None
+
+
+def _fast_list(text: str, pos: int, item: re.Pattern[str]) -> tuple[list[re.Match[str]], int]:
+    """``[item,item,...]`` at ``pos``: the matches and the position after ``]``, or pos -1."""
+    if not text.startswith("[", pos):
+        return [], -1
+    pos += 1
+    matches: list[re.Match[str]] = []
+    if text.startswith("]", pos):
+        return matches, pos + 1
+    while True:
+        m = item.match(text, pos)
+        if m is None:
+            return [], -1
+        matches.append(m)
+        pos = m.end()
+        if text.startswith("]", pos):
+            return matches, pos + 1
+        if not text.startswith(",", pos):
+            return [], -1
+        pos += 1
+
+
+def _fast_string(text: str, pos: int) -> tuple[str, int]:
+    m = _STRING.match(text, pos)
+    return ("", -1) if m is None else (_unescape(m[1]), m.end())
+
+
+def _parse_fast(text: str) -> Derivation | None:
+    if not text.startswith("Derive("):
+        return None
+    raw_outputs, pos = _fast_list(text, 7, _OUTPUT)
+    if pos < 0 or not text.startswith(",", pos):
+        return None
+    outputs: dict[str, DerivationOutput] = {}
+    for m in raw_outputs:
+        name, path, algo, hash_ = map(_unescape, m.groups())
+        out = DerivationOutput(path, algo, hash_)
+        try:
+            out.kind  # noqa: B018  (validates the fields)
+        except ParseError:
+            return None
+        if not _NAME_RE.fullmatch(name):
+            return None
+        outputs[name] = out
+    if len(outputs) != len(raw_outputs) or not _strictly_sorted(list(outputs)):
+        return None
+
+    raw_inputs, pos = _fast_list(text, pos + 1, _INPUT)
+    if pos < 0 or not text.startswith(",", pos):
+        return None
+    input_drvs: dict[str, tuple[str, ...]] = {}
+    for m in raw_inputs:
+        path = _unescape(m[1])
+        names = tuple(m[2][1:-1].split('","')) if m[2] else ()
+        if not _writable_path(path) or not _strictly_sorted(names):
+            return None
+        input_drvs[path] = names
+    if len(input_drvs) != len(raw_inputs) or not _strictly_sorted(list(input_drvs)):
+        return None
+
+    raw_srcs, pos = _fast_list(text, pos + 1, _STRING)
+    srcs = tuple(_unescape(m[1]) for m in raw_srcs)
+    if pos < 0 or not text.startswith(",", pos) or not _strictly_sorted(srcs):
+        return None
+    if not all(_writable_path(src) for src in srcs):
+        return None
+    platform, pos = _fast_string(text, pos + 1)
+    if pos < 0 or not text.startswith(",", pos) or _UNWRITABLE.search(platform):
+        return None
+    builder, pos = _fast_string(text, pos + 1)
+    if pos < 0 or not text.startswith(",", pos):
+        return None
+    raw_args, pos = _fast_list(text, pos + 1, _STRING)
+    if pos < 0 or not text.startswith(",", pos):
+        return None
+    raw_env, pos = _fast_list(text, pos + 1, _PAIR)
+    if pos < 0 or pos != len(text) - 1 or not text.endswith(")"):
+        return None
+    env = {_unescape(m[1]): _unescape(m[2]) for m in raw_env}
+    if len(env) != len(raw_env) or not _strictly_sorted(list(env)):
+        return None
+    try:
+        derivation_kind(outputs)
+    except ParseError:
+        return None
+    return Derivation(
+        outputs=outputs,
+        input_drvs=input_drvs,
+        input_srcs=srcs,
+        platform=platform,
+        builder=builder,
+        args=tuple(_unescape(m[1]) for m in raw_args),
+        env=env,
+    )
+
+
 def _check_path_at(p: _Parser, path: str, pos: int) -> None:
     try:
         _check_path(path, p.what)
@@ -400,16 +556,27 @@ def _check_path_at(p: _Parser, path: str, pos: int) -> None:
 _ESCAPES = str.maketrans({'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
-def _quoted(s: str) -> str:
-    return '"' + s.translate(_ESCAPES) + '"'
-
-
 def _unquoted(s: str) -> str:
     return '"' + s + '"'
 
 
+def _quoted(s: str) -> str:
+    return '"' + (s if _NEEDS_ESCAPE.search(s) is None else s.translate(_ESCAPES)) + '"'
+
+
+_NEEDS_ESCAPE = re.compile(r'["\\\n\r\t]')
+
+
+def _strings(items: list[str]) -> str:
+    """``"a","b"`` (unescaped), or nothing for no items."""
+    return '"' + '","'.join(items) + '"' if items else ""
+
+
 def _sorted(items: Iterable[str]) -> list[str]:
-    return sorted(set(items), key=_bkey)
+    unique = set(items)
+    if all(s.isascii() for s in unique):
+        return sorted(unique)  # code point order is byte order for ASCII
+    return sorted(unique, key=_bkey)
 
 
 def serialize(drv: Derivation) -> str:
@@ -426,36 +593,23 @@ def serialize_modulo(
 
     ``actual_inputs`` replaces the inputDrvs (keys are written as given, sorted, usually hex
     hashes); ``mask_outputs`` blanks the output paths and the env vars named after outputs.
+    Output fields, input paths and names, sources and the platform are written unescaped.
     """
-    parts: list[str] = ["Derive(["]
-    outs = []
-    for name in _sorted(drv.outputs):
-        o = drv.outputs[name]
-        path = "" if mask_outputs else o.path
-        outs.append(
-            f"({_unquoted(name)},{_unquoted(path)},{_unquoted(o.hash_algo)},{_unquoted(o.hash)})"
-        )
-    parts.append(",".join(outs))
-    parts.append("],[")
+    outputs = drv.outputs
+    outs = ",".join(
+        f'("{name}","{"" if mask_outputs else o.path}","{o.hash_algo}","{o.hash}")'
+        for name in _sorted(outputs)
+        for o in (outputs[name],)
+    )
     inputs = drv.input_drvs if actual_inputs is None else actual_inputs
-    entries = []
-    for key in _sorted(inputs):
-        names = ",".join(_unquoted(n) for n in _sorted(inputs[key]))
-        entries.append(f"({_unquoted(key)},[{names}])")
-    parts.append(",".join(entries))
-    parts.append("],[")
-    parts.append(",".join(_unquoted(s) for s in _sorted(drv.input_srcs)))
-    parts.append("],")
-    parts.append(_unquoted(drv.platform))
-    parts.append(",")
-    parts.append(_quoted(drv.builder))
-    parts.append(",[")
-    parts.append(",".join(_quoted(a) for a in drv.args))
-    parts.append("],[")
-    pairs = []
-    for key in _sorted(drv.env):
-        value = "" if mask_outputs and key in drv.outputs else drv.env[key]
-        pairs.append(f"({_quoted(key)},{_quoted(value)})")
-    parts.append(",".join(pairs))
-    parts.append("])")
-    return "".join(parts)
+    entries = ",".join(f'("{key}",[{_strings(_sorted(inputs[key]))}])' for key in _sorted(inputs))
+    env = drv.env
+    pairs = ",".join(
+        f"({_quoted(key)},{_quoted('' if mask_outputs and key in outputs else env[key])})"
+        for key in _sorted(env)
+    )
+    return "".join((
+        "Derive([", outs, "],[", entries, "],[", _strings(_sorted(drv.input_srcs)),
+        "],", _unquoted(drv.platform), ",", _quoted(drv.builder), ",[",
+        ",".join([_quoted(a) for a in drv.args]), "],[", pairs, "])",
+    ))

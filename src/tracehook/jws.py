@@ -38,6 +38,7 @@ LAUT_VERSION = "2"
 DETACH_HASH = "nix-ca-path"
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_FROM_URLSAFE = str.maketrans("-_", "+/")
 
 
 # --- base64url and JSON ------------------------------------------------------------------
@@ -52,7 +53,7 @@ def b64url_decode(s: str, what: str, position: int = 0) -> bytes:
     if not _B64URL.fullmatch(s) or len(s) % 4 == 1:
         raise ParseError(what, "not base64url without padding", position)
     try:
-        data = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+        data = binascii.a2b_base64(s.translate(_FROM_URLSAFE) + "=" * (-len(s) % 4))
     except (binascii.Error, ValueError):
         raise ParseError(what, "not base64url without padding", position) from None
     if b64url_encode(data) != s:  # stray low bits: two strings would mean one value
@@ -65,22 +66,23 @@ def _reject_constant(name: str) -> Any:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return obj
+
+
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
 
 
 def loads_object(data: bytes, what: str, position: int | None = None) -> dict[str, Any]:
     """Strict JSON object: UTF-8, no duplicate keys, no NaN/Infinity."""
     try:
-        obj = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-        )
+        obj = _STRICT_JSON.decode(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ParseError(what, "not UTF-8", position) from None
     except ValueError as exc:  # json.JSONDecodeError is a ValueError

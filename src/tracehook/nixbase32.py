@@ -8,11 +8,19 @@ Bits beyond ``8 * len(data)`` are padding and must be zero.
 
 from __future__ import annotations
 
+import base64
+import re
+
 from tracehook.errors import ParseError
 
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _DIGITS = {c: i for i, c in enumerate(ALPHABET)}
 _WHAT = "nix-base32 string"
+# The same digits in RFC 4648 base-32 (what ``base64.b32encode`` writes) and in the digit
+# order ``int(s, 32)`` reads, so encoding and decoding run in C.
+_FROM_RFC = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", ALPHABET)
+_TO_INT32 = str.maketrans(ALPHABET, "0123456789abcdefghijklmnopqrstuv")
+_VALID = re.compile(f"[{ALPHABET}]*")
 
 
 def hash_len(nbytes: int) -> int:
@@ -31,12 +39,13 @@ def byte_len(nchars: int) -> int | None:
 
 def encode(data: bytes) -> str:
     """Encode bytes in Nix's base-32 digit order."""
-    value = int.from_bytes(data, "little")
-    chars = []
-    for _ in range(hash_len(len(data))):
-        chars.append(ALPHABET[value & 0x1F])
-        value >>= 5
-    return "".join(reversed(chars))
+    # The numeral of the little-endian integer is the RFC base-32 of its big-endian bytes,
+    # left-padded with zero bytes to a multiple of 5 (no '=' then); its last digits are ours.
+    nchars = hash_len(len(data))
+    if nchars == 0:
+        return ""
+    big_endian = bytes(-len(data) % 5) + data[::-1]
+    return base64.b32encode(big_endian)[-nchars:].decode("ascii").translate(_FROM_RFC)
 
 
 def decode(s: str) -> bytes:
@@ -44,12 +53,11 @@ def decode(s: str) -> bytes:
     nbytes = byte_len(len(s))
     if nbytes is None:
         raise ParseError(_WHAT, f"length {len(s)} is not the length of any byte string", len(s))
-    value = 0
-    for pos, c in enumerate(s):
-        digit = _DIGITS.get(c)
-        if digit is None:
-            raise ParseError(_WHAT, f"invalid character {c!r}", pos)
-        value = (value << 5) | digit
+    if not _VALID.fullmatch(s):
+        for pos, c in enumerate(s):
+            if c not in _DIGITS:
+                raise ParseError(_WHAT, f"invalid character {c!r}", pos)
+    value = int(s.translate(_TO_INT32), 32) if s else 0
     if value >> (8 * nbytes):
         raise ParseError(_WHAT, "nonzero padding bits in the first character", 0)
     return value.to_bytes(nbytes, "little")

@@ -9,7 +9,7 @@ the key laut signs (``in.rdrv_aterm_ca``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from tracehook.aterm import Derivation, DerivationOutput
@@ -40,10 +40,15 @@ def _bkey(s: str) -> bytes:
     return s.encode("utf-8", errors="surrogateescape")
 
 
-def _rewrite(s: str, rewrites: Mapping[str, str]) -> str:
-    """Nix's ``rewriteStrings``: each rewrite in key order, searching on from each match."""
-    for old in sorted(rewrites, key=_bkey):
-        new = rewrites[old]
+def _sorted_keys(keys: list[str]) -> list[str]:
+    """Sorted by bytes (code point order is byte order for ASCII)."""
+    return sorted(keys) if all(k.isascii() for k in keys) else sorted(keys, key=_bkey)
+
+
+def _rewrite(s: str, rewrites: Sequence[tuple[str, str]]) -> str:
+    """Nix's ``rewriteStrings``: each rewrite (given in key order), searching on from each
+    match."""
+    for old, new in rewrites:
         if old == new or old not in s:
             continue
         if old in new:  # Nix would loop forever; a placeholder is never part of a path
@@ -66,7 +71,7 @@ def resolve(
     Raises UnresolvedInput when an input output has no chosen path, ParseError when a
     chosen path is not a store path. ``name`` defaults to ``drv.name``.
     """
-    rewrites: dict[str, str] = {}
+    placeholders: dict[str, str] = {}
     srcs = set(drv.input_srcs)
     for drv_path, names in drv.input_drvs.items():
         for output in names:
@@ -74,20 +79,21 @@ def resolve(
             if path is None:
                 raise UnresolvedInput(drv_path, output)
             parse_store_path(path, store_dir)
-            rewrites.setdefault(upstream_placeholder(drv_path, output), path)
+            placeholders.setdefault(upstream_placeholder(drv_path, output), path)
             srcs.add(path)
+    rewrites = [(old, placeholders[old]) for old in _sorted_keys(list(placeholders))]
 
     env: dict[str, str] = {}
-    for key in sorted(drv.env, key=_bkey):
+    for key in _sorted_keys(list(drv.env)):
         env.setdefault(_rewrite(key, rewrites), _rewrite(drv.env[key], rewrites))
     resolved = Derivation(
         outputs=dict(drv.outputs),
         input_drvs={},
-        input_srcs=tuple(sorted(srcs, key=_bkey)),
+        input_srcs=tuple(_sorted_keys(list(srcs))),
         platform=drv.platform,
         builder=_rewrite(drv.builder, rewrites),
         args=tuple(_rewrite(a, rewrites) for a in drv.args),
-        env=dict(sorted(env.items(), key=lambda kv: _bkey(kv[0]))),
+        env={key: env[key] for key in _sorted_keys(list(env))},
     )
 
     deferred = [out for out, o in resolved.outputs.items() if o.is_deferred]
@@ -101,9 +107,8 @@ def resolve(
         path = make_output_path(out, masked.hashes[out], drv_name, store_dir)
         outputs[out] = DerivationOutput(path, "", "")
         env[out] = path
-    return replace(
-        resolved, outputs=outputs, env=dict(sorted(env.items(), key=lambda kv: _bkey(kv[0])))
-    )
+    env = {key: env[key] for key in _sorted_keys(list(env))}
+    return replace(resolved, outputs=outputs, env=env)
 
 
 def resolved_path(

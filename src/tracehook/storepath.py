@@ -9,7 +9,9 @@ references) for .drv files and text files, ``source`` for NAR-hashed sha256 cont
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from collections.abc import Iterable
 
 from tracehook import nixbase32
@@ -21,18 +23,22 @@ HASH_BYTES = 20
 HASH_CHARS = nixbase32.hash_len(HASH_BYTES)  # 32
 MAX_NAME_LEN = 211
 _NAME_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+-._?=")
+_NAME_RE = re.compile(rf"[0-9a-zA-Z+\-._?=]{{1,{MAX_NAME_LEN}}}")
+_HASH_RE = re.compile(f"[{nixbase32.ALPHABET}]{{{HASH_CHARS}}}")
 
 
 def compress_hash(digest: bytes, size: int) -> bytes:
     """Fold ``digest`` to ``size`` bytes by XOR (Nix's ``compressHash``)."""
-    out = bytearray(size)
-    for i, b in enumerate(digest):
-        out[i % size] ^= b
-    return bytes(out)
+    folded = 0
+    for i in range(0, len(digest), size):
+        folded ^= int.from_bytes(digest[i : i + size].ljust(size, b"\0"), "big")
+    return folded.to_bytes(size, "big")
 
 
 def check_name(name: str, what: str = "store path name") -> None:
     """Raise ParseError unless ``name`` is a valid store path name (Nix's ``checkName``)."""
+    if _NAME_RE.fullmatch(name) and not name.startswith("."):
+        return  # the common case; anything else is diagnosed below
     if not name:
         raise ParseError(what, "name is empty", 0)
     if len(name) > MAX_NAME_LEN:
@@ -141,6 +147,7 @@ def hash_placeholder(output: str) -> str:
     return "/" + nixbase32.encode(digest)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def upstream_placeholder(drv_path: str, output: str) -> str:
     """The placeholder for an output of a CA input derivation (``unknownCaOutput``)."""
     base = basename(drv_path)
@@ -164,9 +171,12 @@ def parse_store_path(path: str, store_dir: str = STORE_DIR) -> tuple[str, str]:
     if len(base) < HASH_CHARS + 2 or base[HASH_CHARS] != "-":
         raise ParseError(what, f"{path!r} has no '<hash>-<name>' base name", offset)
     hash_part, name = base[:HASH_CHARS], base[HASH_CHARS + 1 :]
-    for i, c in enumerate(hash_part):
-        if c not in nixbase32.ALPHABET:
-            raise ParseError(what, f"hash part of {path!r} has invalid character {c!r}", offset + i)
+    if not _HASH_RE.fullmatch(hash_part):
+        for i, c in enumerate(hash_part):
+            if c not in nixbase32.ALPHABET:
+                raise ParseError(
+                    what, f"hash part of {path!r} has invalid character {c!r}", offset + i
+                )
     try:
         check_name(name)
     except ParseError as e:
