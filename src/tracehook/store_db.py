@@ -8,6 +8,7 @@ builds is safe.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class StoreDatabase:
         base = Path(root + state_dir) if root else Path(state_dir)
         self.path = base / "db" / "db.sqlite"
         self._conn: sqlite3.Connection | None = None
+        self._immutable = False
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -49,8 +51,36 @@ class StoreDatabase:
     def _query(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
         try:
             return self._db().execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if not self._immutable_fallback():
+                raise EnvironmentFault(f"cannot read {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
             raise EnvironmentFault(f"cannot read {self.path}: {exc}") from exc
+        try:
+            return self._db().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise EnvironmentFault(f"cannot read {self.path}: {exc}") from exc
+
+    def _immutable_fallback(self) -> bool:
+        """Reopen with ``immutable=1`` when a read-only open cannot work.
+
+        A reader that may not write next to the database (a non-root user, a service with
+        ReadOnlyPaths) cannot create the WAL index Nix's WAL-mode database needs while no
+        Nix process has it open. Then no writer is active and the WAL has been checkpointed
+        into the file, so reading the file as immutable sees exactly what Nix recorded.
+        """
+        if self._immutable or self._conn is None:
+            return False
+        if Path(str(self.path) + "-wal").exists() and os.access(self.path.parent, os.W_OK):
+            return False  # a writer is active and we could have used the WAL: a real error
+        self._conn.close()
+        self._immutable = True
+        try:
+            self._conn = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True, timeout=30)
+        except sqlite3.Error:
+            self._conn = None
+            return False
+        return True
 
     def close(self) -> None:
         if self._conn is not None:
