@@ -48,7 +48,9 @@ debian_mirror() {
 install_host_packages() {
   local missing=()
   command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
-  [ -x /bin/busybox ] || missing+=(busybox-static)
+  # Builders run in the sandbox with no libc: the busybox must be the static one.
+  dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' ||
+    missing+=(busybox-static)
   command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
   if [ "${#missing[@]}" -gt 0 ]; then
     log "apt-get install ${missing[*]}"
