@@ -9,6 +9,7 @@ import pytest
 
 from tracehook.errors import ConfigError
 from tracehook.policy import (
+    NO_TRACES,
     Key,
     Threshold,
     TrustNotMet,
@@ -23,6 +24,8 @@ from verifyhelp import public_text
 A, B, C = public_text("builderA"), public_text("builderB"), public_text("builderC")
 KEYS = f'[keys]\nbuilderA = "{A}"\nbuilderB = "{B}"\nbuilderC = "{C}"\n'
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CK = public_text("cache-1")
+NK = f'{{ narinfo-key = "{CK}" }}'
 
 
 def policy(require: str, keys: str = KEYS) -> str:
@@ -121,6 +124,20 @@ MISTAKES = [
      "takes no 'threshold'"),
     ("unknown-top-level", "trust_me = true\n" + policy('"builderA"'), "unknown top-level"),
     ("traces-not-list", 'traces = "file:///x"\n' + policy('"builderA"'), "list of trace"),
+    # a cache signature is only ever an alternative to the whole trace requirement
+    ("narinfo-key-under-all-of", policy(f'{{ all-of = ["builderA", {NK}] }}'),
+     "can only be an alternative to the whole trace requirement, not a part of a quorum"),
+    ("narinfo-key-under-threshold-2",
+     policy(f'{{ threshold = 2, of = ["builderA", "builderB", {NK}] }}'),
+     "not a part of a quorum"),
+    ("narinfo-key-nested-under-any-of",
+     policy(f'{{ any-of = ["builderA", {{ any-of = ["builderB", {NK}] }}] }}'),
+     "require.any-of[1].any-of[1]: a narinfo-key is allowed only"),
+    ("narinfo-key-under-all-of-alone", policy(f"{{ all-of = [{NK}] }}"), "not a part of a quorum"),
+    ("narinfo-key-twice", policy(f"{{ any-of = [{NK}, {NK}] }}"), "listed twice"),
+    ("narinfo-key-malformed", policy('{ narinfo-key = "cache-1" }'), "no ':'"),
+    ("narinfo-key-unknown-field", policy(f'{{ narinfo-key = "{CK}", trust = "all" }}'),
+     "unknown field 'trust' next to narinfo-key"),
 ]
 
 
@@ -157,3 +174,44 @@ def test_examples_load(example: Path) -> None:
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_policy("/nonexistent/policy.toml")
+
+
+# name, require, trace requirement, cache keys, whole requirement described
+CACHE_FORMS = [
+    ("alternative-in-any-of", f'{{ any-of = ["builderA", {NK}] }}', "builderA", ["cache-1"],
+     "any of (builderA, cache signature by cache-1)"),
+    ("alternative-in-threshold-1", f'{{ threshold = 1, of = ["builderA", "builderB", {NK}] }}',
+     "any of (builderA, builderB)", ["cache-1"],
+     "any of (builderA, builderB, cache signature by cache-1)"),
+    ("alternative-to-a-quorum",
+     f'{{ any-of = [{{ threshold = 2, of = ["builderA", "builderB", "builderC"] }}, {NK}] }}',
+     "2 of (builderA, builderB, builderC)", ["cache-1"],
+     "any of (2 of (builderA, builderB, builderC), cache signature by cache-1)"),
+    ("the-whole-requirement", NK, None, ["cache-1"], "cache signature by cache-1"),
+    ("only-cache-keys", f"{{ any-of = [{NK}, {{ narinfo-key = \"{C}\" }}] }}", None,
+     ["cache-1", "builderC"], "any of (cache signature by cache-1, cache signature by builderC)"),
+]
+
+
+@pytest.mark.parametrize(("name", "require", "traces", "caches", "described"), CACHE_FORMS,
+                         ids=[c[0] for c in CACHE_FORMS])
+def test_cache_signature_alternatives(name: str, require: str, traces: str | None,
+                                      caches: list[str], described: str) -> None:
+    p = parse_policy(policy(require))
+    assert p.traces_can_verify is (traces is not None)
+    if traces is not None:
+        assert p.require.describe() == traces
+    else:
+        assert p.require == NO_TRACES
+        assert not evaluate(p.require, frozenset({"builderA", "builderB", "builderC"}))
+    assert [k.name for k in p.narinfo_keys] == caches
+    assert p.describe() == described
+
+
+def test_cache_only_policy_needs_no_keys_table() -> None:
+    p = parse_policy(f"[trust]\nrequire = {NK}\n")
+    assert p.keys == () and p.narinfo_keys[0].public.name == "cache-1"
+    with_dates = parse_policy(
+        f'[trust]\nrequire = {{ narinfo-key = "{CK}", not-after = 2027-06-01 }}\n')
+    at = dt.datetime(2027, 6, 1, tzinfo=dt.timezone.utc)
+    assert with_dates.narinfo_keys[0].status(at) == "expired"

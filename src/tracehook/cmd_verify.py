@@ -4,7 +4,10 @@ Re-does dependency resolution for each TARGET and accepts it only when a chain o
 build traces links it down to fixed-output sources (docs/POLICY.md). A TARGET is a .drv path
 (every output), ``DRV^out,dev`` (those outputs), or an output path (its deriver is looked up
 in the store's database; that output only). ``--store ROOT`` reads a chroot-style store
-(``ROOT/nix/store``). ``--traces`` replaces the policy's ``traces`` list.
+(``ROOT/nix/store``). ``--traces`` replaces the policy's ``traces`` list. When the policy
+trusts a cache key (``narinfo-key``), ``--narinfo-from URL`` names the binary caches whose
+narinfos and realisations are checked against it; ``--explain-trust`` summarises each
+closure: steps verified by traces, accepted on a cache signature, covered, refused.
 
 Exit: 0 every target verified, 1 not verified, 2 usage or configuration error, 3 the Nix
 store or a trace store could not be read (and that may be why something did not verify).
@@ -25,6 +28,7 @@ from tracehook.store import StoreReader
 from tracehook.store_db import StoreDatabase
 from tracehook.storepath import STORE_DIR, output_path_name, parse_store_path, path_name
 from tracehook.tracestore import open_store
+from tracehook.upstream import open_upstream
 from tracehook.verify_report import render_human
 
 
@@ -41,6 +45,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--store", metavar="ROOT", help="chroot-style store root (default: /)")
     p.add_argument("--traces", action="append", metavar="URL",
                    help="trace store to read (repeatable; replaces the policy's list)")
+    p.add_argument("--narinfo-from", action="append", metavar="URL",
+                   help="binary cache (file:///DIR, http(s)://) to read narinfos and "
+                        "realisations from, for the policy's narinfo-key (repeatable)")
+    p.add_argument("--explain-trust", action="store_true",
+                   help="summarise how each closure is trusted (traces, cache signatures)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--at", metavar="TIME", help="reference time for key expiry (ISO 8601, "
                    "with a time zone; default: now)")
@@ -128,14 +137,18 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
     policy = load_policy(args.policy)
     urls = tuple(args.traces) if args.traces else policy.traces
-    if not urls:
+    if not urls and policy.traces_can_verify:
         raise ConfigError(f"no trace stores: add traces = [...] to {args.policy} or pass "
                           "--traces URL")
+    if policy.narinfo_keys and not args.narinfo_from:
+        raise ConfigError(f"{args.policy} trusts cache signatures (narinfo-key): pass "
+                          "--narinfo-from URL for the binary cache to check them in")
     stores = [open_store(u) for u in urls]
+    caches = [open_upstream(u) for u in args.narinfo_from or ()]
     reader = StoreReader(args.store)
     targets = [_target(t, reader, args.store) for t in args.targets]
     limits = Limits(args.max_depth, args.max_resolutions, args.jobs)
-    resolver = Resolver(policy, stores, reader.read_derivation, now, limits)
+    resolver = Resolver(policy, stores, reader.read_derivation, now, limits, caches)
     reports = resolver.verify(targets)
     verified = all(r.verified for r in reports)
     if args.json:
@@ -143,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
             "verified": verified, "targets": [r.to_json() for r in reports]}
         print(json.dumps(obj, indent=2, sort_keys=False))
     else:
-        print("\n".join(render_human(r) for r in reports))
+        print("\n".join(render_human(r, args.explain_trust) for r in reports))
     if verified:
         return EXIT_OK
     return EXIT_ENVIRONMENT if resolver.faults else EXIT_REFUSED

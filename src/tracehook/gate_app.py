@@ -65,7 +65,7 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
     if not cfg.upstreams:
         raise ConfigError("give at least one --upstream binary cache (file:///DIR or http(s)://)")
     policy = load_policy(cfg.policy)
-    if not policy.traces:
+    if not policy.traces and policy.traces_can_verify:
         raise ConfigError(f"{cfg.policy}: 'traces' names no trace store; the gate would "
                           "refuse everything")
     stores = [open_store(url) for url in policy.traces]
@@ -73,7 +73,8 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
     key = crypto.read_secret_key_file(cfg.signing_key) if cfg.signing_key else None
     reader = StoreReader(cfg.store_root)
     index = DrvIndex(reader)
-    verifier = ChainVerifier(policy, stores, reader, max_age=cfg.generation_max_age)
+    verifier = ChainVerifier(policy, stores, reader, max_age=cfg.generation_max_age,
+                             caches=upstreams)
     core = GateCore(
         index, verifier, upstreams, key, events,
         DecisionCache[Answer](cfg.cache), DecisionCache[Verdict](cfg.cache), cfg.priority,

@@ -405,10 +405,15 @@ class GateCore:
 
     def _allow_path(self, request: str, drv_path: str, ni: NarInfo) -> None:
         name = path_name(drv_path).removesuffix(".drv")
+        verdict = self.verdict(drv_path)
+        note = _cache_note(verdict)
         self.events.emit(
-            "gate", "allowed", f"allowed {ni.store_path} (output of {name}, verified chain)",
+            "gate", "allowed", f"allowed {ni.store_path} (output of {name}, verified chain)"
+            + (f"; WARNING: {note}" if note else ""),
             reason=None, request="narinfo", id=request, drv=drv_path, name=name,
             path=ni.store_path, nar_hash=ni.nar_hash,
+            cache_signed=list(verdict.cache_signed), covered_without_traces=verdict.covered,
+            note=note,
         )
 
     def _allow(
@@ -416,12 +421,24 @@ class GateCore:
         verdict: Verdict, step: StepValues,
     ) -> None:
         signers = sorted(set().union(*(s.signers for s in verdict.steps.values())))
+        note = _cache_note(verdict)
         self.events.emit(
             "gate", "allowed",
             f"allowed {path_name(drv_path).removesuffix('.drv')}^{output} -> {oc.path}: "
-            f"chain of {len(verdict.steps)} verified step(s), signed by {', '.join(signers)}",
+            f"chain of {len(verdict.steps)} verified step(s), signed by {', '.join(signers)}"
+            + (f"; WARNING: {note}" if note else ""),
             reason=None, request=kind, id=request, drv=drv_path,
             name=step.name, output=output, path=oc.path, nar_hash=format_nar_hash(oc.nar_hash),
             steps=len(verdict.steps), signers=signers,
+            cache_signed=list(verdict.cache_signed), covered_without_traces=verdict.covered,
+            note=note,
         )
 
+
+
+def _cache_note(verdict: Verdict) -> str | None:
+    """What an allowed answer relied on a cache signature for, said loudly; or None."""
+    if not verdict.cache_signed:
+        return None
+    return (f"accepted on a cache signature alone: {', '.join(verdict.cache_signed)}; "
+            f"{verdict.covered} build step(s) below them covered without traces")

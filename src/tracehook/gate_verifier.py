@@ -33,6 +33,7 @@ from tracehook.resolver import Limits, Resolver, Target
 from tracehook.store import StoreReader
 from tracehook.trace_format import OutputClaim
 from tracehook.tracestore import FileTraceStore, TraceStore
+from tracehook.upstream import Upstream
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Verdict:
     failed_step: str | None = None  # drv path of the deepest step that failed on its own
     failed_name: str | None = None
     fault: str | None = None  # a trace store could not be read: no decision
+    cache_signed: tuple[str, ...] = ()  # paths accepted on a cache signature alone
+    covered: int = 0  # build steps below them covered without traces
 
     def step(self, drv_path: str) -> StepValues | None:
         return self.steps.get(drv_path)
@@ -71,6 +74,7 @@ class ChainVerifier:
         reader: StoreReader,
         max_age: float = 60.0,
         limits: Limits | None = None,
+        caches: Sequence[Upstream] = (),
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
     ) -> None:
@@ -79,6 +83,7 @@ class ChainVerifier:
         self.reader = reader
         self.max_age = max_age
         self.limits = limits
+        self.caches = list(caches)  # where cache signatures are read (the gate's upstreams)
         self.clock = clock
         self.wall = wall
         self.policy_digest = hashlib.sha256(repr(policy).encode()).hexdigest()[:16]
@@ -119,7 +124,7 @@ class ChainVerifier:
             if self._resolver is None or self._resolver_serial != serial:
                 self._resolver = Resolver(
                     self.policy, self.stores, self.reader.read_derivation, self.wall(),
-                    self.limits)
+                    self.limits, self.caches)
                 self._resolver_serial = serial
             resolver = self._resolver
             faults_before = len(resolver.faults)
@@ -142,6 +147,8 @@ class ChainVerifier:
             reason=None if report.verified else (report.reason or "not verified"),
             failed_step=None if report.verified or failed is None else failed.drv,
             failed_name=None if report.verified or failed is None else failed.name,
+            cache_signed=tuple(report.cache_signed_paths),
+            covered=report.covered,
         )
 
     def _steps(self, resolver: Resolver, root: str) -> dict[str, StepValues]:
@@ -159,7 +166,7 @@ class ChainVerifier:
                 if child not in seen:
                     seen.add(child)
                     todo.append(child)
-            if path not in trusted or trusted.is_fixed(path) or trusted.failure(path):
+            if path not in trusted or trusted.is_fixed(path):
                 continue
             values: dict[str, tuple[OutputClaim, ...]] = {}
             signers: set[str] = set()

@@ -16,6 +16,13 @@ The trust model is ``Key(name)`` or ``Threshold(t, [models])`` (``all-of`` is a 
 all, ``any-of`` of one), evaluated as a monotone predicate over the set of distinct signers.
 A key may appear in several branches only below a threshold of one: otherwise one signer
 could count twice. Every mistake is a ConfigError whose one line says what to fix.
+
+The adoption path (docs/POLICY.md, "Cache signatures"): a ``{ narinfo-key = "name:base64" }``
+element trusts a binary cache's narinfo (and realisation) signatures. A cache signature
+takes responsibility for everything below the path it signs, so the element is allowed only
+as the whole requirement or as a direct alternative of a top-level ``any-of`` (threshold 1);
+it is kept apart from the trace model: :attr:`Policy.require` is the trace requirement
+(:data:`NO_TRACES` when there is none) and :attr:`Policy.narinfo_keys` the cache keys.
 """
 
 from __future__ import annotations
@@ -84,6 +91,8 @@ class Threshold:
     of: tuple[TrustModel, ...]
 
     def describe(self) -> str:
+        if not self.of:
+            return "no trace (cache signatures only)"
         inner = ", ".join(m.describe() for m in self.of)
         if self.threshold == len(self.of) and len(self.of) > 1:
             return f"all of ({inner})"
@@ -93,6 +102,10 @@ class Threshold:
 
 
 TrustModel = Key | Threshold
+
+#: The trace requirement of a policy that trusts cache signatures only: no set of trace
+#: signers meets it (one of no entries).
+NO_TRACES = Threshold(1, ())
 
 
 def model_keys(model: TrustModel) -> frozenset[str]:
@@ -150,13 +163,31 @@ class Policy:
     source: str
     traces: tuple[str, ...]
     keys: tuple[PolicyKey, ...]
-    require: TrustModel
+    require: TrustModel  # the trace requirement; NO_TRACES when only caches are trusted
+    narinfo_keys: tuple[PolicyKey, ...] = ()  # alternatives: a cache signature by any one
 
     def key(self, name: str) -> PolicyKey:
         for k in self.keys:
             if k.name == name:
                 return k
         raise KeyError(name)
+
+    @property
+    def traces_can_verify(self) -> bool:
+        """Whether any set of trace signers can meet the requirement."""
+        return self.require != NO_TRACES
+
+    def describe(self) -> str:
+        """The whole requirement: the trace model, or a cache signature by one of the keys."""
+        parts: list[str] = []
+        if self.traces_can_verify:
+            model = self.require
+            if isinstance(model, Threshold) and model.threshold == 1 and self.narinfo_keys:
+                parts += [m.describe() for m in model.of]
+            else:
+                parts.append(model.describe())
+        parts += [f"cache signature by {k.name}" for k in self.narinfo_keys]
+        return parts[0] if len(parts) == 1 else f"any of ({', '.join(parts)})"
 
 
 # ------------------------------------------------------------------------------- loading
@@ -184,17 +215,73 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
             f"{source}: unknown top-level entry {unknown[0]!r}; allowed: traces, [keys], [trust]"
         )
     traces = _traces(doc.get("traces", []), source)
-    keys = _keys(doc.get("keys"), source)
     trust = doc.get("trust")
     if not isinstance(trust, dict) or "require" not in trust:
         raise ConfigError(f"{source}: add a [trust] table with 'require = ...' (e.g. a key name)")
     extra = sorted(set(trust) - {"require"})
     if extra:
         raise ConfigError(f"{source}: [trust] has unknown entry {extra[0]!r}; only 'require'")
+    trace_items, cache_items = _split_top(trust["require"], source)
+    raw_keys = doc.get("keys")
+    keys = _keys(raw_keys, source) if trace_items or raw_keys is not None else ()
     names = {k.name for k in keys}
-    require = _model(trust["require"], names, source, "[trust] require")
+    of = tuple(_model(raw, names, source, where) for where, raw in trace_items)
+    require = NO_TRACES if not of else of[0] if len(of) == 1 else Threshold(1, of)
     _check_no_double_count(require, source)
-    return Policy(source, traces, keys, require)
+    return Policy(source, traces, keys, require, _narinfo_keys(cache_items, source))
+
+
+_NARINFO = "narinfo-key"
+_NARINFO_FIELDS = {_NARINFO, "not-after", "revoked"}
+_PLACEMENT = (
+    "a narinfo-key is allowed only as the whole [trust] require or as a direct alternative "
+    "of its top-level any-of (or threshold = 1): a cache signature takes responsibility for "
+    "everything below it, so it can only be an alternative to the whole trace requirement, "
+    "not a part of a quorum"
+)
+
+_Items = list[tuple[str, Any]]  # (where, raw entry)
+
+
+def _split_top(raw: Any, source: str) -> tuple[_Items, _Items]:
+    """The top-level requirement as (trace alternatives, cache-key alternatives)."""
+    top = "[trust] require"
+    if isinstance(raw, dict) and _NARINFO in raw:
+        return [], [(top, raw)]
+    if not isinstance(raw, dict):
+        return [(top, raw)], []
+    form = "any-of" if "any-of" in raw else "of" if raw.get("threshold") == 1 else None
+    items = raw.get(form) if form else None
+    if form is None or not isinstance(items, list) or set(raw) - {"any-of", "of", "threshold"} \
+            or ("any-of" in raw and ("of" in raw or "threshold" in raw)):
+        return [(top, raw)], []  # not an alternative at the top: _model checks it whole
+    cache = [(f"{top}.{form}[{i}]", m) for i, m in enumerate(items)
+             if isinstance(m, dict) and _NARINFO in m]
+    if not cache:
+        return [(top, raw)], []
+    traces = [(f"{top}.{form}[{i}]", m) for i, m in enumerate(items)
+              if not (isinstance(m, dict) and _NARINFO in m)]
+    return traces, cache
+
+
+def _narinfo_keys(items: _Items, source: str) -> tuple[PolicyKey, ...]:
+    keys: list[PolicyKey] = []
+    for where, raw in items:
+        at = f"{source}: {where}"
+        unknown = sorted(set(raw) - _NARINFO_FIELDS)
+        if unknown:
+            raise ConfigError(f"{at}: unknown field {unknown[0]!r} next to narinfo-key; "
+                              "allowed: narinfo-key, not-after, revoked")
+        entry = dict(raw)
+        entry["key"] = entry.pop(_NARINFO)
+        key = _key("", entry, at)
+        key = PolicyKey(key.public.name, key.public, key.not_after, key.revoked)
+        for other in keys:
+            if other.public.name == key.public.name or other.public.key == key.public.key:
+                raise ConfigError(f"{at}: cache key '{key.name}' is listed twice; list each "
+                                  "narinfo-key once")
+        keys.append(key)
+    return tuple(keys)
 
 
 def _traces(raw: Any, source: str) -> tuple[str, ...]:
@@ -284,6 +371,8 @@ def _model(raw: Any, names: set[str], source: str, where: str) -> TrustModel:
         return Key(raw)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {where} must be {_FORMS}")
+    if _NARINFO in raw:
+        raise ConfigError(f"{source}: {where}: {_PLACEMENT}")
     forms = [f for f in ("of", "all-of", "any-of") if f in raw]
     if len(forms) != 1 or set(raw) - {"threshold", "of", "all-of", "any-of"}:
         raise ConfigError(f"{source}: {where} must be {_FORMS}, exactly one of them")

@@ -6,8 +6,11 @@ every step of a wave it computes each candidate resolution from the *verified* v
 input outputs it references (never from what a signer says it used), fetches the trace of
 every resolved key from every trace store concurrently (each key once per run and store),
 checks the signatures in worker threads (Ed25519 verification releases the GIL), and records
-the evidence in :class:`~tracehook.verify_core.TrustedSet`. Decisions live in the core; the
-fetching and the order of work live here.
+the evidence in :class:`~tracehook.verify_core.TrustedSet`. When the policy trusts cache
+keys, every step of the wave whose referenced outputs the traces did not verify (including a
+step whose inputs did not verify) is then looked up in the caches
+(:mod:`tracehook.cache_sigs`), concurrently. Decisions live in the core; the fetching and
+the order of work live here.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tracehook.aterm import Derivation
+from tracehook.cache_sigs import CacheKeys, CacheOutput, CacheSigs, Refused
+from tracehook.derivation_hash import DrvHash, realisation_ids
 from tracehook.errors import EnvironmentFault, ParseError, TracehookError
 from tracehook.policy import Policy
 from tracehook.step import InputOutput, Resolution, producer_is_content_addressed, step_key
 from tracehook.storepath import basename
 from tracehook.trace_format import TraceKey
 from tracehook.tracestore import TraceStore
+from tracehook.trust_summary import relied_upon, render_summary, summary
+from tracehook.upstream import Upstream
 from tracehook.verify_core import Checked, Failure, KeyRing, Rejected, TrustedSet
 from tracehook.verify_report import StepReport, TargetReport, build_target_report
 
@@ -69,6 +76,7 @@ class Resolver:
         load: Loader,
         now: dt.datetime,
         limits: Limits | None = None,
+        caches: Sequence[Upstream] = (),
     ) -> None:
         self.policy = policy
         self.stores = list(stores)
@@ -83,6 +91,10 @@ class Resolver:
         self._requests: dict[str, set[frozenset[str]]] = {}
         self._fetched: dict[str, Checked] = {}
         self._graph_failures: dict[str, GraphError] = {}
+        self.cache_sigs = (CacheSigs(CacheKeys(policy.narinfo_keys, now), caches)
+                           if policy.narinfo_keys else None)
+        self._drv_hashes: dict[str, DrvHash] = {}
+        self._deferred_paths: dict[str, dict[str, str]] = {}  # one resolution's outputs
 
     # ------------------------------------------------------------------------ public
 
@@ -183,6 +195,46 @@ class Resolver:
                 if resolutions is not None:
                     evidence = [(r, self._fetched[r.key.key]) for r in resolutions]
                     self.trusted.add_step(path, self._drvs[path], evidence)
+                    if len(resolutions) == 1 and self._drvs[path].kind == "deferred":
+                        outs = resolutions[0].rdrv.outputs
+                        self._deferred_paths[path] = {n: o.path for n, o in outs.items()}
+            if self.cache_sigs is not None:
+                self._check_caches(waves[height], pool)
+
+    def _check_caches(self, paths: list[str], pool: ThreadPoolExecutor) -> None:
+        """Look up, in the caches, every output of these steps that a consumer references
+        and no trace verified (traces first; the cache signature is the fallback)."""
+        assert self.cache_sigs is not None
+        sigs = self.cache_sigs
+        pending = {}
+        for path in paths:
+            drv = self._drvs[path]
+            if drv.kind in ("fixed", "impure"):
+                continue
+            need: set[str] = set()
+            for want in self._requests.get(path, ()):
+                if not self.trusted.values(path, want):
+                    need |= want
+            if not need:
+                continue
+            wanted: dict[str, tuple[str, str]] = {}
+            ids: dict[str, str] | None = None
+            for name in need:
+                fixed = drv.outputs[name].path or self._deferred_paths.get(path, {}).get(name)
+                if fixed:
+                    wanted[name] = ("path", fixed)
+                    continue
+                if ids is None:
+                    ids = realisation_ids(drv, self._drvs.__getitem__, self._drv_hashes)
+                wanted[name] = ("realisation", ids[name])
+            pending[path] = pool.submit(sigs.outputs, wanted, drv.name)
+        for path, fut in pending.items():
+            results = fut.result()
+            for got in results.values():
+                if isinstance(got, Refused) and got.fault:
+                    log.warning("cache: %s", got.reason)
+                    self.faults.append(StoreFault("cache", got.reason))
+            self.trusted.add_cache(path, self._drvs[path], results)
 
     def _plan(self, path: str) -> list[Resolution] | None:
         """The step's candidate resolutions, or None when it was decided without evidence."""
@@ -194,6 +246,10 @@ class Resolver:
         if kind == "impure":
             self.trusted.refuse(path, drv, Failure("impure", "impure derivations cannot be "
                                                    "verified: their outputs are not traced"))
+            return None
+        if not self.policy.traces_can_verify:
+            self.trusted.refuse(path, drv, Failure("no-trace", "the policy trusts no trace, "
+                                                   "only cache signatures"))
             return None
         choices = []
         for inp, outputs in drv.input_drvs.items():
@@ -263,9 +319,13 @@ class Resolver:
         candidates = self.trusted.values(target.drv_path, want) if want else []
         failure = None if want is None else (
             None if candidates else self.trusted.explain(target.drv_path, want))
+        inputs = {p: list(self._drvs[p].input_drvs) for p in closure}
+        reliance = relied_upon(target.drv_path, steps, inputs)
         return build_target_report(target.spec, target.drv_path, target.path, candidates,
-                                   failure, steps, self.policy, self.now,
-                                   tuple(f"{f.url}: {f.message}" for f in self.faults))
+                                   failure, list(reliance.steps), self.policy, self.now,
+                                   tuple(f"{f.url}: {f.message}" for f in self.faults),
+                                   reliance.cache_signed, len(reliance.covered),
+                                   (summary(reliance), render_summary(reliance)))
 
     def _closure(self, root: str) -> list[str]:
         if root not in self._heights:
@@ -292,14 +352,18 @@ class Resolver:
         rejected = tuple(self.trusted.rejected(path))
         signers: set[str] = set()
         failure: Failure | None = None
+        cached = False
         for want in sorted(self._requests.get(path, ()), key=sorted):
             values = self.trusted.values(path, want)
             if values:
                 for v in values:
-                    signers |= v.signers
+                    cached |= v.basis == "cache"
+                    signers |= v.signers if v.basis == "traces" else set()
             elif failure is None:
                 failure = self.trusted.explain(path, want)
-        outcome = "verified" if failure is None else "refused"
+        outcome = "refused" if failure else "cache-signed" if cached else "verified"
+        cache = tuple((n, r) for n, r in sorted(self.trusted.cache_results(path).items())
+                      if isinstance(r, CacheOutput)) if cached else ()
         return StepReport(path, drv.name, drv.kind, keys, tuple(sorted(signers)), outcome,
                           failure.kind if failure else None,
-                          failure.message if failure else None, rejected, height)
+                          failure.message if failure else None, rejected, height, cache)

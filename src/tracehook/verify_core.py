@@ -12,7 +12,10 @@ of docs/POLICY.md):
 * a consumer takes the outputs it references from a single claim: claims are grouped by
   their values for exactly those outputs, and each group's distinct signers are counted
   once each against the trust model;
-* fixed-output derivations anchor the chain: their path is in the ATerm, no claim needed.
+* fixed-output derivations anchor the chain: their path is in the ATerm, no claim needed;
+* a step whose referenced outputs no trusted claims verify may be accepted on a cache
+  signature (:mod:`tracehook.cache_sigs`, checked before it gets here): that ends the chain
+  obligation below it. Traces are preferred whenever they verify.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Literal
 
 from tracehook import crypto, jws
 from tracehook.aterm import Derivation
+from tracehook.cache_sigs import CacheOutput, Refused
 from tracehook.errors import BadSignature, ParseError
 from tracehook.policy import Policy, PolicyKey, TrustModel, TrustResult, evaluate
 from tracehook.step import Resolution
@@ -34,6 +38,7 @@ RejectKind = Literal[
     "malformed", "bad-signature", "unknown-key", "expired-key", "revoked-key",
     "other-step", "wrong-output",
 ]
+Basis = Literal["fixed", "traces", "cache"]
 FailureKind = Literal[
     "no-trace", "no-trusted-claim", "threshold", "disagree", "missing-output", "input",
     "impure", "too-many-resolutions", "graph", "resolution",
@@ -167,8 +172,9 @@ class Candidate:
     """One way the referenced outputs of a step can be, with the evidence for it."""
 
     value: Value
-    signers: frozenset[str]
-    trust: TrustResult | None  # None: a fixed-output anchor
+    signers: frozenset[str]  # policy keys; for a cache signature, the cache keys
+    trust: TrustResult | None  # None: a fixed-output anchor or a cache signature
+    basis: Basis = "traces"
 
     def paths(self) -> dict[str, str]:
         return {name: oc.path for name, oc in self.value}
@@ -190,6 +196,7 @@ class _Step:
     rejected: list[Rejected] = field(default_factory=list)
     seen: int = 0
     failure: Failure | None = None
+    cache: dict[str, CacheOutput | Refused] = field(default_factory=dict)
 
 
 def _show(value: Value) -> str:
@@ -209,6 +216,15 @@ class TrustedSet:
 
     def add_fixed(self, drv_path: str, drv: Derivation) -> None:
         self._steps[drv_path] = _Step(drv, fixed=True)
+
+    def add_cache(
+        self, drv_path: str, drv: Derivation, results: Mapping[str, CacheOutput | Refused]
+    ) -> None:
+        """What the caches signed for outputs of this step (checked by cache_sigs)."""
+        step = self._steps.get(drv_path)
+        if step is None:
+            step = self._steps[drv_path] = _Step(drv)
+        step.cache.update(results)
 
     def refuse(self, drv_path: str, drv: Derivation, failure: Failure) -> None:
         self._steps[drv_path] = _Step(drv, failure=failure)
@@ -245,12 +261,27 @@ class TrustedSet:
         return self._steps[drv_path].failure
 
     def values(self, drv_path: str, outputs: frozenset[str]) -> list[Candidate]:
-        """The values of ``outputs`` that satisfy the trust model, most signers first."""
+        """The values of ``outputs`` that satisfy the trust model, most signers first; when
+        none does, the value a cache signed for them, if any."""
         memo = self._values.get((drv_path, outputs))
         if memo is None:
             memo = [c for c in self._candidates(drv_path, outputs) if c.trust is None or c.trust]
             self._values[(drv_path, outputs)] = memo
-        return memo
+        return memo or self._cache_value(drv_path, outputs)
+
+    def _cache_value(self, drv_path: str, outputs: frozenset[str]) -> list[Candidate]:
+        cache = self._steps[drv_path].cache
+        got = [cache.get(name) for name in sorted(outputs)]
+        if not outputs or not all(isinstance(g, CacheOutput) for g in got):
+            return []
+        accepted = [g for g in got if isinstance(g, CacheOutput)]
+        value = tuple((name, OutputClaim(g.path, g.nar_hash))
+                      for name, g in zip(sorted(outputs), accepted, strict=True))
+        keys = frozenset().union(*(g.keys for g in accepted))
+        return [Candidate(value, keys, None, "cache")]
+
+    def cache_results(self, drv_path: str) -> Mapping[str, CacheOutput | Refused]:
+        return dict(self._steps[drv_path].cache)
 
     def _candidates(self, drv_path: str, outputs: frozenset[str]) -> list[Candidate]:
         step = self._steps[drv_path]
@@ -275,6 +306,16 @@ class TrustedSet:
 
     def explain(self, drv_path: str, outputs: frozenset[str]) -> Failure:
         """Why no value of ``outputs`` of this step is verified."""
+        failure = self._explain_traces(drv_path, outputs)
+        cache = self._steps[drv_path].cache
+        refused = [r.reason for n in sorted(outputs)
+                   if isinstance(r := cache.get(n), Refused)]
+        if not refused:
+            return failure
+        return Failure(failure.kind, f"{failure.message}; not accepted on a cache signature: "
+                       f"{'; '.join(dict.fromkeys(refused))}", failure.cause)
+
+    def _explain_traces(self, drv_path: str, outputs: frozenset[str]) -> Failure:
         step = self._steps[drv_path]
         if step.failure is not None:
             return step.failure

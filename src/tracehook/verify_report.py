@@ -3,16 +3,20 @@
 A refusal names the deepest step that failed for a reason of its own (not merely because an
 input failed), with that reason: no trace; bad signature; key unknown, expired or revoked;
 threshold not met (the keys that signed, the ones missing); claims that disagree (each
-value and who said it).
+value and who said it). Paths accepted on a cache signature alone are listed loudly, with
+the number of build steps below them that were covered without traces
+(:mod:`tracehook.trust_summary` computes both).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from tracehook.cache_sigs import CacheOutput
+from tracehook.nar import format_nar_hash
 from tracehook.policy import Policy
 from tracehook.verify_core import Candidate, Failure, Rejected, chosen_value
 
@@ -24,11 +28,12 @@ class StepReport:
     kind: str  # the derivation's kind: fixed, floating-ca, input-addressed, deferred, ...
     keys: tuple[str, ...]  # resolved trace keys looked up ("ca:<hash>" / "ia:<hash>")
     signers: tuple[str, ...]  # policy keys counted for a verified value
-    outcome: str  # fixed-output, verified, refused, not-reached
+    outcome: str  # fixed-output, verified (by traces), cache-signed, covered, refused, ...
     failure: str | None  # the failure kind, for a refusal
     reason: str | None
     rejected: tuple[Rejected, ...]
     height: int  # 1 = no inputs; 0 = could not be placed in the graph
+    cache: tuple[tuple[str, CacheOutput], ...] = ()  # outputs accepted on a cache signature
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +47,9 @@ class StepReport:
             "reason": self.reason,
             "rejected": [{"kind": r.kind, "kid": r.kid, "detail": r.detail}
                          for r in self.rejected],
+            "cache": {n: {"path": c.path, "nar_hash": format_nar_hash(c.nar_hash),
+                          "keys": sorted(c.keys), "via": c.via, "source": c.source}
+                      for n, c in self.cache},
         }
 
 
@@ -59,6 +67,14 @@ class TargetReport:
     requirement: str
     reference_time: str
     faults: tuple[str, ...]  # trace stores that could not be read
+    cache_signed: tuple[StepReport, ...] = ()  # relied on: accepted on a cache signature
+    covered: int = 0  # build steps below them covered without traces
+    trust_summary: dict[str, Any] = field(default_factory=dict)
+    trust_line: str = ""
+
+    @property
+    def cache_signed_paths(self) -> list[str]:
+        return sorted(c.path for s in self.cache_signed for _, c in s.cache)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +90,9 @@ class TargetReport:
             "reference_time": self.reference_time,
             "store_faults": list(self.faults),
             "steps": [s.to_json() for s in self.steps],
+            "cache_signed_paths": self.cache_signed_paths,
+            "covered_without_traces": self.covered,
+            "trust_summary": self.trust_summary,
         }
 
 
@@ -87,6 +106,9 @@ def build_target_report(
     policy: Policy,
     now: dt.datetime,
     faults: tuple[str, ...],
+    cache_signed: tuple[StepReport, ...] = (),
+    covered: int = 0,
+    trust: tuple[dict[str, Any], str] = ({}, ""),
 ) -> TargetReport:
     chosen = chosen_value(candidates, want_path)
     reason = None
@@ -114,13 +136,30 @@ def build_target_report(
         reason=reason,
         failed_step=failed,
         steps=tuple(steps),
-        requirement=policy.require.describe(),
+        requirement=policy.describe(),
         reference_time=now.isoformat(),
         faults=faults,
+        cache_signed=cache_signed,
+        covered=covered,
+        trust_summary=trust[0],
+        trust_line=trust[1],
     )
 
 
-def render_human(report: TargetReport) -> str:
+def _render_cache(report: TargetReport) -> list[str]:
+    if not report.cache_signed:
+        return []
+    lines = [f"  WARNING: {len(report.cache_signed_paths)} path(s) accepted on a cache "
+             "signature alone (no traces checked below them):"]
+    for step in report.cache_signed:
+        for _, c in step.cache:
+            lines.append(f"    {c.path} ({step.name}; signed by {', '.join(sorted(c.keys))}, "
+                         f"{c.via} from {c.source})")
+    lines.append(f"  {report.covered} build step(s) below them covered without traces")
+    return lines
+
+
+def render_human(report: TargetReport, explain_trust: bool = False) -> str:
     lines: list[str] = []
     counts: dict[str, int] = {}
     for s in report.steps:
@@ -132,6 +171,7 @@ def render_human(report: TargetReport) -> str:
             lines.append(f"  {name}: {path}")
         lines.append(f"  signed by {', '.join(report.signers) or '-'}; "
                      f"policy needs {report.requirement}")
+        lines += _render_cache(report)
         for alt in report.alternatives:
             shown = ", ".join(f"{n}={p}" for n, p in sorted(alt.items()))
             lines.append(f"  also verified (builders disagree, each meets the policy): {shown}")
@@ -151,6 +191,8 @@ def render_human(report: TargetReport) -> str:
                 lines.append(f"  not verified because of it: {', '.join(above)}")
         lines.append(f"  policy needs {report.requirement}")
     lines.append(f"  steps: {summary or 'none'}; reference time {report.reference_time}")
+    if explain_trust and report.trust_line:
+        lines.append(report.trust_line)
     for fault in report.faults:
         lines.append(f"  warning: trace store unreadable: {fault}")
     return "\n".join(lines)
