@@ -115,8 +115,10 @@ class Resolver:
                 drv.kind  # noqa: B018  (validates the outputs)
             except ParseError as exc:
                 via = f" (input of {basename(referrer)})" if referrer else ""
-                raise GraphError(drv_path, f"malformed derivation {drv_path}{via}: "
-                                 f"{exc.diagnostics()}") from None
+                text = exc.diagnostics()
+                if drv_path not in text:  # the parser names the file; a validation may not
+                    text = f"{drv_path}: {text}"
+                raise GraphError(drv_path, f"{text}{via}") from None
             self._drvs[drv_path] = drv
         return drv
 
