@@ -6,7 +6,7 @@ reason) or :class:`~tracehook.upstream.UpstreamFault` (502).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tracehook import narinfo, nixbase32, realisation
 from tracehook.aterm import Derivation
@@ -28,10 +28,17 @@ class Refusal(Exception):
 
 
 
-def find_narinfo(
-    upstreams: Sequence[Upstream], path: str, nar_hash: bytes
+NarinfoCheck = Callable[[Upstream, NarInfo], str | None]
+
+
+def _first_acceptable(
+    upstreams: Sequence[Upstream], path: str, what: str, check: NarinfoCheck
 ) -> tuple[int, NarInfo]:
-    """The first upstream narinfo for ``path`` whose NarHash is ``nar_hash``."""
+    """The first upstream narinfo for ``path`` that ``check`` finds nothing wrong with.
+
+    Refusal naming every wrong answer if some upstream answered wrongly; the last
+    UpstreamFault if none answered and one failed; Refusal "none has it" otherwise.
+    """
     wrong: list[str] = []
     fault: UpstreamFault | None = None
     for i, up in enumerate(upstreams):
@@ -46,56 +53,55 @@ def find_narinfo(
         if ni is None:
             continue
         try:
-            got = parse_nar_hash(ni.nar_hash)
+            problem = check(up, ni)
         except ParseError as exc:
-            wrong.append(f"{up.url}: {exc.diagnostics()}")
-            continue
-        if got != nar_hash:
-            wrong.append(f"{up.url} serves NarHash {format_nar_hash(got)}, the trusted "
-                         f"traces attest {format_nar_hash(nar_hash)}")
-            continue
-        return i, ni
+            problem = f"{up.url}: {exc.diagnostics()}"
+        if problem is None:
+            return i, ni
+        wrong.append(problem)
     if wrong:
-        raise Refusal(f"{path}: " + "; ".join(wrong))
+        raise Refusal(f"{what}{path}: " + "; ".join(wrong))
     if fault is not None:
         raise fault
     raise Refusal(f"no upstream has a narinfo for {path}")
 
+
+def find_narinfo(
+    upstreams: Sequence[Upstream], path: str, nar_hash: bytes
+) -> tuple[int, NarInfo]:
+    """The first upstream narinfo for ``path`` whose NarHash is ``nar_hash``."""
+
+    def check(up: Upstream, ni: NarInfo) -> str | None:
+        got = parse_nar_hash(ni.nar_hash)
+        if got == nar_hash:
+            return None
+        return (f"{up.url} serves NarHash {format_nar_hash(got)}, the trusted traces attest "
+                f"{format_nar_hash(nar_hash)}")
+
+    return _first_acceptable(upstreams, path, "", check)
+
+
 def find_fixed(
     upstreams: Sequence[Upstream], path: str, drv: Derivation
 ) -> tuple[int, NarInfo]:
+    """The first upstream narinfo for a fixed output whose ``CA`` (and, for a recursive
+    sha256 pin, NarHash) is the one the fixed-output derivation pins."""
     out = drv.outputs["out"]
     prefix = {"nar": "r:", "git": "git:", "text": "text:"}.get(out.method, "")
     digest = bytes.fromhex(out.hash)
     ca = f"fixed:{prefix}{out.algo}:{nixbase32.encode(digest)}"
-    wrong: list[str] = []
-    fault: UpstreamFault | None = None
-    for i, up in enumerate(upstreams):
-        try:
-            ni = upstream_narinfo(up, path)
-        except UpstreamFault as exc:
-            fault = exc
-            continue
-        except Refusal as exc:
-            wrong.append(exc.reason)
-            continue
-        if ni is None:
-            continue
+
+    def check(up: Upstream, ni: NarInfo) -> str | None:
         if ni.ca != ca:
-            wrong.append(f"{up.url} serves CA {ni.ca!r}, the fixed-output derivation pins "
-                          f"{ca!r}")
-            continue
-        if out.method == "nar" and out.algo == "sha256" and (
-                parse_nar_hash(ni.nar_hash) != digest):
-            wrong.append(f"{up.url} serves NarHash {ni.nar_hash}, the derivation pins "
-                         f"{format_nar_hash(digest)}")
-            continue
-        return i, ni
-    if wrong:
-        raise Refusal(f"fixed output {path}: " + "; ".join(wrong))
-    if fault is not None:
-        raise fault
-    raise Refusal(f"no upstream has a narinfo for {path}")
+            return f"{up.url} serves CA {ni.ca!r}, the fixed-output derivation pins {ca!r}"
+        pinned_nar = out.method == "nar" and out.algo == "sha256"
+        if pinned_nar and parse_nar_hash(ni.nar_hash) != digest:
+            return (f"{up.url} serves NarHash {ni.nar_hash}, the derivation pins "
+                    f"{format_nar_hash(digest)}")
+        return None
+
+    return _first_acceptable(upstreams, path, "fixed output ", check)
+
 
 def upstream_narinfo(up: Upstream, path: str) -> NarInfo | None:
     data = up.get(f"{hash_part(path)}.narinfo")
