@@ -12,7 +12,7 @@ import os
 
 from tracehook.aterm import Derivation, decode_drv, parse
 from tracehook.errors import EnvironmentFault, ParseError
-from tracehook.storepath import STORE_DIR, derivation_path, parse_store_path
+from tracehook.storepath import STORE_DIR, make_text_path, parse_store_path
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,10 @@ class StoreReader:
             raise EnvironmentFault(f"cannot read derivation {drv_path} ({real}): {e}") from e
         drv = parse(decode_drv(data), what=f"derivation {drv_path}")
         if self.verify_paths:
-            computed = derivation_path(drv, self.store_dir, name=name[: -len(".drv")])
+            # The path is the text-file hash of the bytes as stored (what Nix hashed when it
+            # wrote them); hashing them as read also spares re-serializing the derivation.
+            refs = [*drv.input_srcs, *drv.input_drvs]
+            computed = make_text_path(name, data, refs, self.store_dir)
             if computed != drv_path:
                 raise ParseError(
                     f"derivation {drv_path}", f"its contents hash to {computed}, not to its path"
