@@ -29,8 +29,8 @@ from tracehook.errors import BadSignature, ParseError
 from tracehook.nar import parse_nar_hash
 from tracehook.narinfo import NarInfo
 from tracehook.policy import PolicyKey
-from tracehook.storepath import STORE_DIR, basename, hash_part, path_name
-from tracehook.upstream import Upstream, UpstreamFault
+from tracehook.storepath import STORE_DIR, basename, path_name
+from tracehook.upstream import Upstream, UpstreamFault, fetch_narinfo
 
 
 @dataclass(frozen=True)
@@ -145,19 +145,14 @@ class CacheSigs:
         faults: list[str] = []
         for up in self.sources:
             try:
-                data = up.get(f"{hash_part(path)}.narinfo")
+                ni = fetch_narinfo(up, path)
             except UpstreamFault as exc:
                 faults.append(exc.diagnostics())
                 continue
-            if data is None:
+            except ParseError as exc:
+                problems.append(exc.diagnostics())
                 continue
-            try:
-                ni = narinfo.parse(data.decode("utf-8"), f"narinfo from {up.url}")
-            except (ParseError, UnicodeDecodeError) as exc:
-                problems.append(f"{up.url} serves a malformed narinfo for {path}: {exc}")
-                continue
-            if ni.store_path != path:
-                problems.append(f"{up.url}'s narinfo is for {ni.store_path}, not {path}")
+            if ni is None:
                 continue
             got = self.keys.narinfo(ni, up.url, self.store_dir)
             if isinstance(got, CacheOutput):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tracehook import narinfo, nixbase32, realisation
+from tracehook import nixbase32, realisation
 from tracehook.aterm import Derivation
 from tracehook.errors import ParseError
 from tracehook.nar import format_nar_hash, parse_nar_hash
 from tracehook.narinfo import NarInfo
-from tracehook.storepath import STORE_DIR, basename, hash_part
-from tracehook.upstream import Upstream, UpstreamFault
+from tracehook.storepath import STORE_DIR, basename
+from tracehook.upstream import Upstream, UpstreamFault, fetch_narinfo
 
 
 class Refusal(Exception):
@@ -104,16 +104,11 @@ def find_fixed(
 
 
 def upstream_narinfo(up: Upstream, path: str) -> NarInfo | None:
-    data = up.get(f"{hash_part(path)}.narinfo")
-    if data is None:
-        return None
+    """:func:`~tracehook.upstream.fetch_narinfo`, a malformed answer being a Refusal."""
     try:
-        ni = narinfo.parse(data.decode("utf-8"), f"narinfo from {up.url}")
-    except (ParseError, UnicodeDecodeError) as exc:
-        raise Refusal(f"{up.url} serves a malformed narinfo: {exc}") from None
-    if ni.store_path != path:
-        raise Refusal(f"{up.url}'s narinfo is for {ni.store_path}, not {path}")
-    return ni
+        return fetch_narinfo(up, path)
+    except ParseError as exc:
+        raise Refusal(exc.diagnostics()) from None
 
 
 def check_upstream_realisation(

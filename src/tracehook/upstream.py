@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from tracehook.errors import ConfigError, EnvironmentFault
+from tracehook import narinfo
+from tracehook.errors import ConfigError, EnvironmentFault, ParseError
+from tracehook.narinfo import NarInfo
+from tracehook.storepath import hash_part
 
 CHUNK = 256 * 1024
 MAX_SMALL = 1024 * 1024  # narinfos and realisations are a few hundred bytes
@@ -210,6 +213,26 @@ class HttpUpstream:
         length = resp.getheader("Content-Length")
         size = int(length) if length is not None and length.isdigit() else None
         return _HttpBody(conn, resp, size, self.url)
+
+
+def fetch_narinfo(up: Upstream, path: str) -> NarInfo | None:
+    """The narinfo ``up`` serves for ``path``; None when it has none.
+
+    UpstreamFault when it cannot be read; ParseError when what it serves is malformed or is
+    the narinfo of another path.
+    """
+    data = up.get(f"{hash_part(path)}.narinfo")
+    if data is None:
+        return None
+    what = f"narinfo for {path} from {up.url}"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParseError(what, f"not UTF-8 ({exc.reason})") from None
+    ni = narinfo.parse(text, what)
+    if ni.store_path != path:
+        raise ParseError(what, f"it is the narinfo of {ni.store_path}")
+    return ni
 
 
 def open_upstream(url: str, timeout: float = DEFAULT_TIMEOUT) -> Upstream:
