@@ -64,27 +64,39 @@ class Signed:
         return found[0]
 
 
+def built_steps(env: NixEnv, drv_paths: Sequence[str]) -> list[signer.BuildStep]:
+    """Every built step in the closures of ``drv_paths`` that the signer signs, once each,
+    as the signer's own library examines it (what the post-build hook runs)."""
+    reader = StoreReader(str(env.root))
+    local = signer.LocalStore(str(env.root))
+    seen: set[str] = set()
+    steps: list[signer.BuildStep] = []
+    try:
+        for root in drv_paths:
+            for drv_path in reader.load_closure(root):
+                if drv_path in seen:
+                    continue
+                seen.add(drv_path)
+                step = signer.examine(local, drv_path)
+                if not isinstance(step, signer.Skipped):
+                    steps.append(step)
+    finally:
+        local.close()
+    return steps
+
+
+def _signed(steps: Sequence[signer.BuildStep]) -> Signed:
+    return Signed({s.drv_path: (s.drv.name, s.resolution.key.key) for s in steps})
+
+
 def sign_closure(env: NixEnv, drv_paths: Sequence[str], sk: crypto.SecretKey,
                  traces: Path) -> Signed:
     """Sign every built step in the closures of ``drv_paths`` into the trace store."""
     store = FileTraceStore(f"file://{traces}", traces)
-    reader = StoreReader(str(env.root))
-    local = signer.LocalStore(str(env.root))
-    steps: dict[str, tuple[str, str]] = {}
-    try:
-        for root in drv_paths:
-            for drv_path in reader.load_closure(root):
-                if drv_path in steps:
-                    continue
-                step = signer.examine(local, drv_path)
-                if isinstance(step, signer.Skipped):
-                    continue
-                token = signer.sign(step, sk, BUILDER_INFO)
-                store.append(step.resolution.key.key, [token])
-                steps[drv_path] = (step.drv.name, step.resolution.key.key)
-    finally:
-        local.close()
-    return Signed(steps)
+    steps = built_steps(env, drv_paths)
+    for step in steps:
+        store.append(step.resolution.key.key, [signer.sign(step, sk, BUILDER_INFO)])
+    return _signed(steps)
 
 
 def use_hook(env: NixEnv, sk: crypto.SecretKey, traces: Path, tmp: Path) -> Path:
@@ -110,18 +122,7 @@ def use_hook(env: NixEnv, sk: crypto.SecretKey, traces: Path, tmp: Path) -> Path
 
 def step_keys(env: NixEnv, drv_paths: Sequence[str]) -> Signed:
     """The trace key of every built step in the closures (what the signer computes)."""
-    reader = StoreReader(str(env.root))
-    local = signer.LocalStore(str(env.root))
-    steps: dict[str, tuple[str, str]] = {}
-    try:
-        for root in drv_paths:
-            for drv_path in reader.load_closure(root):
-                step = signer.examine(local, drv_path)
-                if not isinstance(step, signer.Skipped):
-                    steps[drv_path] = (step.drv.name, step.resolution.key.key)
-    finally:
-        local.close()
-    return Signed(steps)
+    return _signed(built_steps(env, drv_paths))
 
 
 def copy_to_cache(env: NixEnv, cache: Path, drv_paths: Sequence[str],
