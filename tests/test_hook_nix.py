@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from nixharness import REPO, NixEnv
+from conftest import MakeNixEnv
+from nixharness import REPO, NixEnv, NixTier
 from tracehook import cli, crypto, jws
 from tracehook.agent import SigningAgent
 from tracehook.nar import parse_nar_hash
@@ -186,6 +187,26 @@ def test_check_rebuild_adds_nothing(nixenv: NixEnv, tmp_path: Path) -> None:
     assert all(len(v) == 1 for v in after.values())
     outcomes = [e["outcome"] for e in signer.events() if e["event"] == "sign"]
     assert outcomes.count("ok") == 6
+
+
+def test_nix_build_rebuild_adds_nothing(nix226: NixTier, make_nixenv: MakeNixEnv,
+                                       tmp_path: Path) -> None:
+    """``nix build --rebuild`` (the new CLI's --check) runs the hook again for every step it
+    rebuilds: the identical claims are kept once, nothing else changes."""
+    env = make_nixenv(nix226)
+    signer = make_signer(env, tmp_path)
+    env.build("caC", salt="rebuild")
+    env.build("iaOnCa", salt="rebuild")
+    signer.publish()
+    before = {k: [c.token.compact for c in v] for k, v in signer.claims().items()}
+    drvs = [env.instantiate(a, salt="rebuild") for a in ("caC", "iaOnCa")]
+    env.run("nix", "build", "--rebuild", "--no-link", *(f"{d}^*" for d in drvs))
+    signer.publish()
+    after = {k: [c.token.compact for c in v] for k, v in signer.claims().items()}
+    assert after == before
+    reruns = [e for e in signer.events() if e["event"] == "sign" and e["outcome"] != "ok"]
+    assert reruns, "the hook did not run for the rebuilt steps"
+    assert all(e["outcome"] in ("duplicate", "skipped") for e in reruns)
 
 
 def test_sign_by_hand_matches_hook(
