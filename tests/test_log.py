@@ -140,3 +140,23 @@ def test_follow_prints_lines_as_they_arrive(tmp_path: Path) -> None:
         assert "refused" in (child.before or "") + (child.after or "")
     finally:
         child.terminate(force=True)
+
+
+def test_repeated_refusals_collapse_into_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nix asks several times for one refused step: the view says it once, with a count;
+    --json keeps every record."""
+    path = tmp_path / "gate.log"
+    log = EventLog(path, prefix="tracehook-gate", stderr=None)
+    fields = {k: v for k, v in REFUSAL.items() if k not in ("event", "outcome")}
+    for _ in range(4):
+        log.emit("gate", "refused", "refused ca-c", **fields)
+    log.emit("gate", "refused", "refused other", drv="/nix/store/x-other.drv", reason="r")
+    code, out, _ = run_cli(["log", "--refused", str(path)], capsys)
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 2
+    assert lines[0].endswith("(x4)") and "ca-c" in lines[0]
+    assert "other" in lines[1] and "(x" not in lines[1]
+    code, out, _ = run_cli(["log", "--refused", "--json", str(path)], capsys)
+    assert len(out.strip().splitlines()) == 5

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tracehook.errors import EXIT_OK, EnvironmentFault
-from tracehook.logview import Filter, parse_since, records, render_human
+from tracehook.logview import Filter, collapse, parse_since, records, render_human
 
 DEFAULT_LOG_DIR = Path("/var/log/tracehook")
 POLL_SECONDS = 0.5
@@ -100,9 +100,15 @@ def main(args: argparse.Namespace) -> int:
         else:
             found = records(_all_lines(handles), flt)
             stream = _sorted_by_time(found) if len(handles) > 1 else found
-        for record in stream:
-            text = json.dumps(record, ensure_ascii=False) if args.json else render_human(record)
-            print(text, flush=args.follow)
+        if args.json:
+            for record in stream:
+                print(json.dumps(record, ensure_ascii=False), flush=args.follow)
+        elif args.follow:
+            for record in stream:
+                print(render_human(record), flush=True)
+        else:
+            for record, count in collapse(stream):
+                print(render_human(record) + (f"  (x{count})" if count > 1 else ""))
     finally:
         for h in handles:
             if h is not sys.stdin:

@@ -112,3 +112,33 @@ def render_human(record: dict[str, Any]) -> str:
     ]
     line = "  ".join(parts)
     return f"{line}  {reason}".rstrip()
+
+
+COLLAPSE_WINDOW = datetime.timedelta(seconds=60)
+
+
+def _same_event(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The same event again, within a minute of the first."""
+    if any(a.get(k) != b.get(k) for k in ("event", "outcome", "reason")):
+        return False
+    ta, tb = record_time(a), record_time(b)
+    if ta is None or tb is None or abs(tb - ta) > COLLAPSE_WINDOW:
+        return False
+    return _drv_name(a) == _drv_name(b)
+
+
+def collapse(items: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], int]]:
+    """Runs of the same event (event, derivation, outcome, reason, within a minute of the
+    run's first) as (first record, count): Nix asks the gate several times for one refused
+    step, and one line says it."""
+    run: dict[str, Any] | None = None
+    count = 0
+    for record in items:
+        if run is not None and _same_event(run, record):
+            count += 1
+            continue
+        if run is not None:
+            yield run, count
+        run, count = record, 1
+    if run is not None:
+        yield run, count
