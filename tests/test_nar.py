@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from nixharness import NixTier
 from tracehook import nar
 from tracehook.errors import EnvironmentFault, ParseError
 
@@ -277,14 +277,16 @@ def test_format_nar_hash_needs_32_bytes() -> None:
 
 
 @pytest.mark.nix
-@pytest.mark.skipif(shutil.which("nix-store") is None, reason="nix-store not on PATH")
 @pytest.mark.parametrize(("case", "tree"), named(
     *((case, tree) for case, tree, _, _ in KNOWN),
     ("executable_and_odd_names", executable_and_odd_names),
 ))
-def test_dump_equals_nix_store_dump(tmp_path: Path, case: str, tree: Tree) -> None:
+def test_dump_equals_nix_store_dump(
+    tmp_path: Path, case: str, tree: Tree, nix_tier: NixTier
+) -> None:
     path = tree(tmp_path)
     nix = subprocess.run(
-        ["nix-store", "--dump", str(path)], capture_output=True, check=True, timeout=60
+        [str(nix_tier.bindir / "nix-store"), "--dump", str(path)],
+        capture_output=True, check=True, timeout=60,
     ).stdout
     assert nar_bytes(path) == nix
