@@ -9,8 +9,11 @@ import pytest
 
 from conftest import MakeNixEnv
 from nixharness import NixEnv, NixTier
+from tracehook.aterm import Derivation, DerivationOutput, encode_drv, serialize
 from tracehook.errors import EnvironmentFault
+from tracehook.store import StoreReader
 from tracehook.store_db import StoreDatabase
+from tracehook.storepath import derivation_path
 
 pytestmark = pytest.mark.nix
 
@@ -65,3 +68,24 @@ def test_falls_back_to_immutable_when_read_only_open_fails(
         assert db.is_valid("/nix/store/x")
         assert not db.is_valid("/nix/store/y")
     assert any("immutable=1" in u for u in opened)
+
+
+def test_reader_memo_is_bounded_when_asked(tmp_path: Path) -> None:
+    """A long-running gate keeps at most ``max_cached`` parsed derivations (LRU)."""
+    store = tmp_path / "nix" / "store"
+    store.mkdir(parents=True)
+    paths = []
+    for i in range(5):
+        drv = Derivation({"out": DerivationOutput("", "r:sha256", "")}, {}, (), "x86_64-linux",
+                         "/bin/sh", (), {"name": f"d{i}", "out": ""})
+        path = derivation_path(drv)
+        (store / path.rsplit("/", 1)[1]).write_bytes(encode_drv(serialize(drv)))
+        paths.append(path)
+    reader = StoreReader(str(tmp_path), max_cached=2)
+    first = reader.read_derivation(paths[0])
+    for p in paths[1:]:
+        reader.read_derivation(p)
+    assert len(reader._drvs) == 2
+    assert list(reader._drvs) == paths[3:]
+    again = reader.read_derivation(paths[0])  # evicted: read and parsed again, same value
+    assert again == first and again is not first

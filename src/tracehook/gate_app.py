@@ -43,6 +43,7 @@ class GateConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     http: HttpLimits = field(default_factory=HttpLimits)
     generation_max_age: float = 60.0  # seconds before key expiry is re-checked
+    drv_cache_size: int = 20_000  # parsed .drv files kept in memory (least recently used out)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -71,7 +72,7 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
     stores = [open_store(url) for url in policy.traces]
     upstreams = [open_upstream(url, cfg.upstream_timeout) for url in cfg.upstreams]
     key = crypto.read_secret_key_file(cfg.signing_key) if cfg.signing_key else None
-    reader = StoreReader(cfg.store_root)
+    reader = StoreReader(cfg.store_root, max_cached=cfg.drv_cache_size)
     index = DrvIndex(reader)
     verifier = ChainVerifier(policy, stores, reader, max_age=cfg.generation_max_age,
                              caches=upstreams)

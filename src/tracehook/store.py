@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 
 from tracehook.aterm import Derivation, decode_drv, parse
 from tracehook.errors import EnvironmentFault, ParseError
@@ -18,16 +20,24 @@ log = logging.getLogger(__name__)
 
 
 class StoreReader:
-    """Reads and memoizes derivations from one store."""
+    """Reads and memoizes derivations from one store (thread-safe)."""
 
     def __init__(
-        self, root: str | None = None, store_dir: str = STORE_DIR, verify_paths: bool = True
+        self,
+        root: str | None = None,
+        store_dir: str = STORE_DIR,
+        verify_paths: bool = True,
+        max_cached: int | None = None,
     ) -> None:
-        """``verify_paths``: check that each .drv's contents hash to its own store path."""
+        """``verify_paths``: check that each .drv's contents hash to its own store path.
+        ``max_cached``: keep at most this many parsed derivations, least recently used
+        first out (a long-running gate); None keeps every one (one verification run)."""
         self.root = root
         self.store_dir = store_dir
         self.verify_paths = verify_paths
-        self._drvs: dict[str, Derivation] = {}
+        self.max_cached = max_cached
+        self._drvs: OrderedDict[str, Derivation] = OrderedDict()
+        self._lock = threading.Lock()
 
     def real_path(self, store_path: str) -> str:
         """Where a store path's file is on this machine (ParseError if not a store path)."""
@@ -43,9 +53,12 @@ class StoreReader:
         EnvironmentFault when it cannot be read; ParseError (naming the file) when it is
         malformed or, with ``verify_paths``, does not hash to its own path.
         """
-        drv = self._drvs.get(drv_path)
-        if drv is not None:
-            return drv
+        with self._lock:
+            drv = self._drvs.get(drv_path)
+            if drv is not None:
+                if self.max_cached is not None:
+                    self._drvs.move_to_end(drv_path)
+                return drv
         _, name = parse_store_path(drv_path, self.store_dir)
         if not name.endswith(".drv"):
             raise ParseError("derivation path", f"{drv_path} is not a .drv", len(drv_path))
@@ -66,7 +79,10 @@ class StoreReader:
                     f"derivation {drv_path}", f"its contents hash to {computed}, not to its path"
                 )
         log.debug("read derivation %s", drv_path)
-        self._drvs[drv_path] = drv
+        with self._lock:
+            self._drvs[drv_path] = drv
+            if self.max_cached is not None and len(self._drvs) > self.max_cached:
+                self._drvs.popitem(last=False)
         return drv
 
     def load_closure(self, drv_path: str) -> dict[str, Derivation]:
