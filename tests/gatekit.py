@@ -10,7 +10,6 @@ builder, with the signer's library (:func:`sign_closure`: :func:`tracehook.signe
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -20,8 +19,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nixharness import REPO, NixEnv
-from tracehook import crypto, jws, narinfo, nixbase32, signer
+from tracehook import crypto, narinfo, nixbase32, signer
 from tracehook.aterm import Derivation, DerivationOutput, encode_drv, serialize
+from tracehook.cmd_demo import tamper_trace_file
 from tracehook.derivation_hash import input_addressed_paths, realisation_ids
 from tracehook.eventlog import EventLog
 from tracehook.gate_app import GateConfig, build_server
@@ -148,19 +148,9 @@ def write_policy(path: Path, traces: Path, require: str,
 
 
 def tamper_trace(traces: Path, trace_key: str) -> None:
-    """Change one claimed output path in every signature of a trace; keep the signature."""
-    file = traces / "traces" / trace_key
-    doc = json.loads(file.read_text())
-    tampered = []
-    for token in doc["signatures"]:
-        header, payload, sig = token.split(".")
-        body = json.loads(jws.b64url_decode(payload, "payload"))
-        for out in body["out"]["nix"].values():
-            digest = out["hash"]
-            out["hash"] = digest[:-1] + ("0" if digest[-1] != "0" else "1")
-        raw = json.dumps(body, separators=(",", ":")).encode()
-        tampered.append(f"{header}.{base64.urlsafe_b64encode(raw).rstrip(b'=').decode()}.{sig}")
-    file.write_text(json.dumps({"signatures": tampered}))
+    """Change one byte of the claimed NAR hash in every signature of a trace; keep the
+    signatures (so they no longer verify)."""
+    tamper_trace_file(traces / "traces" / trace_key)
 
 
 def copy_traces(src: Path, dst: Path) -> Path:

@@ -158,8 +158,9 @@ def _wait_http(url: str, seconds: float = 20.0) -> None:
             time.sleep(0.1)
 
 
-def _tamper(trace_file: Path) -> None:
-    """Change one byte of the claimed NAR hash in every signature; keep the signatures."""
+def tamper_trace_file(trace_file: Path) -> None:
+    """Change one byte of the claimed NAR hash in every signature; keep the signatures (the
+    attack the demo, and the gate's tests, show being refused)."""
     doc = json.loads(trace_file.read_text())
     out = []
     for token in doc["signatures"]:
@@ -264,7 +265,7 @@ def run_demo(tools: Tools, work: Path) -> bool:
                        str(builder.root), "--json"])
     step = next(s for s in json.loads(report.stdout)["steps"] if s["name"] == "demo-library")
     trace_file = traces / "traces" / str(step["resolved_keys"][0]).split(":", 1)[1]
-    _tamper(trace_file)
+    tamper_trace_file(trace_file)
     say(f"changed one byte of the output hash demo-library's trace claims ({trace_file.name})")
     second = _consumer(tools, work, "consumer-2")
     with _gate(gate_args, second) as gate_url:
