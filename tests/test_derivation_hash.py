@@ -6,6 +6,7 @@ CA derivations (two outputs), and an input-addressed derivation on CA inputs (de
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -393,7 +394,7 @@ def test_resolve_rewrites_env_keys_args_and_builder() -> None:
 def test_inputs_with_the_same_hash_merge() -> None:
     """Two fixed-output derivations with the same output are interchangeable inputs."""
     fod_a = parse(NIX_DRVS[FOD_REC])
-    fod_b = Derivation(**{**fod_a.__dict__, "args": ("sh", "-c", "different builder")})
+    fod_b = dataclasses.replace(fod_a, args=("sh", "-c", "different builder"))
     path_a, path_b = derivation_path(fod_a), derivation_path(fod_b)
     assert path_a != path_b
     loads = {path_a: fod_a, path_b: fod_b}
@@ -479,7 +480,7 @@ def test_cycle_is_named() -> None:
 
 
 def test_missing_input_output_is_an_error(drvs: dict[str, Derivation]) -> None:
-    drv = Derivation(**{**drvs[TOP].__dict__, "input_drvs": {FOD_REC: ("dev",)}})
+    drv = dataclasses.replace(drvs[TOP], input_drvs={FOD_REC: ("dev",)})
     with pytest.raises(ParseError) as info:
         hash_derivation_modulo(drv, drvs.__getitem__)
     assert "no output 'dev'" in info.value.message
@@ -489,7 +490,7 @@ def test_fixed_output_with_a_wrong_path_is_rejected(drvs: dict[str, Derivation])
     fod = drvs[FOD_REC]
     wrong = DerivationOutput(f"{P}-fod-rec", "r:sha256", fod.outputs["out"].hash)
     with pytest.raises(ParseError) as info:
-        hash_derivation_modulo(Derivation(**{**fod.__dict__, "outputs": {"out": wrong}}))
+        hash_derivation_modulo(dataclasses.replace(fod, outputs={"out": wrong}))
     assert "its hash gives" in info.value.message
 
 

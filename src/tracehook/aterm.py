@@ -166,9 +166,10 @@ class Derivation:
                 return name
         raise ParseError("derivation", "no name in env or __json")
 
-    @property
+    @functools.cached_property
     def kind(self) -> DerivationKind:
-        """The derivation's type, as Nix's ``Derivation::type()`` decides it."""
+        """The derivation's type, as Nix's ``Derivation::type()`` decides it (once: the
+        fields are never changed)."""
         return derivation_kind(self.outputs)
 
 
@@ -439,8 +440,8 @@ def _unescape(raw: str) -> str:
 
 def _strictly_sorted(items: Sequence[str]) -> bool:
     """Sorted by bytes without duplicates (code point order is byte order for ASCII)."""
-    if all(s.isascii() for s in items):
-        return all(a < b for a, b in itertools.pairwise(items))
+    if "".join(items).isascii():
+        return list(items) == sorted(set(items))
     keys = [_bkey(s) for s in items]
     return all(a < b for a, b in itertools.pairwise(keys))
 
@@ -574,7 +575,7 @@ def _strings(items: list[str]) -> str:
 
 def _sorted(items: Iterable[str]) -> list[str]:
     unique = set(items)
-    if all(s.isascii() for s in unique):
+    if "".join(unique).isascii():
         return sorted(unique)  # code point order is byte order for ASCII
     return sorted(unique, key=_bkey)
 

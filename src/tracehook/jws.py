@@ -38,7 +38,6 @@ LAUT_VERSION = "2"
 DETACH_HASH = "nix-ca-path"
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
-_FROM_URLSAFE = str.maketrans("-_", "+/")
 
 
 # --- base64url and JSON ------------------------------------------------------------------
@@ -48,17 +47,25 @@ def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_PADDING = ("", "", "==", "=")  # by len % 4 (1 is never valid)
+_VALUES = {c: i for i, c in enumerate(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+_SPARE_BITS = (0, 0, 0xF, 0x3)  # low bits of the last character that encode nothing
+
+
 def b64url_decode(s: str, what: str, position: int = 0) -> bytes:
     """Strict base64url without padding; the canonical encoding only."""
     if not _B64URL.fullmatch(s) or len(s) % 4 == 1:
         raise ParseError(what, "not base64url without padding", position)
+    rest = len(s) % 4
+    if rest and _VALUES[s[-1]] & _SPARE_BITS[rest]:  # two strings would mean one value
+        raise ParseError(what, "non-canonical base64url (nonzero trailing bits)", position)
     try:
-        data = binascii.a2b_base64(s.translate(_FROM_URLSAFE) + "=" * (-len(s) % 4))
+        return binascii.a2b_base64(s.encode("ascii").translate(_TO_STANDARD) + _PADDING[rest]
+                                   .encode("ascii"))
     except (binascii.Error, ValueError):
         raise ParseError(what, "not base64url without padding", position) from None
-    if b64url_encode(data) != s:  # stray low bits: two strings would mean one value
-        raise ParseError(what, "non-canonical base64url (nonzero trailing bits)", position)
-    return data
 
 
 def _reject_constant(name: str) -> Any:

@@ -8,7 +8,6 @@ Bits beyond ``8 * len(data)`` are padding and must be zero.
 
 from __future__ import annotations
 
-import base64
 import re
 
 from tracehook.errors import ParseError
@@ -16,9 +15,7 @@ from tracehook.errors import ParseError
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _DIGITS = {c: i for i, c in enumerate(ALPHABET)}
 _WHAT = "nix-base32 string"
-# The same digits in RFC 4648 base-32 (what ``base64.b32encode`` writes) and in the digit
-# order ``int(s, 32)`` reads, so encoding and decoding run in C.
-_FROM_RFC = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", ALPHABET)
+# The same digits in the order ``int(s, 32)`` reads, so decoding runs in C.
 _TO_INT32 = str.maketrans(ALPHABET, "0123456789abcdefghijklmnopqrstuv")
 _VALID = re.compile(f"[{ALPHABET}]*")
 
@@ -44,8 +41,9 @@ def encode(data: bytes) -> str:
     nchars = hash_len(len(data))
     if nchars == 0:
         return ""
-    big_endian = bytes(-len(data) % 5) + data[::-1]
-    return base64.b32encode(big_endian)[-nchars:].decode("ascii").translate(_FROM_RFC)
+    # The integer's base-32 numeral, most significant digit first, zero-padded.
+    value = int.from_bytes(data, "little")
+    return "".join([ALPHABET[(value >> shift) & 31] for shift in range(5 * (nchars - 1), -1, -5)])
 
 
 def decode(s: str) -> bytes:

@@ -42,12 +42,14 @@ def _bkey(s: str) -> bytes:
 
 def _sorted_keys(keys: list[str]) -> list[str]:
     """Sorted by bytes (code point order is byte order for ASCII)."""
-    return sorted(keys) if all(k.isascii() for k in keys) else sorted(keys, key=_bkey)
+    return sorted(keys) if "".join(keys).isascii() else sorted(keys, key=_bkey)
 
 
 def _rewrite(s: str, rewrites: Sequence[tuple[str, str]]) -> str:
     """Nix's ``rewriteStrings``: each rewrite (given in key order), searching on from each
     match."""
+    if "/" not in s:  # every placeholder starts with "/"
+        return s
     for old, new in rewrites:
         if old == new or old not in s:
             continue

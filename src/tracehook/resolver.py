@@ -1,31 +1,45 @@
 """The verifier's resolver: walks derivations, fetches traces, feeds the trusted set.
 
 For each target it reads the derivation graph bottom-up (explicit stack, visited set,
-maximum depth, cycles named), then processes the build steps in waves of equal height: for
-every step of a wave it computes each candidate resolution from the *verified* values of the
-input outputs it references (never from what a signer says it used), fetches the trace of
-every resolved key from every trace store concurrently (each key once per run and store),
-checks the signatures in worker threads (Ed25519 verification releases the GIL), and records
-the evidence in :class:`~tracehook.verify_core.TrustedSet`. When the policy trusts cache
-keys, every step of the wave whose referenced outputs the traces did not verify (including a
-step whose inputs did not verify) is then looked up in the caches
-(:mod:`tracehook.cache_sigs`), concurrently. Decisions live in the core; the fetching and
-the order of work live here.
+maximum depth, cycles named), then decides the build steps as a pipeline: a step is
+planned as soon as its inputs are decided. Planning computes each candidate resolution from
+the *verified* values of the input outputs it references (never from what a signer says
+it used); the trace of every resolved key is fetched from every trace store concurrently
+(each key once per run and store) and its signatures checked in worker threads (libsodium
+releases the GIL), while the calling thread plans the next ready steps; the evidence is
+recorded in :class:`~tracehook.verify_core.TrustedSet` by the calling thread only. When
+the policy trusts cache keys, a step whose referenced outputs the traces did not verify
+(including a step whose inputs did not verify) is then looked up in the caches
+(:mod:`tracehook.cache_sigs`) before its consumers are planned. Decisions live in the
+core; the fetching and the order of work live here.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime as dt
+import gc
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+import queue
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from tracehook.aterm import Derivation
 from tracehook.cache_sigs import CacheKeys, CacheOutput, CacheSigs, Refused
+from tracehook.checkpool import (
+    CheckPool,
+    StoreFault,
+    default_workers,
+    fetch_and_check,
+    fetch_here,
+    unpack,
+)
 from tracehook.derivation_hash import DrvHash, realisation_ids
-from tracehook.errors import EnvironmentFault, ParseError, TracehookError
+from tracehook.errors import ParseError, TracehookError
 from tracehook.policy import Policy
 from tracehook.step import InputOutput, Resolution, producer_is_content_addressed, step_key
 from tracehook.storepath import basename
@@ -33,7 +47,7 @@ from tracehook.trace_format import TraceKey
 from tracehook.tracestore import TraceStore
 from tracehook.trust_summary import relied_upon, render_summary, summary
 from tracehook.upstream import Upstream
-from tracehook.verify_core import Checked, Failure, KeyRing, Rejected, TrustedSet
+from tracehook.verify_core import Checked, Failure, KeyRing, TrustedSet
 from tracehook.verify_report import StepReport, TargetReport, build_target_report
 
 log = logging.getLogger(__name__)
@@ -45,7 +59,12 @@ Loader = Callable[[str], Derivation]
 class Limits:
     max_depth: int = 2000  # longest input chain below a target
     max_resolutions: int = 256  # candidate resolutions of one step
-    workers: int = 8
+    workers: int = 8  # threads fetching and checking traces
+    # Worker processes checking traces instead (libsodium releases the GIL, JSON parsing
+    # does not): None starts one per core when a pass has at least ``process_from`` steps
+    # and there is more than one core; 0 never does.
+    processes: int | None = None
+    process_from: int = 500
 
 
 @dataclass(frozen=True)
@@ -54,12 +73,6 @@ class Target:
     drv_path: str
     outputs: frozenset[str] | None = None  # None: every output of the derivation
     path: str | None = None  # an output path the user asked about
-
-
-@dataclass(frozen=True)
-class StoreFault:
-    url: str
-    message: str
 
 
 class GraphError(TracehookError):
@@ -95,15 +108,33 @@ class Resolver:
                            if policy.narinfo_keys else None)
         self._drv_hashes: dict[str, DrvHash] = {}
         self._deferred_paths: dict[str, dict[str, str]] = {}  # one resolution's outputs
+        self._procs: CheckPool | None = None
 
     # ------------------------------------------------------------------------ public
 
     def verify(self, targets: Sequence[Target]) -> list[TargetReport]:
-        with ThreadPoolExecutor(self.limits.workers, thread_name_prefix="tracehook") as pool:
-            for target in targets:
-                order = self._walk_target(target)
-                self._process(order, pool)
+        try:
+            with _fewer_collections(), ThreadPoolExecutor(
+                    self.limits.workers, thread_name_prefix="tracehook") as pool:
+                for target in targets:
+                    order = self._walk_target(target)
+                    _Run(self, order, pool, self._procs).drain()
+        finally:
+            if self._procs is not None:
+                self._procs.close()
+                self._procs = None
         return [self._report(t) for t in targets]
+
+    def _maybe_start_processes(self) -> None:
+        """Start the checker processes once the walk has read ``process_from`` derivations
+        (they start while the walk goes on)."""
+        wanted = self.limits.processes
+        if self._procs is not None or wanted == 0 or len(self._drvs) < self.limits.process_from:
+            return
+        workers = wanted or default_workers()
+        if wanted is None and workers < 2:
+            return
+        self._procs = CheckPool(self.policy, self.now, self.stores, workers)
 
     # ----------------------------------------------------------------------- the walk
 
@@ -120,6 +151,8 @@ class Resolver:
                     text = f"{drv_path}: {text}"
                 raise GraphError(drv_path, f"{text}{via}") from None
             self._drvs[drv_path] = drv
+            if len(self._drvs) == self.limits.process_from:
+                self._maybe_start_processes()
         return drv
 
     def _walk_target(self, target: Target) -> list[str]:
@@ -174,69 +207,56 @@ class Resolver:
 
     # -------------------------------------------------------------------- the waves
 
-    def _process(self, order: list[str], pool: ThreadPoolExecutor) -> None:
-        """Wave by wave (equal height): plan each step and start fetching and checking its
-        keys at once, so signature checks overlap with planning the rest of the wave."""
-        waves: dict[int, list[str]] = {}
-        for path in order:
-            waves.setdefault(self._heights[path], []).append(path)
-        for height in sorted(waves):
-            plans = []
-            pending: dict[str, Future[Checked]] = {}
-            for path in waves[height]:
-                resolutions = self._plan(path)
-                plans.append((path, resolutions))
-                for res in resolutions or ():
-                    key = res.key.key
-                    if key not in self._fetched and key not in pending:
-                        gets = [(s, pool.submit(s.get, key)) for s in self.stores]
-                        pending[key] = pool.submit(self._check, res.key, gets)
-            for key, fut in pending.items():
-                self._fetched[key] = fut.result()
-            for path, resolutions in plans:
-                if resolutions is not None:
-                    evidence = [(r, self._fetched[r.key.key]) for r in resolutions]
-                    self.trusted.add_step(path, self._drvs[path], evidence)
-                    if len(resolutions) == 1 and self._drvs[path].kind == "deferred":
-                        outs = resolutions[0].rdrv.outputs
-                        self._deferred_paths[path] = {n: o.path for n, o in outs.items()}
-            if self.cache_sigs is not None:
-                self._check_caches(waves[height], pool)
+    def _cache_needs(self, path: str) -> dict[str, tuple[str, str]]:
+        """The outputs of ``path`` that a consumer references and no trace verified, and
+        how to look each up in the caches: ``("path", p)`` or ``("realisation", id)``."""
+        drv = self._drvs[path]
+        if drv.kind in ("fixed", "impure"):
+            return {}
+        need: set[str] = set()
+        for want in self._requests.get(path, ()):
+            if not self.trusted.values(path, want):
+                need |= want
+        wanted: dict[str, tuple[str, str]] = {}
+        ids: dict[str, str] | None = None
+        for name in sorted(need):
+            fixed = drv.outputs[name].path or self._deferred_paths.get(path, {}).get(name)
+            if fixed:
+                wanted[name] = ("path", fixed)
+                continue
+            if ids is None:
+                ids = realisation_ids(drv, self._drvs.__getitem__, self._drv_hashes)
+            wanted[name] = ("realisation", ids[name])
+        return wanted
 
-    def _check_caches(self, paths: list[str], pool: ThreadPoolExecutor) -> None:
-        """Look up, in the caches, every output of these steps that a consumer references
-        and no trace verified (traces first; the cache signature is the fallback)."""
-        assert self.cache_sigs is not None
-        sigs = self.cache_sigs
-        pending = {}
-        for path in paths:
-            drv = self._drvs[path]
-            if drv.kind in ("fixed", "impure"):
-                continue
-            need: set[str] = set()
-            for want in self._requests.get(path, ()):
-                if not self.trusted.values(path, want):
-                    need |= want
-            if not need:
-                continue
-            wanted: dict[str, tuple[str, str]] = {}
-            ids: dict[str, str] | None = None
-            for name in need:
-                fixed = drv.outputs[name].path or self._deferred_paths.get(path, {}).get(name)
-                if fixed:
-                    wanted[name] = ("path", fixed)
-                    continue
-                if ids is None:
-                    ids = realisation_ids(drv, self._drvs.__getitem__, self._drv_hashes)
-                wanted[name] = ("realisation", ids[name])
-            pending[path] = pool.submit(sigs.outputs, wanted, drv.name)
-        for path, fut in pending.items():
-            results = fut.result()
-            for got in results.values():
-                if isinstance(got, Refused) and got.fault:
-                    log.warning("cache: %s", got.reason)
-                    self.faults.append(StoreFault("cache", got.reason))
-            self.trusted.add_cache(path, self._drvs[path], results)
+    def _record_cache(self, path: str, results: dict[str, CacheOutput | Refused]) -> None:
+        for got in results.values():
+            if isinstance(got, Refused) and got.fault:
+                log.warning("cache: %s", got.reason)
+                self.faults.append(StoreFault("cache", got.reason))
+        self.trusted.add_cache(path, self._drvs[path], results)
+
+    def _record_step(self, path: str, resolutions: list[Resolution]) -> None:
+        evidence = [(r, self._fetched[r.key.key]) for r in resolutions]
+        drv = self._drvs[path]
+        self.trusted.add_step(path, drv, evidence)
+        if len(resolutions) == 1 and drv.kind == "deferred":
+            outs = resolutions[0].rdrv.outputs
+            self._deferred_paths[path] = {n: o.path for n, o in outs.items()}
+
+    def _start_check(self, key: TraceKey, pool: ThreadPoolExecutor) -> Future[Checked]:
+        """Fetch and check one key in the thread pool (the stores fetched concurrently)."""
+        if len(self.stores) == 1:
+            store = self.stores[0]
+            return pool.submit(lambda: self._check(key, [(store, fetch_here(store, key.key))]))
+        gets = [(s, pool.submit(s.get, key.key)) for s in self.stores]
+        return pool.submit(self._check, key, gets)
+
+    def _check(self, key: TraceKey, gets: list[tuple[TraceStore, Future[list[str]]]]) -> Checked:
+        """Runs in a worker thread."""
+        checked, faults = fetch_and_check(self.ring, key, gets)
+        self.faults.extend(faults)
+        return checked
 
     def _plan(self, path: str) -> list[Resolution] | None:
         """The step's candidate resolutions, or None when it was decided without evidence."""
@@ -287,22 +307,6 @@ class Resolver:
                 return None
             resolutions.setdefault(res.key.key, res)
         return list(resolutions.values())
-
-    def _check(self, key: TraceKey, gets: list[tuple[TraceStore, Future[list[str]]]]) -> Checked:
-        """Runs in a worker: gather one key's traces from every store, check them."""
-        tokens: list[str] = []
-        bad_files: list[Rejected] = []
-        for store, fut in gets:
-            try:
-                tokens.extend(fut.result())
-            except EnvironmentFault as exc:
-                log.warning("trace store %s: %s", store.url, exc.diagnostics())
-                self.faults.append(StoreFault(store.url, exc.diagnostics()))
-            except ParseError as exc:
-                bad_files.append(Rejected("malformed", None, f"{store.url} serves a malformed "
-                                          f"trace file for {key.key}: {exc.diagnostics()}"))
-        result = self.ring.check(tokens, key)
-        return Checked(result.accepted, result.rejected + tuple(bad_files), result.seen)
 
     # ------------------------------------------------------------------------ reports
 
@@ -369,3 +373,156 @@ class Resolver:
         return StepReport(path, drv.name, drv.kind, keys, tuple(sorted(signers)), outcome,
                           failure.kind if failure else None,
                           failure.message if failure else None, rejected, height, cache)
+
+
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector less often while a closure is verified: the
+    verifier allocates many small objects that live to the end (derivations, claims), and
+    at the default threshold the collector spends about a tenth of the time walking them."""
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], 50_000), *before[1:])
+    try:
+        yield
+    finally:
+        if gc.get_threshold()[0] == max(before[0], 50_000):
+            gc.set_threshold(*before)
+
+
+class _Run:
+    """One pass of :meth:`Resolver.verify` over the steps a target's walk found, in order.
+
+    A step becomes *ready* when every input it has in this pass is *done*; a ready step is
+    planned at once; its trace keys are checked in the thread pool, or in batches in the
+    worker processes (each key once per run); when the last of its keys is in, it is
+    recorded; when the caches have been asked about what the traces left unverified (if
+    the policy trusts cache keys), it is done, and its consumers may become ready.
+    Completions come back through one queue, so only the calling thread touches the
+    trusted set. Planning goes on while checks run: no step waits for an unrelated one.
+    """
+
+    MAX_BATCH = 64  # keys per task for a worker process
+
+    def __init__(self, resolver: Resolver, order: list[str], pool: ThreadPoolExecutor,
+                 procs: CheckPool | None) -> None:
+        self.r = resolver
+        self.pool = pool
+        self.procs = procs
+        self.events: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
+        self.outstanding = 0
+        self.ready: collections.deque[str] = collections.deque()
+        self.unfinished_inputs: dict[str, int] = {}
+        self.consumers: dict[str, list[str]] = {}
+        self.plans: dict[str, list[Resolution]] = {}
+        self.missing_keys: dict[str, int] = {}
+        self.key_waiters: dict[str, list[str]] = {}
+        self.batch: list[TraceKey] = []
+        self.in_flight = 0  # batches handed to the worker processes, not yet back
+        in_run = set(order)
+        for path in order:
+            count = 0
+            for inp in resolver._drvs[path].input_drvs:
+                if inp in in_run:
+                    count += 1
+                    self.consumers.setdefault(inp, []).append(path)
+            self.unfinished_inputs[path] = count
+            if count == 0:
+                self.ready.append(path)
+
+    def drain(self) -> None:
+        while self.ready or self.outstanding or self.batch:
+            while self.ready:
+                self._start(self.ready.popleft())
+            if self.batch and (len(self.batch) >= self.MAX_BATCH
+                               or self.in_flight < 2 * self._workers()):
+                self._flush()
+            if self.outstanding:
+                self._handle(*self.events.get())
+                while not self.ready and not self.events.empty():
+                    self._handle(*self.events.get())
+
+    def _handle(self, kind: str, name: Any, fut: Future[Any]) -> None:
+        self.outstanding -= 1
+        if kind == "key":
+            self._key_in(name, fut.result())
+        elif kind == "batch":
+            self.in_flight -= 1
+            for key, packed in zip(name, fut.result(), strict=True):
+                checked, faults = unpack(packed)
+                self.r.faults.extend(faults)
+                self._key_in(key.key, checked)
+        else:
+            self.r._record_cache(name, fut.result())
+            self._done(name)
+
+    def _workers(self) -> int:
+        return self.procs.workers if self.procs is not None else 0
+
+    def _flush(self) -> None:
+        """Hand the keys planned so far to the worker processes: in batches, so that a
+        task carries enough work to pay for its trip, and enough batches to keep every
+        worker busy."""
+        assert self.procs is not None
+        keys, self.batch = self.batch, []
+        size = max(1, min(self.MAX_BATCH, -(-len(keys) // (2 * self.procs.workers))))
+        for i in range(0, len(keys), size):
+            part = keys[i:i + size]
+            self.in_flight += 1
+            self._submit("batch", part, self.procs.submit(part))
+
+    def _submit(self, kind: str, name: Any, fut: Future[Any]) -> None:
+        self.outstanding += 1
+        fut.add_done_callback(lambda f: self.events.put((kind, name, f)))
+
+    def _start(self, path: str) -> None:
+        r = self.r
+        resolutions = r._plan(path)
+        if resolutions is None:
+            self._recorded(path)
+            return
+        missing = 0
+        for res in resolutions:
+            key = res.key.key
+            if key in r._fetched:
+                continue
+            waiters = self.key_waiters.get(key)
+            if waiters is None:
+                waiters = self.key_waiters[key] = []
+                if self.procs is not None:
+                    self.batch.append(res.key)
+                else:
+                    self._submit("key", key, r._start_check(res.key, self.pool))
+            waiters.append(path)
+            missing += 1
+        if missing:
+            self.plans[path] = resolutions
+            self.missing_keys[path] = missing
+        else:
+            r._record_step(path, resolutions)
+            self._recorded(path)
+
+    def _key_in(self, key: str, checked: Checked) -> None:
+        self.r._fetched[key] = checked
+        for path in self.key_waiters.pop(key):
+            self.missing_keys[path] -= 1
+            if self.missing_keys[path] == 0:
+                del self.missing_keys[path]
+                self.r._record_step(path, self.plans.pop(path))
+                self._recorded(path)
+
+    def _recorded(self, path: str) -> None:
+        r = self.r
+        if r.cache_sigs is not None:
+            wanted = r._cache_needs(path)
+            if wanted:
+                sigs = r.cache_sigs
+                name = r._drvs[path].name
+                self._submit("cache", path, self.pool.submit(sigs.outputs, wanted, name))
+                return
+        self._done(path)
+
+    def _done(self, path: str) -> None:
+        for consumer in self.consumers.get(path, ()):
+            self.unfinished_inputs[consumer] -= 1
+            if self.unfinished_inputs[consumer] == 0:
+                self.ready.append(consumer)

@@ -16,6 +16,7 @@ Two kinds of trace key, both 32 nix-base32 characters, both the file name under
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,13 +60,21 @@ class BuilderInfo:
 
 @dataclass(frozen=True)
 class Claim:
-    """One signer's claim: 'the resolved step ``key`` produced ``outputs``'. Unverified."""
+    """One signer's claim: 'the resolved step ``key`` produced ``outputs``'. Unverified.
+
+    ``compact`` is the JWS as transmitted; ``token`` is it parsed (kept from
+    :func:`parse_claim`, or parsed again on first use when the claim came from a checker
+    process as plain values)."""
 
     kind: KeyKind
     key: str
     outputs: dict[str, OutputClaim]
     kid: str
-    token: jws.Jws
+    compact: str
+
+    @functools.cached_property
+    def token(self) -> jws.Jws:
+        return jws.parse_compact(self.compact, "trace")
 
 
 def ia_preimage(rdrv_path: str, pins: Mapping[str, bytes]) -> bytes:
@@ -174,4 +183,6 @@ def parse_claim(token: jws.Jws, what: str = "trace", store_dir: str = STORE_DIR)
     if not out_nix:
         raise ParseError(what, "out.nix names no outputs")
     outputs = {n: _output_claim(n, v, what, store_dir) for n, v in out_nix.items()}
-    return Claim(kind, key, outputs, kid, token)
+    claim = Claim(kind, key, outputs, kid, token.compact)
+    claim.__dict__["token"] = token  # already parsed: seed the cached property
+    return claim

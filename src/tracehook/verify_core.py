@@ -73,8 +73,11 @@ class KeyRing:
     """The policy's keys at one reference time, by ``kid``. Pure; safe to share between
     threads (its memo only ever gains identical entries)."""
 
-    def __init__(self, policy: Policy, now: dt.datetime) -> None:
+    def __init__(self, policy: Policy, now: dt.datetime, memo: bool = True) -> None:
+        """``memo``: remember each (token, key) result (a long-lived gate sees the same
+        traces again); a checker process, which sees each key once, does without."""
         self.now = now
+        self.memo = memo
         self.by_kid: dict[str, PolicyKey] = {k.kid: k for k in policy.keys}
         self.by_key_name: dict[str, PolicyKey] = {k.public.name: k for k in policy.keys}
         self._memo: dict[tuple[str, str], Accepted | Rejected] = {}
@@ -88,7 +91,8 @@ class KeyRing:
             result = self._memo.get(memo_key)
             if result is None:
                 result = self._check_one(token, key)
-                self._memo[memo_key] = result
+                if self.memo:
+                    self._memo[memo_key] = result
             (accepted if isinstance(result, Accepted) else rejected).append(result)  # type: ignore[arg-type]
         return Checked(tuple(accepted), tuple(rejected), len(unique))
 
@@ -210,6 +214,7 @@ class TrustedSet:
         self.model = model
         self._steps: dict[str, _Step] = {}
         self._values: dict[tuple[str, frozenset[str]], list[Candidate]] = {}
+        self._trust: dict[frozenset[str], TrustResult] = {}  # the same few signer sets
 
     def __contains__(self, drv_path: str) -> bool:
         return drv_path in self._steps
@@ -298,11 +303,17 @@ class TrustedSet:
             value = tuple(sorted((n, acc.claim.outputs[n]) for n in outputs))
             groups.setdefault(value, set()).add(acc.signer)
         found = [
-            Candidate(v, frozenset(s), evaluate(self.model, frozenset(s)))
-            for v, s in groups.items()
+            Candidate(v, signers, self._evaluate(signers))
+            for v, signers in ((v, frozenset(s)) for v, s in groups.items())
         ]
         found.sort(key=lambda c: (-len(c.signers), _show(c.value)))
         return found
+
+    def _evaluate(self, signers: frozenset[str]) -> TrustResult:
+        result = self._trust.get(signers)
+        if result is None:
+            result = self._trust[signers] = evaluate(self.model, signers)
+        return result
 
     def explain(self, drv_path: str, outputs: frozenset[str]) -> Failure:
         """Why no value of ``outputs`` of this step is verified."""
