@@ -167,6 +167,12 @@ class Derivation:
         raise ParseError("derivation", "no name in env or __json")
 
     @functools.cached_property
+    def aterm(self) -> str:
+        """The ATerm Nix writes for this derivation (:func:`serialize`); for one parsed from
+        canonical text (what Nix writes), that text itself."""
+        return serialize(self)
+
+    @functools.cached_property
     def kind(self) -> DerivationKind:
         """The derivation's type, as Nix's ``Derivation::type()`` decides it (once: the
         fields are never changed)."""
@@ -299,8 +305,25 @@ def parse(text: str, what: str = "derivation") -> Derivation:
     if text.isascii() or _is_encodable(text):
         drv = _parse_fast(text)
         if drv is not None:
+            if _canonical(text):
+                drv.__dict__["aterm"] = text  # seed the cached property: serialize(drv) == text
             return drv
     return _parse_checked(text, what)
+
+
+_ESCAPE_PAIR = re.compile(r"\\(.)", re.S)
+
+
+def _canonical(text: str) -> bool:
+    """Whether :func:`serialize` gives back exactly ``text`` for what the fast parser read
+    from it. That parser accepts only sorted, duplicate-free ``Derive(`` text, so what
+    remains is how strings are written: Nix escapes newline, carriage return and tab, and
+    writes no escapes but these three, ``\\"`` and ``\\\\``."""
+    if "\n" in text or "\r" in text or "\t" in text:
+        return False
+    if "\\" not in text:
+        return True
+    return all(c in 'nrt"\\' for c in _ESCAPE_PAIR.findall(text))
 
 
 def _parse_checked(text: str, what: str) -> Derivation:

@@ -124,6 +124,7 @@ class CheckPool:
     def __init__(self, policy: Policy, now: dt.datetime, stores: Sequence[TraceStore],
                  workers: int) -> None:
         self.workers = workers
+        self.broken = False  # set when a task found the pool broken
         self._pool = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(policy, now, list(stores)),

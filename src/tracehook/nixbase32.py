@@ -14,6 +14,7 @@ from tracehook.errors import ParseError
 
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _DIGITS = {c: i for i, c in enumerate(ALPHABET)}
+_PAIRS = [a + b for a in ALPHABET for b in ALPHABET]  # 10-bit value -> two digits
 _WHAT = "nix-base32 string"
 # The same digits in the order ``int(s, 32)`` reads, so decoding runs in C.
 _TO_INT32 = str.maketrans(ALPHABET, "0123456789abcdefghijklmnopqrstuv")
@@ -41,9 +42,13 @@ def encode(data: bytes) -> str:
     nchars = hash_len(len(data))
     if nchars == 0:
         return ""
-    # The integer's base-32 numeral, most significant digit first, zero-padded.
+    # The integer's base-32 numeral, most significant digit first, zero-padded: two
+    # digits (ten bits) at a time, then the odd one.
     value = int.from_bytes(data, "little")
-    return "".join([ALPHABET[(value >> shift) & 31] for shift in range(5 * (nchars - 1), -1, -5)])
+    pairs, odd = divmod(nchars, 2)
+    head = ALPHABET[value >> (10 * pairs)] if odd else ""
+    return head + "".join([_PAIRS[(value >> shift) & 1023]
+                           for shift in range(10 * (pairs - 1), -1, -10)])
 
 
 def decode(s: str) -> bytes:

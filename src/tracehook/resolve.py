@@ -125,3 +125,50 @@ def resolved_key(
 ) -> str:
     """laut's ``in.rdrv_aterm_ca``: the hash part of the resolved derivation's path."""
     return hash_part(resolved_path(drv, chosen, store_dir, name))
+
+
+def resolved_aterm(
+    drv: Derivation, chosen: Chosen, store_dir: str = STORE_DIR
+) -> tuple[str, list[str]] | None:
+    """The ATerm of ``resolve(drv, chosen)`` and its references, written by substitution
+    in ``drv``'s own ATerm; None where that would not be exactly what resolving and
+    serializing give (deferred outputs, which resolution fills in, and env names holding
+    a placeholder, which can change the order of env), so the caller does it the long way.
+
+    Substitution is exact otherwise: a placeholder is ``/`` and nix-base32 characters, so it
+    never meets a quote, an escape or another string, and no store path holds one.
+    """
+    if drv.kind not in ("floating-ca", "input-addressed"):
+        return None
+    text = drv.aterm
+    prefix = "".join((
+        "Derive([",
+        ",".join(f'("{n}","{o.path}","{o.hash_algo}","{o.hash}")'
+                 for n in _sorted_keys(list(drv.outputs)) for o in (drv.outputs[n],)),
+        "],[",
+        ",".join(f'("{p}",[{_quote_all(_sorted_keys(list(drv.input_drvs[p])))}])'
+                 for p in _sorted_keys(list(drv.input_drvs))),
+        "],[", _quote_all(_sorted_keys(list(drv.input_srcs))), "],",
+    ))
+    if not text.startswith(prefix):
+        return None
+    tail = text[len(prefix):]
+    srcs = set(drv.input_srcs)
+    for drv_path, names in drv.input_drvs.items():
+        for output in names:
+            path = chosen.get((drv_path, output))
+            if path is None:
+                raise UnresolvedInput(drv_path, output)
+            parse_store_path(path, store_dir)
+            srcs.add(path)
+            placeholder = upstream_placeholder(drv_path, output)
+            if placeholder in tail:
+                if any(placeholder in key for key in drv.env):
+                    return None
+                tail = tail.replace(placeholder, path)
+    refs = _sorted_keys(list(srcs))
+    return f"Derive({prefix[7:prefix.index('],[') + 1]},[],[{_quote_all(refs)}],{tail}", refs
+
+
+def _quote_all(items: list[str]) -> str:
+    return '"' + '","'.join(items) + '"' if items else ""

@@ -16,17 +16,14 @@ core; the fetching and the order of work live here.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import datetime as dt
 import gc
 import itertools
 import logging
-import queue
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from tracehook.aterm import Derivation
 from tracehook.cache_sigs import CacheKeys, CacheOutput, CacheSigs, Refused
@@ -36,10 +33,10 @@ from tracehook.checkpool import (
     default_workers,
     fetch_and_check,
     fetch_here,
-    unpack,
 )
 from tracehook.derivation_hash import DrvHash, realisation_ids
 from tracehook.errors import ParseError, TracehookError
+from tracehook.pipeline import Pipeline
 from tracehook.policy import Policy
 from tracehook.step import InputOutput, Resolution, producer_is_content_addressed, step_key
 from tracehook.storepath import basename
@@ -113,28 +110,30 @@ class Resolver:
     # ------------------------------------------------------------------------ public
 
     def verify(self, targets: Sequence[Target]) -> list[TargetReport]:
-        try:
-            with _fewer_collections(), ThreadPoolExecutor(
-                    self.limits.workers, thread_name_prefix="tracehook") as pool:
-                for target in targets:
-                    order = self._walk_target(target)
-                    _Run(self, order, pool, self._procs).drain()
-        finally:
-            if self._procs is not None:
-                self._procs.close()
-                self._procs = None
-        return [self._report(t) for t in targets]
+        with _fewer_collections():
+            try:
+                with ThreadPoolExecutor(self.limits.workers,
+                                        thread_name_prefix="tracehook") as pool:
+                    for target in targets:
+                        # Planning while the walk goes on needs every consumer's request of
+                        # a step before it is done, when the caches may be asked about it.
+                        pipeline = Pipeline(self, pool, eager=self.cache_sigs is None)
+                        self._walk_target(target, pipeline.add)
+                        pipeline.drain()
+            finally:
+                if self._procs is not None:
+                    self._procs.close()
+                    self._procs = None
+            return [self._report(t) for t in targets]
 
-    def _maybe_start_processes(self) -> None:
-        """Start the checker processes once the walk has read ``process_from`` derivations
-        (they start while the walk goes on)."""
+    def _start_processes(self) -> CheckPool | None:
+        """The checker processes, started now if the limits allow (None if not)."""
         wanted = self.limits.processes
-        if self._procs is not None or wanted == 0 or len(self._drvs) < self.limits.process_from:
-            return
-        workers = wanted or default_workers()
-        if wanted is None and workers < 2:
-            return
-        self._procs = CheckPool(self.policy, self.now, self.stores, workers)
+        if self._procs is None and wanted != 0:
+            workers = wanted or default_workers()
+            if wanted is not None or workers > 1:
+                self._procs = CheckPool(self.policy, self.now, self.stores, workers)
+        return self._procs
 
     # ----------------------------------------------------------------------- the walk
 
@@ -152,11 +151,10 @@ class Resolver:
                 raise GraphError(drv_path, f"{text}{via}") from None
             self._drvs[drv_path] = drv
             if len(self._drvs) == self.limits.process_from:
-                self._maybe_start_processes()
+                self._start_processes()  # while the walk goes on; the pipeline takes them up
         return drv
 
-    def _walk_target(self, target: Target) -> list[str]:
-        order: list[str] = []
+    def _walk_target(self, target: Target, emit: Callable[[str], None]) -> None:
         try:
             drv = self._read(target.drv_path, None)
             want = target.outputs or frozenset(drv.outputs)
@@ -165,13 +163,13 @@ class Resolver:
                 raise GraphError(target.drv_path, f"{target.drv_path} has no output "
                                  f"'{missing[0]}'")
             self._requests.setdefault(target.drv_path, set()).add(want)
-            self._walk(target.drv_path, order)
+            self._walk(target.drv_path, emit)
         except GraphError as exc:
             self._graph_failures[target.spec] = exc
-        return order
 
-    def _walk(self, root: str, order: list[str]) -> None:
-        """Post-order over the inputs of ``root`` with an explicit stack."""
+    def _walk(self, root: str, emit: Callable[[str], None]) -> None:
+        """Post-order over the inputs of ``root`` with an explicit stack: ``emit`` gets each
+        step not seen before, after all of its inputs."""
         if root in self._heights:
             return
         max_depth = self.limits.max_depth
@@ -203,9 +201,42 @@ class Resolver:
                     raise GraphError(path, f"derivation graph deeper than {max_depth} steps "
                                      f"at {basename(path)} (raise --max-depth)")
                 self._heights[path] = height
-                order.append(path)
+                emit(path)
 
-    # -------------------------------------------------------------------- the waves
+    # -------------------------------------------------- what the pipeline asks of us
+
+    def inputs(self, path: str) -> Sequence[str]:
+        return list(self._drvs[path].input_drvs)
+
+    def processes(self) -> CheckPool | None:
+        return self._procs
+
+    def plan(self, path: str) -> list[Resolution] | None:
+        return self._plan(path)
+
+    def checked(self, key: str) -> Checked | None:
+        return self._fetched.get(key)
+
+    def key_in(self, key: str, checked: Checked) -> None:
+        self._fetched[key] = checked
+
+    def check_in_thread(self, key: TraceKey, pool: ThreadPoolExecutor) -> Future[Checked]:
+        return self._start_check(key, pool)
+
+    def record(self, path: str, resolutions: list[Resolution]) -> None:
+        self._record_step(path, resolutions)
+
+    def ask_caches(self, path: str, pool: ThreadPoolExecutor
+                   ) -> Future[dict[str, CacheOutput | Refused]] | None:
+        if self.cache_sigs is None:
+            return None
+        wanted = self._cache_needs(path)
+        if not wanted:
+            return None
+        return pool.submit(self.cache_sigs.outputs, wanted, self._drvs[path].name)
+
+    def caches_answered(self, path: str, results: dict[str, CacheOutput | Refused]) -> None:
+        self._record_cache(path, results)
 
     def _cache_needs(self, path: str) -> dict[str, tuple[str, str]]:
         """The outputs of ``path`` that a consumer references and no trace verified, and
@@ -387,142 +418,3 @@ def _fewer_collections() -> Iterator[None]:
     finally:
         if gc.get_threshold()[0] == max(before[0], 50_000):
             gc.set_threshold(*before)
-
-
-class _Run:
-    """One pass of :meth:`Resolver.verify` over the steps a target's walk found, in order.
-
-    A step becomes *ready* when every input it has in this pass is *done*; a ready step is
-    planned at once; its trace keys are checked in the thread pool, or in batches in the
-    worker processes (each key once per run); when the last of its keys is in, it is
-    recorded; when the caches have been asked about what the traces left unverified (if
-    the policy trusts cache keys), it is done, and its consumers may become ready.
-    Completions come back through one queue, so only the calling thread touches the
-    trusted set. Planning goes on while checks run: no step waits for an unrelated one.
-    """
-
-    MAX_BATCH = 64  # keys per task for a worker process
-
-    def __init__(self, resolver: Resolver, order: list[str], pool: ThreadPoolExecutor,
-                 procs: CheckPool | None) -> None:
-        self.r = resolver
-        self.pool = pool
-        self.procs = procs
-        self.events: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
-        self.outstanding = 0
-        self.ready: collections.deque[str] = collections.deque()
-        self.unfinished_inputs: dict[str, int] = {}
-        self.consumers: dict[str, list[str]] = {}
-        self.plans: dict[str, list[Resolution]] = {}
-        self.missing_keys: dict[str, int] = {}
-        self.key_waiters: dict[str, list[str]] = {}
-        self.batch: list[TraceKey] = []
-        self.in_flight = 0  # batches handed to the worker processes, not yet back
-        in_run = set(order)
-        for path in order:
-            count = 0
-            for inp in resolver._drvs[path].input_drvs:
-                if inp in in_run:
-                    count += 1
-                    self.consumers.setdefault(inp, []).append(path)
-            self.unfinished_inputs[path] = count
-            if count == 0:
-                self.ready.append(path)
-
-    def drain(self) -> None:
-        while self.ready or self.outstanding or self.batch:
-            while self.ready:
-                self._start(self.ready.popleft())
-            if self.batch and (len(self.batch) >= self.MAX_BATCH
-                               or self.in_flight < 2 * self._workers()):
-                self._flush()
-            if self.outstanding:
-                self._handle(*self.events.get())
-                while not self.ready and not self.events.empty():
-                    self._handle(*self.events.get())
-
-    def _handle(self, kind: str, name: Any, fut: Future[Any]) -> None:
-        self.outstanding -= 1
-        if kind == "key":
-            self._key_in(name, fut.result())
-        elif kind == "batch":
-            self.in_flight -= 1
-            for key, packed in zip(name, fut.result(), strict=True):
-                checked, faults = unpack(packed)
-                self.r.faults.extend(faults)
-                self._key_in(key.key, checked)
-        else:
-            self.r._record_cache(name, fut.result())
-            self._done(name)
-
-    def _workers(self) -> int:
-        return self.procs.workers if self.procs is not None else 0
-
-    def _flush(self) -> None:
-        """Hand the keys planned so far to the worker processes: in batches, so that a
-        task carries enough work to pay for its trip, and enough batches to keep every
-        worker busy."""
-        assert self.procs is not None
-        keys, self.batch = self.batch, []
-        size = max(1, min(self.MAX_BATCH, -(-len(keys) // (2 * self.procs.workers))))
-        for i in range(0, len(keys), size):
-            part = keys[i:i + size]
-            self.in_flight += 1
-            self._submit("batch", part, self.procs.submit(part))
-
-    def _submit(self, kind: str, name: Any, fut: Future[Any]) -> None:
-        self.outstanding += 1
-        fut.add_done_callback(lambda f: self.events.put((kind, name, f)))
-
-    def _start(self, path: str) -> None:
-        r = self.r
-        resolutions = r._plan(path)
-        if resolutions is None:
-            self._recorded(path)
-            return
-        missing = 0
-        for res in resolutions:
-            key = res.key.key
-            if key in r._fetched:
-                continue
-            waiters = self.key_waiters.get(key)
-            if waiters is None:
-                waiters = self.key_waiters[key] = []
-                if self.procs is not None:
-                    self.batch.append(res.key)
-                else:
-                    self._submit("key", key, r._start_check(res.key, self.pool))
-            waiters.append(path)
-            missing += 1
-        if missing:
-            self.plans[path] = resolutions
-            self.missing_keys[path] = missing
-        else:
-            r._record_step(path, resolutions)
-            self._recorded(path)
-
-    def _key_in(self, key: str, checked: Checked) -> None:
-        self.r._fetched[key] = checked
-        for path in self.key_waiters.pop(key):
-            self.missing_keys[path] -= 1
-            if self.missing_keys[path] == 0:
-                del self.missing_keys[path]
-                self.r._record_step(path, self.plans.pop(path))
-                self._recorded(path)
-
-    def _recorded(self, path: str) -> None:
-        r = self.r
-        if r.cache_sigs is not None:
-            wanted = r._cache_needs(path)
-            if wanted:
-                sigs = r.cache_sigs
-                name = r._drvs[path].name
-                self._submit("cache", path, self.pool.submit(sigs.outputs, wanted, name))
-                return
-        self._done(path)
-
-    def _done(self, path: str) -> None:
-        for consumer in self.consumers.get(path, ()):
-            self.unfinished_inputs[consumer] -= 1
-            if self.unfinished_inputs[consumer] == 0:
-                self.ready.append(consumer)

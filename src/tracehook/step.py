@@ -6,13 +6,14 @@ come from (the local store's records when signing; verified claims when verifyin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
-from tracehook.aterm import Derivation
+from tracehook.aterm import Derivation, encode_drv
 from tracehook.errors import TracehookError
-from tracehook.resolve import resolve
-from tracehook.storepath import STORE_DIR, derivation_path
+from tracehook.resolve import resolve, resolved_aterm
+from tracehook.storepath import STORE_DIR, derivation_path, make_text_path
 from tracehook.trace_format import TraceKey, trace_key
 
 
@@ -39,9 +40,16 @@ def producer_is_content_addressed(drv: Derivation) -> bool:
 
 @dataclass(frozen=True)
 class Resolution:
-    rdrv: Derivation
+    """A step resolved: the resolved derivation's path and the trace key. The resolved
+    derivation itself is built only when asked for (most steps never need it)."""
+
     rdrv_path: str
     key: TraceKey
+    make_rdrv: Callable[[], Derivation] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def rdrv(self) -> Derivation:
+        return self.make_rdrv()
 
 
 def step_key(
@@ -61,6 +69,15 @@ def step_key(
         if io.nar_hash is None:
             raise MissingPin(drv_path, output, io.path)
         pins[io.path] = io.nar_hash
-    rdrv = resolve(drv, {k: v.path for k, v in inputs.items()}, store_dir)
-    rdrv_path = derivation_path(rdrv, store_dir)
-    return Resolution(rdrv, rdrv_path, trace_key(rdrv_path, drv.kind == "floating-ca", pins))
+    chosen = {k: v.path for k, v in inputs.items()}
+    fast = resolved_aterm(drv, chosen, store_dir)
+    if fast is None:
+        rdrv = resolve(drv, chosen, store_dir)
+        rdrv_path = derivation_path(rdrv, store_dir)
+        make_rdrv: Callable[[], Derivation] = lambda: rdrv  # noqa: E731
+    else:
+        text, refs = fast
+        rdrv_path = make_text_path(drv.name + ".drv", encode_drv(text), refs, store_dir)
+        make_rdrv = functools.partial(resolve, drv, chosen, store_dir)
+    return Resolution(rdrv_path, trace_key(rdrv_path, drv.kind == "floating-ca", pins),
+                      make_rdrv)

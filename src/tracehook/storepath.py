@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 
 from tracehook import nixbase32
-from tracehook.aterm import Derivation, encode_drv, serialize
+from tracehook.aterm import Derivation, encode_drv
 from tracehook.errors import ParseError
 
 STORE_DIR = "/nix/store"
@@ -25,6 +25,9 @@ MAX_NAME_LEN = 211
 _NAME_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+-._?=")
 _NAME_RE = re.compile(rf"[0-9a-zA-Z+\-._?=]{{1,{MAX_NAME_LEN}}}")
 _HASH_RE = re.compile(f"[{nixbase32.ALPHABET}]{{{HASH_CHARS}}}")
+
+
+_STORE_PREFIX = STORE_DIR + "/"
 
 
 def compress_hash(digest: bytes, size: int) -> bytes:
@@ -68,7 +71,11 @@ def make_store_path(
 
 def _make_type(type_: str, references: Iterable[str], self_reference: bool = False) -> str:
     # A StorePathSet sorts by base name; with one store dir that is the full path's order.
-    refs = sorted(set(references), key=lambda p: basename(p).encode())
+    unique = set(references)
+    if "".join(unique).isascii() and all(r.startswith(_STORE_PREFIX) for r in unique):
+        refs = sorted(unique)  # one store dir: full paths sort as their base names
+    else:
+        refs = sorted(unique, key=lambda p: basename(p).encode())
     return type_ + "".join(":" + r for r in refs) + (":self" if self_reference else "")
 
 
@@ -88,7 +95,7 @@ def derivation_path(drv: Derivation, store_dir: str = STORE_DIR, name: str | Non
     """
     refs = [*drv.input_srcs, *drv.input_drvs]
     drv_name = drv.name if name is None else name
-    return make_text_path(drv_name + ".drv", encode_drv(serialize(drv)), refs, store_dir)
+    return make_text_path(drv_name + ".drv", encode_drv(drv.aterm), refs, store_dir)
 
 
 def make_fixed_output_path(
