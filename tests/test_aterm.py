@@ -86,6 +86,9 @@ def _drv(
 def test_string_escapes(written: str, value: str) -> None:
     drv = parse(_drv(args=written))
     assert drv.args == (value,)
+    # ``aterm`` is what Nix would write: the text itself only when that is canonical.
+    assert drv.aterm == serialize(drv)
+    assert (drv.aterm == _drv(args=written)) == (written not in (r'"\a\b\x"', '"a\nb"'))
 
 
 def test_serialize_escapes_only_quoted_fields() -> None:
@@ -318,6 +321,7 @@ def test_generated_derivations_round_trip(drv: Derivation) -> None:
     parsed = parse(text)
     assert parsed == drv
     assert serialize(parsed) == text
+    assert parsed.aterm == text
     data = encode_drv(text)
     assert encode_drv(serialize(parse(decode_drv(data)))) == data
 
@@ -330,6 +334,7 @@ def _assert_parse_error_or_stable(text: str) -> None:
         assert 0 <= e.position <= len(text)
         return
     assert parse(serialize(drv)) == drv
+    assert drv.aterm == serialize(drv)  # never a non-canonical text kept as the ATerm
 
 
 @given(st.text(max_size=200) | st.text(alphabet='Derive([]),"\\/ab', max_size=200))

@@ -20,7 +20,7 @@ from nixharness import BuildResult, NixEnv, NixTier
 from tracehook import crypto, nar, narinfo, realisation
 from tracehook.aterm import encode_drv, serialize
 from tracehook.derivation_hash import DrvHash, input_addressed_paths, realisation_ids
-from tracehook.resolve import resolve
+from tracehook.resolve import resolve, resolved_aterm
 from tracehook.store import StoreReader
 from tracehook.storepath import derivation_path
 
@@ -134,6 +134,10 @@ def test_resolved_paths_equal_what_nix_printed(
                 chosen[(in_path, output)] = spec.path or recorded[ids[output]]
         rdrv = resolve(drv, chosen)
         assert derivation_path(rdrv) == expected, unresolved
+        # The verifier's shortcut (substitution in the ATerm as read) writes the same bytes.
+        fast = resolved_aterm(drv, chosen)
+        assert (fast is None) == (drv.kind == "deferred"), unresolved
+        assert fast is None or fast[0] == serialize(rdrv), unresolved
         # The resolved .drv Nix wrote is byte for byte ours.
         assert env.real(expected).read_bytes() == encode_drv(serialize(rdrv))
 

@@ -52,6 +52,7 @@ def test_drv_that_does_not_hash_to_its_path(tmp_path: Path, capsys: pytest.Captu
      "cannot read derivation"),
     ("trace-store-url", ["--policy", "{policy}", "--traces", "ftp://x"], 2, "use file:///DIR"),
     ("no-trace-store", ["--policy", "{policy}", "--no-traces"], 2, "no trace stores"),
+    ("negative-processes", ["--policy", "{policy}", "--processes", "-1"], 2, "give 0 or more"),
 ])
 def test_exit_codes(name: str, args: list[str], rc: int, text: str, tmp_path: Path,
                     capsys: pytest.CaptureFixture[str]) -> None:

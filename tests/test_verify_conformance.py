@@ -95,6 +95,22 @@ def chain_keys(gap_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {s["name"]: s["resolved_keys"][0].split(":")[1] for s in steps if s["resolved_keys"]}
 
 
+def test_checker_processes_give_the_same_report(gap_store: Path, tmp_path: Path) -> None:
+    """The stage1 target checked in two worker processes, and in threads: one JSON report."""
+    policy = write_policy(tmp_path / "p.toml", BOTH)
+    out = []
+    for processes in ("2", "0"):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = cli.main(["verify", STAGE1, "--policy", str(policy), "--store", STORE,
+                           "--traces", TRACES, "--traces", f"file://{gap_store}", "--json",
+                           "--processes", processes, "--at", "2026-01-01T00:00:00Z"])
+        assert rc == 0
+        out.append(json.loads(buf.getvalue()))
+    assert out[0] == out[1]
+    assert out[0]["verified"] is True
+
+
 def _copy_traces(tmp: Path, gap_store: Path) -> Path:
     dest = tmp / "copy"
     shutil.copytree(CONFORMANCE / "traces", dest / "traces")

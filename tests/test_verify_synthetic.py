@@ -8,6 +8,7 @@ signed with the laut test keys, and the engine (resolver + core) runs on them in
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ from tracehook.storepath import derivation_path, make_fixed_output_path, make_st
 from tracehook.trace_format import OutputClaim, sign_trace
 from tracehook.tracestore import FileTraceStore, open_store
 from tracehook.verify_report import TargetReport
-from verifyhelp import BUILDER, public_text, secret
+from verifyhelp import BUILDER, DyingStore, public_text, secret
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -33,8 +34,11 @@ def ca_path(name: str, tag: str) -> str:
 
 
 class Graph:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, processes: int = 0) -> None:
+        """``processes``: check traces in that many checker processes (from the first step)
+        instead of threads; every scenario runs both ways."""
         self.drvs: dict[str, Derivation] = {}
+        self.processes = processes
         self.tmp = tmp
         self.store = FileTraceStore(f"file://{tmp}", tmp)
         self.rebuild = 0
@@ -79,6 +83,8 @@ class Graph:
         text += f"[trust]\nrequire = {require}\n"
         policy = parse_policy(text)
         opened = [open_store(f"file://{self.tmp}") for _ in range(stores)]
+        limits = dataclasses.replace(limits or Limits(), processes=self.processes,
+                                     process_from=0)
         resolver = Resolver(policy, opened, self.load, NOW, limits)
         [report] = resolver.verify([Target(target, target)])
         return report
@@ -87,9 +93,9 @@ class Graph:
         return self.drvs[path]
 
 
-@pytest.fixture
-def g(tmp_path: Path) -> Graph:
-    return Graph(tmp_path)
+@pytest.fixture(params=[0, 2], ids=["threads", "processes"])
+def g(tmp_path: Path, request: pytest.FixtureRequest) -> Graph:
+    return Graph(tmp_path, request.param)
 
 
 BOTH = '{ all-of = ["builderA", "builderB"] }'
@@ -210,3 +216,62 @@ def test_max_depth(g: Graph) -> None:
     report = g.verify(prev, EITHER, limits=Limits(max_depth=4))
     assert not report.verified
     assert "deeper than 4" in (report.reason or "")
+
+
+@pytest.mark.parametrize("how", ["cannot-start", "dies"])
+def test_checker_processes_that_fail_hand_over_to_threads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """Checker processes that cannot be started (a store that cannot be handed to them:
+    here one defined inside a function cannot be pickled) or that die in the middle of a
+    run: the verifier logs it and checks in threads instead, with the same answer."""
+
+    class Local(FileTraceStore):
+        pass
+
+    store_type = Local if how == "cannot-start" else DyingStore
+    g = Graph(tmp_path, processes=2)
+    src = g.fod("src")
+    y = g.ca("y", {src: ("out",)})
+    x = g.ca("x", {y: ("out",)})
+    g.sign(y, {(src, "out"): g.drvs[src].outputs["out"].path}, {"out": ca_path("y", "a")},
+           "builderA", "builderB")
+    g.sign(x, {(y, "out"): ca_path("y", "a")}, {"out": ca_path("x", "a")},
+           "builderA", "builderB")
+    text = "[keys]\n" + "".join(f'{k} = "{public_text(k)}"\n' for k in ("builderA", "builderB"))
+    policy = parse_policy(text + f"[trust]\nrequire = {BOTH}\n")
+    limits = Limits(processes=2, process_from=0)
+    resolver = Resolver(policy, [store_type(f"file://{tmp_path}", tmp_path)], g.load, NOW,
+                        limits)
+    with caplog.at_level("WARNING"):
+        [report] = resolver.verify([Target(x, x)])
+    assert report.verified, report.reason
+    assert report.outputs == {"out": ca_path("x", "a")}
+    assert any("checker processes failed" in r.getMessage() for r in caplog.records)
+
+
+def test_check_batch_gives_what_the_key_ring_gives(g: Graph) -> None:
+    """What a checker process sends back, unpacked, equals checking in this process."""
+    from tracehook import checkpool
+    from tracehook.verify_core import KeyRing
+
+    src = g.fod("src")
+    y = g.ca("y", {src: ("out",)})
+    key = g.sign(y, {(src, "out"): g.drvs[src].outputs["out"].path},
+                 {"out": ca_path("y", "a")}, "builderA", "builderB")
+    g.store.append(key, ["not.a.jws"])
+    text = "[keys]\n" + f'builderA = "{public_text("builderA")}"\n'
+    policy = parse_policy(text + '[trust]\nrequire = "builderA"\n')
+    trace_key = step_key(g.drvs[y], {(src, "out"): InputOutput(
+        g.drvs[src].outputs["out"].path, True)}).key
+    checkpool._init_worker(policy, NOW, [g.store])
+    try:
+        [packed] = checkpool._check_batch([trace_key])
+    finally:
+        checkpool._worker = None
+    checked, faults = checkpool.unpack(packed)
+    direct = KeyRing(policy, NOW).check(g.store.get(key), trace_key)
+    assert checked == direct and faults == ()
+    assert [a.signer for a in checked.accepted] == ["builderA"]
+    assert {r.kind for r in checked.rejected} == {"unknown-key", "malformed"}
+    assert checked.accepted[0].claim.token.header["kid"].startswith("builderA:")

@@ -7,6 +7,7 @@ laut for tests; never copied into this repository).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,3 +85,17 @@ def run_verify(capsys: pytest.CaptureFixture[str], *args: str) -> CliResult:
     rc = cli.main(["verify", *args])
     captured = capsys.readouterr()
     return CliResult(rc, captured.out, captured.err)
+
+
+class DyingStore(FileTraceStore):
+    """A file trace store that kills any process but the one that made it when read: a
+    checker process that dies in the middle of a run."""
+
+    def __init__(self, url: str, root: Path) -> None:
+        super().__init__(url, root)
+        self.parent = os.getpid()
+
+    def get(self, key: str) -> list[str]:
+        if os.getpid() != self.parent:
+            os._exit(3)
+        return super().get(key)

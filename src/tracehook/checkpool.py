@@ -129,8 +129,12 @@ class CheckPool:
             workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(policy, now, list(stores)),
         )
-        for _ in range(workers):
-            self._pool.submit(_ready)
+        try:
+            for _ in range(workers):
+                self._pool.submit(_ready)
+        except BaseException:  # e.g. a store that cannot be handed to a process
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
     def submit(self, keys: list[TraceKey]) -> Future[list[Packed]]:
         return self._pool.submit(_check_batch, keys)

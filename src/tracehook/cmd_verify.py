@@ -57,7 +57,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--max-resolutions", type=int, default=Limits.max_resolutions,
                    metavar="N", help="cap on candidate resolutions of one step")
     p.add_argument("--jobs", type=int, default=Limits.workers, metavar="N",
-                   help="concurrent fetches and signature checks")
+                   help="concurrent fetches and signature checks (threads)")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="check traces in N worker processes instead (0: never; default: "
+                   f"one per core, for closures of {Limits.process_from} or more "
+                   "derivations)")
     p.set_defaults(func=main)
 
 
@@ -147,7 +151,9 @@ def main(args: argparse.Namespace) -> int:
     caches = [open_upstream(u) for u in args.narinfo_from or ()]
     reader = StoreReader(args.store)
     targets = [_target(t, reader, args.store) for t in args.targets]
-    limits = Limits(args.max_depth, args.max_resolutions, args.jobs)
+    if args.processes is not None and args.processes < 0:
+        raise ConfigError(f"--processes {args.processes}: give 0 or more")
+    limits = Limits(args.max_depth, args.max_resolutions, args.jobs, args.processes)
     resolver = Resolver(policy, stores, reader.read_derivation, now, limits, caches)
     reports = resolver.verify(targets)
     verified = all(r.verified for r in reports)

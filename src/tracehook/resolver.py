@@ -58,8 +58,8 @@ class Limits:
     max_resolutions: int = 256  # candidate resolutions of one step
     workers: int = 8  # threads fetching and checking traces
     # Worker processes checking traces instead (libsodium releases the GIL, JSON parsing
-    # does not): None starts one per core when a pass has at least ``process_from`` steps
-    # and there is more than one core; 0 never does.
+    # does not): None starts one per core once the walk has read ``process_from``
+    # derivations, if there is more than one core; 0 never; N > 0 starts N at once.
     processes: int | None = None
     process_from: int = 500
 
@@ -106,6 +106,7 @@ class Resolver:
         self._drv_hashes: dict[str, DrvHash] = {}
         self._deferred_paths: dict[str, dict[str, str]] = {}  # one resolution's outputs
         self._procs: CheckPool | None = None
+        self._procs_wanted = self.limits.processes != 0
 
     # ------------------------------------------------------------------------ public
 
@@ -124,15 +125,21 @@ class Resolver:
                 if self._procs is not None:
                     self._procs.close()
                     self._procs = None
+                self._procs_wanted = self.limits.processes != 0
             return [self._report(t) for t in targets]
 
     def _start_processes(self) -> CheckPool | None:
         """The checker processes, started now if the limits allow (None if not)."""
         wanted = self.limits.processes
-        if self._procs is None and wanted != 0:
+        if self._procs is None and self._procs_wanted:
+            self._procs_wanted = False  # once per run
             workers = wanted or default_workers()
             if wanted is not None or workers > 1:
-                self._procs = CheckPool(self.policy, self.now, self.stores, workers)
+                try:
+                    self._procs = CheckPool(self.policy, self.now, self.stores, workers)
+                except Exception as exc:
+                    log.warning("checker processes failed (%s); checking traces in threads",
+                                exc)
         return self._procs
 
     # ----------------------------------------------------------------------- the walk
@@ -150,7 +157,8 @@ class Resolver:
                     text = f"{drv_path}: {text}"
                 raise GraphError(drv_path, f"{text}{via}") from None
             self._drvs[drv_path] = drv
-            if len(self._drvs) == self.limits.process_from:
+            if self._procs_wanted and (len(self._drvs) >= self.limits.process_from
+                                       or self.limits.processes):
                 self._start_processes()  # while the walk goes on; the pipeline takes them up
         return drv
 
