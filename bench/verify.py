@@ -6,10 +6,11 @@ Prints, in one run: the time to verify the stage1 target of the laut conformance
 synthetic closures of 1,000 and 10,000 floating-CA build steps (written as .drv files into a
 temporary chroot-style store, each step with 1 to 5 inputs drawn from recent steps, two
 signers, traces in a file trace store) the time to verify, the cost per step, and the ratio
-to the floor: the time to only parse and check every signature of the same traces, one after
-the other, in one process; and the same floor split over two threads, as the resolver checks
-signatures in threads (``cryptography`` holds the GIL while it verifies, so this is barely
-lower). Keys: the laut test keys, read in place.
+to the floor: the time to only parse and check every signature of the same traces, one
+after the other, in one process; and the same floor split over two threads (libsodium
+releases the GIL while it verifies, parsing does not). The verifier itself runs as
+``tracehook verify`` does: checker processes (one per core) for closures this large.
+Keys: the laut test keys, read in place.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ let
       "AF_INET"
       "AF_INET6"
     ];
-    # MemoryDenyWriteExecute is left off: cffi callbacks (used by cryptography) may need
+    # MemoryDenyWriteExecute is left off: cffi (used by PyNaCl) may need
     # writable executable memory on older libffi.
   };
 in

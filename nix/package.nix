@@ -31,7 +31,7 @@ python3Packages.buildPythonApplication {
   build-system = [ python3Packages.setuptools ];
 
   dependencies = [
-    python3Packages.cryptography
+    python3Packages.pynacl
   ] ++ lib.optionals (python3Packages.pythonOlder "3.11") [ python3Packages.tomli ];
 
   makeWrapperArgs = [

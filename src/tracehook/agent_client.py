@@ -1,6 +1,6 @@
 """The post-build hook's fast path: hand the build to a running signing agent, or sign here.
 
-Starting Python and importing the signer (``cryptography``, sqlite3, the Nix data model)
+Starting Python and importing the signer (PyNaCl, sqlite3, the Nix data model)
 costs far more than signing itself, and Nix waits for the hook after every build. So the
 hook first tries the signing agent (``tracehook publish --daemon`` runs one; see
 :mod:`tracehook.agent`) on a Unix socket: this module imports nothing but the C socket
