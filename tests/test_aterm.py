@@ -360,3 +360,12 @@ def test_mutations_of_a_real_drv_raise_only_parse_error(pos: int, op: str, chunk
     else:
         text = SAMPLE[:pos] + SAMPLE[pos : pos + 20] + SAMPLE[pos:]
     _assert_parse_error_or_stable(text)
+
+
+def test_escape_in_a_field_written_as_is_is_not_kept_as_the_aterm() -> None:
+    """Found by the mutation test: the platform (like outputs, inputs and sources) is
+    written without escapes, so text with ``\\n`` there is not what Nix writes back."""
+    text = SAMPLE.replace('"x86_64-linux"', '"x86_64-l\\nux"', 1)
+    drv = parse(text)
+    assert drv.aterm == serialize(drv) != text
+    assert parse(SAMPLE).aterm == SAMPLE

@@ -303,9 +303,10 @@ def parse(text: str, what: str = "derivation") -> Derivation:
     read again by :func:`_parse_checked`, which says what is wrong and where.
     """
     if text.isascii() or _is_encodable(text):
-        drv = _parse_fast(text)
-        if drv is not None:
-            if _canonical(text):
+        fast = _parse_fast(text)
+        if fast is not None:
+            drv, quoted_from = fast
+            if "\\" not in text[:quoted_from] and _canonical(text[quoted_from:]):
                 drv.__dict__["aterm"] = text  # seed the cached property: serialize(drv) == text
             return drv
     return _parse_checked(text, what)
@@ -315,10 +316,12 @@ _ESCAPE_PAIR = re.compile(r"\\(.)", re.S)
 
 
 def _canonical(text: str) -> bool:
-    """Whether :func:`serialize` gives back exactly ``text`` for what the fast parser read
-    from it. That parser accepts only sorted, duplicate-free ``Derive(`` text, so what
-    remains is how strings are written: Nix escapes newline, carriage return and tab, and
-    writes no escapes but these three, ``\\"`` and ``\\\\``."""
+    """Whether the quoted fields (builder, args, env) in ``text`` are written as
+    :func:`serialize` writes them. The fast parser accepts only sorted, duplicate-free
+    ``Derive(`` text, and the fields before the builder are written as they are (so
+    with no backslash at all, which the caller checks); what remains is how quoted strings
+    are written: Nix escapes newline, carriage return and tab, and writes no escapes but
+    these three, ``\\"`` and ``\\\\``."""
     if "\n" in text or "\r" in text or "\t" in text:
         return False
     if "\\" not in text:
@@ -499,7 +502,8 @@ def _fast_string(text: str, pos: int) -> tuple[str, int]:
     return ("", -1) if m is None else (_unescape(m[1]), m.end())
 
 
-def _parse_fast(text: str) -> Derivation | None:
+def _parse_fast(text: str) -> tuple[Derivation, int] | None:
+    """The derivation, and where its first quoted field (the builder) starts."""
     if not text.startswith("Derive("):
         return None
     raw_outputs, pos = _fast_list(text, 7, _OUTPUT)
@@ -541,6 +545,7 @@ def _parse_fast(text: str) -> Derivation | None:
     platform, pos = _fast_string(text, pos + 1)
     if pos < 0 or not text.startswith(",", pos) or _UNWRITABLE.search(platform):
         return None
+    quoted_from = pos + 1
     builder, pos = _fast_string(text, pos + 1)
     if pos < 0 or not text.startswith(",", pos):
         return None
@@ -565,7 +570,7 @@ def _parse_fast(text: str) -> Derivation | None:
         builder=builder,
         args=tuple(_unescape(m[1]) for m in raw_args),
         env=env,
-    )
+    ), quoted_from
 
 
 def _check_path_at(p: _Parser, path: str, pos: int) -> None:
