@@ -24,7 +24,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from tracehook.errors import ParseError
 
@@ -305,14 +305,27 @@ def parse(text: str, what: str = "derivation") -> Derivation:
     if text.isascii() or _is_encodable(text):
         fast = _parse_fast(text)
         if fast is not None:
-            drv, quoted_from = fast
-            if "\\" not in text[:quoted_from] and _canonical(text[quoted_from:]):
+            drv, cuts = fast
+            if "\\" not in text[:cuts.quoted_from] and _canonical(text[cuts.quoted_from:]):
                 drv.__dict__["aterm"] = text  # seed the cached property: serialize(drv) == text
+                drv.__dict__["_cuts"] = cuts
             return drv
     return _parse_checked(text, what)
 
 
 _ESCAPE_PAIR = re.compile(r"\\(.)", re.S)
+
+
+def aterm_parts(drv: Derivation) -> tuple[str, str, str] | None:
+    """For a derivation whose :attr:`~Derivation.aterm` is the text it was parsed from:
+    that text cut around its inputs and sources, ``("Derive([outputs]", '"platform",',
+    "builder, args and env)")``; None for any other derivation."""
+    cuts: _Cuts | None = drv.__dict__.get("_cuts")
+    if cuts is None:
+        return None
+    text = drv.aterm
+    return (text[:cuts.outputs_end], text[cuts.platform_from:cuts.quoted_from],
+            text[cuts.quoted_from:])
 
 
 def _canonical(text: str) -> bool:
@@ -502,13 +515,22 @@ def _fast_string(text: str, pos: int) -> tuple[str, int]:
     return ("", -1) if m is None else (_unescape(m[1]), m.end())
 
 
-def _parse_fast(text: str) -> tuple[Derivation, int] | None:
-    """The derivation, and where its first quoted field (the builder) starts."""
+class _Cuts(NamedTuple):
+    """Where the parts of a derivation's ATerm are: the end of the outputs list, the start
+    of the platform, the start of the builder (the first field written with escapes)."""
+
+    outputs_end: int
+    platform_from: int
+    quoted_from: int
+
+
+def _parse_fast(text: str) -> tuple[Derivation, _Cuts] | None:
     if not text.startswith("Derive("):
         return None
     raw_outputs, pos = _fast_list(text, 7, _OUTPUT)
     if pos < 0 or not text.startswith(",", pos):
         return None
+    outputs_end = pos
     outputs: dict[str, DerivationOutput] = {}
     for m in raw_outputs:
         name, path, algo, hash_ = map(_unescape, m.groups())
@@ -542,7 +564,8 @@ def _parse_fast(text: str) -> tuple[Derivation, int] | None:
         return None
     if not all(_writable_path(src) for src in srcs):
         return None
-    platform, pos = _fast_string(text, pos + 1)
+    platform_from = pos + 1
+    platform, pos = _fast_string(text, platform_from)
     if pos < 0 or not text.startswith(",", pos) or _UNWRITABLE.search(platform):
         return None
     quoted_from = pos + 1
@@ -570,7 +593,7 @@ def _parse_fast(text: str) -> tuple[Derivation, int] | None:
         builder=builder,
         args=tuple(_unescape(m[1]) for m in raw_args),
         env=env,
-    ), quoted_from
+    ), _Cuts(outputs_end, platform_from, quoted_from)
 
 
 def _check_path_at(p: _Parser, path: str, pos: int) -> None:

@@ -12,14 +12,21 @@ parsed again only if a report asks for it.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime as dt
 import gc
 import logging
 import multiprocessing
 import os
+import pickle
+import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, Future
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext
+from typing import Any
 
 from tracehook.errors import EnvironmentFault, ParseError
 from tracehook.policy import Policy
@@ -76,6 +83,7 @@ _Plain = tuple[str, KeyKind, str, str, str, tuple[tuple[str, str, bytes], ...]]
 Packed = tuple[tuple[_Plain, ...], tuple[Rejected, ...], int, tuple[StoreFault, ...]]
 
 _worker: tuple[KeyRing, list[TraceStore]] | None = None
+KeyTuple = tuple[KeyKind, str, str, tuple[tuple[str, bytes], ...]]  # a TraceKey's fields
 
 
 def _init_worker(policy: Policy, now: dt.datetime, stores: list[TraceStore]) -> None:
@@ -84,11 +92,7 @@ def _init_worker(policy: Policy, now: dt.datetime, stores: list[TraceStore]) -> 
     gc.freeze()  # what the worker holds from here on lives as long as it does
 
 
-def _ready() -> int:
-    return os.getpid()
-
-
-def _check_batch(keys: list[TraceKey]) -> list[Packed]:
+def _check_batch(keys: Sequence[TraceKey]) -> list[Packed]:
     assert _worker is not None, "worker not initialised"
     ring, stores = _worker
     out: list[Packed] = []
@@ -104,6 +108,23 @@ def _check_batch(keys: list[TraceKey]) -> list[Packed]:
     return out
 
 
+def _serve(conn: Connection, policy: Policy, now: dt.datetime,
+           stores: list[TraceStore]) -> None:
+    """A checker process: batches of keys in, packed results out, until an empty message
+    or the pipe closes."""
+    _init_worker(policy, now, stores)
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if not message:
+            return
+        keys: list[KeyTuple] = pickle.loads(message)
+        result = _check_batch([TraceKey(*k) for k in keys])
+        conn.send_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def unpack(packed: Packed) -> tuple[Checked, tuple[StoreFault, ...]]:
     plain, rejected, seen, faults = packed
     accepted = tuple(
@@ -114,33 +135,108 @@ def unpack(packed: Packed) -> tuple[Checked, tuple[StoreFault, ...]]:
     return Checked(accepted, rejected, seen), faults
 
 
+class WorkerLost(BrokenExecutor):
+    """A checker process died, or its pipe broke."""
+
+
+class _Worker:
+    """One checker process, its pipe, and the batches it has not answered (in order)."""
+
+    def __init__(self, ctx: SpawnContext, args: tuple[Any, ...]) -> None:
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_serve, args=(child, *args), daemon=True,
+                                   name="tracehook-checker")
+        try:
+            self.process.start()
+        except BaseException:
+            self.conn.close()
+            raise
+        finally:
+            child.close()
+        self.pending: collections.deque[Future[list[Packed]]] = collections.deque()
+        self.lock = threading.Lock()
+        self.lost: BaseException | None = None
+        self.reader = threading.Thread(target=self._read, name="tracehook-checker-reader",
+                                       daemon=True)
+        self.reader.start()
+
+    def submit(self, keys: Sequence[TraceKey]) -> Future[list[Packed]]:
+        fut: Future[list[Packed]] = Future()
+        message = pickle.dumps([(k.kind, k.key, k.rdrv_path, k.pins) for k in keys],
+                               protocol=pickle.HIGHEST_PROTOCOL)
+        with self.lock:
+            if self.lost is not None:
+                fut.set_exception(WorkerLost(str(self.lost)))
+                return fut
+            self.pending.append(fut)
+            try:
+                self.conn.send_bytes(message)
+            except OSError as exc:
+                self.pending.pop()
+                fut.set_exception(WorkerLost(f"checker process pipe: {exc}"))
+        return fut
+
+    def _read(self) -> None:
+        """Runs in a thread: answers come back in the order the batches went out."""
+        while True:
+            try:
+                data = self.conn.recv_bytes()
+            except (EOFError, OSError) as exc:
+                self._lose(exc)
+                return
+            with self.lock:
+                fut = self.pending.popleft() if self.pending else None
+            if fut is not None:
+                fut.set_result(pickle.loads(data))
+
+    def _lose(self, exc: BaseException) -> None:
+        with self.lock:
+            self.lost = exc
+            pending, self.pending = list(self.pending), collections.deque()
+        for fut in pending:
+            fut.set_exception(WorkerLost(f"checker process {self.process.pid} exited "
+                                         f"(code {self.process.exitcode}): {exc!r}"))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send_bytes(b"")
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+        self.reader.join(timeout=5)
+
+
 class CheckPool:
     """Worker processes that fetch and check batches of trace keys.
 
-    Started with ``spawn`` (a fresh interpreter: safe beside the caller's threads); the
-    workers are started at once, so their start overlaps with the caller's walk.
+    Started with ``spawn`` (a fresh interpreter: safe beside the caller's threads), each
+    with a pipe of its own: a batch is one message each way, read back by one thread per
+    worker. A batch goes to the worker with the fewest unanswered batches.
     """
 
     def __init__(self, policy: Policy, now: dt.datetime, stores: Sequence[TraceStore],
                  workers: int) -> None:
         self.workers = workers
-        self.broken = False  # set when a task found the pool broken
-        self._pool = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(policy, now, list(stores)),
-        )
+        self.broken = False  # set when a batch found a worker gone
+        ctx = multiprocessing.get_context("spawn")
+        self._procs: list[_Worker] = []
         try:
             for _ in range(workers):
-                self._pool.submit(_ready)
+                self._procs.append(_Worker(ctx, (policy, now, list(stores))))
         except BaseException:  # e.g. a store that cannot be handed to a process
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.close()
             raise
 
-    def submit(self, keys: list[TraceKey]) -> Future[list[Packed]]:
-        return self._pool.submit(_check_batch, keys)
+    def submit(self, keys: Sequence[TraceKey]) -> Future[list[Packed]]:
+        worker = min(self._procs, key=lambda w: len(w.pending))
+        return worker.submit(keys)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for worker in self._procs:
+            worker.close()
+        self._procs = []
 
 
 def default_workers() -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -76,9 +76,6 @@ class Pipeline:
         self.missing_keys: dict[str, int] = {}
         self.key_waiters: dict[str, list[str]] = {}
         self.batch: list[TraceKey] = []
-        self._handlers: Mapping[str, Callable[[Any, Future[Any]], None]] = {
-            "key": self._one_in, "batch": self._batch_in, "cache": self._cache_in,
-        }
 
     # --------------------------------------------------------------------- feeding
 
@@ -128,7 +125,7 @@ class Pipeline:
         process busy."""
         assert self.procs is not None
         keys, self.batch = self.batch, []
-        size = max(1, min(self.MAX_BATCH, -(-len(keys) // (2 * self.procs.workers))))
+        size = max(self.MIN_BATCH, min(self.MAX_BATCH, -(-len(keys) // self.procs.workers)))
         for i in range(0, len(keys), size):
             part = keys[i:i + size]
             self.in_flight += 1
@@ -140,7 +137,12 @@ class Pipeline:
 
     def _handle(self, kind: str, name: Any, fut: Future[Any]) -> None:
         self.outstanding -= 1
-        self._handlers[kind](name, fut)
+        if kind == "key":
+            self._one_in(name, fut)
+        elif kind == "batch":
+            self._batch_in(name, fut)
+        else:
+            self._cache_in(name, fut)
 
     def _one_in(self, key: str, fut: Future[Checked]) -> None:
         self._key_in(key, fut.result())

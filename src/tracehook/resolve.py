@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from tracehook.aterm import Derivation, DerivationOutput
+from tracehook.aterm import Derivation, DerivationOutput, aterm_parts
 from tracehook.derivation_hash import hash_derivation_modulo
 from tracehook.errors import TracehookError
 from tracehook.storepath import (
     STORE_DIR,
     derivation_path,
     hash_part,
+    is_store_path,
     make_output_path,
     parse_store_path,
     upstream_placeholder,
@@ -140,26 +141,33 @@ def resolved_aterm(
     """
     if drv.kind not in ("floating-ca", "input-addressed"):
         return None
-    text = drv.aterm
-    prefix = "".join((
-        "Derive([",
-        ",".join(f'("{n}","{o.path}","{o.hash_algo}","{o.hash}")'
-                 for n in _sorted_keys(list(drv.outputs)) for o in (drv.outputs[n],)),
-        "],[",
-        ",".join(f'("{p}",[{_quote_all(_sorted_keys(list(drv.input_drvs[p])))}])'
-                 for p in _sorted_keys(list(drv.input_drvs))),
-        "],[", _quote_all(_sorted_keys(list(drv.input_srcs))), "],",
-    ))
-    if not text.startswith(prefix):
-        return None
-    tail = text[len(prefix):]
+    parts = aterm_parts(drv)
+    if parts is None:  # not parsed from canonical text: cut the serialization
+        text = drv.aterm
+        head = "Derive([" + ",".join(
+            f'("{n}","{o.path}","{o.hash_algo}","{o.hash}")'
+            for n in _sorted_keys(list(drv.outputs)) for o in (drv.outputs[n],)) + "]"
+        middle = "".join((
+            ",[", ",".join(f'("{p}",[{_quote_all(_sorted_keys(list(drv.input_drvs[p])))}])'
+                           for p in _sorted_keys(list(drv.input_drvs))),
+            "],[", _quote_all(_sorted_keys(list(drv.input_srcs))), "],",
+        ))
+        if not text.startswith(head + middle):
+            return None
+        rest = text[len(head) + len(middle):]
+        platform = _quoted_platform(drv.platform)
+        if not rest.startswith(platform):
+            return None
+        parts = (head, platform, rest[len(platform):])
+    head, platform, tail = parts
     srcs = set(drv.input_srcs)
     for drv_path, names in drv.input_drvs.items():
         for output in names:
             path = chosen.get((drv_path, output))
             if path is None:
                 raise UnresolvedInput(drv_path, output)
-            parse_store_path(path, store_dir)
+            if not is_store_path(path, store_dir):
+                parse_store_path(path, store_dir)  # raises, saying what is wrong
             srcs.add(path)
             placeholder = upstream_placeholder(drv_path, output)
             if placeholder in tail:
@@ -167,7 +175,11 @@ def resolved_aterm(
                     return None
                 tail = tail.replace(placeholder, path)
     refs = _sorted_keys(list(srcs))
-    return f"Derive({prefix[7:prefix.index('],[') + 1]},[],[{_quote_all(refs)}],{tail}", refs
+    return f"{head},[],[{_quote_all(refs)}],{platform}{tail}", refs
+
+
+def _quoted_platform(platform: str) -> str:
+    return f'"{platform}",'
 
 
 def _quote_all(items: list[str]) -> str:

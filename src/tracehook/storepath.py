@@ -28,6 +28,10 @@ _HASH_RE = re.compile(f"[{nixbase32.ALPHABET}]{{{HASH_CHARS}}}")
 
 
 _STORE_PREFIX = STORE_DIR + "/"
+_DEFAULT_STORE_PATH_RE = re.compile(
+    f"{re.escape(_STORE_PREFIX)}[{nixbase32.ALPHABET}]{{{HASH_CHARS}}}-"
+    f"(?!\\.)[0-9a-zA-Z+\\-._?=]{{1,{MAX_NAME_LEN}}}"
+)
 
 
 def compress_hash(digest: bytes, size: int) -> bytes:
@@ -165,6 +169,18 @@ def upstream_placeholder(drv_path: str, output: str) -> str:
     return "/" + nixbase32.encode(hashlib.sha256(clear.encode()).digest())
 
 
+def is_store_path(path: str, store_dir: str = STORE_DIR) -> bool:
+    """Whether :func:`parse_store_path` accepts ``path`` (in the default store, usually
+    one regular expression)."""
+    if store_dir == STORE_DIR and _DEFAULT_STORE_PATH_RE.fullmatch(path):
+        return True
+    try:
+        parse_store_path(path, store_dir)
+    except ParseError:
+        return False
+    return True
+
+
 def parse_store_path(path: str, store_dir: str = STORE_DIR) -> tuple[str, str]:
     """Split a store path into ``(hash_part, name)``; ParseError if it is not one."""
     what = "store path"
@@ -190,14 +206,6 @@ def parse_store_path(path: str, store_dir: str = STORE_DIR) -> tuple[str, str]:
         pos = offset + HASH_CHARS + 1 + (e.position or 0)
         raise ParseError(what, e.message, pos) from None
     return hash_part, name
-
-
-def is_store_path(path: str, store_dir: str = STORE_DIR) -> bool:
-    try:
-        parse_store_path(path, store_dir)
-    except ParseError:
-        return False
-    return True
 
 
 def basename(path: str) -> str:
