@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import json
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from tracehook.storepath import derivation_path, make_fixed_output_path, make_st
 from tracehook.trace_format import OutputClaim, sign_trace
 from tracehook.tracestore import FileTraceStore, open_store
 from tracehook.verify_report import TargetReport
-from verifyhelp import BUILDER, DyingStore, public_text, secret
+from verifyhelp import BUILDER, DyingStore, SlowStore, public_text, secret
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -275,3 +277,34 @@ def test_check_batch_gives_what_the_key_ring_gives(g: Graph) -> None:
     assert [a.signer for a in checked.accepted] == ["builderA"]
     assert {r.kind for r in checked.rejected} == {"unknown-key", "malformed"}
     assert checked.accepted[0].claim.token.header["kid"].startswith("builderA:")
+
+
+def test_checker_that_falls_behind_does_not_stall_the_run(tmp_path: Path) -> None:
+    """900 steps planned at once for one slow checker process: more batches than its pipe
+    holds queue up (the resolver blocks sending, the worker keeps answering), and every
+    step is checked."""
+    g = Graph(tmp_path, processes=1)
+    src = g.fod("src")
+    used = {(src, "out"): g.drvs[src].outputs["out"].path}
+    steps = [g.ca(f"s{i}", {src: ("out",)}) for i in range(900)]
+    tokens: dict[str, list[str]] = {}
+    for i, step in enumerate(steps):
+        res = step_key(g.drvs[step], {k: InputOutput(p, True) for k, p in used.items()})
+        claim = {"out": OutputClaim(ca_path(f"s{i}", "a"), hashlib.sha256(b"x").digest())}
+        tokens[res.key.key] = [sign_trace(secret("builderA"), res.key, claim, BUILDER, f"s{i}")]
+    (tmp_path / "traces").mkdir(exist_ok=True)
+    for key, toks in tokens.items():
+        (tmp_path / "traces" / key).write_text(json.dumps({"signatures": toks}))
+    top = g.ca("top", {s: ("out",) for s in steps})
+    text = f'[keys]\nbuilderA = "{public_text("builderA")}"\n[trust]\nrequire = "builderA"\n'
+    resolver = Resolver(parse_policy(text), [SlowStore(f"file://{tmp_path}", tmp_path)], g.load,
+                        NOW, Limits(processes=1))
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the run stalled"))
+    signal.alarm(120)
+    try:
+        [report] = resolver.verify([Target(top, top)])
+    finally:
+        signal.alarm(0)
+    assert not report.verified  # top itself is not signed; every input is
+    assert report.reason is not None and "no trace for resolved step" in report.reason
+    assert sum(1 for s in report.steps if s.outcome == "verified") == 900

@@ -169,10 +169,16 @@ class _Worker:
                 fut.set_exception(WorkerLost(str(self.lost)))
                 return fut
             self.pending.append(fut)
-            try:
-                self.conn.send_bytes(message)
-            except OSError as exc:
-                self.pending.pop()
+        # Sent without holding the lock: a full pipe blocks this thread only, while the
+        # reader goes on taking answers (so the worker can go on to the next batch).
+        try:
+            self.conn.send_bytes(message)
+        except OSError as exc:
+            with self.lock:
+                unsent = fut in self.pending
+                if unsent:
+                    self.pending.remove(fut)
+            if unsent:
                 fut.set_exception(WorkerLost(f"checker process pipe: {exc}"))
         return fut
 
