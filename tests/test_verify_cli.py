@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,19 @@ def _args(policy: Path, store: str, *extra: str) -> list[str]:
             "--traces", f"file://{CONFORMANCE}", *extra]
 
 
-def test_malformed_drv_deep_in_the_graph(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                          ) -> None:
+def _store_with_tools(tmp_path: Path, edit: Callable[[str], str]) -> Path:
+    """A copy of the conformance store with bootstrap-tools.drv (deep in the graph) edited."""
     root = tmp_path / "root"
     shutil.copytree(CONFORMANCE / "store", root)
     bad = root / TOOLS.lstrip("/")
     bad.chmod(0o644)
-    bad.write_text('Derive([("out","","r:sha256","")],[garbage')
+    bad.write_text(edit(bad.read_text()))
+    return root
+
+
+def test_malformed_drv_deep_in_the_graph(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    root = _store_with_tools(tmp_path, lambda _: 'Derive([("out","","r:sha256","")],[garbage')
     res = run_verify(capsys, *_args(write_policy(tmp_path / "p.toml", BOTH), str(root)))
     assert res.rc == 1
     assert "malformed derivation" in res.out and "bootstrap-tools.drv" in res.out
@@ -34,11 +41,8 @@ def test_malformed_drv_deep_in_the_graph(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_drv_that_does_not_hash_to_its_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                             ) -> None:
-    root = tmp_path / "root"
-    shutil.copytree(CONFORMANCE / "store", root)
-    bad = root / TOOLS.lstrip("/")
-    bad.chmod(0o644)
-    bad.write_text(bad.read_text().replace("bootstrap-tools", "bootstrap-tooLs", 1))
+    root = _store_with_tools(
+        tmp_path, lambda text: text.replace("bootstrap-tools", "bootstrap-tooLs", 1))
     res = run_verify(capsys, *_args(write_policy(tmp_path / "p.toml", BOTH), str(root)))
     assert res.rc == 1
     assert "not to its path" in res.out

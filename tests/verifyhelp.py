@@ -88,29 +88,32 @@ def run_verify(capsys: pytest.CaptureFixture[str], *args: str) -> CliResult:
     return CliResult(rc, captured.out, captured.err)
 
 
-class DyingStore(FileTraceStore):
-    """A file trace store that kills any process but the one that made it when read: a
-    checker process that dies in the middle of a run."""
+class ChildStore(FileTraceStore):
+    """A file trace store that reads differently in any process but the one that made it
+    (a checker process): ``in_child`` says what it does there first."""
 
     def __init__(self, url: str, root: Path) -> None:
         super().__init__(url, root)
         self.parent = os.getpid()
 
-    def get(self, key: str) -> list[str]:
-        if os.getpid() != self.parent:
-            os._exit(3)
-        return super().get(key)
-
-
-class SlowStore(FileTraceStore):
-    """A file trace store that takes a millisecond per read in any process but the one
-    that made it: checker processes that fall behind the resolver."""
-
-    def __init__(self, url: str, root: Path) -> None:
-        super().__init__(url, root)
-        self.parent = os.getpid()
+    def in_child(self) -> None:
+        raise NotImplementedError
 
     def get(self, key: str) -> list[str]:
         if os.getpid() != self.parent:
-            time.sleep(0.001)
+            self.in_child()
         return super().get(key)
+
+
+class DyingStore(ChildStore):
+    """Kills the checker process that reads it: one that dies in the middle of a run."""
+
+    def in_child(self) -> None:
+        os._exit(3)
+
+
+class SlowStore(ChildStore):
+    """Takes a millisecond per read in a checker process: checkers that fall behind."""
+
+    def in_child(self) -> None:
+        time.sleep(0.001)

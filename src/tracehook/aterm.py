@@ -317,13 +317,16 @@ _ESCAPE_PAIR = re.compile(r"\\(.)", re.S)
 
 
 def aterm_parts(drv: Derivation) -> tuple[str, str, str] | None:
-    """For a derivation whose :attr:`~Derivation.aterm` is the text it was parsed from:
-    that text cut around its inputs and sources, ``("Derive([outputs]", '"platform",',
-    "builder, args and env)")``; None for any other derivation."""
+    """The derivation's :attr:`~Derivation.aterm` cut around its inputs and sources:
+    ``("Derive([outputs]", '"platform",', "builder, args and env)")``; None where the fast
+    reader does not take that text (it then needs the long way)."""
     cuts: _Cuts | None = drv.__dict__.get("_cuts")
-    if cuts is None:
-        return None
     text = drv.aterm
+    if cuts is None:  # not parsed from this text: find the cuts in the serialization
+        fast = _parse_fast(text)
+        if fast is None:
+            return None
+        cuts = drv.__dict__["_cuts"] = fast[1]
     return (text[:cuts.outputs_end], text[cuts.platform_from:cuts.quoted_from],
             text[cuts.quoted_from:])
 
@@ -619,7 +622,7 @@ def _quoted(s: str) -> str:
 _NEEDS_ESCAPE = re.compile(r'["\\\n\r\t]')
 
 
-def _strings(items: list[str]) -> str:
+def quote_list(items: list[str]) -> str:
     """``"a","b"`` (unescaped), or nothing for no items."""
     return '"' + '","'.join(items) + '"' if items else ""
 
@@ -654,14 +657,14 @@ def serialize_modulo(
         for o in (outputs[name],)
     )
     inputs = drv.input_drvs if actual_inputs is None else actual_inputs
-    entries = ",".join(f'("{key}",[{_strings(_sorted(inputs[key]))}])' for key in _sorted(inputs))
+    entries = ",".join(f'("{key}",[{quote_list(_sorted(inputs[key]))}])' for key in _sorted(inputs))
     env = drv.env
     pairs = ",".join(
         f"({_quoted(key)},{_quoted('' if mask_outputs and key in outputs else env[key])})"
         for key in _sorted(env)
     )
     return "".join((
-        "Derive([", outs, "],[", entries, "],[", _strings(_sorted(drv.input_srcs)),
+        "Derive([", outs, "],[", entries, "],[", quote_list(_sorted(drv.input_srcs)),
         "],", _unquoted(drv.platform), ",", _quoted(drv.builder), ",[",
         ",".join([_quoted(a) for a in drv.args]), "],[", pairs, "])",
     ))

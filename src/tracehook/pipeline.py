@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
-from collections.abc import Sequence
+from collections.abc import Iterable
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -35,10 +35,11 @@ class Steps(Protocol):
 
     faults: list[StoreFault]
 
-    def inputs(self, path: str) -> Sequence[str]: ...
+    def inputs(self, path: str) -> Iterable[str]: ...
 
     def processes(self) -> CheckPool | None:
-        """The checker processes, once started (the walk may start them midway)."""
+        """The checker processes, once started (the walk may start them midway) and while
+        none has failed."""
 
     def plan(self, path: str) -> list[Resolution] | None: ...
 
@@ -187,8 +188,6 @@ class Pipeline:
                 waiters = self.key_waiters[key] = []
                 if self.procs is None:
                     self.procs = steps.processes()
-                    if self.procs is not None and self.procs.broken:
-                        self.procs = None
                 if self.procs is not None:
                     self.batch.append(res.key)
                 else:

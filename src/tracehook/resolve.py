@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from tracehook.aterm import Derivation, DerivationOutput, aterm_parts
+from tracehook.aterm import Derivation, DerivationOutput, aterm_parts, quote_list
 from tracehook.derivation_hash import hash_derivation_modulo
 from tracehook.errors import TracehookError
 from tracehook.storepath import (
@@ -76,14 +76,9 @@ def resolve(
     """
     placeholders: dict[str, str] = {}
     srcs = set(drv.input_srcs)
-    for drv_path, names in drv.input_drvs.items():
-        for output in names:
-            path = chosen.get((drv_path, output))
-            if path is None:
-                raise UnresolvedInput(drv_path, output)
-            parse_store_path(path, store_dir)
-            placeholders.setdefault(upstream_placeholder(drv_path, output), path)
-            srcs.add(path)
+    for placeholder, path in _chosen_inputs(drv, chosen, store_dir):
+        placeholders.setdefault(placeholder, path)
+        srcs.add(path)
     rewrites = [(old, placeholders[old]) for old in _sorted_keys(list(placeholders))]
 
     env: dict[str, str] = {}
@@ -142,25 +137,27 @@ def resolved_aterm(
     if drv.kind not in ("floating-ca", "input-addressed"):
         return None
     parts = aterm_parts(drv)
-    if parts is None:  # not parsed from canonical text: cut the serialization
-        text = drv.aterm
-        head = "Derive([" + ",".join(
-            f'("{n}","{o.path}","{o.hash_algo}","{o.hash}")'
-            for n in _sorted_keys(list(drv.outputs)) for o in (drv.outputs[n],)) + "]"
-        middle = "".join((
-            ",[", ",".join(f'("{p}",[{_quote_all(_sorted_keys(list(drv.input_drvs[p])))}])'
-                           for p in _sorted_keys(list(drv.input_drvs))),
-            "],[", _quote_all(_sorted_keys(list(drv.input_srcs))), "],",
-        ))
-        if not text.startswith(head + middle):
-            return None
-        rest = text[len(head) + len(middle):]
-        platform = _quoted_platform(drv.platform)
-        if not rest.startswith(platform):
-            return None
-        parts = (head, platform, rest[len(platform):])
+    if parts is None:
+        return None
     head, platform, tail = parts
     srcs = set(drv.input_srcs)
+    for placeholder, path in _chosen_inputs(drv, chosen, store_dir):
+        srcs.add(path)
+        if placeholder in tail:
+            if any(placeholder in key for key in drv.env):
+                return None
+            tail = tail.replace(placeholder, path)
+    refs = _sorted_keys(list(srcs))
+    return f"{head},[],[{quote_list(refs)}],{platform}{tail}", refs
+
+
+def _chosen_inputs(
+    drv: Derivation, chosen: Chosen, store_dir: str
+) -> list[tuple[str, str]]:
+    """``(placeholder, chosen path)`` for every input output ``drv`` references; raises
+    UnresolvedInput when one has no chosen path, ParseError when a path is not a store
+    path."""
+    found = []
     for drv_path, names in drv.input_drvs.items():
         for output in names:
             path = chosen.get((drv_path, output))
@@ -168,19 +165,5 @@ def resolved_aterm(
                 raise UnresolvedInput(drv_path, output)
             if not is_store_path(path, store_dir):
                 parse_store_path(path, store_dir)  # raises, saying what is wrong
-            srcs.add(path)
-            placeholder = upstream_placeholder(drv_path, output)
-            if placeholder in tail:
-                if any(placeholder in key for key in drv.env):
-                    return None
-                tail = tail.replace(placeholder, path)
-    refs = _sorted_keys(list(srcs))
-    return f"{head},[],[{_quote_all(refs)}],{platform}{tail}", refs
-
-
-def _quoted_platform(platform: str) -> str:
-    return f'"{platform}",'
-
-
-def _quote_all(items: list[str]) -> str:
-    return '"' + '","'.join(items) + '"' if items else ""
+            found.append((upstream_placeholder(drv_path, output), path))
+    return found

@@ -21,7 +21,7 @@ import datetime as dt
 import gc
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -213,26 +213,17 @@ class Resolver:
 
     # -------------------------------------------------- what the pipeline asks of us
 
-    def inputs(self, path: str) -> Sequence[str]:
-        return list(self._drvs[path].input_drvs)
+    def inputs(self, path: str) -> Iterable[str]:
+        return self._drvs[path].input_drvs
 
     def processes(self) -> CheckPool | None:
-        return self._procs
-
-    def plan(self, path: str) -> list[Resolution] | None:
-        return self._plan(path)
+        return None if self._procs is None or self._procs.broken else self._procs
 
     def checked(self, key: str) -> Checked | None:
         return self._fetched.get(key)
 
     def key_in(self, key: str, checked: Checked) -> None:
         self._fetched[key] = checked
-
-    def check_in_thread(self, key: TraceKey, pool: ThreadPoolExecutor) -> Future[Checked]:
-        return self._start_check(key, pool)
-
-    def record(self, path: str, resolutions: list[Resolution]) -> None:
-        self._record_step(path, resolutions)
 
     def ask_caches(self, path: str, pool: ThreadPoolExecutor
                    ) -> Future[dict[str, CacheOutput | Refused]] | None:
@@ -242,9 +233,6 @@ class Resolver:
         if not wanted:
             return None
         return pool.submit(self.cache_sigs.outputs, wanted, self._drvs[path].name)
-
-    def caches_answered(self, path: str, results: dict[str, CacheOutput | Refused]) -> None:
-        self._record_cache(path, results)
 
     def _cache_needs(self, path: str) -> dict[str, tuple[str, str]]:
         """The outputs of ``path`` that a consumer references and no trace verified, and
@@ -268,14 +256,14 @@ class Resolver:
             wanted[name] = ("realisation", ids[name])
         return wanted
 
-    def _record_cache(self, path: str, results: dict[str, CacheOutput | Refused]) -> None:
+    def caches_answered(self, path: str, results: dict[str, CacheOutput | Refused]) -> None:
         for got in results.values():
             if isinstance(got, Refused) and got.fault:
                 log.warning("cache: %s", got.reason)
                 self.faults.append(StoreFault("cache", got.reason))
         self.trusted.add_cache(path, self._drvs[path], results)
 
-    def _record_step(self, path: str, resolutions: list[Resolution]) -> None:
+    def record(self, path: str, resolutions: list[Resolution]) -> None:
         evidence = [(r, self._fetched[r.key.key]) for r in resolutions]
         drv = self._drvs[path]
         self.trusted.add_step(path, drv, evidence)
@@ -283,7 +271,7 @@ class Resolver:
             outs = resolutions[0].rdrv.outputs
             self._deferred_paths[path] = {n: o.path for n, o in outs.items()}
 
-    def _start_check(self, key: TraceKey, pool: ThreadPoolExecutor) -> Future[Checked]:
+    def check_in_thread(self, key: TraceKey, pool: ThreadPoolExecutor) -> Future[Checked]:
         """Fetch and check one key in the thread pool (the stores fetched concurrently)."""
         if len(self.stores) == 1:
             store = self.stores[0]
@@ -297,7 +285,7 @@ class Resolver:
         self.faults.extend(faults)
         return checked
 
-    def _plan(self, path: str) -> list[Resolution] | None:
+    def plan(self, path: str) -> list[Resolution] | None:
         """The step's candidate resolutions, or None when it was decided without evidence."""
         drv = self._drvs[path]
         kind = drv.kind
