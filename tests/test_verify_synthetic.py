@@ -279,32 +279,43 @@ def test_check_batch_gives_what_the_key_ring_gives(g: Graph) -> None:
     assert checked.accepted[0].claim.token.header["kid"].startswith("builderA:")
 
 
-def test_checker_that_falls_behind_does_not_stall_the_run(tmp_path: Path) -> None:
-    """900 steps planned at once for one slow checker process: more batches than its pipe
-    holds queue up (the resolver blocks sending, the worker keeps answering), and every
-    step is checked."""
-    g = Graph(tmp_path, processes=1)
+def _wide_graph(g: Graph, steps: int) -> str:
+    """``steps`` steps on one source, each signed by builderA, under one unsigned top."""
     src = g.fod("src")
     used = {(src, "out"): g.drvs[src].outputs["out"].path}
-    steps = [g.ca(f"s{i}", {src: ("out",)}) for i in range(900)]
-    tokens: dict[str, list[str]] = {}
-    for i, step in enumerate(steps):
+    paths = [g.ca(f"s{i}", {src: ("out",)}) for i in range(steps)]
+    (g.tmp / "traces").mkdir(exist_ok=True)
+    for i, step in enumerate(paths):
         res = step_key(g.drvs[step], {k: InputOutput(p, True) for k, p in used.items()})
         claim = {"out": OutputClaim(ca_path(f"s{i}", "a"), hashlib.sha256(b"x").digest())}
-        tokens[res.key.key] = [sign_trace(secret("builderA"), res.key, claim, BUILDER, f"s{i}")]
-    (tmp_path / "traces").mkdir(exist_ok=True)
-    for key, toks in tokens.items():
-        (tmp_path / "traces" / key).write_text(json.dumps({"signatures": toks}))
-    top = g.ca("top", {s: ("out",) for s in steps})
+        token = sign_trace(secret("builderA"), res.key, claim, BUILDER, f"s{i}")
+        (g.tmp / "traces" / res.key.key).write_text(json.dumps({"signatures": [token]}))
+    return g.ca("top", {s: ("out",) for s in paths})
+
+
+@pytest.mark.parametrize(("store_type", "warned"), [(SlowStore, False), (DyingStore, True)],
+                         ids=["falls-behind", "dies-with-keys-planned"])
+def test_one_checker_and_900_steps_planned_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, store_type: type[FileTraceStore],
+    warned: bool,
+) -> None:
+    """900 steps planned at once for one checker process. A slow one: more batches than
+    its pipe holds queue up (the resolver blocks sending, the worker keeps answering). One
+    that dies: the batches it had, and the keys planned but not yet sent, go to threads.
+    Either way the run does not stall and every step is checked."""
+    g = Graph(tmp_path, processes=1)
+    top = _wide_graph(g, 900)
     text = f'[keys]\nbuilderA = "{public_text("builderA")}"\n[trust]\nrequire = "builderA"\n'
-    resolver = Resolver(parse_policy(text), [SlowStore(f"file://{tmp_path}", tmp_path)], g.load,
-                        NOW, Limits(processes=1))
+    resolver = Resolver(parse_policy(text), [store_type(f"file://{tmp_path}", tmp_path)],
+                        g.load, NOW, Limits(processes=1))
     signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the run stalled"))
     signal.alarm(120)
     try:
-        [report] = resolver.verify([Target(top, top)])
+        with caplog.at_level("WARNING"):
+            [report] = resolver.verify([Target(top, top)])
     finally:
         signal.alarm(0)
     assert not report.verified  # top itself is not signed; every input is
     assert report.reason is not None and "no trace for resolved step" in report.reason
     assert sum(1 for s in report.steps if s.outcome == "verified") == 900
+    assert any("checker processes failed" in r.getMessage() for r in caplog.records) == warned

@@ -123,9 +123,12 @@ class Pipeline:
     def _flush(self) -> None:
         """Hand the keys planned so far to the checker processes: in batches, so that a
         task carries enough work to pay for its trip, and enough of them to keep every
-        process busy."""
-        assert self.procs is not None
+        process busy. If the processes failed since the keys were planned: to threads."""
         keys, self.batch = self.batch, []
+        if self.procs is None:
+            for key in keys:
+                self._submit("key", key.key, self.steps.check_in_thread(key, self.pool))
+            return
         size = max(self.MIN_BATCH, min(self.MAX_BATCH, -(-len(keys) // self.procs.workers)))
         for i in range(0, len(keys), size):
             part = keys[i:i + size]
@@ -158,8 +161,8 @@ class Pipeline:
                             fut.exception())
                 self.procs.broken = True
                 self.procs = None
-            for key in keys:
-                self._submit("key", key.key, self.steps.check_in_thread(key, self.pool))
+            self.batch.extend(keys)
+            self._flush()
             return
         for key, packed in zip(keys, fut.result(), strict=True):
             checked, faults = unpack(packed)
