@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from cacheserver import sparse_file  # noqa: E402
 from gatekit import make_synthetic, write_gate_key  # noqa: E402
-from tracehook.storepath import hash_part  # noqa: E402
+from tracehook.nix.storepath import hash_part  # noqa: E402
 
 CLIENTS = 16
 

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from nixharness import NixEnv, get_tier  # noqa: E402
-from tracehook import crypto  # noqa: E402
-from tracehook.agent import SigningAgent  # noqa: E402
+from tracehook.signer.agent import SigningAgent  # noqa: E402
+from tracehook.trace import crypto  # noqa: E402
 
 BENCH_NIX = """\
 { n, salt, ca ? false }:

@@ -25,20 +25,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tracehook import crypto, jws
-from tracehook.aterm import Derivation, DerivationOutput, encode_drv, serialize
-from tracehook.policy import Policy, parse_policy
-from tracehook.resolver import Limits, Resolver, Target
-from tracehook.step import InputOutput, step_key
-from tracehook.store import StoreReader
-from tracehook.storepath import (
+from tracehook.nix.derivation import Derivation, DerivationOutput, encode_drv, serialize
+from tracehook.nix.storepath import (
     derivation_path,
     make_fixed_output_path,
     make_store_path,
     upstream_placeholder,
 )
-from tracehook.trace_format import BuilderInfo, OutputClaim, parse_claim, sign_trace
-from tracehook.tracestore import open_store
+from tracehook.stores.nixstore import StoreReader
+from tracehook.stores.tracestore import open_store
+from tracehook.trace import crypto, jws
+from tracehook.trace.claim import BuilderInfo, OutputClaim, parse_claim, sign_trace
+from tracehook.trace.stepkey import InputOutput, step_key
+from tracehook.verify.policy import Policy, parse_policy
+from tracehook.verify.resolver import Limits, Resolver, Target
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2"
 STAGE1 = "/nix/store/cjpxbf5h30808h53lckfyvzacsvfs08q-bootstrap-stage1-stdenv-linux.drv"

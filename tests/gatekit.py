@@ -2,8 +2,8 @@
 
 A *builder* is a real Nix store that builds the test derivations. Its traces are signed by
 the real post-build hook (:func:`use_hook`, then ``tracehook publish``), or, for a second
-builder, with the signer's library (:func:`sign_closure`: :func:`tracehook.signer.examine` +
-:func:`tracehook.signer.sign`, what the hook runs). Outputs are copied with
+builder, with the signer's library (:func:`sign_closure`: :func:`tracehook.signer.examine.examine` +
+:func:`tracehook.signer.examine.sign`, what the hook runs). Outputs are copied with
 ``nix copy --to file://CACHE`` (with the realisations of the named derivations on Nix 2.26).
 :func:`make_synthetic` builds a small store, cache and trace store by hand, without Nix.
 """
@@ -19,27 +19,29 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nixharness import REPO, NixEnv
-from tracehook import crypto, narinfo, nixbase32, signer
-from tracehook.aterm import Derivation, DerivationOutput, encode_drv, serialize
-from tracehook.cmd_demo import tamper_trace_file
-from tracehook.derivation_hash import input_addressed_paths, realisation_ids
-from tracehook.eventlog import EventLog
-from tracehook.gate_app import GateConfig, build_server
-from tracehook.gate_decisions import CacheConfig
-from tracehook.gate_http import GateHTTPServer, HttpLimits, bound_port, serve_in_thread
-from tracehook.nar import format_nar_hash
-from tracehook.step import step_key
-from tracehook.store import StoreReader
-from tracehook.storepath import (
+from tracehook.cli.demo import tamper_trace_file
+from tracehook.gate.config import GateConfig, build_server
+from tracehook.gate.front import GateHTTPServer, HttpLimits, bound_port, serve_in_thread
+from tracehook.gate.memo import CacheConfig
+from tracehook.nix import narinfo, nixbase32
+from tracehook.nix.derivation import Derivation, DerivationOutput, encode_drv, serialize
+from tracehook.nix.derivation_hash import input_addressed_paths, realisation_ids
+from tracehook.nix.nar import format_nar_hash
+from tracehook.nix.storepath import (
     derivation_path,
     hash_part,
     hash_placeholder,
     make_fixed_output_path,
 )
-from tracehook.trace_format import OutputClaim, sign_trace
-from tracehook.tracestore import FileTraceStore
+from tracehook.signer import examine
+from tracehook.stores.eventlog import EventLog
+from tracehook.stores.nixstore import StoreReader
+from tracehook.stores.tracestore import FileTraceStore
+from tracehook.trace import crypto
+from tracehook.trace.claim import OutputClaim, sign_trace
+from tracehook.trace.stepkey import step_key
 
-BUILDER_INFO = signer.builder_info("nix", "2.26.3")
+BUILDER_INFO = examine.builder_info("nix", "2.26.3")
 
 
 def key(name: str) -> crypto.SecretKey:
@@ -64,28 +66,28 @@ class Signed:
         return found[0]
 
 
-def built_steps(env: NixEnv, drv_paths: Sequence[str]) -> list[signer.BuildStep]:
+def built_steps(env: NixEnv, drv_paths: Sequence[str]) -> list[examine.BuildStep]:
     """Every built step in the closures of ``drv_paths`` that the signer signs, once each,
     as the signer's own library examines it (what the post-build hook runs)."""
     reader = StoreReader(str(env.root))
-    local = signer.LocalStore(str(env.root))
+    local = examine.LocalStore(str(env.root))
     seen: set[str] = set()
-    steps: list[signer.BuildStep] = []
+    steps: list[examine.BuildStep] = []
     try:
         for root in drv_paths:
             for drv_path in reader.load_closure(root):
                 if drv_path in seen:
                     continue
                 seen.add(drv_path)
-                step = signer.examine(local, drv_path)
-                if not isinstance(step, signer.Skipped):
+                step = examine.examine(local, drv_path)
+                if not isinstance(step, examine.Skipped):
                     steps.append(step)
     finally:
         local.close()
     return steps
 
 
-def _signed(steps: Sequence[signer.BuildStep]) -> Signed:
+def _signed(steps: Sequence[examine.BuildStep]) -> Signed:
     return Signed({s.drv_path: (s.drv.name, s.resolution.key.key) for s in steps})
 
 
@@ -95,7 +97,7 @@ def sign_closure(env: NixEnv, drv_paths: Sequence[str], sk: crypto.SecretKey,
     store = FileTraceStore(f"file://{traces}", traces)
     steps = built_steps(env, drv_paths)
     for step in steps:
-        store.append(step.resolution.key.key, [signer.sign(step, sk, BUILDER_INFO)])
+        store.append(step.resolution.key.key, [examine.sign(step, sk, BUILDER_INFO)])
     return _signed(steps)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracehook import proc
+from tracehook.stores import proc
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-from tracehook import crypto
-from tracehook.nar import format_nar_hash
-from tracehook.spool import SpoolEntry
-from tracehook.trace_format import BuilderInfo, OutputClaim, TraceKey, sign_trace
+from tracehook.nix.nar import format_nar_hash
+from tracehook.stores.spool import SpoolEntry
+from tracehook.trace import crypto
+from tracehook.trace.claim import BuilderInfo, OutputClaim, TraceKey, sign_trace
 
 SK = crypto.SecretKey("test-signer-1", hashlib.sha256(b"tracehook spool tests").digest())
 OTHER = crypto.SecretKey("test-signer-2", hashlib.sha256(b"tracehook other signer").digest())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tracehook import agent_client
-from tracehook.agent import SigningAgent, parse_request
 from tracehook.errors import EnvironmentFault
+from tracehook.signer import agent_client
+from tracehook.signer.agent import SigningAgent, parse_request
 
 
 @pytest.mark.parametrize(

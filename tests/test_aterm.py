@@ -8,18 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracehook import nixbase32
-from tracehook.aterm import (
+from tracehook.errors import ParseError
+from tracehook.nix import nixbase32
+from tracehook.nix.aterm import parse
+from tracehook.nix.derivation import (
     HASH_SIZES,
     Derivation,
     DerivationOutput,
     decode_drv,
     encode_drv,
-    parse,
     serialize,
     serialize_modulo,
 )
-from tracehook.errors import ParseError
 
 # Written by Nix 2.8.0 (nix-instantiate): two outputs, three fixed-output inputs, an env
 # value with a quote, a backslash, newline, tab, CR, UTF-8 text and two non-UTF-8 bytes.

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from tracehook.aterm import decode_drv, encode_drv, parse, serialize
-from tracehook.resolve import resolve, resolved_aterm, resolved_key
-from tracehook.store import StoreReader
-from tracehook.storepath import (
+from tracehook.nix.aterm import parse
+from tracehook.nix.derivation import decode_drv, encode_drv, serialize
+from tracehook.nix.resolve import resolve, resolved_aterm, resolved_key
+from tracehook.nix.storepath import (
     STORE_DIR,
     derivation_path,
     hash_part,
@@ -25,6 +25,7 @@ from tracehook.storepath import (
     output_path_name,
     upstream_placeholder,
 )
+from tracehook.stores.nixstore import StoreReader
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2"
 STORE_ROOT = CONFORMANCE / "store"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tracehook import crypto
 from tracehook.errors import BadSignature, ConfigError, ParseError
+from tracehook.trace import crypto
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2" / "keys"
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tracehook.aterm import Derivation, DerivationOutput, decode_drv, encode_drv, parse, serialize
-from tracehook.derivation_hash import (
+from tracehook.errors import EnvironmentFault, ParseError
+from tracehook.nix.aterm import parse
+from tracehook.nix.derivation import Derivation, DerivationOutput, decode_drv, encode_drv, serialize
+from tracehook.nix.derivation_hash import (
     DrvHash,
     build_trace_key_v2,
     hash_derivation_modulo,
@@ -21,10 +23,9 @@ from tracehook.derivation_hash import (
     realisation_id,
     realisation_ids,
 )
-from tracehook.errors import EnvironmentFault, ParseError
-from tracehook.resolve import UnresolvedInput, resolve, resolved_key, resolved_path
-from tracehook.store import StoreReader
-from tracehook.storepath import derivation_path, hash_part
+from tracehook.nix.resolve import UnresolvedInput, resolve, resolved_key, resolved_path
+from tracehook.nix.storepath import derivation_path, hash_part
+from tracehook.stores.nixstore import StoreReader
 
 # fmt: off
 # Every .drv in the Nix 2.8 store after `nix-build -A top` (+ `sa`, instantiated only).
@@ -369,7 +370,7 @@ def test_resolve_errors(drvs: dict[str, Derivation]) -> None:
 
 def test_resolve_rewrites_env_keys_args_and_builder() -> None:
     dep = f"{P}-dep.drv"
-    from tracehook.storepath import upstream_placeholder
+    from tracehook.nix.storepath import upstream_placeholder
 
     ph = upstream_placeholder(dep, "out")
     chosen_path = "/nix/store/11111111111111111111111111111111-dep"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tracehook.errors import ParseError
-from tracehook.eventlog import EventLog, read_events
+from tracehook.stores.eventlog import EventLog, read_events
 
 
 def test_emit_writes_both(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from gatekit import copy_to_cache, key, running_gate, sign_closure, write_gate_key, write_policy
 from nixharness import NixEnv, NixTier
-from tracehook import crypto
+from tracehook.trace import crypto
 
 pytestmark = pytest.mark.nix
 

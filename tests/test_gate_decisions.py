@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tracehook.gate_decisions import CacheConfig, DecisionCache
+from tracehook.gate.memo import CacheConfig, DecisionCache
 
 
 class Clock:

@@ -29,7 +29,8 @@ from gatekit import (
     write_policy,
 )
 from nixharness import NixEnv, NixTier
-from tracehook import cli, realisation
+from tracehook import cli
+from tracehook.nix import realisation
 
 pytestmark = pytest.mark.nix
 
@@ -181,7 +182,7 @@ def _only_builder_b(b: Built, s: Scenario) -> None:
 
 
 def _both_builders(b: Built, s: Scenario) -> None:
-    from tracehook.tracestore import FileTraceStore
+    from tracehook.stores.tracestore import FileTraceStore
 
     store = FileTraceStore(f"file://{s.traces}", s.traces)
     theirs = FileTraceStore(f"file://{b.traces_b}", b.traces_b)

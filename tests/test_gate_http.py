@@ -28,9 +28,10 @@ from gatekit import (
     write_gate_key,
     write_policy,
 )
-from tracehook import crypto, narinfo, realisation
-from tracehook.gate_http import HttpLimits
-from tracehook.storepath import basename, hash_part
+from tracehook.gate.front import HttpLimits
+from tracehook.nix import narinfo, realisation
+from tracehook.nix.storepath import basename, hash_part
+from tracehook.trace import crypto
 
 
 @pytest.fixture

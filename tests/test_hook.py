@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tracehook import hook, signer
 from tracehook.errors import ConfigError
+from tracehook.signer import examine, hook
 
 
 def named(*rows: tuple[object, ...]) -> list[Any]:
@@ -23,7 +23,7 @@ def run_hook(env: dict[str, str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def config(tmp: Path, extra: str = "") -> Path:
+def write_config(tmp: Path, extra: str = "") -> Path:
     path = tmp / "sign.toml"
     path.write_text(f'spool-dir = "{tmp / "spool"}"\nlog-file = "{tmp / "sign.log"}"\n{extra}')
     return path
@@ -37,24 +37,24 @@ DRV = "/nix/store/3pvsl5q6w7w309ym4c9378pm2cim0pwl-ca-a.drv"
     named(
         ("missing config", lambda t: {"TRACEHOOK_CONFIG": str(t / "none.toml")},
          "no signer configuration", 2),
-        ("broken config", lambda t: {"TRACEHOOK_CONFIG": str(config(t, "strict = ="))},
+        ("broken config", lambda t: {"TRACEHOOK_CONFIG": str(write_config(t, "strict = ="))},
          "not valid TOML", 2),
-        ("no DRV_PATH", lambda t: {"TRACEHOOK_CONFIG": str(config(t)), "DRV_PATH": ""},
+        ("no DRV_PATH", lambda t: {"TRACEHOOK_CONFIG": str(write_config(t)), "DRV_PATH": ""},
          "DRV_PATH is not set", 2),
-        ("no key anywhere", lambda t: {"TRACEHOOK_CONFIG": str(config(t))},
+        ("no key anywhere", lambda t: {"TRACEHOOK_CONFIG": str(write_config(t))},
          "no signing key", 2),
         ("missing key file",
-         lambda t: {"TRACEHOOK_CONFIG": str(config(t, f'secret-key-file = "{t}/k"'))},
+         lambda t: {"TRACEHOOK_CONFIG": str(write_config(t, f'secret-key-file = "{t}/k"'))},
          "cannot read key file", 2),
         ("public key given as secret",
-         lambda t: {"TRACEHOOK_CONFIG": str(config(t, f'secret-key-file = "{_pub(t)}"'))},
+         lambda t: {"TRACEHOOK_CONFIG": str(write_config(t, f'secret-key-file = "{_pub(t)}"'))},
          "looks like a public key", 2),
         ("store not local",
-         lambda t: {"TRACEHOOK_CONFIG": str(config(t, f'secret-key-file = "{_sec(t)}"')),
+         lambda t: {"TRACEHOOK_CONFIG": str(write_config(t, f'secret-key-file = "{_sec(t)}"')),
                     "NIX_CONFIG": "store = ssh-ng://builder\n"},
          "reads local stores only", 2),
         ("no store database",
-         lambda t: {"TRACEHOOK_CONFIG": str(config(t, f'secret-key-file = "{_sec(t)}"')),
+         lambda t: {"TRACEHOOK_CONFIG": str(write_config(t, f'secret-key-file = "{_sec(t)}"')),
                     "NIX_CONFIG": f"store = {t}/emptyroot\n"},
          "cannot read derivation", 3),
     ),
@@ -76,7 +76,7 @@ def test_failures(case: str, setup: Any, message: str, strict_code: int, tmp_pat
 
 
 def _sec(tmp: Path) -> Path:
-    from tracehook import crypto
+    from tracehook.trace import crypto
 
     if not (tmp / "k.sec").exists():
         crypto.write_key_files(crypto.generate_secret_key("t"), tmp / "k.sec", tmp / "k.pub")
@@ -90,11 +90,11 @@ def _pub(tmp: Path) -> Path:
 
 def test_key_from_nix_config_secret_key_files(tmp_path: Path) -> None:
     sec = _sec(tmp_path)
-    cfg_path = config(tmp_path)
-    from tracehook import sign_config
+    cfg_path = write_config(tmp_path)
+    from tracehook.signer import config
 
-    cfg = sign_config.load(cfg_path, environ={})
-    sk = hook.load_key(cfg, signer.parse_nix_config(f"secret-key-files = {sec} /other\n"))
+    cfg = config.load(cfg_path, environ={})
+    sk = hook.load_key(cfg, examine.parse_nix_config(f"secret-key-files = {sec} /other\n"))
     assert sk.name == "t"
 
 
@@ -113,12 +113,12 @@ def test_key_from_nix_config_secret_key_files(tmp_path: Path) -> None:
     ),
 )
 def test_store_root(case: str, nix_config: str, root: str | None) -> None:
-    assert signer.store_root(signer.parse_nix_config(nix_config)) == root
+    assert examine.store_root(examine.parse_nix_config(nix_config)) == root
 
 
 def test_store_root_rejects_remote() -> None:
     with pytest.raises(ConfigError):
-        signer.store_root({"store": "s3://bucket"})
+        examine.store_root({"store": "s3://bucket"})
 
 
 @pytest.mark.parametrize(
@@ -130,4 +130,4 @@ def test_store_root_rejects_remote() -> None:
     ),
 )
 def test_nix_from_exe(case: str, exe: str, expected: tuple[str, str]) -> None:
-    assert signer.nix_from_exe(exe) == expected
+    assert examine.nix_from_exe(exe) == expected

@@ -17,11 +17,12 @@ import pytest
 
 from conftest import MakeNixEnv
 from nixharness import REPO, NixEnv, NixTier
-from tracehook import cli, crypto, jws
-from tracehook.agent import SigningAgent
-from tracehook.nar import parse_nar_hash
-from tracehook.storepath import hash_part
-from tracehook.trace_format import Claim, parse_claim
+from tracehook import cli
+from tracehook.nix.nar import parse_nar_hash
+from tracehook.nix.storepath import hash_part
+from tracehook.signer.agent import SigningAgent
+from tracehook.trace import crypto, jws
+from tracehook.trace.claim import Claim, parse_claim
 
 pytestmark = pytest.mark.nix
 

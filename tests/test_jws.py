@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tracehook import crypto, jws
 from tracehook.errors import BadSignature, ParseError
+from tracehook.trace import crypto, jws
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2"
 TRACE_FILES = sorted((CONFORMANCE / "traces").iterdir())

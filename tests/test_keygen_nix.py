@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from nixharness import NixEnv
-from tracehook import cli, crypto
-from tracehook.nar import format_nar_hash, parse_nar_hash
-from tracehook.store_db import StoreDatabase
+from tracehook import cli
+from tracehook.nix.nar import format_nar_hash, parse_nar_hash
+from tracehook.stores.nixdb import StoreDatabase
+from tracehook.trace import crypto
 
 pytestmark = pytest.mark.nix
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tracehook import crypto, jws, signer
-from tracehook.step import InputOutput, step_key
-from tracehook.store import StoreReader
-from tracehook.trace_format import BuilderInfo, parse_claim
+from tracehook.signer import examine
+from tracehook.stores.nixstore import StoreReader
+from tracehook.trace import crypto, jws
+from tracehook.trace.claim import BuilderInfo, parse_claim
+from tracehook.trace.stepkey import InputOutput, step_key
 
 TARGET = "/nix/store/6a4wpppqvmf5dwr49gfm3hrxhd58hg0w-bootstrap-stage0-binutils-wrapper-.drv"
 RESOLVED = "286wqgdqv715j8yrca9lkzhyk9j3s9a8"
@@ -51,9 +52,9 @@ def test_our_trace_matches_lauts(conformance: Path) -> None:
     laut_claim = parse_claim(laut)
     b = laut.payload["builder"]
     builder = BuilderInfo(b["rebuild_id"], b["store_root"], b["nix_flavor"], b["nix_version"])
-    step = signer.BuildStep(TARGET, drv, resolution, laut_claim.outputs)
+    step = examine.BuildStep(TARGET, drv, resolution, laut_claim.outputs)
     sk = crypto.read_secret_key_file(conformance / "keys" / "builderA_key.private")
-    ours = jws.parse_compact(signer.sign(step, sk, builder))
+    ours = jws.parse_compact(examine.sign(step, sk, builder))
 
     pk = crypto.read_public_key_file(conformance / "keys" / "builderA_key.public")
     jws.verify(ours, pk)

@@ -14,7 +14,7 @@ import pytest
 
 from tracehook import __version__
 from tracehook.cli import main
-from tracehook.eventlog import EventLog
+from tracehook.stores.eventlog import EventLog
 
 REFUSAL = {
     "event": "gate", "outcome": "refused",

@@ -17,12 +17,13 @@ import pytest
 
 from conftest import MakeNixEnv
 from nixharness import BuildResult, NixEnv, NixTier
-from tracehook import crypto, nar, narinfo, realisation
-from tracehook.aterm import encode_drv, serialize
-from tracehook.derivation_hash import DrvHash, input_addressed_paths, realisation_ids
-from tracehook.resolve import resolve, resolved_aterm
-from tracehook.store import StoreReader
-from tracehook.storepath import derivation_path
+from tracehook.nix import nar, narinfo, realisation
+from tracehook.nix.derivation import encode_drv, serialize
+from tracehook.nix.derivation_hash import DrvHash, input_addressed_paths, realisation_ids
+from tracehook.nix.resolve import resolve, resolved_aterm
+from tracehook.nix.storepath import derivation_path
+from tracehook.stores.nixstore import StoreReader
+from tracehook.trace import crypto
 
 pytestmark = pytest.mark.nix
 

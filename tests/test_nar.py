@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from nixharness import NixTier
-from tracehook import nar
 from tracehook.errors import EnvironmentFault, ParseError
+from tracehook.nix import nar
 
 
 def named(*rows: tuple[object, ...]) -> list[Any]:

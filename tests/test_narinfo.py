@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from tracehook import crypto, narinfo
 from tracehook.errors import BadSignature, ParseError
+from tracehook.nix import narinfo
+from tracehook.trace import crypto
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2" / "keys"
 

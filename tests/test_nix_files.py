@@ -33,9 +33,11 @@ import pytest
 
 from conftest import MakeNixEnv
 from nixharness import REPO, NixEnv, NixTier
-from tracehook import cli, crypto, jws, sign_config
+from tracehook import cli
 from tracehook.errors import BadSignature
-from tracehook.policy import Policy, load_policy, parse_policy
+from tracehook.signer import config
+from tracehook.trace import crypto, jws
+from tracehook.verify.policy import Policy, load_policy, parse_policy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -382,11 +384,11 @@ def policy_from_nix(attrs: dict[str, Any], source: str) -> Policy:
 
 
 def test_sign_toml_example_loads() -> None:
-    cfg = sign_config.load(EXAMPLES / "sign.toml", environ={})
+    cfg = config.load(EXAMPLES / "sign.toml", environ={})
     assert cfg.secret_key_file == Path("/etc/nix/builder.sec")
     assert cfg.publish_to == ("file:///var/lib/tracehook/traces", "https://traces.example.org")
-    assert cfg.spool_dir == sign_config.DEFAULT_SPOOL
-    assert cfg.log_file == sign_config.DEFAULT_LOG
+    assert cfg.spool_dir == config.DEFAULT_SPOOL
+    assert cfg.log_file == config.DEFAULT_LOG
     assert cfg.strict is False
 
 
@@ -408,7 +410,7 @@ def test_nixos_example_options(nix226: NixTier, make_nixenv: MakeNixEnv) -> None
     rendered = tmp = env.base / "sign.toml"
     tmp.write_text(to_toml({"secret-key-file": sign["secretKeyFile"],
                             "publish-to": sign["publishTo"]}))
-    assert sign_config.load(rendered, environ={}).publish_to == tuple(sign["publishTo"])
+    assert config.load(rendered, environ={}).publish_to == tuple(sign["publishTo"])
 
 
 @pytest.mark.nix
@@ -495,7 +497,7 @@ def test_publish_unit_matches_cli_and_sign_toml() -> None:
     argv = exec_argv(unit)
     args = cli.build_parser().parse_args(argv[1:])
     assert args.command == "publish" and args.daemon is True
-    cfg = sign_config.load(EXAMPLES / "sign.toml", environ={})
+    cfg = config.load(EXAMPLES / "sign.toml", environ={})
     writable = " ".join(unit["Service"]["ReadWritePaths"]).split()
     assert str(cfg.spool_dir) in writable
     assert cfg.log_file is not None and str(cfg.log_file.parent) in writable

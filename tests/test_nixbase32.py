@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tracehook import nixbase32
 from tracehook.errors import ParseError
+from tracehook.nix import nixbase32
 
 KNOWN = [
     pytest.param(

@@ -7,11 +7,11 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from tracehook.checkpool import CheckPool, StoreFault, WorkerLost
-from tracehook.pipeline import Pipeline
-from tracehook.step import Resolution
-from tracehook.trace_format import TraceKey
-from tracehook.verify_core import Checked
+from tracehook.trace.claim import TraceKey
+from tracehook.trace.stepkey import Resolution
+from tracehook.verify._checkpool import CheckPool, StoreFault, WorkerLost
+from tracehook.verify._pipeline import Pipeline
+from tracehook.verify.trusted import Checked
 
 
 class Steps:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tracehook.errors import ConfigError
-from tracehook.policy import (
+from tracehook.verify.policy import (
     NO_TRACES,
     Key,
     Threshold,

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 
 from spoolhelp import OTHER, make_entry
-from tracehook import agent_client, cli, jws, tracestore
-from tracehook.eventlog import EventLog
-from tracehook.publish import Publisher, holds_claim
-from tracehook.spool import Spool, SpooledItem
+from tracehook import cli
+from tracehook.signer import agent_client
+from tracehook.signer.publish import Publisher, holds_claim
+from tracehook.stores import tracestore
+from tracehook.stores.eventlog import EventLog
+from tracehook.stores.spool import Spool, SpooledItem
+from tracehook.trace import jws
 from traceserver import serve_traces
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from tracehook import crypto, realisation
 from tracehook.errors import BadSignature, ParseError
-from tracehook.realisation import Realisation
+from tracehook.nix import realisation
+from tracehook.nix.realisation import Realisation
+from tracehook.trace import crypto
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2" / "keys"
 

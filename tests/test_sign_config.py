@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tracehook import sign_config
 from tracehook.errors import EXIT_USAGE, ConfigError
+from tracehook.signer import config
 
 
 def named(*rows: tuple[object, ...]) -> list[Any]:
@@ -34,7 +34,7 @@ def write(tmp: Path, text: str) -> Path:
 
 
 def test_full_file(tmp_path: Path) -> None:
-    cfg = sign_config.load(write(tmp_path, FULL), environ={})
+    cfg = config.load(write(tmp_path, FULL), environ={})
     assert cfg.secret_key_file == tmp_path / "keys/builder.sec"  # relative to the file
     assert cfg.publish_to == ("file:///srv/traces", "https://traces.example.org")
     assert cfg.spool_dir == Path("/var/spool/th")
@@ -45,17 +45,17 @@ def test_full_file(tmp_path: Path) -> None:
 
 
 def test_defaults(tmp_path: Path) -> None:
-    cfg = sign_config.load(write(tmp_path, ""), environ={})
+    cfg = config.load(write(tmp_path, ""), environ={})
     assert cfg.secret_key_file is None
     assert cfg.publish_to == ()
-    assert cfg.spool_dir == sign_config.DEFAULT_SPOOL
-    assert cfg.log_file == sign_config.DEFAULT_LOG
+    assert cfg.spool_dir == config.DEFAULT_SPOOL
+    assert cfg.log_file == config.DEFAULT_LOG
     assert cfg.strict is False
 
 
 def test_path_from_environment(tmp_path: Path) -> None:
     path = write(tmp_path, 'spool-dir = "/s"\n')
-    cfg = sign_config.load(None, environ={"TRACEHOOK_CONFIG": str(path)})
+    cfg = config.load(None, environ={"TRACEHOOK_CONFIG": str(path)})
     assert cfg.source == path and cfg.spool_dir == Path("/s")
 
 
@@ -68,7 +68,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         "TRACEHOOK_PUBLISH_TO": "file:///a http://b",
         "TRACEHOOK_STORE_ROOT": "/r",
     }
-    cfg = sign_config.load(write(tmp_path, FULL), environ=env)
+    cfg = config.load(write(tmp_path, FULL), environ=env)
     assert cfg.secret_key_file == Path("/k.sec")
     assert cfg.spool_dir == Path("/sp")
     assert cfg.log_file is None  # empty: stderr only
@@ -79,14 +79,14 @@ def test_environment_overrides(tmp_path: Path) -> None:
 
 def test_missing_file_is_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        sign_config.load(tmp_path / "nope.toml", environ={})
+        config.load(tmp_path / "nope.toml", environ={})
     msg = info.value.diagnostics()
     assert "no signer configuration" in msg and "TRACEHOOK_CONFIG" in msg and "\n" not in msg
     assert info.value.exit_code == EXIT_USAGE
 
 
 def test_missing_file_allowed_when_not_required(tmp_path: Path) -> None:
-    cfg = sign_config.load(tmp_path / "nope.toml", environ={}, require_file=False)
+    cfg = config.load(tmp_path / "nope.toml", environ={}, require_file=False)
     assert cfg.source is None
 
 
@@ -109,7 +109,7 @@ def test_malformed(case: str, text: str | bytes, message: str, tmp_path: Path) -
     else:
         path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        sign_config.load(path, environ={})
+        config.load(path, environ={})
 
 
 @pytest.mark.parametrize(
@@ -117,11 +117,11 @@ def test_malformed(case: str, text: str | bytes, message: str, tmp_path: Path) -
     named(("one", "1", True), ("true", "TRUE", True), ("off", "off", False), ("empty", "", False)),
 )
 def test_strict_env(case: str, value: str, expected: bool, tmp_path: Path) -> None:
-    cfg = sign_config.load(write(tmp_path, ""), environ={"TRACEHOOK_STRICT": value})
+    cfg = config.load(write(tmp_path, ""), environ={"TRACEHOOK_STRICT": value})
     assert cfg.strict is expected
 
 
 def test_strict_env_garbage(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="TRACEHOOK_STRICT"):
-        sign_config.load(write(tmp_path, ""), environ={"TRACEHOOK_STRICT": "maybe"})
-    assert sign_config.strict_from_env({"TRACEHOOK_STRICT": "maybe"}) is False
+        config.load(write(tmp_path, ""), environ={"TRACEHOOK_STRICT": "maybe"})
+    assert config.strict_from_env({"TRACEHOOK_STRICT": "maybe"}) is False

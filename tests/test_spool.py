@@ -10,7 +10,7 @@ import pytest
 
 from spoolhelp import make_entry
 from tracehook.errors import EnvironmentFault
-from tracehook.spool import Spool, SpoolEntry
+from tracehook.stores.spool import Spool, SpoolEntry
 
 
 def test_add_and_list(tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ import pytest
 
 from conftest import MakeNixEnv
 from nixharness import NixEnv, NixTier
-from tracehook.aterm import Derivation, DerivationOutput, encode_drv, serialize
 from tracehook.errors import EnvironmentFault
-from tracehook.store import StoreReader
-from tracehook.store_db import StoreDatabase
-from tracehook.storepath import derivation_path
+from tracehook.nix.derivation import Derivation, DerivationOutput, encode_drv, serialize
+from tracehook.nix.storepath import derivation_path
+from tracehook.stores.nixdb import StoreDatabase
+from tracehook.stores.nixstore import StoreReader
 
 pytestmark = pytest.mark.nix
 

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from tracehook.errors import ParseError
-from tracehook.storepath import (
+from tracehook.nix.storepath import (
     basename,
     check_name,
     compress_hash,

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tracehook import tracestore
 from tracehook.errors import ConfigError, EnvironmentFault, ParseError
-from tracehook.jws import render_trace_file
+from tracehook.stores import tracestore
+from tracehook.trace.jws import render_trace_file
 from traceserver import serve_traces
 
 KEY = "286wqgdqv715j8yrca9lkzhyk9j3s9a8"

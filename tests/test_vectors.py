@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from tracehook import crypto, jws
-from tracehook.nar import parse_nar_hash
-from tracehook.trace_format import ia_key, parse_claim
+from tracehook.nix.nar import parse_nar_hash
+from tracehook.trace import crypto, jws
+from tracehook.trace.claim import ia_key, parse_claim
 from vectors.generate import OUT, generate
 
 DOC: dict[str, Any] = json.loads(OUT.read_text())

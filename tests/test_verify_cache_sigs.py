@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 
 from nixharness import NixEnv, get_tier
-from tracehook import crypto, signer
-from tracehook.store import StoreReader
-from tracehook.storepath import hash_part
-from tracehook.tracestore import FileTraceStore
+from tracehook.nix.storepath import hash_part
+from tracehook.signer import examine
+from tracehook.stores.nixstore import StoreReader
+from tracehook.stores.tracestore import FileTraceStore
+from tracehook.trace import crypto
 from verifyhelp import BUILDER, public_text, run_verify, secret, write_policy
 
 pytestmark = pytest.mark.nix
@@ -57,7 +58,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     for a in ATTRS:
         env.build(a, salt="cache-sigs")
     reader = StoreReader(str(env.root))
-    local = signer.LocalStore(str(env.root))
+    local = examine.LocalStore(str(env.root))
     outs: dict[str, str] = {}
     tokens: dict[str, tuple[str, str]] = {}
     all_drvs: list[str] = []
@@ -65,11 +66,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         for path, drv in reader.load_closure(top).items():
             if drv.kind == "fixed" or drv.name in tokens:
                 continue
-            step = signer.examine(local, path)
-            assert isinstance(step, signer.BuildStep), step
+            step = examine.examine(local, path)
+            assert isinstance(step, examine.BuildStep), step
             outs[drv.name] = step.outputs["out"].path
             tokens[drv.name] = (step.resolution.key.key,
-                                signer.sign(step, secret("builderA"), BUILDER))
+                                examine.sign(step, secret("builderA"), BUILDER))
             all_drvs.append(path)
     local.close()
     cache = base / "cache"

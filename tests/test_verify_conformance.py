@@ -26,13 +26,14 @@ from pathlib import Path
 import pytest
 
 from nixharness import CONFORMANCE
-from tracehook import cli, jws
-from tracehook.policy import load_policy
-from tracehook.resolver import Resolver, Target
-from tracehook.step import InputOutput, producer_is_content_addressed, step_key
-from tracehook.store import StoreReader
-from tracehook.trace_format import OutputClaim, parse_claim
-from tracehook.tracestore import open_store
+from tracehook import cli
+from tracehook.stores.nixstore import StoreReader
+from tracehook.stores.tracestore import open_store
+from tracehook.trace import jws
+from tracehook.trace.claim import OutputClaim, parse_claim
+from tracehook.trace.stepkey import InputOutput, producer_is_content_addressed, step_key
+from tracehook.verify.policy import load_policy
+from tracehook.verify.resolver import Resolver, Target
 from verifyhelp import run_verify, sign_into, write_policy
 
 STORE = str(CONFORMANCE / "store")

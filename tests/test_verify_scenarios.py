@@ -2,7 +2,7 @@
 
 Every derivation of tests/nix/derivations.nix is built once in an isolated store and each
 build step is signed by builderA and builderB with the project's signer library
-(``signer.examine`` + ``signer.sign``, what the post-build hook runs). Each scenario then
+(``examine.examine`` + ``examine.sign``, what the post-build hook runs). Each scenario then
 picks a trace store (the good one, or a copy it changes in the way an attacker would), a
 policy and a target, and states the outcome. Negative cases are named after the attack.
 Situations real Nix cannot produce (divergent builders, cycles) are in
@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from nixharness import NixEnv, get_tier
-from tracehook import signer
-from tracehook.store import StoreReader
-from tracehook.trace_format import OutputClaim
-from tracehook.tracestore import FileTraceStore
+from tracehook.signer import examine
+from tracehook.stores.nixstore import StoreReader
+from tracehook.stores.tracestore import FileTraceStore
+from tracehook.trace.claim import OutputClaim
 from verifyhelp import BUILDER, run_verify, secret, write_policy
 
 ATTRS = ("caC", "iaC", "caOnFod", "useMulti", "iaOnCa", "weirdEnv")
@@ -39,8 +39,8 @@ class Built:
     keys: dict[str, str]  # drv name -> trace key
 
 
-def _steps(env: NixEnv, drv_paths: list[str]) -> list[signer.BuildStep]:
-    store = signer.LocalStore(str(env.root))
+def _steps(env: NixEnv, drv_paths: list[str]) -> list[examine.BuildStep]:
+    store = examine.LocalStore(str(env.root))
     reader = StoreReader(str(env.root))
     steps = []
     seen: set[str] = set()
@@ -49,8 +49,8 @@ def _steps(env: NixEnv, drv_paths: list[str]) -> list[signer.BuildStep]:
             if path in seen or drv.kind == "fixed":
                 continue
             seen.add(path)
-            step = signer.examine(store, path)
-            assert isinstance(step, signer.BuildStep), step
+            step = examine.examine(store, path)
+            assert isinstance(step, examine.BuildStep), step
             steps.append(step)
     store.close()
     return steps
@@ -67,7 +67,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     for step in _steps(env, list(drvs.values())):
         keys[step.drv.name] = step.resolution.key.key
         for name in ("builderA", "builderB"):
-            store.append(step.resolution.key.key, [signer.sign(step, secret(name), BUILDER)])
+            store.append(step.resolution.key.key, [examine.sign(step, secret(name), BUILDER)])
     return Built(env, drvs, outs, good, keys)
 
 
@@ -119,8 +119,8 @@ def forge_ia_path(name: str) -> Edit:
         step = steps[name]
         fake = {n: OutputClaim(o.path[:11] + "0" * 32 + o.path[43:], o.nar_hash)
                 for n, o in step.outputs.items()}
-        forged = signer.BuildStep(step.drv_path, step.drv, step.resolution, fake)
-        _write(store, b.keys[name], [signer.sign(forged, secret("builderA"), BUILDER)])
+        forged = examine.BuildStep(step.drv_path, step.drv, step.resolution, fake)
+        _write(store, b.keys[name], [examine.sign(forged, secret("builderA"), BUILDER)])
     return edit
 
 
@@ -128,7 +128,7 @@ def sign_with(who: str) -> Edit:
     """Replace every trace by one signed with ``who`` (for keys outside the policy)."""
     def edit(b: Built, store: Path) -> None:
         for step in _steps(b.env, list(b.drvs.values())):
-            _write(store, step.resolution.key.key, [signer.sign(step, secret(who), BUILDER)])
+            _write(store, step.resolution.key.key, [examine.sign(step, secret(who), BUILDER)])
     return edit
 
 
@@ -220,10 +220,10 @@ def test_unused_output_disagreement_does_not_multiply(
     step = steps["multi-ia"]
     outputs = dict(step.outputs)
     outputs["doc"] = OutputClaim(outputs["doc"].path, b"\x01" * 32)
-    other = signer.BuildStep(step.drv_path, step.drv, step.resolution, outputs)
+    other = examine.BuildStep(step.drv_path, step.drv, step.resolution, outputs)
     key = step.resolution.key.key
     _write(store, key, [t for t in _tokens(store, key) if _kid(t).startswith("builderA")]
-           + [signer.sign(other, secret("builderB"), BUILDER)])
+           + [examine.sign(other, secret("builderB"), BUILDER)])
     policy = write_policy(tmp_path / "policy.toml", BOTH)
     base = ["--policy", str(policy), "--store", str(built.env.root), "--traces",
             f"file://{store}", "--json"]

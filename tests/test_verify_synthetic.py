@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tracehook.aterm import Derivation, DerivationOutput
-from tracehook.policy import parse_policy
-from tracehook.resolver import Limits, Resolver, Target
-from tracehook.step import InputOutput, step_key
-from tracehook.storepath import derivation_path, make_fixed_output_path, make_store_path
-from tracehook.trace_format import OutputClaim, sign_trace
-from tracehook.tracestore import FileTraceStore, open_store
-from tracehook.verify_report import TargetReport
+from tracehook.nix.derivation import Derivation, DerivationOutput
+from tracehook.nix.storepath import derivation_path, make_fixed_output_path, make_store_path
+from tracehook.stores.tracestore import FileTraceStore, open_store
+from tracehook.trace.claim import OutputClaim, sign_trace
+from tracehook.trace.stepkey import InputOutput, step_key
+from tracehook.verify.policy import parse_policy
+from tracehook.verify.report import TargetReport
+from tracehook.verify.resolver import Limits, Resolver, Target
 from verifyhelp import BUILDER, DyingStore, SlowStore, public_text, secret
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -254,8 +254,8 @@ def test_checker_processes_that_fail_hand_over_to_threads(
 
 def test_check_batch_gives_what_the_key_ring_gives(g: Graph) -> None:
     """What a checker process sends back, unpacked, equals checking in this process."""
-    from tracehook import checkpool
-    from tracehook.verify_core import KeyRing
+    from tracehook.verify import _checkpool
+    from tracehook.verify.trusted import KeyRing
 
     src = g.fod("src")
     y = g.ca("y", {src: ("out",)})
@@ -266,12 +266,12 @@ def test_check_batch_gives_what_the_key_ring_gives(g: Graph) -> None:
     policy = parse_policy(text + '[trust]\nrequire = "builderA"\n')
     trace_key = step_key(g.drvs[y], {(src, "out"): InputOutput(
         g.drvs[src].outputs["out"].path, True)}).key
-    checkpool._init_worker(policy, NOW, [g.store])
+    _checkpool._init_worker(policy, NOW, [g.store])
     try:
-        [packed] = checkpool._check_batch([trace_key])
+        [packed] = _checkpool._check_batch([trace_key])
     finally:
-        checkpool._worker = None
-    checked, faults = checkpool.unpack(packed)
+        _checkpool._worker = None
+    checked, faults = _checkpool.unpack(packed)
     direct = KeyRing(policy, NOW).check(g.store.get(key), trace_key)
     assert checked == direct and faults == ()
     assert [a.signer for a in checked.accepted] == ["builderA"]

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from nixharness import CONFORMANCE
-from tracehook import cli, crypto
-from tracehook.trace_format import BuilderInfo, OutputClaim, TraceKey, sign_trace
-from tracehook.tracestore import FileTraceStore
+from tracehook import cli
+from tracehook.stores.tracestore import FileTraceStore
+from tracehook.trace import crypto
+from tracehook.trace.claim import BuilderInfo, OutputClaim, TraceKey, sign_trace
 
 KEYS = CONFORMANCE / "keys"
 BUILDER = BuilderInfo(1, "/nix/store", "nix", "2.26.3")

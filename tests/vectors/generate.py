@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tracehook import crypto, jws, nixbase32
-from tracehook.trace_format import (
+from tracehook.nix import nixbase32
+from tracehook.trace import crypto, jws
+from tracehook.trace.claim import (
     BuilderInfo,
     OutputClaim,
     TraceKey,

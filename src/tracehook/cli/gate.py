@@ -1,0 +1,136 @@
+"""``tracehook gate``: the pre-substitution gate, a loopback binary cache in front of caches.
+
+List it as the only substituter in nix.conf and trust only its key::
+
+    substituters = http://127.0.0.1:37515
+    trusted-public-keys = gate-1:<public key of --signing-key>
+
+It answers a realisation or a narinfo only when the build step's chain of signed traces
+verifies under the trust policy, and 404 otherwise (Nix then builds the step locally, or
+fails with --max-jobs 0); every refusal is logged with the step and the reason
+(``tracehook log --refused``). An upstream or trace store that cannot be read answers 502,
+never "yes".
+
+Exit codes: 2 for a configuration error at start (bad policy, key, flag, or a port in use);
+0 after SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from tracehook.errors import EXIT_OK, TracehookError
+from tracehook.gate.config import GateConfig, build_server, parse_listen
+from tracehook.gate.front import bound_port
+from tracehook.gate.memo import CacheConfig
+from tracehook.stores.eventlog import EventLog
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "gate",
+        help="serve a verifying binary-cache front for Nix's substituters",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=main)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--policy", required=env("TRACEHOOK_GATE_POLICY") is None,
+                   default=env("TRACEHOOK_GATE_POLICY"), metavar="FILE",
+                   help="trust policy (TOML); env TRACEHOOK_GATE_POLICY")
+    p.add_argument("--upstream", action="append", default=[], metavar="URL",
+                   help="binary cache to front: file:///DIR or http(s)://... (repeatable, "
+                        "tried in order)")
+    p.add_argument("--listen", default=env("TRACEHOOK_GATE_LISTEN", "127.0.0.1:37515"),
+                   metavar="HOST:PORT", help="where to serve (default %(default)s)")
+    p.add_argument("--signing-key", default=env("TRACEHOOK_GATE_SIGNING_KEY"), metavar="F",
+                   help="secret key file: sign answered narinfos and realisations with it")
+    p.add_argument("--store", default=None, metavar="ROOT",
+                   help="the consumer's store is chroot-style under ROOT (nix --store ROOT)")
+    p.add_argument("--log-file", default=env("TRACEHOOK_GATE_LOG"), metavar="F",
+                   help="append one JSON line per event here (env TRACEHOOK_GATE_LOG)")
+    p.add_argument("--priority", type=int, default=30, help="nix-cache-info Priority")
+    p.add_argument("--cache-ttl", type=float, default=300.0, metavar="S",
+                   help="seconds a decision is reused (default %(default)s)")
+    p.add_argument("--cache-size", type=int, default=50_000, metavar="N",
+                   help="decisions kept (default %(default)s)")
+    p.add_argument("--upstream-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for an upstream (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no human lines on stderr")
+
+
+def config_from_args(args: argparse.Namespace) -> GateConfig:
+    host, port = parse_listen(args.listen)
+    return GateConfig(
+        policy=Path(args.policy),
+        upstreams=tuple(args.upstream),
+        host=host,
+        port=port,
+        signing_key=Path(args.signing_key) if args.signing_key else None,
+        store_root=args.store,
+        log_file=Path(args.log_file) if args.log_file else None,
+        priority=args.priority,
+        upstream_timeout=args.upstream_timeout,
+        cache=CacheConfig(max_entries=args.cache_size, ttl=args.cache_ttl),
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    events = EventLog(cfg.log_file, prefix="tracehook-gate",
+                      stderr=None if args.quiet else sys.stderr)
+    server = build_server(cfg, events)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not stop.is_set():
+            stop.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    events.emit("gate-start", "ok",
+                f"serving on http://{cfg.host}:{bound_port(server)} in front of "
+                f"{', '.join(cfg.upstreams)}",
+                listen=f"{cfg.host}:{bound_port(server)}", upstreams=list(cfg.upstreams),
+                policy=str(cfg.policy), store=cfg.store_root)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
+def standalone(argv: Sequence[str] | None = None) -> int:
+    """``tracehook-gate``: the same command as a console script (systemd units)."""
+    from tracehook.cli import _configure_logging
+
+    parser = argparse.ArgumentParser(prog="tracehook-gate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    _configure_logging(args.verbose)
+    try:
+        return main(args)
+    except TracehookError as exc:
+        print(f"tracehook-gate: error: {exc.diagnostics()}", file=sys.stderr)
+        return exc.exit_code
+
+
+def run() -> None:
+    sys.exit(standalone())

@@ -1,0 +1,168 @@
+"""``tracehook verify TARGET... --policy FILE [--store ROOT] [--traces URL ...] [--json]``.
+
+Re-does dependency resolution for each TARGET and accepts it only when a chain of trusted
+build traces links it down to fixed-output sources (docs/POLICY.md). A TARGET is a .drv path
+(every output), ``DRV^out,dev`` (those outputs), or an output path (its deriver is looked up
+in the store's database; that output only). ``--store ROOT`` reads a chroot-style store
+(``ROOT/nix/store``). ``--traces`` replaces the policy's ``traces`` list. When the policy
+trusts a cache key (``narinfo-key``), ``--narinfo-from URL`` names the binary caches whose
+narinfos and realisations are checked against it; ``--explain-trust`` summarises each
+closure: steps verified by traces, accepted on a cache signature, covered, refused.
+
+Exit: 0 every target verified, 1 not verified, 2 usage or configuration error, 3 the Nix
+store or a trace store could not be read (and that may be why something did not verify).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+
+from tracehook.errors import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REFUSED, ConfigError
+from tracehook.nix.derivation_hash import realisation_ids
+from tracehook.nix.storepath import STORE_DIR, output_path_name, parse_store_path, path_name
+from tracehook.stores.binarycache import open_upstream
+from tracehook.stores.nixdb import StoreDatabase
+from tracehook.stores.nixstore import StoreReader
+from tracehook.stores.tracestore import open_store
+from tracehook.verify.policy import load_policy
+from tracehook.verify.report import render_human
+from tracehook.verify.resolver import Limits, Resolver, Target
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "verify",
+        help="verify derivations or store paths against the trust policy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("targets", nargs="+", metavar="TARGET", help=".drv path, DRV^outs, or "
+                   "output path")
+    p.add_argument("--policy", required=True, metavar="FILE", help="trust policy (TOML)")
+    p.add_argument("--store", metavar="ROOT", help="chroot-style store root (default: /)")
+    p.add_argument("--traces", action="append", metavar="URL",
+                   help="trace store to read (repeatable; replaces the policy's list)")
+    p.add_argument("--narinfo-from", action="append", metavar="URL",
+                   help="binary cache (file:///DIR, http(s)://) to read narinfos and "
+                        "realisations from, for the policy's narinfo-key (repeatable)")
+    p.add_argument("--explain-trust", action="store_true",
+                   help="summarise how each closure is trusted (traces, cache signatures)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--at", metavar="TIME", help="reference time for key expiry (ISO 8601, "
+                   "with a time zone; default: now)")
+    p.add_argument("--max-depth", type=int, default=Limits.max_depth, metavar="N")
+    p.add_argument("--max-resolutions", type=int, default=Limits.max_resolutions,
+                   metavar="N", help="cap on candidate resolutions of one step")
+    p.add_argument("--jobs", type=int, default=Limits.workers, metavar="N",
+                   help="concurrent fetches and signature checks (threads)")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="check traces in N worker processes instead (0: never; default: "
+                   f"one per core, for closures of {Limits.process_from} or more "
+                   "derivations)")
+    p.set_defaults(func=main)
+
+
+def _reference_time(at: str | None) -> dt.datetime:
+    if at is None:
+        return dt.datetime.now(dt.timezone.utc)
+    try:
+        when = dt.datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--at {at!r} is not an ISO 8601 date-time") from None
+    if when.tzinfo is None:
+        raise ConfigError(f"--at {at!r} needs a time zone, e.g. {at}Z")
+    return when
+
+
+def _target(spec: str, reader: StoreReader, root: str | None) -> Target:
+    base, _, outs = spec.partition("^")
+    try:
+        parse_store_path(base, STORE_DIR)
+    except Exception:
+        raise ConfigError(f"target {spec!r} is not a store path under {STORE_DIR}") from None
+    if base.endswith(".drv"):
+        wanted = frozenset(o for o in outs.split(",") if o) if outs else None
+        return Target(spec, base, wanted or None)
+    if outs:
+        raise ConfigError(f"target {spec!r}: '^outputs' goes after a .drv path")
+    with StoreDatabase(root) as db:
+        info = db.path_info(base)
+    if info is None:
+        raise ConfigError(f"{base} is not a valid path in the store; give its .drv instead")
+    if info.deriver is None:
+        raise ConfigError(f"{base} has no deriver recorded in the store; give its .drv")
+    deriver = info.deriver
+    drv = reader.read_derivation(deriver)
+    with StoreDatabase(root) as db:
+        if not drv.input_drvs and any(_has_deriver(db, s) for s in drv.input_srcs):
+            # Nix records a CA output's *resolved* derivation as its deriver. Verifying that
+            # would take its inputs as given; find the original, whose inputs are verified.
+            deriver = _original_of(base, drv.name, reader, db, root)
+            drv = reader.read_derivation(deriver)
+    for name, out in drv.outputs.items():
+        if out.path == base or (not out.path and
+                                path_name(base) == output_path_name(drv.name, name)):
+            return Target(spec, deriver, frozenset((name,)), base)
+    raise ConfigError(f"{base} is not an output of its recorded deriver {deriver}")
+
+
+def _has_deriver(db: StoreDatabase, path: str) -> bool:
+    info = db.path_info(path)
+    return info is not None and info.deriver is not None
+
+
+def _original_of(
+    out_path: str, name: str, reader: StoreReader, db: StoreDatabase, root: str | None
+) -> str:
+    """The unresolved derivation whose realisation is ``out_path`` (searched by name)."""
+    directory = Path((root or "") + STORE_DIR)
+    found = []
+    for candidate in sorted(directory.glob(f"*-{name}.drv")):
+        drv_path = f"{STORE_DIR}/{candidate.name}"
+        drv = reader.read_derivation(drv_path)
+        if not drv.input_drvs:
+            continue
+        ids = realisation_ids(drv, reader.read_derivation)
+        if any((db.realisation(rid) or ("",))[0] == out_path for rid in ids.values()):
+            found.append(drv_path)
+    if len(found) != 1:
+        raise ConfigError(f"{out_path} was built from a resolved derivation and its original "
+                          ".drv cannot be told from the store; give the original .drv")
+    return found[0]
+
+
+def main(args: argparse.Namespace) -> int:
+    now = _reference_time(args.at)
+    for flag in ("max_depth", "max_resolutions", "jobs"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    policy = load_policy(args.policy)
+    urls = tuple(args.traces) if args.traces else policy.traces
+    if not urls and policy.traces_can_verify:
+        raise ConfigError(f"no trace stores: add traces = [...] to {args.policy} or pass "
+                          "--traces URL")
+    if policy.narinfo_keys and not args.narinfo_from:
+        raise ConfigError(f"{args.policy} trusts cache signatures (narinfo-key): pass "
+                          "--narinfo-from URL for the binary cache to check them in")
+    stores = [open_store(u) for u in urls]
+    caches = [open_upstream(u) for u in args.narinfo_from or ()]
+    reader = StoreReader(args.store)
+    targets = [_target(t, reader, args.store) for t in args.targets]
+    if args.processes is not None and args.processes < 0:
+        raise ConfigError(f"--processes {args.processes}: give 0 or more")
+    limits = Limits(args.max_depth, args.max_resolutions, args.jobs, args.processes)
+    resolver = Resolver(policy, stores, reader.read_derivation, now, limits, caches)
+    reports = resolver.verify(targets)
+    verified = all(r.verified for r in reports)
+    if args.json:
+        obj = reports[0].to_json() if len(reports) == 1 else {
+            "verified": verified, "targets": [r.to_json() for r in reports]}
+        print(json.dumps(obj, indent=2, sort_keys=False))
+    else:
+        print("\n".join(render_human(r, args.explain_trust) for r in reports))
+    if verified:
+        return EXIT_OK
+    return EXIT_ENVIRONMENT if resolver.faults else EXIT_REFUSED

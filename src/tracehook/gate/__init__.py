@@ -1,0 +1,3 @@
+"""The pre-substitution gate: HTTP front, service orchestration, pure decisions, the derivation
+index, verdicts.
+"""

@@ -1,0 +1,87 @@
+"""The gate's configuration (one frozen dataclass) and its assembly into a server.
+
+Everything is read once at start-up: the policy file, the signing key, the upstream and
+trace-store URLs. A mistake is a ConfigError (exit 2) naming what to fix; nothing is
+contacted until the first request, so a cache that is down at start does not stop the gate
+(its requests answer 502 until it is back).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tracehook.errors import ConfigError
+from tracehook.gate.front import GateHTTPServer, HttpLimits
+from tracehook.gate.index import DrvIndex
+from tracehook.gate.memo import CacheConfig, DecisionCache
+from tracehook.gate.service import Answer, GateCore
+from tracehook.gate.verdicts import ChainVerifier, Verdict
+from tracehook.stores.binarycache import DEFAULT_TIMEOUT, open_upstream
+from tracehook.stores.eventlog import EventLog
+from tracehook.stores.nixstore import StoreReader
+from tracehook.stores.tracestore import open_store
+from tracehook.trace import crypto
+from tracehook.verify.policy import load_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    policy: Path
+    upstreams: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (tests)
+    signing_key: Path | None = None
+    store_root: str | None = None  # chroot-style store (--store ROOT); None: /nix/store
+    log_file: Path | None = None
+    priority: int = 30
+    upstream_timeout: float = DEFAULT_TIMEOUT
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    http: HttpLimits = field(default_factory=HttpLimits)
+    generation_max_age: float = 60.0  # seconds before key expiry is re-checked
+    drv_cache_size: int = 20_000  # parsed .drv files kept in memory (least recently used out)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:37515")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        log.warning("listening on %s, not a loopback address: anyone who can reach it can "
+                    "use the gate's signing key through it", host)
+    return host, int(port)
+
+
+def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
+    if not cfg.upstreams:
+        raise ConfigError("give at least one --upstream binary cache (file:///DIR or http(s)://)")
+    policy = load_policy(cfg.policy)
+    if not policy.traces and policy.traces_can_verify:
+        raise ConfigError(f"{cfg.policy}: 'traces' names no trace store; the gate would "
+                          "refuse everything")
+    stores = [open_store(url) for url in policy.traces]
+    upstreams = [open_upstream(url, cfg.upstream_timeout) for url in cfg.upstreams]
+    key = crypto.read_secret_key_file(cfg.signing_key) if cfg.signing_key else None
+    reader = StoreReader(cfg.store_root, max_cached=cfg.drv_cache_size)
+    index = DrvIndex(reader)
+    verifier = ChainVerifier(policy, stores, reader, max_age=cfg.generation_max_age,
+                             caches=upstreams)
+    core = GateCore(
+        index, verifier, upstreams, key, events,
+        DecisionCache[Answer](cfg.cache), DecisionCache[Verdict](cfg.cache), cfg.priority,
+    )
+    try:
+        server = GateHTTPServer((cfg.host, cfg.port), core, cfg.http)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+    return server

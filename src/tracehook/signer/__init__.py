@@ -1,0 +1,3 @@
+"""The signer: what a build step claims, the post-build hook, the signing agent, publishing,
+configuration.
+"""

@@ -1,0 +1,100 @@
+"""Reading derivations straight from a Nix store on disk, without spawning Nix.
+
+With ``root`` the store is chroot-style, as Nix's ``--store ROOT``: a path
+``<store_dir>/<hash>-<name>`` lives at ``ROOT<store_dir>/<hash>-<name>``.
+This is the only core module that does I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+
+from tracehook.errors import EnvironmentFault, ParseError
+from tracehook.nix.aterm import parse
+from tracehook.nix.derivation import Derivation, decode_drv
+from tracehook.nix.storepath import STORE_DIR, make_text_path, parse_store_path
+
+log = logging.getLogger(__name__)
+
+
+class StoreReader:
+    """Reads and memoizes derivations from one store (thread-safe)."""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        store_dir: str = STORE_DIR,
+        verify_paths: bool = True,
+        max_cached: int | None = None,
+    ) -> None:
+        """``verify_paths``: check that each .drv's contents hash to its own store path.
+        ``max_cached``: keep at most this many parsed derivations, least recently used
+        first out (a long-running gate); None keeps every one (one verification run)."""
+        self.root = root
+        self.store_dir = store_dir
+        self.verify_paths = verify_paths
+        self.max_cached = max_cached
+        self._drvs: OrderedDict[str, Derivation] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def real_path(self, store_path: str) -> str:
+        """Where a store path's file is on this machine (ParseError if not a store path)."""
+        parse_store_path(store_path, self.store_dir)
+        return store_path if self.root is None else self.root.rstrip("/") + store_path
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(self.real_path(path))
+
+    def read_derivation(self, drv_path: str) -> Derivation:
+        """The parsed derivation at ``drv_path``.
+
+        EnvironmentFault when it cannot be read; ParseError (naming the file) when it is
+        malformed or, with ``verify_paths``, does not hash to its own path.
+        """
+        with self._lock:
+            drv = self._drvs.get(drv_path)
+            if drv is not None:
+                if self.max_cached is not None:
+                    self._drvs.move_to_end(drv_path)
+                return drv
+        _, name = parse_store_path(drv_path, self.store_dir)
+        if not name.endswith(".drv"):
+            raise ParseError("derivation path", f"{drv_path} is not a .drv", len(drv_path))
+        real = self.real_path(drv_path)
+        try:
+            with open(real, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise EnvironmentFault(f"cannot read derivation {drv_path} ({real}): {e}") from e
+        drv = parse(decode_drv(data), what=f"derivation {drv_path}")
+        if self.verify_paths:
+            # The path is the text-file hash of the bytes as stored (what Nix hashed when it
+            # wrote them); hashing them as read also spares re-serializing the derivation.
+            refs = [*drv.input_srcs, *drv.input_drvs]
+            computed = make_text_path(name, data, refs, self.store_dir)
+            if computed != drv_path:
+                raise ParseError(
+                    f"derivation {drv_path}", f"its contents hash to {computed}, not to its path"
+                )
+        log.debug("read derivation %s", drv_path)
+        with self._lock:
+            self._drvs[drv_path] = drv
+            if self.max_cached is not None and len(self._drvs) > self.max_cached:
+                self._drvs.popitem(last=False)
+        return drv
+
+    def load_closure(self, drv_path: str) -> dict[str, Derivation]:
+        """Every derivation reachable through inputDrvs from ``drv_path``, itself included."""
+        closure: dict[str, Derivation] = {}
+        todo = [drv_path]
+        while todo:
+            path = todo.pop()
+            if path in closure:
+                continue
+            drv = self.read_derivation(path)
+            closure[path] = drv
+            todo.extend(p for p in drv.input_drvs if p not in closure)
+        return closure

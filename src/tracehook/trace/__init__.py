@@ -1,0 +1,3 @@
+"""Signed claims: keys and signatures (the one crypto module), JWS, the trace format, step
+keys. Pure.
+"""

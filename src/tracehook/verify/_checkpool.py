@@ -1,0 +1,254 @@
+"""Fetching and checking the traces of resolved steps, in threads or in worker processes.
+
+The work for one trace key needs no verified state, only the policy's keys and the trace
+stores: fetch ``traces/<key>`` from every store, parse each JWS, verify its Ed25519
+signature, read its claim (:meth:`~tracehook.verify.trusted.KeyRing.check`). libsodium
+releases the GIL while it verifies, but parsing JSON and base64 does not, so for a large
+closure the resolver hands this work to a :class:`CheckPool` of worker processes. Results
+come back as plain tuples (about a tenth of what pickling the claim objects would cost the
+resolver's thread); the claims are rebuilt there, each JWS kept as its compact string and
+parsed again only if a report asks for it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime as dt
+import gc
+import logging
+import multiprocessing
+import os
+import pickle
+import threading
+from collections.abc import Sequence
+from concurrent.futures import BrokenExecutor, Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext
+from typing import Any
+
+from tracehook.errors import EnvironmentFault, ParseError
+from tracehook.stores.tracestore import TraceStore
+from tracehook.trace.claim import Claim, KeyKind, OutputClaim, TraceKey
+from tracehook.verify.policy import Policy
+from tracehook.verify.trusted import Accepted, Checked, KeyRing, Rejected
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreFault:
+    url: str
+    message: str
+
+
+def fetch_and_check(
+    ring: KeyRing,
+    key: TraceKey,
+    fetched: Sequence[tuple[TraceStore, Future[list[str]]]],
+) -> tuple[Checked, list[StoreFault]]:
+    """Gather one key's traces from every store (futures of ``store.get``), check them."""
+    tokens: list[str] = []
+    bad_files: list[Rejected] = []
+    faults: list[StoreFault] = []
+    for store, fut in fetched:
+        try:
+            tokens.extend(fut.result())
+        except EnvironmentFault as exc:
+            log.warning("trace store %s: %s", store.url, exc.diagnostics())
+            faults.append(StoreFault(store.url, exc.diagnostics()))
+        except ParseError as exc:
+            bad_files.append(Rejected("malformed", None, f"{store.url} serves a malformed "
+                                      f"trace file for {key.key}: {exc.diagnostics()}"))
+    result = ring.check(tokens, key)
+    return Checked(result.accepted, result.rejected + tuple(bad_files), result.seen), faults
+
+
+def fetch_here(store: TraceStore, key: str) -> Future[list[str]]:
+    """``store.get(key)`` run in this thread, as a finished future (its error kept)."""
+    fut: Future[list[str]] = Future()
+    try:
+        fut.set_result(store.get(key))
+    except BaseException as exc:  # handed on to whoever reads the future
+        fut.set_exception(exc)
+    return fut
+
+
+# --------------------------------------------------------------------- worker processes
+
+# What a worker sends back for one key: the accepted claims as plain values, the
+# rejections (rare, small), how many signatures it saw, and the store faults.
+_Plain = tuple[str, KeyKind, str, str, str, tuple[tuple[str, str, bytes], ...]]
+Packed = tuple[tuple[_Plain, ...], tuple[Rejected, ...], int, tuple[StoreFault, ...]]
+
+_worker: tuple[KeyRing, list[TraceStore]] | None = None
+KeyTuple = tuple[KeyKind, str, str, tuple[tuple[str, bytes], ...]]  # a TraceKey's fields
+
+
+def _init_worker(policy: Policy, now: dt.datetime, stores: list[TraceStore]) -> None:
+    global _worker
+    _worker = (KeyRing(policy, now, memo=False), stores)
+    gc.freeze()  # what the worker holds from here on lives as long as it does
+
+
+def _check_batch(keys: Sequence[TraceKey]) -> list[Packed]:
+    assert _worker is not None, "worker not initialised"
+    ring, stores = _worker
+    out: list[Packed] = []
+    for key in keys:
+        checked, faults = fetch_and_check(ring, key, [(s, fetch_here(s, key.key))
+                                                      for s in stores])
+        plain = tuple(
+            (a.signer, a.claim.kind, a.claim.key, a.claim.kid, a.claim.compact,
+             tuple((n, o.path, o.nar_hash) for n, o in a.claim.outputs.items()))
+            for a in checked.accepted
+        )
+        out.append((plain, checked.rejected, checked.seen, tuple(faults)))
+    return out
+
+
+def _serve(conn: Connection, policy: Policy, now: dt.datetime,
+           stores: list[TraceStore]) -> None:
+    """A checker process: batches of keys in, packed results out, until an empty message
+    or the pipe closes."""
+    _init_worker(policy, now, stores)
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if not message:
+            return
+        keys: list[KeyTuple] = pickle.loads(message)
+        result = _check_batch([TraceKey(*k) for k in keys])
+        conn.send_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def unpack(packed: Packed) -> tuple[Checked, tuple[StoreFault, ...]]:
+    plain, rejected, seen, faults = packed
+    accepted = tuple(
+        Accepted(signer, Claim(kind, key, {n: OutputClaim(p, h) for n, p, h in outs}, kid,
+                               compact))
+        for signer, kind, key, kid, compact, outs in plain
+    )
+    return Checked(accepted, rejected, seen), faults
+
+
+class WorkerLost(BrokenExecutor):
+    """A checker process died, or its pipe broke."""
+
+
+class _Worker:
+    """One checker process, its pipe, and the batches it has not answered (in order)."""
+
+    def __init__(self, ctx: SpawnContext, args: tuple[Any, ...]) -> None:
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_serve, args=(child, *args), daemon=True,
+                                   name="tracehook-checker")
+        try:
+            self.process.start()
+        except BaseException:
+            self.conn.close()
+            raise
+        finally:
+            child.close()
+        self.pending: collections.deque[Future[list[Packed]]] = collections.deque()
+        self.lock = threading.Lock()
+        self.lost: BaseException | None = None
+        self.reader = threading.Thread(target=self._read, name="tracehook-checker-reader",
+                                       daemon=True)
+        self.reader.start()
+
+    def submit(self, keys: Sequence[TraceKey]) -> Future[list[Packed]]:
+        fut: Future[list[Packed]] = Future()
+        message = pickle.dumps([(k.kind, k.key, k.rdrv_path, k.pins) for k in keys],
+                               protocol=pickle.HIGHEST_PROTOCOL)
+        with self.lock:
+            if self.lost is not None:
+                fut.set_exception(WorkerLost(str(self.lost)))
+                return fut
+            self.pending.append(fut)
+        # Sent without holding the lock: a full pipe blocks this thread only, while the
+        # reader goes on taking answers (so the worker can go on to the next batch).
+        try:
+            self.conn.send_bytes(message)
+        except OSError as exc:
+            with self.lock:
+                unsent = fut in self.pending
+                if unsent:
+                    self.pending.remove(fut)
+            if unsent:
+                fut.set_exception(WorkerLost(f"checker process pipe: {exc}"))
+        return fut
+
+    def _read(self) -> None:
+        """Runs in a thread: answers come back in the order the batches went out."""
+        while True:
+            try:
+                data = self.conn.recv_bytes()
+            except (EOFError, OSError) as exc:
+                self._lose(exc)
+                return
+            with self.lock:
+                fut = self.pending.popleft() if self.pending else None
+            if fut is not None:
+                fut.set_result(pickle.loads(data))
+
+    def _lose(self, exc: BaseException) -> None:
+        with self.lock:
+            self.lost = exc
+            pending, self.pending = list(self.pending), collections.deque()
+        for fut in pending:
+            fut.set_exception(WorkerLost(f"checker process {self.process.pid} exited "
+                                         f"(code {self.process.exitcode}): {exc!r}"))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send_bytes(b"")
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+        self.reader.join(timeout=5)
+
+
+class CheckPool:
+    """Worker processes that fetch and check batches of trace keys.
+
+    Started with ``spawn`` (a fresh interpreter: safe beside the caller's threads), each
+    with a pipe of its own: a batch is one message each way, read back by one thread per
+    worker. A batch goes to the worker with the fewest unanswered batches.
+    """
+
+    def __init__(self, policy: Policy, now: dt.datetime, stores: Sequence[TraceStore],
+                 workers: int) -> None:
+        self.workers = workers
+        self.broken = False  # set when a batch found a worker gone
+        ctx = multiprocessing.get_context("spawn")
+        self._procs: list[_Worker] = []
+        try:
+            for _ in range(workers):
+                self._procs.append(_Worker(ctx, (policy, now, list(stores))))
+        except BaseException:  # e.g. a store that cannot be handed to a process
+            self.close()
+            raise
+
+    def submit(self, keys: Sequence[TraceKey]) -> Future[list[Packed]]:
+        worker = min(self._procs, key=lambda w: len(w.pending))
+        return worker.submit(keys)
+
+    def close(self) -> None:
+        for worker in self._procs:
+            worker.close()
+        self._procs = []
+
+
+def default_workers() -> int:
+    """One worker per core the process may run on, at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores)
