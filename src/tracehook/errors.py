@@ -149,7 +149,7 @@ RejectKind = Literal[
 ]
 FailureKind = Literal[
     "no-trace", "no-trusted-claim", "threshold", "disagree", "missing-output", "input",
-    "impure", "too-many-resolutions", "graph", "resolution",
+    "impure", "too-many-resolutions", "graph", "resolution", "weak-hash",
 ]
 
 
