@@ -61,3 +61,18 @@ class BadSignature(TracehookError):
 
 class CommandFailed(EnvironmentFault):
     """A subprocess (usually Nix) failed; the message carries its stderr."""
+
+
+class EvidenceRefused(TracehookError):
+    """Hardware evidence (an attestation report) was checked and refused.
+
+    ``reason`` is one short code from :data:`tracehook.trace.snpverify.REASONS`
+    (``bad-signature``, ``unknown-root``, ``measurement-not-accepted``, ...); the message
+    says what was found and what was required, in one line."""
+
+    exit_code = EXIT_REFUSED
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        self.message = message
+        super().__init__(f"evidence refused ({reason}): {message}")
