@@ -119,6 +119,26 @@ class SoftwareChain:
         """ASK then ARK, as AMD's cert_chain: what a test allows as a root."""
         return self.pem("ask", "ark")
 
+    def issue_leaf(self, extensions: list[x509.UnrecognizedExtension] | None = None, *,
+                   key: Any = None, cn: str = "SEV-VCEK", pkcs1: bool = False,
+                   not_before: dt.datetime = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc),
+                   not_after: dt.datetime = dt.datetime(2050, 1, 1, tzinfo=dt.timezone.utc),
+                   ) -> x509.Certificate:
+        """Another leaf certificate from this chain's ASK (a made chain only): for tests of
+        certificates that lie (other extensions, key, signature scheme)."""
+        key = key or self.vcek_key
+        if extensions is None:
+            extensions = vcek_extensions(self.tcb, self.chip_id)
+        builder = (x509.CertificateBuilder().subject_name(_name(cn))
+                   .issuer_name(self.ask.subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(not_before).not_valid_after(not_after))
+        for ext in extensions:
+            builder = builder.add_extension(ext, critical=False)
+        if pkcs1:
+            return builder.sign(self.keys["ask"], hashes.SHA384())
+        return builder.sign(self.keys["ask"], hashes.SHA384(), rsa_padding=PSS)
+
     def report(self, report_data: bytes = bytes(64), **fields: Any) -> bytes:
         fields.setdefault("reported_tcb", self.tcb)
         fields.setdefault("chip_id", self.chip_id)

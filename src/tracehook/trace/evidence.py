@@ -118,7 +118,7 @@ def binding_preimage(kind: str, key: str, outputs: Mapping[str, BindableOutput],
             try:
                 parse_store_path(path, store_dir)
             except ParseError as exc:
-                raise ValueError(exc.message) from None
+                raise ValueError(f"output {name}: {exc.message}") from None
         lines.append(f"output {name} {out.path} {format_nar_hash(out.nar_hash)}")
         lines += [f"reference {ref}" for ref in sorted(set(out.references))]
     return ("\n".join(lines) + "\n").encode("utf-8")

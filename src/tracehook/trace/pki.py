@@ -20,7 +20,7 @@ import datetime as dt
 import hashlib
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tracehook.errors import BadSignature, ParseError
 
@@ -114,6 +114,7 @@ def _signature_algorithm(cert: x509.Certificate) -> str:
 
 def _wrap(cert: x509.Certificate) -> Certificate:
     from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
 
     extensions = tuple(
         (ext.oid.dotted_string, bytes(ext.value.value))
@@ -121,7 +122,7 @@ def _wrap(cert: x509.Certificate) -> Certificate:
         if isinstance(ext.value, x509.UnrecognizedExtension)
     )
     return Certificate(
-        der=cert.public_bytes(_der_encoding()),
+        der=cert.public_bytes(Encoding.DER),
         subject=cert.subject.rfc4514_string(),
         issuer=cert.issuer.rfc4514_string(),
         common_name=_common_name(cert.subject),
@@ -133,12 +134,6 @@ def _wrap(cert: x509.Certificate) -> Certificate:
         extensions=extensions,
         handle=cert,
     )
-
-
-def _der_encoding() -> Any:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return Encoding.DER
 
 
 def load_certificates(data: bytes, what: str) -> tuple[Certificate, ...]:
@@ -197,9 +192,11 @@ def issue_problem(child: Certificate, issuer: Certificate) -> str | None:
     return None
 
 
-def verify_ecdsa_p384(cert: Certificate, message: bytes, r: int, s: int) -> None:
+def verify_ecdsa_p384(cert: Certificate, message: bytes, r: int, s: int,
+                      what: str = "signature") -> None:
     """Return if (r, s) is an ECDSA P-384 / SHA-384 signature of ``message`` by ``cert``'s
-    key; raise BadSignature otherwise (including a key that is not P-384)."""
+    key; raise BadSignature otherwise (including a key that is not P-384). ``what`` names
+    the signature in the message."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -207,15 +204,15 @@ def verify_ecdsa_p384(cert: Certificate, message: bytes, r: int, s: int) -> None
 
     key = cert.handle.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
-        raise BadSignature(f"certificate {cert.common_name} holds a {cert.key_type} key, "
-                           "not ECDSA P-384")
+        raise BadSignature(f"{cert.common_name} holds an {cert.key_type} key, not ECDSA "
+                           f"P-384: it cannot have made the {what}")
     limit = 1 << (8 * P384_SCALAR_LEN)
     if not (0 < r < limit and 0 < s < limit):
-        raise BadSignature(f"signature values are out of range for P-384 (by {cert.common_name})")
+        raise BadSignature(f"{what} values are out of range for P-384")
     try:
         key.verify(encode_dss_signature(r, s), message, ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:
-        raise BadSignature(f"signature does not verify under {cert.common_name}'s key "
+        raise BadSignature(f"{what} does not verify under {cert.common_name}'s key "
                            f"(sha256 {cert.sha256[:16]})") from None
 
 

@@ -240,18 +240,21 @@ def _check(report: Report, signer: Certificate, given: Sequence[Certificate],
         raise _Refused("bad-signature", f"signature algorithm {report.signature_algo} is not "
                        "1 (ECDSA P-384 with SHA-384)")
     try:
-        pki.verify_ecdsa_p384(signer, report.signed_bytes, *report.signature_rs)
+        pki.verify_ecdsa_p384(signer, report.signed_bytes, *report.signature_rs,
+                              what="the report's signature")
     except BadSignature as exc:
-        raise _Refused("bad-signature", f"report {exc}") from None
+        raise _Refused("bad-signature", str(exc)) from None
     if report.version not in SUPPORTED_VERSIONS:
         raise _Refused("unsupported-version", f"report version {report.version}; this "
                        f"verifier knows versions {SUPPORTED_VERSIONS[0]} to "
                        f"{SUPPORTED_VERSIONS[-1]}")
     kind = SIGNER_KINDS.get(signer.common_name)
     if kind is None or kind != report.signing_key:
-        raise _Refused("signing-key-mismatch", f"the report says it is signed by its "
-                       f"{report.signing_key.upper()}; the certificate is "
-                       f"{signer.common_name!r}")
+        said = (f"its {report.signing_key.upper()}" if report.signing_key in ("vcek", "vlek")
+                else f"no known key (SIGNING_KEY {report.signing_key})")
+        raise _Refused("signing-key-mismatch", f"the report says it is signed by {said}; the "
+                       f"certificate is {signer.common_name!r}, not a "
+                       f"{'SEV-VLEK' if report.signing_key == 'vlek' else 'SEV-VCEK'}")
     done.chain, done.root = _link(signer, given, req.roots)
     for cert in done.chain:
         if not cert.valid_at(now):
@@ -280,7 +283,7 @@ def _check(report: Report, signer: Certificate, given: Sequence[Certificate],
         done.checks.append(("measurement", "not checked"))
     elif report.measurement not in req.measurements:
         raise _Refused("measurement-not-accepted", f"measurement {report.measurement.hex()} is "
-                       f"not one of the {len(req.measurements)} accepted")
+                       f"not an accepted one ({len(req.measurements)} accepted)")
     else:
         done.checks.append(("measurement", "accepted"))
     if req.minimum_tcb is None:
