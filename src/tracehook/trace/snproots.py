@@ -42,7 +42,9 @@ AMD_PRODUCTS = tuple(_AMD)
 @dataclass(frozen=True)
 class SnpRoot:
     """A trust anchor: an ARK, and the intermediates (ASK, ASVK) it issued, known in advance
-    so that evidence need only carry its VCEK or VLEK."""
+    so that evidence need only carry its VCEK or VLEK. Made by :func:`amd_roots` and
+    :func:`root_from_pem`, which verify the ARK's self-signature and that it issued each
+    intermediate: the chain walk does not check those links again."""
 
     name: str  # "amd-milan", ..., or the name a policy gives its own root
     product: str  # "Milan", "Genoa", "Turin", or the given root's
