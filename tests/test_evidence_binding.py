@@ -83,6 +83,7 @@ def test_reference_order_and_duplicates_do_not_matter() -> None:
     ("ia", KEY, {"o ut": OUTPUTS["out"]}, "not a Nix output name"),
     ("ia", KEY, {"out\nreference": OUTPUTS["out"]}, "not a Nix output name"),
     ("ia", KEY, {"out": BoundOutput("/tmp/x", H1, ())}, "not in /nix/store"),
+    ("ia", KEY, {"out": BoundOutput(OUT, H1[:20], ())}, "a NAR hash is 32 bytes"),
     ("ia", KEY, {"out": BoundOutput(OUT, H1, (OUT + "\nreference x",))}, "output out: .*illegal"),
 ])
 def test_what_the_preimage_cannot_hold_is_refused(kind: str, key: str, outputs: Any,

@@ -172,3 +172,14 @@ def test_the_software_provider_as_an_evidence_command(tmp_path: Path) -> None:
                          capture_output=True)
     assert bad.returncode == 2 and b"128 hex digits" in bad.stderr
     assert base64.b64decode(json.loads(run.stdout)["chain"][1]) == fixed_chain().der("ark")
+
+
+def test_start_up_does_not_load_cryptography() -> None:
+    """The CLI (every subcommand registered) and the evidence modules import without the
+    library: only checking evidence pays for it (tracehook.trace.pki imports it lazily)."""
+    code = ("import sys, tracehook.cli, tracehook.cli.evidence, tracehook.trace.evidence, "
+            "tracehook.signer.agent_client; tracehook.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))")
+    run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True)
+    assert run.stdout.strip() == "[]"

@@ -81,15 +81,16 @@ class BoundClaim:
     outputs: tuple[tuple[str, BoundOutput], ...]  # by output name
 
     @classmethod
-    def of(cls, kind: KeyKind, key: str, outputs: Mapping[str, BindableOutput]) -> BoundClaim:
+    def of(cls, kind: KeyKind, key: str, outputs: Mapping[str, BindableOutput],
+           store_dir: str = STORE_DIR) -> BoundClaim:
         """Normalised (sorted, deduplicated) and checked (ValueError) as the preimage needs."""
-        binding_preimage(kind, key, outputs)  # the checks
+        _check(kind, key, outputs, store_dir)
         return cls(kind, key, tuple(
             (name, BoundOutput(o.path, o.nar_hash, tuple(sorted(set(o.references)))))
             for name, o in sorted(outputs.items())))
 
     def preimage(self) -> bytes:
-        return binding_preimage(self.kind, self.key, dict(self.outputs))
+        return _render(self.kind, self.key, dict(self.outputs))
 
     def digest(self) -> bytes:
         return hashlib.sha512(self.preimage()).digest()
@@ -100,33 +101,46 @@ class BoundClaim:
                    "references": list(o.references)} for name, o in self.outputs}}
 
 
-def binding_preimage(kind: str, key: str, outputs: Mapping[str, BindableOutput],
-                     store_dir: str = STORE_DIR) -> bytes:
-    """The ``tracehook-evidence-v1`` preimage; ValueError if a part cannot be written in it."""
+def _check(kind: str, key: str, outputs: Mapping[str, BindableOutput], store_dir: str) -> None:
+    """ValueError if a part of the claim cannot be written in the preimage."""
     if kind not in ("ca", "ia"):
         raise ValueError(f"trace key kind {kind!r} is not 'ca' or 'ia'")
     if not nixbase32.is_valid(key, 20):
         raise ValueError(f"trace key {key!r} is not 32 nix-base32 characters")
     if not outputs:
         raise ValueError("a claim names at least one output")
-    lines = [EVIDENCE_FORMAT, f"key {kind} {key}"]
-    for name in sorted(outputs):
-        out = outputs[name]
+    for name, out in outputs.items():
         if not _OUTPUT_NAME.match(name):
             raise ValueError(f"output name {name!r} is not a Nix output name")
+        if len(out.nar_hash) != 32:
+            raise ValueError(f"output {name}: a NAR hash is 32 bytes (sha256)")
         for path in (out.path, *out.references):
             try:
                 parse_store_path(path, store_dir)
             except ParseError as exc:
                 raise ValueError(f"output {name}: {exc.message}") from None
+
+
+def _render(kind: str, key: str, outputs: Mapping[str, BindableOutput]) -> bytes:
+    lines = [EVIDENCE_FORMAT, f"key {kind} {key}"]
+    for name in sorted(outputs):
+        out = outputs[name]
         lines.append(f"output {name} {out.path} {format_nar_hash(out.nar_hash)}")
         lines += [f"reference {ref}" for ref in sorted(set(out.references))]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def binding_digest(kind: str, key: str, outputs: Mapping[str, BindableOutput]) -> bytes:
+def binding_preimage(kind: str, key: str, outputs: Mapping[str, BindableOutput],
+                     store_dir: str = STORE_DIR) -> bytes:
+    """The ``tracehook-evidence-v1`` preimage; ValueError if a part cannot be written in it."""
+    _check(kind, key, outputs, store_dir)
+    return _render(kind, key, outputs)
+
+
+def binding_digest(kind: str, key: str, outputs: Mapping[str, BindableOutput],
+                   store_dir: str = STORE_DIR) -> bytes:
     """SHA-512 of :func:`binding_preimage`: the 64 bytes a report's REPORT_DATA must hold."""
-    return hashlib.sha512(binding_preimage(kind, key, outputs)).digest()
+    return hashlib.sha512(binding_preimage(kind, key, outputs, store_dir)).digest()
 
 
 @dataclass(frozen=True)
@@ -179,10 +193,10 @@ def _parse_claim(value: Any, what: str, store_dir: str) -> BoundClaim:
         outputs[name] = BoundOutput(out["path"], nar_hash, tuple(refs))
     kind, key = value.get("kind"), value.get("key")
     try:
-        binding_preimage(str(kind), str(key), outputs, store_dir)
+        _check(str(kind), str(key), outputs, store_dir)
     except ValueError as exc:
         raise ParseError(what, f"claim: {exc}") from None
-    return BoundClaim.of("ca" if kind == "ca" else "ia", str(key), outputs)
+    return BoundClaim.of("ca" if kind == "ca" else "ia", str(key), outputs, store_dir)
 
 
 def parse_evidence_entry(value: Any, what: str = "evidence entry",

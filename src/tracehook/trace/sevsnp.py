@@ -98,16 +98,16 @@ class Tcb:
         if unknown:
             raise ValueError(f"{what}: unknown TCB field(s) {', '.join(unknown)} "
                              f"(known: {', '.join(TCB_FIELDS)})")
-        values: dict[str, int | None] = {}
+        values: dict[str, int] = {}
         for name in TCB_FIELDS:
             value = spec.get(name)
             if value is None and name == "fmc":
-                values[name] = None
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
                 raise ValueError(f"{what}: '{name}' must be an integer from 0 to 255")
             values[name] = value
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(values["bootloader"], values["tee"], values["snp"], values["microcode"],
+                   values.get("fmc"))
 
     def items(self) -> list[tuple[str, int]]:
         return [(n, v) for n in TCB_FIELDS if (v := getattr(self, n)) is not None]
