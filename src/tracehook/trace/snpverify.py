@@ -35,9 +35,9 @@ import hmac
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import get_args
 
-from tracehook.errors import BadSignature, EvidenceRefused
+from tracehook.errors import BadSignature, EvidenceReason, EvidenceRefused
 from tracehook.trace import pki
 from tracehook.trace.pki import Certificate
 from tracehook.trace.sevsnp import (
@@ -52,16 +52,7 @@ from tracehook.trace.snproots import SnpRoot
 
 log = logging.getLogger(__name__)
 
-Reason = Literal[
-    "bad-signature", "unsupported-version", "signing-key-mismatch", "broken-chain", "unknown-root",
-    "certificate-expired", "tcb-mismatch", "chip-mismatch", "debug-policy",
-    "report-data-mismatch", "measurement-not-accepted", "tcb-too-old",
-]
-REASONS: tuple[Reason, ...] = (
-    "bad-signature", "unsupported-version", "signing-key-mismatch", "broken-chain", "unknown-root",
-    "certificate-expired", "tcb-mismatch", "chip-mismatch", "debug-policy",
-    "report-data-mismatch", "measurement-not-accepted", "tcb-too-old",
-)
+REASONS: tuple[EvidenceReason, ...] = get_args(EvidenceReason)
 
 AMD_OID = "1.3.6.1.4.1.3704.1"
 OID_PRODUCT_NAME = f"{AMD_OID}.2"
@@ -97,21 +88,16 @@ class SnpRequirements:
 
 
 @dataclass(frozen=True)
-class Refusal:
-    reason: Reason
-    message: str
-
-
-@dataclass(frozen=True)
 class SnpVerdict:
     """The result of examining one report: what it says, how far it linked, and the refusal
-    (None when verified). ``checks`` says which requirements were checked and how."""
+    (None when verified; else the error :meth:`raise_if_refused` raises, with its reason
+    code). ``checks`` says which requirements were checked and how."""
 
     report: Report
     signer: Certificate
     chain: tuple[Certificate, ...]  # signer, ASK/ASVK, ARK, once linked; else ()
     root: SnpRoot | None
-    refusal: Refusal | None
+    refusal: EvidenceRefused | None
     checks: tuple[tuple[str, str], ...]
 
     @property
@@ -161,12 +147,6 @@ class _Progress:
     checks: list[tuple[str, str]] = field(default_factory=list)
 
 
-class _Refused(Exception):
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.refusal = Refusal(reason, message)
-
-
 def _link(signer: Certificate, given: Sequence[Certificate],
           roots: Sequence[SnpRoot]) -> tuple[tuple[Certificate, ...], SnpRoot]:
     """signer -> intermediate -> allowed ARK, from the given and the roots' certificates."""
@@ -179,9 +159,10 @@ def _link(signer: Certificate, given: Sequence[Certificate],
     pool = list(known.values())
     middles = [c for c in pool if not c.self_issued and c.subject == signer.issuer]
     if not middles:
-        raise _Refused("unknown-root", f"{signer.common_name}'s issuer "
-                       f"{signer.issuer_common_name!r} is neither given nor under an allowed "
-                       f"root ({', '.join(r.name for r in roots)})")
+        raise EvidenceRefused(
+            "unknown-root", f"{signer.common_name}'s issuer "
+            f"{signer.issuer_common_name!r} is neither given nor under an allowed "
+            f"root ({', '.join(r.name for r in roots)})")
     problems: list[str] = []
     unknown: list[str] = []
     for middle in middles:
@@ -207,8 +188,8 @@ def _link(signer: Certificate, given: Sequence[Certificate],
                                f"{ark.sha256[:16]}), which is not an allowed root "
                                f"({', '.join(r.name for r in roots)})")
     if unknown:
-        raise _Refused("unknown-root", unknown[0])
-    raise _Refused("broken-chain", problems[0])
+        raise EvidenceRefused("unknown-root", unknown[0])
+    raise EvidenceRefused("broken-chain", problems[0])
 
 
 def _check_certified_tcb(report: Report, signer: Certificate, kind: str) -> None:
@@ -217,58 +198,67 @@ def _check_certified_tcb(report: Report, signer: Certificate, kind: str) -> None
         raw = signer.extension(OID_SPL[name])
         certified = pki.der_integer(raw) if raw is not None else None
         if certified is None:
-            raise _Refused("tcb-mismatch", f"{signer.common_name} has no readable {name} SPL "
-                           f"extension ({OID_SPL[name]})")
+            raise EvidenceRefused(
+                "tcb-mismatch", f"{signer.common_name} has no readable {name} SPL "
+                f"extension ({OID_SPL[name]})")
         if certified != value:
-            raise _Refused("tcb-mismatch", f"{signer.common_name} certifies {name}={certified}, "
-                           f"the report's reported TCB says {name}={value} ({tcb})")
+            raise EvidenceRefused(
+                "tcb-mismatch", f"{signer.common_name} certifies {name}={certified}, "
+                f"the report's reported TCB says {name}={value} ({tcb})")
     if kind != "vcek":
         return
     hwid = signer.extension(OID_HWID)
     if hwid is not None and len(hwid) not in (8, 64):
         hwid = pki.der_octet_string(hwid)
     if hwid is None or len(hwid) not in (8, 64):
-        raise _Refused("chip-mismatch", f"{signer.common_name} has no readable hwID extension")
+        raise EvidenceRefused(
+            "chip-mismatch", f"{signer.common_name} has no readable hwID extension")
     if not hmac.compare_digest(hwid, report.chip_id[: len(hwid)]):
         masked = " (the report masks its chip id)" if report.chip_id_masked else ""
-        raise _Refused("chip-mismatch", f"{signer.common_name} is for chip "
-                       f"{hwid.hex()[:16]}..., the report is from chip "
-                       f"{report.chip_id.hex()[:16]}...{masked}")
+        raise EvidenceRefused(
+            "chip-mismatch", f"{signer.common_name} is for chip "
+            f"{hwid.hex()[:16]}..., the report is from chip "
+            f"{report.chip_id.hex()[:16]}...{masked}")
 
 
 def _check(report: Report, signer: Certificate, given: Sequence[Certificate],
            req: SnpRequirements, now: dt.datetime, expected_report_data: bytes | None,
            done: _Progress) -> None:
     if report.signature_algo != SIG_ALGO_ECDSA_P384_SHA384:
-        raise _Refused("bad-signature", f"signature algorithm {report.signature_algo} is not "
-                       "1 (ECDSA P-384 with SHA-384)")
+        raise EvidenceRefused(
+            "bad-signature", f"signature algorithm {report.signature_algo} is not "
+            "1 (ECDSA P-384 with SHA-384)")
     try:
         pki.verify_ecdsa_p384(signer, report.signed_bytes, *report.signature_rs,
                               what="the report's signature")
     except BadSignature as exc:
-        raise _Refused("bad-signature", str(exc)) from None
+        raise EvidenceRefused("bad-signature", str(exc)) from None
     if report.version not in SUPPORTED_VERSIONS:
-        raise _Refused("unsupported-version", f"report version {report.version}; this "
-                       f"verifier knows versions {SUPPORTED_VERSIONS[0]} to "
-                       f"{SUPPORTED_VERSIONS[-1]}")
+        raise EvidenceRefused(
+            "unsupported-version", f"report version {report.version}; this "
+            f"verifier knows versions {SUPPORTED_VERSIONS[0]} to "
+            f"{SUPPORTED_VERSIONS[-1]}")
     kind = SIGNER_KINDS.get(signer.common_name)
     if kind is None or kind != report.signing_key:
         said = (f"its {report.signing_key.upper()}" if report.signing_key in ("vcek", "vlek")
                 else f"no known key (SIGNING_KEY {report.signing_key})")
-        raise _Refused("signing-key-mismatch", f"the report says it is signed by {said}; the "
-                       f"certificate is {signer.common_name!r}, not a "
-                       f"{'SEV-VLEK' if report.signing_key == 'vlek' else 'SEV-VCEK'}")
+        raise EvidenceRefused(
+            "signing-key-mismatch", f"the report says it is signed by {said}; the "
+            f"certificate is {signer.common_name!r}, not a "
+            f"{'SEV-VLEK' if report.signing_key == 'vlek' else 'SEV-VCEK'}")
     done.chain, done.root = _link(signer, given, req.roots)
     for cert in done.chain:
         if not cert.valid_at(now):
-            raise _Refused("certificate-expired", f"{cert.common_name} is valid from "
-                           f"{cert.not_before:%Y-%m-%d} to {cert.not_after:%Y-%m-%d}, not at "
-                           f"{now:%Y-%m-%dT%H:%M:%SZ}")
+            raise EvidenceRefused(
+                "certificate-expired", f"{cert.common_name} is valid from "
+                f"{cert.not_before:%Y-%m-%d} to {cert.not_after:%Y-%m-%d}, not at "
+                f"{now:%Y-%m-%dT%H:%M:%SZ}")
     _check_certified_tcb(report, signer, kind)
     if report.debug_allowed:
         if not req.allow_debug:
-            raise _Refused("debug-policy", f"the guest policy {report.policy:#x} allows "
-                           "debugging: the host can read and change the guest's memory")
+            raise EvidenceRefused(
+                "debug-policy", f"the guest policy {report.policy:#x} allows "
+                "debugging: the host can read and change the guest's memory")
         log.warning("UNSAFE: accepting an SEV-SNP report whose guest policy allows debugging "
                     "(allow-debug): chip %s", report.chip_id.hex()[:16])
         done.checks.append(("debug", "allowed (unsafe)"))
@@ -277,16 +267,18 @@ def _check(report: Report, signer: Certificate, given: Sequence[Certificate],
     if expected_report_data is None:
         done.checks.append(("report-data", "not checked"))
     elif not hmac.compare_digest(report.report_data, expected_report_data):
-        raise _Refused("report-data-mismatch", f"REPORT_DATA {report.report_data.hex()[:32]}... "
-                       f"is not the expected {expected_report_data.hex()[:32]}... (the report "
-                       "was made for another claim)")
+        raise EvidenceRefused(
+            "report-data-mismatch", f"REPORT_DATA {report.report_data.hex()[:32]}... "
+            f"is not the expected {expected_report_data.hex()[:32]}... (the report "
+            "was made for another claim)")
     else:
         done.checks.append(("report-data", "matched"))
     if req.measurements is None:
         done.checks.append(("measurement", "not checked"))
     elif report.measurement not in req.measurements:
-        raise _Refused("measurement-not-accepted", f"measurement {report.measurement.hex()} is "
-                       f"not an accepted one ({len(req.measurements)} accepted)")
+        raise EvidenceRefused(
+            "measurement-not-accepted", f"measurement {report.measurement.hex()} is "
+            f"not an accepted one ({len(req.measurements)} accepted)")
     else:
         done.checks.append(("measurement", "accepted"))
     if req.minimum_tcb is None:
@@ -294,8 +286,9 @@ def _check(report: Report, signer: Certificate, given: Sequence[Certificate],
     else:
         below = report.reported_tcb.below(req.minimum_tcb)
         if below:
-            raise _Refused("tcb-too-old", f"reported TCB {report.reported_tcb} is below the "
-                           f"minimum {req.minimum_tcb}: {', '.join(below)}")
+            raise EvidenceRefused(
+                "tcb-too-old", f"reported TCB {report.reported_tcb} is below the "
+                f"minimum {req.minimum_tcb}: {', '.join(below)}")
         done.checks.append(("minimum-tcb", "met"))
 
 
@@ -311,8 +304,8 @@ def examine_report(report: Report, signer: Certificate, given: Sequence[Certific
     refusal = None
     try:
         _check(report, signer, given, req, now, expected_report_data, done)
-    except _Refused as exc:
-        refusal = exc.refusal
+    except EvidenceRefused as exc:
+        refusal = exc
     return SnpVerdict(report, signer, done.chain, done.root, refusal, tuple(done.checks))
 
 
