@@ -209,6 +209,22 @@ def test_a_turin_report_uses_the_turin_tcb_layout(kit: Kit) -> None:
     assert verdict.report.reported_tcb == TURIN_TCB and verdict.report.turin_layout
 
 
+@pytest.mark.parametrize("form", ["8-raw", "64-octet-string"])
+def test_other_hwid_encodings_name_the_chip(kit: Kit, form: str) -> None:
+    """A hwID of 8 bytes names the chip by CHIP_ID's first 8 (Turin); a DER OCTET STRING
+    around the bytes is read too."""
+    chip = kit.turin.chip_id
+    hwid = chip[:8] if form == "8-raw" else bytes([0x04, 0x40]) + chip
+    leaf = kit.turin.issue_leaf(vcek_extensions(TURIN_TCB, hwid))
+    report = kit.turin.report(DIGEST, version=3, turin=True)
+    req = kit.requirements(minimum_tcb=None)
+    assert examine(kit, report, signer=leaf, req=req).verified
+    other = kit.turin.report(DIGEST, version=3, turin=True,
+                             chip_id=bytes(8) + chip[8:])
+    refusal = examine(kit, other, signer=leaf, req=req).refusal
+    assert refusal is not None and refusal.reason == "chip-mismatch"
+
+
 def test_allowing_debug_accepts_and_warns_every_time(kit: Kit,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     report = kit.fixed.report(DIGEST, policy=POLICY_DEBUG)
