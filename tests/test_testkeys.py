@@ -17,7 +17,7 @@ def test_builder_a_is_lauts_key_in_every_helper() -> None:
         sk = helper("builderA")
         assert (sk.name, sk.seed, sk.public) == (laut.name, laut.seed, laut.public), helper
     assert jws.laut_kid("builderA", laut.public) == "builderA:bcda8d54470fea3b"
-    assert gatekit.public_text("builderB") == verifyhelp.public_text("builderB") == (
+    assert testkeys.public_text("builderB") == verifyhelp.public_text("builderB") == (
         testkeys.KEYS / "builderB_key.public").read_text().strip()
 
 
