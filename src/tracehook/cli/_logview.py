@@ -148,22 +148,30 @@ def identity(record: dict[str, Any]) -> tuple[str, ...]:
             str(record.get("reason") or ""))
 
 
+@dataclass
+class _Group:
+    first: dict[str, Any]
+    when: datetime.datetime | None
+    count: int = 1
+
+    def takes(self, when: datetime.datetime | None) -> bool:
+        return (when is not None and self.when is not None
+                and abs(when - self.when) <= COLLAPSE_WINDOW)
+
+
 def collapse(items: Iterable[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
     """Each event once, as (first record, count): records with the same :func:`identity`
     within a minute of the group's first are counted into it, whatever came between them
     (concurrent requests for several steps interleave). Groups keep the order of their
     first records; one more than a minute after the first starts a new group."""
-    groups: list[list[Any]] = []  # [first record, count, first time]
-    open_groups: dict[tuple[str, ...], list[Any]] = {}
+    groups: list[_Group] = []
+    latest: dict[tuple[str, ...], _Group] = {}
     for record in items:
-        key = identity(record)
-        when = record_time(record)
-        group = open_groups.get(key)
-        if (group is not None and when is not None and group[2] is not None
-                and abs(when - group[2]) <= COLLAPSE_WINDOW):
-            group[1] += 1
+        key, when = identity(record), record_time(record)
+        group = latest.get(key)
+        if group is not None and group.takes(when):
+            group.count += 1
             continue
-        group = [record, 1, when]
-        groups.append(group)
-        open_groups[key] = group
-    return [(g[0], g[1]) for g in groups]
+        latest[key] = _Group(record, when)
+        groups.append(latest[key])
+    return [(g.first, g.count) for g in groups]
