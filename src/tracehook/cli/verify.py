@@ -25,9 +25,10 @@ from tracehook.errors import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REFUSED, ConfigErro
 from tracehook.stores.binarycache import open_upstream
 from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.tracestore import open_store
+from tracehook.verify.engine import Limits
 from tracehook.verify.policy import load_policy
 from tracehook.verify.report import render_human
-from tracehook.verify.resolver import Limits, Resolver
+from tracehook.verify.resolver import Resolver
 from tracehook.verify.targets import parse_targets
 
 

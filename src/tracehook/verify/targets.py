@@ -33,7 +33,7 @@ from tracehook.nix.derivation_hash import realisation_ids
 from tracehook.nix.storepath import HASH_CHARS, parse_store_path
 from tracehook.stores.nixdb import PathInfo, StoreDatabase
 from tracehook.stores.nixstore import StoreReader
-from tracehook.verify.resolver import Target
+from tracehook.verify.walk import Target
 
 log = logging.getLogger(__name__)
 
