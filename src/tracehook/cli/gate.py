@@ -96,7 +96,7 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     events = EventLog(cfg.log_file, prefix="tracehook-gate",
-                      stderr=None if args.quiet else sys.stderr)
+                      stderr=None if args.quiet else sys.stderr, journal=True)
     server = build_server(cfg, events)
     stop = threading.Event()
 
