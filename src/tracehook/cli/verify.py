@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 
 from tracehook.errors import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REFUSED, ConfigError
 from tracehook.stores.binarycache import open_upstream
@@ -91,6 +92,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.policy} trusts cache signatures (narinfo-key): pass "
                           "--narinfo-from URL for the binary cache to check them in")
     stores = [open_store(u) for u in urls]
+    if args.narinfo_from and not policy.narinfo_keys:
+        print(f"tracehook: warning: --narinfo-from is ignored: {args.policy} trusts no cache "
+              "key (narinfo-key)", file=sys.stderr)
     caches = [open_upstream(u) for u in args.narinfo_from or ()]
     reader = StoreReader(args.store)
     targets = parse_targets(args.targets, reader, args.store)
