@@ -37,6 +37,7 @@ from tracehook.errors import EnvironmentFault, GraphError
 from tracehook.lru import Lru
 from tracehook.nix.storepath import hash_part
 from tracehook.stores.binarycache import Upstream
+from tracehook.stores.factcache import FactCache
 from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.tracestore import FileTraceStore, TraceStore, open_store
 from tracehook.verify.cachekeys import CacheOutput
@@ -100,6 +101,7 @@ class GateVerifier:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
         stores: Callable[[Policy], list[TraceStore]] | None = None,
+        facts: FactCache | None = None,
     ) -> None:
         """``policy()`` gives the current policy and its digest (raising ConfigError while
         the policy file is broken); ``stores(policy)`` opens its trace stores."""
@@ -112,6 +114,7 @@ class GateVerifier:
         self.clock = clock
         self.wall = wall
         self.open_stores = stores or (lambda p: [open_store(u) for u in p.traces])
+        self.facts = facts
         self._lock = threading.Lock()  # held for a stat or two, never across a verify
         self._engine: Engine | None = None
         self._engine_key: tuple[object, ...] = ()
@@ -160,7 +163,7 @@ class GateVerifier:
             self._retired.append((now, self._engine))
         wall = self.wall()
         engine = Engine(policy, self._stores, self.reader.read_derivation, wall, self.limits,
-                        self.caches)
+                        self.caches, self.facts)
         engine.on_recorded = self._learn
         engine.start()
         self._engine, self._engine_key = engine, key
@@ -194,6 +197,8 @@ class GateVerifier:
             if self._engine is not None:
                 self._engine.close()
                 self._engine = None
+        if self.facts is not None:
+            self.facts.close()
 
     def _learn(self, engine: Engine, step: str) -> None:
         """Hints from a recorded step (in the engine's thread): which resolved derivations

@@ -59,8 +59,13 @@ def check_key(key: str) -> str:
 
 @dataclass
 class FileTraceStore:
+    """``create``: a store this process writes to (a publisher) and creates on its first
+    append; reading it before then finds no trace. Otherwise a store directory that does
+    not exist is a fault, never "no trace"."""
+
     url: str
     root: Path
+    create: bool = False
 
     def _path(self, key: str) -> Path:
         return self.root / "traces" / check_key(key)
@@ -72,6 +77,9 @@ class FileTraceStore:
         except EnvironmentFault as exc:
             raise TraceStoreFault(f"trace store {self.url}: {exc.diagnostics()}") from None
         if data is None:
+            if not self.create and not path.parent.is_dir():  # missing: a fault, not "no trace"
+                raise TraceStoreFault(f"trace store {self.url}: {path.parent} is not a "
+                                      "directory (missing or unreadable)")
             return []
         return parse_trace_file(data, f"trace file {path}")
 
@@ -182,15 +190,16 @@ class HttpTraceStore:
         raise TraceStoreFault(f"trace store {self.url}: PUT {key} answered HTTP {resp.status}")
 
 
-def open_store(url: str, timeout: float = DEFAULT_TIMEOUT) -> TraceStore:
-    """A trace store from its URL: ``file:///dir``, a plain directory path, or http(s)."""
+def open_store(url: str, timeout: float = DEFAULT_TIMEOUT, create: bool = False) -> TraceStore:
+    """A trace store from its URL: ``file:///dir``, a plain directory path, or http(s).
+    ``create``: for a writer, a ``file://`` store that does not exist yet is created."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme in ("http", "https"):
         return HttpTraceStore(url, timeout)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"trace store URL {url!r}: file URLs name no host (file:///dir)")
-        return FileTraceStore(url, Path(urllib.parse.unquote(parsed.path)))
+        return FileTraceStore(url, Path(urllib.parse.unquote(parsed.path)), create)
     if parsed.scheme == "" and url.startswith("/"):
-        return FileTraceStore(f"file://{url}", Path(url))
+        return FileTraceStore(f"file://{url}", Path(url), create)
     raise ConfigError(f"trace store URL {url!r}: use file:///DIR, http:// or https://")

@@ -22,7 +22,7 @@ import os
 import pickle
 import threading
 from collections.abc import Sequence
-from concurrent.futures import BrokenExecutor, Future
+from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
@@ -32,7 +32,7 @@ from tracehook.errors import EnvironmentFault, ParseError, Rejected
 from tracehook.stores.tracestore import TraceStore
 from tracehook.trace.claim import KeyKind, TraceKey
 from tracehook.verify.policy import Policy
-from tracehook.verify.trusted import Checked, KeyRing, Plain, readmit, to_plain
+from tracehook.verify.trusted import Checked, Facts, KeyRing, Plain, readmit, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,23 @@ def fetch_and_check(
         try:
             tokens.extend(fut.result())
         except EnvironmentFault as exc:
-            log.warning("trace store %s: %s", store.url, exc.diagnostics())
+            log.warning("%s", exc.diagnostics())  # names the store
             faults.append(StoreFault(store.url, exc.diagnostics()))
         except ParseError as exc:
             bad_files.append(Rejected("malformed", None, f"{store.url} serves a malformed "
                                       f"trace file for {key.key}: {exc.diagnostics()}"))
     return ring.check(tokens, key).with_rejected(bad_files), faults
+
+
+def check_in_threads(pool: ThreadPoolExecutor, ring: KeyRing, stores: Sequence[TraceStore],
+                     key: TraceKey) -> Future[tuple[Checked, list[StoreFault]]]:
+    """Fetch and check one key in the thread pool (the stores fetched concurrently)."""
+    if len(stores) == 1:
+        store = stores[0]
+        return pool.submit(
+            lambda: fetch_and_check(ring, key, [(store, fetch_here(store, key.key))]))
+    gets = [(s, pool.submit(s.get, key.key)) for s in stores]
+    return pool.submit(fetch_and_check, ring, key, gets)
 
 
 def fetch_here(store: TraceStore, key: str) -> Future[list[str]]:
@@ -84,9 +95,10 @@ _worker: tuple[KeyRing, list[TraceStore]] | None = None
 KeyTuple = tuple[KeyKind, str, str, tuple[tuple[str, bytes], ...]]  # a TraceKey's fields
 
 
-def _init_worker(policy: Policy, now: dt.datetime, stores: list[TraceStore]) -> None:
+def _init_worker(policy: Policy, now: dt.datetime, stores: list[TraceStore],
+                 facts: Facts | None = None) -> None:
     global _worker
-    _worker = (KeyRing(policy, now, memo=False), stores)
+    _worker = (KeyRing(policy, now, memo=False, facts=facts), stores)
     gc.freeze()  # what the worker holds from here on lives as long as it does
 
 
@@ -102,16 +114,18 @@ def _check_batch(keys: Sequence[TraceKey]) -> list[Packed]:
 
 
 def _serve(conn: Connection, policy: Policy, now: dt.datetime,
-           stores: list[TraceStore]) -> None:
+           stores: list[TraceStore], facts: Facts | None = None) -> None:
     """A checker process: batches of keys in, packed results out, until an empty message
     or the pipe closes."""
-    _init_worker(policy, now, stores)
+    _init_worker(policy, now, stores, facts)
     while True:
         try:
             message = conn.recv_bytes()
         except (EOFError, OSError):
             return
         if not message:
+            if facts is not None and hasattr(facts, "close"):
+                facts.close()  # write what this checker learnt
             return
         keys: list[KeyTuple] = pickle.loads(message)
         result = _check_batch([TraceKey(*k) for k in keys])
@@ -212,14 +226,14 @@ class CheckPool:
     """
 
     def __init__(self, policy: Policy, now: dt.datetime, stores: Sequence[TraceStore],
-                 workers: int) -> None:
+                 workers: int, facts: Facts | None = None) -> None:
         self.workers = workers
         self.broken = False  # set when a batch found a worker gone
         ctx = multiprocessing.get_context("spawn")
         self._procs: list[_Worker] = []
         try:
             for _ in range(workers):
-                self._procs.append(_Worker(ctx, (policy, now, list(stores))))
+                self._procs.append(_Worker(ctx, (policy, now, list(stores), facts)))
         except BaseException:  # e.g. a store that cannot be handed to a process
             self.close()
             raise
@@ -232,6 +246,20 @@ class CheckPool:
         for worker in self._procs:
             worker.close()
         self._procs = []
+
+
+def start_pool(policy: Policy, now: dt.datetime, stores: Sequence[TraceStore],
+               wanted: int | None, facts: Facts | None) -> CheckPool | None:
+    """Checker processes: ``wanted`` of them (None: one per core, if there is more than
+    one); None when they are not wanted or cannot start (then threads do the checks)."""
+    workers = wanted or default_workers()
+    if wanted is None and workers < 2:
+        return None
+    try:
+        return CheckPool(policy, now, stores, workers, facts)
+    except Exception as exc:
+        log.warning("checker processes failed (%s); checking traces in threads", exc)
+        return None
 
 
 def default_workers() -> int:

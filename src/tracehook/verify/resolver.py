@@ -28,7 +28,7 @@ from tracehook.verify.report import (
     step_outcome,
 )
 from tracehook.verify.summary import relied_upon, render_summary, summary
-from tracehook.verify.trusted import TrustedSet
+from tracehook.verify.trusted import Facts, TrustedSet
 from tracehook.verify.walk import Loader, Target
 
 
@@ -41,10 +41,11 @@ class Resolver:
         now: dt.datetime,
         limits: Limits | None = None,
         caches: Sequence[Upstream] = (),
+        facts: Facts | None = None,
     ) -> None:
         self.policy = policy
         self.now = now
-        self.engine = Engine(policy, stores, load, now, limits, caches)
+        self.engine = Engine(policy, stores, load, now, limits, caches, facts)
 
     @property
     def faults(self) -> list[StoreFault]:
