@@ -21,6 +21,7 @@ from tracehook import cli
 from tracehook.stores.tracestore import FileTraceStore
 from tracehook.trace import crypto
 from tracehook.trace.claim import BuilderInfo, OutputClaim, TraceKey, sign_trace
+from tracehook.trace.tracefile import TraceDocument
 
 KEYS = CONFORMANCE / "keys"
 BUILDER = BuilderInfo(1, "/nix/store", "nix", "2.26.3")
@@ -100,10 +101,10 @@ class ChildStore(FileTraceStore):
     def in_child(self) -> None:
         raise NotImplementedError
 
-    def get(self, key: str) -> list[str]:
+    def read(self, key: str) -> TraceDocument:
         if os.getpid() != self.parent:
             self.in_child()
-        return super().get(key)
+        return super().read(key)
 
 
 class DyingStore(ChildStore):

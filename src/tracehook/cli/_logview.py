@@ -99,11 +99,23 @@ def _drv_name(record: dict[str, Any]) -> str:
     return "-"
 
 
+def _evidence(record: dict[str, Any]) -> str:
+    """What hardware evidence admitted it (the gate's ``allowed`` lines), compactly."""
+    items = record.get("evidence")
+    if not isinstance(items, list):
+        return ""
+    shown = [f"{e.get('element')} (measurement {str(e.get('measurement'))[:16]}..., chip "
+             f"{str(e.get('chip_id'))[:16]}..., tcb {e.get('tcb')})"
+             for e in items if isinstance(e, dict)]
+    return f"hardware evidence {', '.join(shown)}" if shown else ""
+
+
 def render_human(record: dict[str, Any]) -> str:
-    """``time  event  name  outcome  reason``: one line a person scans."""
+    """``time  event  name  outcome  reason``: one line a person scans (for an admission
+    by hardware evidence, which evidence)."""
     when = record_time(record)
     stamp = when.strftime("%Y-%m-%d %H:%M:%S") if when else str(record.get("time", "-"))
-    reason = record.get("reason") or ""
+    reason = record.get("reason") or _evidence(record)
     parts = [
         stamp,
         f"{record.get('event', '-')!s:<9}",

@@ -96,7 +96,7 @@ class Engine:
         self.limits = limits or Limits()
         self.graph = Graph(load, self.limits.max_depth, self._requested)
         self.ring = KeyRing(policy, now)
-        self.trusted = TrustedSet(policy.require)
+        self.trusted = TrustedSet(policy.require, policy.evidence_names)
         self.cache_sigs = (CacheSigs(CacheKeys(policy.narinfo_keys, now), caches)
                            if policy.narinfo_keys else None)
         self.plan_limits = PlanLimits(self.limits.max_resolutions,
@@ -323,7 +323,7 @@ class Engine:
             store = self.stores[0]
             return self._pool.submit(
                 lambda: fetch_and_check(ring, key, [(store, fetch_here(store, key.key))]))
-        gets = [(s, self._pool.submit(s.get, key.key)) for s in self.stores]
+        gets = [(s, self._pool.submit(s.read, key.key)) for s in self.stores]
         return self._pool.submit(fetch_and_check, ring, key, gets)
 
     def _checked_in_thread(self, key: TraceKey, fut: Future[Any]) -> Checked:

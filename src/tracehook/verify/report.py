@@ -5,7 +5,9 @@ input failed), with that reason: no trace; bad signature; key unknown, expired o
 threshold not met (the keys that signed, the ones missing); claims that disagree (each
 value and who said it). Paths accepted on a cache signature alone are listed loudly, with
 the number of build steps below them that were covered without traces
-(:mod:`tracehook.verify.summary` computes both).
+(:mod:`tracehook.verify.summary` computes both). Hardware evidence that was counted is named
+with what its report showed (element, measurement, chip, TCB): per step in the JSON, for
+the target and as a count over its closure in the text.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from tracehook.nix.derivation import Derivation
 from tracehook.nix.nar import format_nar_hash
 from tracehook.nix.storepath import basename
 from tracehook.verify.cachekeys import CacheOutput
+from tracehook.verify.evidencecheck import EvidenceInfo
 from tracehook.verify.policy import Policy
-from tracehook.verify.trusted import Candidate, chosen_value
+from tracehook.verify.values import Candidate, chosen_value
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class StepReport:
     rejected: tuple[Rejected, ...]
     height: int  # 1 = no inputs; 0 = could not be placed in the graph
     cache: tuple[tuple[str, CacheOutput], ...] = ()  # outputs accepted on a cache signature
+    evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for its values
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -53,6 +57,7 @@ class StepReport:
             "cache": {n: {"path": c.path, "nar_hash": format_nar_hash(c.nar_hash),
                           "keys": sorted(c.keys), "via": c.via, "source": c.source}
                       for n, c in self.cache},
+            "evidence": [e.to_json() for e in self.evidence],
         }
 
 
@@ -74,6 +79,7 @@ class TargetReport:
     covered: int = 0  # build steps below them covered without traces
     trust_summary: dict[str, Any] = field(default_factory=dict)
     trust_line: str = ""
+    evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for the outputs
 
     @property
     def cache_signed_paths(self) -> list[str]:
@@ -96,6 +102,7 @@ class TargetReport:
             "cache_signed_paths": self.cache_signed_paths,
             "covered_without_traces": self.covered,
             "trust_summary": self.trust_summary,
+            "evidence": [e.to_json() for e in self.evidence],
         }
 
 
@@ -144,6 +151,7 @@ def build_target_report(
     cache_signed: tuple[StepReport, ...] = (),
     covered: int = 0,
     trust: tuple[dict[str, Any], str] = ({}, ""),
+    admitted_by: Callable[[Candidate], tuple[EvidenceInfo, ...]] = lambda c: (),
 ) -> TargetReport:
     chosen = chosen_value(candidates, want_path)
     reason = None
@@ -178,6 +186,7 @@ def build_target_report(
         covered=covered,
         trust_summary=trust[0],
         trust_line=trust[1],
+        evidence=admitted_by(chosen) if chosen else (),
     )
 
 
@@ -194,6 +203,17 @@ def _render_cache(report: TargetReport) -> list[str]:
     return lines
 
 
+def _render_evidence(report: TargetReport) -> list[str]:
+    lines = [f"  hardware evidence: {e.describe()}" for e in report.evidence]
+    attested = [s for s in report.steps if s.evidence]
+    if attested:
+        elements = sorted({e.element for s in attested for e in s.evidence})
+        built = sum(1 for s in report.steps if s.outcome not in ("fixed-output", "not-reached"))
+        lines.append(f"  hardware evidence counted at {len(attested)} of {built} build "
+                     f"step(s) ({', '.join(elements)})")
+    return lines
+
+
 def render_human(report: TargetReport, explain_trust: bool = False) -> str:
     lines: list[str] = []
     counts: dict[str, int] = {}
@@ -206,6 +226,7 @@ def render_human(report: TargetReport, explain_trust: bool = False) -> str:
             lines.append(f"  {name}: {path}")
         lines.append(f"  signed by {', '.join(report.signers) or '-'}; "
                      f"policy needs {report.requirement}")
+        lines += _render_evidence(report)
         lines += _render_cache(report)
         for alt in report.alternatives:
             shown = ", ".join(f"{n}={p}" for n, p in sorted(alt.items()))

@@ -6,6 +6,15 @@ verifies the signature itself, or by :func:`readmit`, the one way back in for re
 checker process computed with the same :class:`KeyRing` code (plain values across a pipe).
 Any other attempt raises TypeError.
 
+Hardware evidence is minted here too: an entry of a trace file's ``evidence`` list that
+satisfies an evidence element of the policy (checked by
+:class:`~tracehook.verify.evidencecheck.EvidenceRing`: the report's signature and chain,
+REPORT_DATA equal to the binding digest of the claim the entry carries, measurement, TCB,
+debug policy), whose claim is for the step being checked, becomes an :class:`Accepted` claim
+whose signer is the element's name. It counts in the trust model exactly as a key does, and
+independently of any key that signed the same claim; it counts for the same value as a
+signature's claim only when path and NAR hash agree (:class:`OutputClaim` equality).
+
 :class:`KeyRing` turns the raw JWS strings fetched for one resolved step into claims that
 verify under a trusted, unexpired, unrevoked policy key, and says why each other one does
 not count. :class:`TrustedSet` records, per build step (unresolved derivation), the claims
@@ -29,7 +38,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 from tracehook.errors import BadSignature, Failure, ParseError, Rejected
 from tracehook.nix.derivation import Derivation
@@ -38,10 +47,9 @@ from tracehook.trace import crypto, jws
 from tracehook.trace.claim import Claim, KeyKind, OutputClaim, TraceKey, parse_claim
 from tracehook.trace.stepkey import Resolution
 from tracehook.verify.cachekeys import CacheOutput, Refused
+from tracehook.verify.evidencecheck import Admissible, EvidenceInfo, EvidenceRing, unique_entries
 from tracehook.verify.policy import Policy, PolicyKey, TrustModel, TrustResult, evaluate
-
-Basis = Literal["fixed", "traces", "cache"]
-
+from tracehook.verify.values import Candidate, Value, show_value
 
 _MINT = object()  # held by this module only: what makes an Accepted or a Checked
 
@@ -54,11 +62,13 @@ def _minted(token: object, what: str) -> None:
 
 @dataclass(frozen=True)
 class Accepted:
-    """A claim whose signature verified under a trusted policy key (``signer``)."""
+    """A claim whose signature verified under a trusted policy key (``signer``), or that
+    hardware evidence satisfying the evidence element ``signer`` binds (``evidence``)."""
 
     signer: str
     claim: Claim
     mint: object = field(default=None, repr=False, compare=False)
+    evidence: EvidenceInfo | None = None  # what the report showed, for evidence
 
     def __post_init__(self) -> None:
         _minted(self.mint, "an Accepted claim")
@@ -71,8 +81,9 @@ class Checked:
 
     accepted: tuple[Accepted, ...]
     rejected: tuple[Rejected, ...]
-    seen: int  # distinct signatures looked at
+    seen: int  # distinct signatures (and evidence entries) looked at
     mint: object = field(default=None, repr=False, compare=False)
+    evidence_seen: int = 0  # distinct evidence entries looked at (counted in seen)
 
     def __post_init__(self) -> None:
         _minted(self.mint, "a Checked result")
@@ -81,43 +92,54 @@ class Checked:
         """The same result with more rejections (e.g. a trace file that did not parse)."""
         if not extra:
             return self
-        return Checked(self.accepted, self.rejected + tuple(extra), self.seen, _MINT)
+        return Checked(self.accepted, self.rejected + tuple(extra), self.seen, _MINT,
+                       self.evidence_seen)
 
 
-#: A Checked result as plain values, for a pipe: the accepted claims' fields, the
-#: rejections, the number of signatures seen.
+#: A Checked result as plain values, for a pipe: the accepted claims' fields (with, for
+#: evidence, what the report showed), the rejections, the signatures and evidence seen.
 PlainOutput = tuple[str, str, bytes, tuple[str, ...] | None]
-PlainClaim = tuple[str, KeyKind, str, str, str, tuple[PlainOutput, ...]]
-Plain = tuple[tuple[PlainClaim, ...], tuple[Rejected, ...], int]
+PlainClaim = tuple[str, KeyKind, str, str, str, tuple[PlainOutput, ...], tuple[str, ...] | None]
+Plain = tuple[tuple[PlainClaim, ...], tuple[Rejected, ...], int, int]
 
 
 def to_plain(checked: Checked) -> Plain:
     claims = tuple(
         (a.signer, a.claim.kind, a.claim.key, a.claim.kid, a.claim.compact,
-         tuple((n, o.path, o.nar_hash, o.references) for n, o in a.claim.outputs.items()))
+         tuple((n, o.path, o.nar_hash, o.references) for n, o in a.claim.outputs.items()),
+         a.evidence.to_plain() if a.evidence is not None else None)
         for a in checked.accepted
     )
-    return claims, checked.rejected, checked.seen
+    return claims, checked.rejected, checked.seen, checked.evidence_seen
 
 
 def readmit(plain: Plain, key: TraceKey, ring: KeyRing) -> Checked:
     """A result a checker process computed with :meth:`KeyRing.check` for ``key``, back as
     a Checked. The signatures were verified there; what can be checked cheaply is checked
-    again here: the signer is a current key of this policy and the claim is for ``key``."""
-    claims, rejected, seen = plain
+    again here: the signer is a current key (or evidence element) of this policy and the
+    claim is for ``key``."""
+    claims, rejected, seen, evidence_seen = plain
     accepted = []
-    for signer, kind, step_key, kid, compact, outputs in claims:
-        entry = ring.by_kid.get(kid)
-        if entry is None or entry.name != signer or entry.status(ring.now) != "trusted":
+    for signer, kind, step_key, kid, compact, outputs, evidence in claims:
+        if evidence is None:
+            entry = ring.by_kid.get(kid)
+            current = (entry is not None and entry.name == signer
+                       and entry.status(ring.now) == "trusted")
+        else:
+            element = ring.elements.get(signer)
+            current = (element is not None and element.status(ring.now) == "trusted"
+                       and evidence[0] == signer)
+        if not current:
             raise ValueError(f"checker answered a claim by {signer!r} ({kid}), which is not a "
-                             "current key of the policy")
+                             "current key or evidence element of the policy")
         if (kind, step_key) != (key.kind, key.key):
             raise ValueError(f"checker answered a claim for {kind}:{step_key} under "
                              f"{key.kind}:{key.key}")
         claim = Claim(kind, step_key, {n: OutputClaim(p, h, r) for n, p, h, r in outputs},
                       kid, compact)
-        accepted.append(Accepted(signer, claim, _MINT))
-    return Checked(tuple(accepted), tuple(rejected), seen, _MINT)
+        info = EvidenceInfo.from_plain(evidence) if evidence is not None else None
+        accepted.append(Accepted(signer, claim, _MINT, info))
+    return Checked(tuple(accepted), tuple(rejected), seen, _MINT, evidence_seen)
 
 
 class KeyRing:
@@ -132,8 +154,18 @@ class KeyRing:
         self.by_kid: dict[str, PolicyKey] = {k.kid: k for k in policy.keys}
         self.by_key_name: dict[str, PolicyKey] = {k.public.name: k for k in policy.keys}
         self._memo: dict[tuple[str, str], Accepted | Rejected] = {}
+        self.elements = {e.name: e for e in policy.evidence}
+        # Evidence entries are read only for a policy that has evidence elements.
+        self._evidence = EvidenceRing(policy.evidence, now, memo) if policy.evidence else None
 
-    def check(self, tokens: Iterable[str], key: TraceKey) -> Checked:
+    @property
+    def wants_evidence(self) -> bool:
+        return self._evidence is not None
+
+    def check(self, tokens: Iterable[str], key: TraceKey,
+              evidence: Iterable[Any] = ()) -> Checked:
+        """The claims of the signatures ``tokens`` and of the hardware ``evidence`` entries
+        (raw JSON values from the trace files) for the resolved step ``key``."""
         accepted: list[Accepted] = []
         rejected: list[Rejected] = []
         unique = list(dict.fromkeys(tokens))
@@ -145,7 +177,21 @@ class KeyRing:
                 if self.memo:
                     self._memo[memo_key] = result
             (accepted if isinstance(result, Accepted) else rejected).append(result)  # type: ignore[arg-type]
-        return Checked(tuple(accepted), tuple(rejected), len(unique), _MINT)
+        entries = unique_entries(evidence) if self._evidence is not None else []
+        for ident, raw in entries:
+            assert self._evidence is not None
+            admitted, refused = self._evidence.examine(ident, raw, key)
+            accepted += [self._evidence_claim(a) for a in admitted]
+            rejected += refused
+        return Checked(tuple(accepted), tuple(rejected), len(unique) + len(entries), _MINT,
+                       len(entries))
+
+    def _evidence_claim(self, admitted: Admissible) -> Accepted:
+        """The claim an entry binds, accepted as the evidence element's."""
+        bound = admitted.claim
+        outputs = {n: OutputClaim(o.path, o.nar_hash, o.references) for n, o in bound.outputs}
+        claim = Claim(bound.kind, bound.key, outputs, admitted.ident, "")
+        return Accepted(admitted.element, claim, _MINT, admitted.info)
 
     def _lookup(self, kid: str) -> PolicyKey | Rejected:
         entry = self.by_kid.get(kid)
@@ -219,22 +265,6 @@ class KeyRing:
 
 # ------------------------------------------------------------------------- trusted set
 
-Value = tuple[tuple[str, OutputClaim], ...]  # (output name, claim), sorted by name
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One way the referenced outputs of a step can be, with the evidence for it."""
-
-    value: Value
-    signers: frozenset[str]  # policy keys; for a cache signature, the cache keys
-    trust: TrustResult | None  # None: a fixed-output anchor or a cache signature
-    basis: Basis = "traces"
-
-    def paths(self) -> dict[str, str]:
-        return {name: oc.path for name, oc in self.value}
-
-
 @dataclass
 class _Step:
     drv: Derivation
@@ -243,19 +273,19 @@ class _Step:
     accepted: list[Accepted] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     seen: int = 0
+    evidence_seen: int = 0
     failure: Failure | None = None
     cache: dict[str, CacheOutput | Refused] = field(default_factory=dict)
-
-
-def _show(value: Value) -> str:
-    return ", ".join(f"{name}={oc.path}" for name, oc in value)
 
 
 class TrustedSet:
     """Verified evidence per build step. Holds no I/O and trusts nothing it did not check."""
 
-    def __init__(self, model: TrustModel) -> None:
+    def __init__(self, model: TrustModel, evidence_names: frozenset[str] = frozenset()) -> None:
+        """``evidence_names``: the policy's evidence elements (a refusal then says when a
+        step carried no evidence at all)."""
         self.model = model
+        self.evidence_names = evidence_names
         self._steps: dict[str, _Step] = {}
         self._values: dict[tuple[str, frozenset[str]], list[Candidate]] = {}
         self._trust: dict[frozenset[str], TrustResult] = {}  # the same few signer sets
@@ -285,6 +315,7 @@ class TrustedSet:
         for res, checked in evidence:
             step.keys.append(res.key)
             step.seen += checked.seen
+            step.evidence_seen += checked.evidence_seen
             step.rejected.extend(checked.rejected)
             for acc in checked.accepted:
                 problem = _output_problem(drv, res, acc.claim)
@@ -372,6 +403,19 @@ class TrustedSet:
             return set()
         return {oc.path for acc in step.accepted for oc in acc.claim.outputs.values()}
 
+    def admitted_by(self, drv_path: str, candidate: Candidate) -> tuple[EvidenceInfo, ...]:
+        """The hardware evidence counted for ``candidate``: what admitted the value, with
+        the measurement, chip and TCB each report showed (none for keys alone)."""
+        step = self._steps.get(drv_path)
+        if step is None or candidate.basis != "traces":
+            return ()
+        found: dict[EvidenceInfo, None] = {}
+        for acc in step.accepted:
+            if (acc.evidence is not None and acc.signer in candidate.signers
+                    and all(acc.claim.outputs.get(n) == oc for n, oc in candidate.value)):
+                found[acc.evidence] = None
+        return tuple(found)
+
     def cache_results(self, drv_path: str) -> Mapping[str, CacheOutput | Refused]:
         return dict(self._steps[drv_path].cache)
 
@@ -393,7 +437,7 @@ class TrustedSet:
             Candidate(v, signers, self._evaluate(signers))
             for v, signers in ((v, frozenset(s)) for v, s in groups.items())
         ]
-        found.sort(key=lambda c: (-len(c.signers), _show(c.value)))
+        found.sort(key=lambda c: (-len(c.signers), show_value(c.value)))
         return found
 
     def _evaluate(self, signers: frozenset[str]) -> TrustResult:
@@ -418,11 +462,15 @@ class TrustedSet:
         if step.failure is not None:
             return step.failure
         rejected = "; ".join(sorted({r.detail for r in step.rejected}))
+        # A policy with evidence elements says when the step carried no evidence at all.
+        no_evidence = ("; no hardware evidence for it"
+                       if self.evidence_names and step.evidence_seen == 0 else "")
         if not step.accepted:
             keys = ", ".join(f"{k.kind}:{k.key}" for k in step.keys) or "none"
             if step.seen == 0:
-                return Failure("no-trace", f"no trace for resolved step {keys}")
-            return Failure("no-trusted-claim", f"no trusted claim for {keys}: {rejected}")
+                return Failure("no-trace", f"no trace for resolved step {keys}{no_evidence}")
+            return Failure("no-trusted-claim",
+                           f"no trusted claim for {keys}: {rejected}{no_evidence}")
         candidates = self._candidates(drv_path, outputs)
         if not candidates:
             names = ", ".join(sorted(outputs))
@@ -430,13 +478,13 @@ class TrustedSet:
         extra = f"; rejected: {rejected}" if rejected else ""
         if len(candidates) > 1:
             said = "; ".join(
-                f"{', '.join(sorted(c.signers))} say {_show(c.value)}" for c in candidates
+                f"{', '.join(sorted(c.signers))} say {show_value(c.value)}" for c in candidates
             )
             need = candidates[0].trust.requirement if candidates[0].trust else ""
             return Failure("disagree", f"claims disagree: {said}; none meets {need}{extra}")
         trust = candidates[0].trust
         assert trust is not None
-        return Failure("threshold", f"threshold not met: {trust.explain()}{extra}")
+        return Failure("threshold", f"threshold not met: {trust.explain()}{extra}{no_evidence}")
 
     def signers(self, drv_path: str) -> frozenset[str]:
         return frozenset(a.signer for a in self._steps[drv_path].accepted)
@@ -455,15 +503,3 @@ def _output_problem(drv: Derivation, res: Resolution, claim: Claim) -> str | Non
         elif path_name(oc.path) != output_path_name(drv.name, name):
             return f"claims {name}={oc.path}, which is not named after this derivation"
     return None
-
-
-def chosen_value(candidates: Sequence[Candidate], want_path: str | None) -> Candidate | None:
-    """The candidate a report names: one holding ``want_path`` if given, else the first."""
-    for c in candidates:
-        if want_path is None or want_path in c.paths().values():
-            return c
-    return None
-
-
-def as_mapping(value: Value) -> Mapping[str, OutputClaim]:
-    return dict(value)
