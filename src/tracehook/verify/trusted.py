@@ -477,10 +477,12 @@ class TrustedSet:
             return Failure("missing-output", f"no trusted claim names output(s) {names}")
         extra = f"; rejected: {rejected}" if rejected else ""
         if len(candidates) > 1:
-            said = "; ".join(
-                f"{', '.join(sorted(c.signers))} say {show_value(c.value)}" for c in candidates
-            )
-            need = candidates[0].trust.requirement if candidates[0].trust else ""
+            # the same paths with other NAR hashes (content-addressed): show the hashes
+            hashes = len({tuple(c.paths().items()) for c in candidates}) < len(candidates)
+            said = "; ".join(f"{', '.join(sorted(c.signers))} say {show_value(c.value, hashes)}"
+                             for c in candidates)
+            trust = candidates[0].trust
+            need = trust.requirement if trust is not None else ""
             return Failure("disagree", f"claims disagree: {said}; none meets {need}{extra}")
         trust = candidates[0].trust
         assert trust is not None

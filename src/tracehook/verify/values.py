@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from tracehook.nix.nar import format_nar_hash
 from tracehook.trace.claim import OutputClaim
 from tracehook.verify.policy import TrustResult
 
@@ -34,8 +35,11 @@ class Candidate:
         return {name: oc.path for name, oc in self.value}
 
 
-def show_value(value: Value) -> str:
-    return ", ".join(f"{name}={oc.path}" for name, oc in value)
+def show_value(value: Value, hashes: bool = False) -> str:
+    """``out=/nix/store/...``; with ``hashes``, each NAR hash too (values that differ only
+    there)."""
+    return ", ".join(f"{name}={oc.path}" + (f" ({format_nar_hash(oc.nar_hash)})" if hashes
+                                             else "") for name, oc in value)
 
 
 def chosen_value(candidates: Sequence[Candidate], want_path: str | None) -> Candidate | None:
