@@ -115,16 +115,16 @@ def test_readmit_rechecks_what_it_can(forgery: str) -> None:
     """A checker process's answer re-enters only through readmit, which checks that the
     signer is a current key of this policy and that the claim is for the key asked."""
     ring = KeyRing(policy(), NOW)
-    claims, rejected, seen = to_plain(ring.check([token()], KEY))
-    [(signer, kind, key, kid, compact, outputs)] = claims
+    claims, rejected, seen, evidence_seen = to_plain(ring.check([token()], KEY))
+    [(signer, kind, key, kid, compact, outputs, evidence)] = claims
     if forgery == "signer-not-in-policy":
-        claims = ((signer, kind, key, "mallory:0123456789abcdef", compact, outputs),)
+        claims = ((signer, kind, key, "mallory:0123456789abcdef", compact, outputs, evidence),)
     elif forgery == "signer-renamed":
-        claims = (("builderB", kind, key, kid, compact, outputs),)
+        claims = (("builderB", kind, key, kid, compact, outputs, evidence),)
     else:
-        claims = ((signer, kind, OTHER.key, kid, compact, outputs),)
+        claims = ((signer, kind, OTHER.key, kid, compact, outputs, evidence),)
     with pytest.raises(ValueError, match="checker answered"):
-        readmit((claims, rejected, seen), KEY, ring)
+        readmit((claims, rejected, seen, evidence_seen), KEY, ring)
     assert readmit(to_plain(ring.check([token()], KEY)), KEY, ring).accepted[0].signer == \
         "builderA"
 
