@@ -6,14 +6,10 @@ verifies the signature itself, or by :func:`readmit`, the one way back in for re
 checker process computed with the same :class:`KeyRing` code (plain values across a pipe).
 Any other attempt raises TypeError.
 
-Hardware evidence is minted here too: an entry of a trace file's ``evidence`` list that
-satisfies an evidence element of the policy (checked by
-:class:`~tracehook.verify.evidencecheck.EvidenceRing`: the report's signature and chain,
-REPORT_DATA equal to the binding digest of the claim the entry carries, measurement, TCB,
-debug policy), whose claim is for the step being checked, becomes an :class:`Accepted` claim
-whose signer is the element's name. It counts in the trust model exactly as a key does, and
-independently of any key that signed the same claim; it counts for the same value as a
-signature's claim only when path and NAR hash agree (:class:`OutputClaim` equality).
+Hardware evidence too: an ``evidence`` entry that satisfies an evidence element (checked by
+:class:`~tracehook.verify.evidencecheck.EvidenceRing`) for the step being checked becomes an
+:class:`Accepted` claim whose signer is the element's name. It counts as a key does, apart
+from any key that signed the same claim, for the same value only when path and NAR hash agree.
 
 :class:`KeyRing` turns the raw JWS strings fetched for one resolved step into claims that
 verify under a trusted, unexpired, unrevoked policy key, and says why each other one does
@@ -282,8 +278,7 @@ class TrustedSet:
     """Verified evidence per build step. Holds no I/O and trusts nothing it did not check."""
 
     def __init__(self, model: TrustModel, evidence_names: frozenset[str] = frozenset()) -> None:
-        """``evidence_names``: the policy's evidence elements (a refusal then says when a
-        step carried no evidence at all)."""
+        """``evidence_names``: the policy's evidence elements (for "no evidence" in refusals)."""
         self.model = model
         self.evidence_names = evidence_names
         self._steps: dict[str, _Step] = {}
@@ -404,17 +399,14 @@ class TrustedSet:
         return {oc.path for acc in step.accepted for oc in acc.claim.outputs.values()}
 
     def admitted_by(self, drv_path: str, candidate: Candidate) -> tuple[EvidenceInfo, ...]:
-        """The hardware evidence counted for ``candidate``: what admitted the value, with
-        the measurement, chip and TCB each report showed (none for keys alone)."""
+        """The hardware evidence counted for ``candidate`` (what each report showed)."""
         step = self._steps.get(drv_path)
         if step is None or candidate.basis != "traces":
             return ()
-        found: dict[EvidenceInfo, None] = {}
-        for acc in step.accepted:
-            if (acc.evidence is not None and acc.signer in candidate.signers
-                    and all(acc.claim.outputs.get(n) == oc for n, oc in candidate.value)):
-                found[acc.evidence] = None
-        return tuple(found)
+        return tuple(dict.fromkeys(
+            acc.evidence for acc in step.accepted
+            if acc.evidence is not None and acc.signer in candidate.signers
+            and all(acc.claim.outputs.get(n) == oc for n, oc in candidate.value)))
 
     def cache_results(self, drv_path: str) -> Mapping[str, CacheOutput | Refused]:
         return dict(self._steps[drv_path].cache)
