@@ -28,8 +28,9 @@ from evidencekit import (
     set_evidence,
     write_policy,
 )
-from gatekit import Synthetic, make_synthetic, public_text, running_gate, write_gate_key
+from gatekit import Synthetic, make_synthetic, running_gate, write_gate_key
 from test_gate_http import get
+from testkeys import public_text
 from tracehook import cli
 from tracehook.nix.storepath import hash_part
 from tracehook.trace import jws

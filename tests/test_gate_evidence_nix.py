@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 
 from evidencekit import OTHER_MEASUREMENT, bound, set_evidence, write_policy
-from gatekit import Signed, built_steps, copy_to_cache, key, public_text, write_gate_key
+from gatekit import Signed, built_steps, copy_to_cache, write_gate_key
 from nixharness import NixEnv, NixTier
 from snp_provider import DEFAULT_MEASUREMENT, HERE
 from test_gate_e2e import CHAINS, SALT, Scenario, consume, refused_steps
+from testkeys import public_text, secret
 from tracehook.signer import examine
 from tracehook.stores.nixdb import StoreDatabase
 from tracehook.stores.provider import request_evidence
@@ -65,7 +66,7 @@ def built(nix226: NixTier, tmp_path_factory: pytest.TempPathFactory) -> Built:
             k = step.resolution.key
             entry = request_evidence([*PROVIDER, "evidence", str(provider)],
                                      bound(k.kind, k.key, outputs))
-            store.append(k.key, [examine.sign(step, key("builderA"), examine.builder_info(
+            store.append(k.key, [examine.sign(step, secret("builderA"), examine.builder_info(
                 "nix", "2.26.3"))], [entry.to_json()])
     copy_to_cache(env, base / "cache", drvs, list(outs.values()))
     signed = Signed({s.drv_path: (s.drv.name, s.resolution.key.key) for s in steps})

@@ -6,7 +6,7 @@ it has is *done*; a ready step is planned at once (:func:`tracehook.verify.decid
 from its inputs' verified values); the trace keys of its candidate resolutions are fetched
 and checked in a thread pool, or in batches by checker processes (each key once); when its
 last key is in, the evidence is recorded in the verified set
-(:class:`~tracehook.verify.trusted.TrustedSet`); when the binary caches have been asked about
+(:class:`~tracehook.verify.trustedset.TrustedSet`); when the binary caches have been asked about
 what the traces left unverified (policy ``narinfo-key``), the step is *done* and its
 consumers may become ready. Completions come back through one queue, so only the engine's
 own thread touches the verified set.
@@ -56,7 +56,8 @@ from tracehook.verify.cachesigs import CacheSigs
 from tracehook.verify.decide import PlanLimits, StepInput, cache_lookups, plan_step
 from tracehook.verify.policy import Policy
 from tracehook.verify.reliance import failed_below, reliance
-from tracehook.verify.trusted import Checked, KeyRing, TrustedSet
+from tracehook.verify.trusted import Checked, KeyRing
+from tracehook.verify.trustedset import TrustedSet
 from tracehook.verify.walk import Graph, Loader, Target, fewer_collections
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,9 @@ class Engine:
         self._outstanding = 0  # futures whose completion has not been handled
         self._in_flight = 0  # batches with the checker processes
         self._waiters: dict[str, list[Future[None]]] = {}
+        self._walking = False  # the walk is not re-entrant: targets arriving meanwhile wait
+        self._later: collections.deque[tuple[Target, Future[None] | None]] = (
+            collections.deque())
         # workers
         self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="tracehook")
         self._procs: CheckPool | None = None
@@ -193,6 +197,18 @@ class Engine:
     # --------------------------------------------------------------------------- targets
 
     def _add_target(self, target: Target, fut: Future[None] | None) -> None:
+        if self._walking:  # a target that came in while another is walked waits for it
+            self._later.append((target, fut))
+            return
+        self._walking = True
+        try:
+            self._walk_target(target, fut)
+        finally:
+            self._walking = False
+        while self._later:
+            self._add_target(*self._later.popleft())
+
+    def _walk_target(self, target: Target, fut: Future[None] | None) -> None:
         try:
             self.graph.walk_target(target, self._add)
         except GraphError as exc:
@@ -235,6 +251,8 @@ class Engine:
 
     def _add(self, path: str) -> None:
         """A step whose inputs were all added before it (or in an earlier target)."""
+        if path in self._members:
+            return
         self._members.add(path)
         count = 0
         for inp in self.graph.drvs[path].input_drvs:

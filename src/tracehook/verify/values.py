@@ -9,7 +9,6 @@ elements), a cache signature, or a fixed-output anchor.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,15 +39,3 @@ def show_value(value: Value, hashes: bool = False) -> str:
     there)."""
     return ", ".join(f"{name}={oc.path}" + (f" ({format_nar_hash(oc.nar_hash)})" if hashes
                                              else "") for name, oc in value)
-
-
-def chosen_value(candidates: Sequence[Candidate], want_path: str | None) -> Candidate | None:
-    """The candidate a report names: one holding ``want_path`` if given, else the first."""
-    for c in candidates:
-        if want_path is None or want_path in c.paths().values():
-            return c
-    return None
-
-
-def as_mapping(value: Value) -> Mapping[str, OutputClaim]:
-    return dict(value)
