@@ -42,6 +42,7 @@ from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.tracestore import FileTraceStore, TraceStore, open_store
 from tracehook.verify.cachekeys import CacheOutput
 from tracehook.verify.engine import Engine, Limits
+from tracehook.verify.evidencecheck import EvidenceInfo
 from tracehook.verify.policy import Policy
 from tracehook.verify.walk import Target
 
@@ -81,6 +82,7 @@ class Verdict:
     fault: str | None = None  # could not decide: answered 502, never cached
     generation: tuple[str, int] = ("", 0)
     rejected: tuple[str, ...] = field(default=())  # signatures that did not count, why
+    evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for the first value
 
     @property
     def verified(self) -> bool:
@@ -169,8 +171,8 @@ class GateVerifier:
         self._engine, self._engine_key = engine, key
         self._serial += 1
         self._started = now
-        expiries = [(k.not_after - wall).total_seconds() for k in policy.keys
-                    if k.not_after is not None and k.not_after > wall]
+        ends = [k.not_after for k in policy.keys] + [e.not_after for e in policy.evidence]
+        expiries = [(t - wall).total_seconds() for t in ends if t is not None and t > wall]
         self._ends_at = now + min([self.max_age, *expiries])
         return engine
 
@@ -263,7 +265,8 @@ def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
         return Verdict(step, drv.name, drv.kind, tuple(values),
                        tuple(sorted(first.signers)) if basis == "traces" else (),
                        basis, tuple(sorted(first.signers)) if basis == "cache" else (),
-                       *_relied(engine, step), generation=gen)
+                       *_relied(engine, step), generation=gen,
+                       evidence=trusted.admitted_by(step, first))
     failure = trusted.explain(step, want)
     reason = failure.message
     if rdrv_path and trusted.values(step, want):

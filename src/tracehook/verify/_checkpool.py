@@ -2,7 +2,8 @@
 
 The work for one trace key needs no verified state, only the policy's keys and the trace
 stores: fetch ``traces/<key>`` from every store, parse each JWS, verify its Ed25519
-signature, read its claim (:meth:`~tracehook.verify.trusted.KeyRing.check`). libsodium
+signature, read its claim, and check each hardware evidence entry against the policy's
+evidence elements (:meth:`~tracehook.verify.trusted.KeyRing.check`). libsodium
 releases the GIL while it verifies, but parsing JSON and base64 does not, so for a large
 closure the resolver hands this work to a :class:`CheckPool` of worker processes. Results
 come back as plain tuples (about a tenth of what pickling the claim objects would cost the
@@ -31,6 +32,7 @@ from typing import Any
 from tracehook.errors import EnvironmentFault, ParseError, Rejected
 from tracehook.stores.tracestore import TraceStore
 from tracehook.trace.claim import KeyKind, TraceKey
+from tracehook.trace.tracefile import TraceDocument
 from tracehook.verify.policy import Policy
 from tracehook.verify.trusted import Checked, Facts, KeyRing, Plain, readmit, to_plain
 
@@ -46,22 +48,29 @@ class StoreFault:
 def fetch_and_check(
     ring: KeyRing,
     key: TraceKey,
-    fetched: Sequence[tuple[TraceStore, Future[list[str]]]],
+    fetched: Sequence[tuple[TraceStore, Future[TraceDocument]]],
 ) -> tuple[Checked, list[StoreFault]]:
-    """Gather one key's traces from every store (futures of ``store.get``), check them."""
+    """Gather one key's traces and evidence from every store (futures of ``store.read``),
+    check them."""
     tokens: list[str] = []
+    evidence: list[Any] = []
     bad_files: list[Rejected] = []
     faults: list[StoreFault] = []
     for store, fut in fetched:
         try:
-            tokens.extend(fut.result())
+            doc = fut.result()
+            tokens.extend(doc.signatures)
+            evidence.extend(doc.evidence)
+            if ring.wants_evidence:
+                bad_files += [Rejected("malformed", None, f"{store.url}: {problem}")
+                              for problem in doc.problems]
         except EnvironmentFault as exc:
             log.warning("%s", exc.diagnostics())  # names the store
             faults.append(StoreFault(store.url, exc.diagnostics()))
         except ParseError as exc:
             bad_files.append(Rejected("malformed", None, f"{store.url} serves a malformed "
                                       f"trace file for {key.key}: {exc.diagnostics()}"))
-    return ring.check(tokens, key).with_rejected(bad_files), faults
+    return ring.check(tokens, key, evidence).with_rejected(bad_files), faults
 
 
 def check_in_threads(pool: ThreadPoolExecutor, ring: KeyRing, stores: Sequence[TraceStore],
@@ -71,15 +80,15 @@ def check_in_threads(pool: ThreadPoolExecutor, ring: KeyRing, stores: Sequence[T
         store = stores[0]
         return pool.submit(
             lambda: fetch_and_check(ring, key, [(store, fetch_here(store, key.key))]))
-    gets = [(s, pool.submit(s.get, key.key)) for s in stores]
+    gets = [(s, pool.submit(s.read, key.key)) for s in stores]
     return pool.submit(fetch_and_check, ring, key, gets)
 
 
-def fetch_here(store: TraceStore, key: str) -> Future[list[str]]:
-    """``store.get(key)`` run in this thread, as a finished future (its error kept)."""
-    fut: Future[list[str]] = Future()
+def fetch_here(store: TraceStore, key: str) -> Future[TraceDocument]:
+    """``store.read(key)`` run in this thread, as a finished future (its error kept)."""
+    fut: Future[TraceDocument] = Future()
     try:
-        fut.set_result(store.get(key))
+        fut.set_result(store.read(key))
     except BaseException as exc:  # handed on to whoever reads the future
         fut.set_exception(exc)
     return fut

@@ -23,7 +23,7 @@ from tracehook.errors import Failure, TracehookError
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.storepath import basename
 from tracehook.trace.stepkey import InputOutput, Resolution, step_key
-from tracehook.verify.trusted import Candidate
+from tracehook.verify.values import Candidate
 
 WEAK_HASHES = frozenset({"md5", "sha1"})
 

@@ -6,7 +6,7 @@ it has is *done*; a ready step is planned at once (:func:`tracehook.verify.decid
 from its inputs' verified values); the trace keys of its candidate resolutions are fetched
 and checked in a thread pool, or in batches by checker processes (each key once); when its
 last key is in, the evidence is recorded in the verified set
-(:class:`~tracehook.verify.trusted.TrustedSet`); when the binary caches have been asked about
+(:class:`~tracehook.verify.trustedset.TrustedSet`); when the binary caches have been asked about
 what the traces left unverified (policy ``narinfo-key``), the step is *done* and its
 consumers may become ready. Completions come back through one queue, so only the engine's
 own thread touches the verified set.
@@ -56,7 +56,8 @@ from tracehook.verify.decide import PlanLimits, StepInput, cache_lookups, plan_s
 from tracehook.verify.policy import Policy
 from tracehook.verify.reliance import failed_below, reliance
 from tracehook.verify.remembered import remembered
-from tracehook.verify.trusted import Checked, Facts, KeyRing, TrustedSet
+from tracehook.verify.trusted import Checked, Facts, KeyRing
+from tracehook.verify.trustedset import TrustedSet
 from tracehook.verify.walk import Graph, Loader, Target, fewer_collections
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Engine:
         self.limits = limits or Limits()
         self.graph = Graph(load, self.limits.max_depth, self._requested)
         self.ring = KeyRing(policy, now, facts=facts)
-        self.trusted = TrustedSet(policy.require)
+        self.trusted = TrustedSet(policy.require, policy.evidence_names)
         self.cache_sigs = (CacheSigs(CacheKeys(policy.narinfo_keys, now), caches)
                            if policy.narinfo_keys else None)
         self.plan_limits = PlanLimits(self.limits.max_resolutions,
