@@ -101,7 +101,8 @@ def test_version_and_help_import_no_subcommand() -> None:
             "try:\n    c.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.startswith('tracehook.') "
             "and m not in ('tracehook.cli',)), file=sys.stderr)")
-    for argv, allowed in ((["--version"], set()), (["--help"], set())):
+    allowed: set[str] = set()
+    for argv in (["--version"], ["--help"]):
         run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
                              text=True, check=False)
         loaded = set(eval(run.stderr.strip().splitlines()[-1]))
