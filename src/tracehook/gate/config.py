@@ -25,6 +25,7 @@ from tracehook.stores.eventlog import EventLog
 from tracehook.stores.factcache import FactCache
 from tracehook.stores.http import DEFAULT_TIMEOUT
 from tracehook.stores.nixstore import StoreReader
+from tracehook.stores.tracestore import open_store
 from tracehook.trace import crypto
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
     index = DrvIndex(reader)
     index.check_readable()  # a gate does not start on a store it cannot read (exit 3)
     verifier = GateVerifier(policies.current, reader, max_age=cfg.generation_max_age,
-                            caches=upstreams, deadline=cfg.verify_deadline, facts=facts)
+                            caches=upstreams, deadline=cfg.verify_deadline, facts=facts,
+                            stores=lambda p: [open_store(u, cfg.upstream_timeout)
+                                              for u in p.traces])
     service = GateService(
         index, verifier, upstreams, key, events, DecisionCache[Answer](cfg.cache),
         cfg.priority, weak_hashes=lambda: policies.current()[0].weak_fixed_output_hashes)
