@@ -36,10 +36,11 @@ from tracehook.gate.decide import (
     Serve,
     check_realisations,
     choose_narinfo,
+    scanned_problem,
 )
 from tracehook.gate.index import DrvIndex
 from tracehook.gate.memo import DecisionCache
-from tracehook.gate.upstreams import fetch_narinfos, fetch_realisations
+from tracehook.gate.upstreams import fetch_narinfos, fetch_realisations, scan_nar
 from tracehook.gate.verdicts import GateVerifier, Value, Verdict
 from tracehook.lru import Lru
 from tracehook.nix import narinfo, realisation
@@ -194,8 +195,7 @@ class GateService:
                     f"{value.path}: the trusted claims attest different references",
                     verdict.drv_path)
                 continue
-            decision = choose_narinfo(expected, fetch_narinfos(self.upstreams, value.path),
-                                      self.urls, self.store_dir)
+            decision = self._choose(expected, verdict)
             if isinstance(decision, Serve):
                 return value, decision
             if isinstance(decision, Fault):
@@ -207,6 +207,29 @@ class GateService:
                            verdict.drv_path)
         assert fault is not None
         return fault
+
+    def _choose(self, expected: Expected, verdict: Verdict | None) -> Serve | Refusal | Fault:
+        """The upstream narinfo to serve for ``expected``; for a path whose claims attest no
+        references, its NAR is scanned (once per NAR hash) and its References checked."""
+        decision = choose_narinfo(expected, fetch_narinfos(self.upstreams, expected.path),
+                                  self.urls, self.store_dir)
+        if (not isinstance(decision, Serve) or expected.kind != "verified"
+                or expected.references is not None or verdict is None):
+            return decision
+        ni = decision.narinfo
+        listed = frozenset(f"{self.store_dir}/{r}" for r in ni.references)
+        direct = verdict.inputs | {v.path for v in verdict.values}
+        assert expected.nar_hash is not None and ni.url is not None
+        try:
+            scanned = scan_nar(self.upstreams[decision.upstream], ni.url, ni.compression,
+                               listed | direct, expected.nar_hash, self.verifier.facts)
+        except ParseError as exc:
+            return Refusal(f"{expected.path}: {self.urls[decision.upstream]}: "
+                           f"{exc.diagnostics()}", expected.step)
+        problem = scanned_problem(self.urls[decision.upstream], listed, scanned,
+                                  expected.nar_hash, direct)
+        return decision if problem is None else Refusal(f"{expected.path}: {problem}",
+                                                        expected.step)
 
     def _render_realisation(
         self, drv_path: str, output: str, rid: str | None, path: str
@@ -242,8 +265,7 @@ class GateService:
                 raise found
             expected, verdict = found
             subject = expected.step
-            decision = choose_narinfo(expected, fetch_narinfos(self.upstreams, expected.path),
-                                      self.urls, self.store_dir)
+            decision = self._choose(expected, verdict)
             if isinstance(decision, Fault):
                 return self._fault("narinfo", request, subject, decision.message)
             if isinstance(decision, Refusal):

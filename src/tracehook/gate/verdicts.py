@@ -82,6 +82,7 @@ class Verdict:
     fault: str | None = None  # could not decide: answered 502, never cached
     generation: tuple[str, int] = ("", 0)
     rejected: tuple[str, ...] = field(default=())  # signatures that did not count, why
+    inputs: frozenset[str] = frozenset()  # the paths the step was built from (direct)
     evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for the first value
 
     @property
@@ -278,6 +279,17 @@ def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
     return Verdict(step, drv.name, drv.kind, reason=reason, failed_step=failed,
                    failed_name=_name(failed), generation=gen,
                    rejected=tuple(r.detail for r in trusted.rejected(step)))
+
+
+def _inputs(engine: Engine, step: str) -> frozenset[str]:
+    """What the step was built from: its sources and every verified value of the input
+    outputs it references (a superset of one resolution's inputs)."""
+    drv = engine.graph.drvs[step]
+    paths = set(drv.input_srcs)
+    for inp, outputs in drv.input_drvs.items():
+        for cand in engine.trusted.values(inp, frozenset(outputs)):
+            paths.update(oc.path for _, oc in cand.value)
+    return frozenset(paths)
 
 
 def _relied(engine: Engine, step: str) -> tuple[tuple[str, ...], int]:
