@@ -241,7 +241,8 @@ def test_fast_path_imports_almost_nothing(tmp_path: Path) -> None:
     assert {m for m in modules if m.startswith("tracehook")} == {
         "tracehook", "tracehook.signer", "tracehook.signer.agent_client",
         "tracehook.signer.chain", "tracehook.signer.fastconf"}
-    assert not modules & {"tomllib", "tomli", "json", "subprocess", "nacl", "sqlite3"}
+    assert not modules & {"tomllib", "tomli", "json", "subprocess", "nacl", "sqlite3",
+                           "collections", "typing", "dataclasses", "re"}
 
 
 @pytest.mark.parametrize(

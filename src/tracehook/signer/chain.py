@@ -25,7 +25,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+
+# Types only: importing collections.abc costs the hook's fast path ~2.5 ms (mypy reads the
+# name TYPE_CHECKING as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 EVENT = "chain"
 
