@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tracehook.errors import EnvironmentFault, ParseError
+from tracehook.errors import EnvironmentFault, ParseError, UnresolvedInput
 from tracehook.nix.aterm import parse
 from tracehook.nix.derivation import Derivation, DerivationOutput, decode_drv, encode_drv, serialize
 from tracehook.nix.derivation_hash import (
@@ -23,7 +23,7 @@ from tracehook.nix.derivation_hash import (
     realisation_id,
     realisation_ids,
 )
-from tracehook.nix.resolve import UnresolvedInput, resolve, resolved_key, resolved_path
+from tracehook.nix.resolve import resolve, resolved_key, resolved_path
 from tracehook.nix.storepath import derivation_path, hash_part
 from tracehook.stores.nixstore import StoreReader
 

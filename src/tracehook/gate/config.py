@@ -19,8 +19,9 @@ from tracehook.gate.index import DrvIndex
 from tracehook.gate.memo import CacheConfig, DecisionCache
 from tracehook.gate.service import Answer, GateCore
 from tracehook.gate.verdicts import ChainVerifier, Verdict
-from tracehook.stores.binarycache import DEFAULT_TIMEOUT, open_upstream
+from tracehook.stores.binarycache import open_upstream
 from tracehook.stores.eventlog import EventLog
+from tracehook.stores.http import DEFAULT_TIMEOUT
 from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.tracestore import open_store
 from tracehook.trace import crypto

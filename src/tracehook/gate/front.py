@@ -32,10 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tracehook.errors import ParseError
+from tracehook.errors import ParseError, UpstreamFault
 from tracehook.gate.service import NAR_URL, NOT_FOUND, Answer, GateCore, NarAnswer
 from tracehook.nix import realisation
-from tracehook.stores.binarycache import UpstreamFault
 
 log = logging.getLogger(__name__)
 

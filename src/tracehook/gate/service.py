@@ -26,17 +26,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
-from tracehook.errors import EnvironmentFault, ParseError, TracehookError
+from tracehook.errors import EnvironmentFault, ParseError, Refusal, TracehookError, UpstreamFault
 from tracehook.gate.index import DrvIndex
 from tracehook.gate.memo import DecisionCache
-from tracehook.gate.upstreams import Refusal, check_upstream_realisation, find_fixed, find_narinfo
+from tracehook.gate.upstreams import check_upstream_realisation, find_fixed, find_narinfo
 from tracehook.gate.verdicts import ChainVerifier, StepValues, Verdict
 from tracehook.nix import narinfo, realisation
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.nar import format_nar_hash
 from tracehook.nix.narinfo import NarInfo
 from tracehook.nix.storepath import basename, hash_part, path_name
-from tracehook.stores.binarycache import Body, Upstream, UpstreamFault
+from tracehook.stores.binarycache import Body, Upstream
 from tracehook.stores.eventlog import EventLog
 from tracehook.trace import crypto
 from tracehook.trace.claim import OutputClaim

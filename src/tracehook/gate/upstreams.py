@@ -8,25 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tracehook.errors import ParseError
+from tracehook.errors import ParseError, Refusal, UpstreamFault
 from tracehook.nix import nixbase32, realisation
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.nar import format_nar_hash, parse_nar_hash
 from tracehook.nix.narinfo import NarInfo
 from tracehook.nix.storepath import STORE_DIR, basename
-from tracehook.stores.binarycache import Upstream, UpstreamFault, fetch_narinfo
-
-
-class Refusal(Exception):
-    """Why the gate says no (404), and the step it names."""
-
-    def __init__(self, reason: str, step: str | None = None, name: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.step = step
-        self.name = name
-
-
+from tracehook.stores.binarycache import Upstream, fetch_narinfo
 
 NarinfoCheck = Callable[[Upstream, NarInfo], str | None]
 

@@ -2,7 +2,7 @@
 
 With ``root`` the store is chroot-style, as Nix's ``--store ROOT``: a path
 ``<store_dir>/<hash>-<name>`` lives at ``ROOT<store_dir>/<hash>-<name>``.
-This is the only core module that does I/O.
+A .drv is read only if it is a regular file of at most :data:`MAX_DRV` bytes.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from tracehook.errors import EnvironmentFault, ParseError
 from tracehook.nix.aterm import parse
 from tracehook.nix.derivation import Derivation, decode_drv
 from tracehook.nix.storepath import STORE_DIR, make_text_path, parse_store_path
+from tracehook.stores.files import read_bounded
 
 log = logging.getLogger(__name__)
+
+MAX_DRV = 32 * 1024 * 1024  # a .drv larger than this is refused as unreadable
 
 
 class StoreReader:
@@ -64,11 +67,9 @@ class StoreReader:
         if not name.endswith(".drv"):
             raise ParseError("derivation path", f"{drv_path} is not a .drv", len(drv_path))
         real = self.real_path(drv_path)
-        try:
-            with open(real, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise EnvironmentFault(f"cannot read derivation {drv_path} ({real}): {e}") from e
+        data = read_bounded(real, MAX_DRV, "derivation")
+        if data is None:
+            raise EnvironmentFault(f"cannot read derivation {drv_path} ({real}): no such file")
         drv = parse(decode_drv(data), what=f"derivation {drv_path}")
         if self.verify_paths:
             # The path is the text-file hash of the bytes as stored (what Nix hashed when it

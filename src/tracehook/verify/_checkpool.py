@@ -28,11 +28,11 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
 from typing import Any
 
-from tracehook.errors import EnvironmentFault, ParseError
+from tracehook.errors import EnvironmentFault, ParseError, Rejected
 from tracehook.stores.tracestore import TraceStore
 from tracehook.trace.claim import Claim, KeyKind, OutputClaim, TraceKey
 from tracehook.verify.policy import Policy
-from tracehook.verify.trusted import Accepted, Checked, KeyRing, Rejected
+from tracehook.verify.trusted import Accepted, Checked, KeyRing
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tracehook.errors import BadSignature, ParseError
+from tracehook.errors import BadSignature, ParseError, UpstreamFault
 from tracehook.nix import narinfo, realisation
 from tracehook.nix.nar import parse_nar_hash
 from tracehook.nix.narinfo import NarInfo
 from tracehook.nix.storepath import STORE_DIR, basename, path_name
-from tracehook.stores.binarycache import Upstream, UpstreamFault, fetch_narinfo
+from tracehook.stores.binarycache import Upstream, fetch_narinfo
 from tracehook.trace import crypto
 from tracehook.verify.policy import PolicyKey
 

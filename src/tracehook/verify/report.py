@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracehook.errors import Failure, Rejected
 from tracehook.nix.nar import format_nar_hash
 from tracehook.verify.cachesigs import CacheOutput
 from tracehook.verify.policy import Policy
-from tracehook.verify.trusted import Candidate, Failure, Rejected, chosen_value
+from tracehook.verify.trusted import Candidate, chosen_value
 
 
 @dataclass(frozen=True)

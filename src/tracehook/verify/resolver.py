@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tracehook.errors import ParseError, TracehookError
+from tracehook.errors import Failure, GraphError, ParseError, TracehookError
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.nix.storepath import basename
@@ -45,7 +45,7 @@ from tracehook.verify.cachesigs import CacheKeys, CacheOutput, CacheSigs, Refuse
 from tracehook.verify.policy import Policy
 from tracehook.verify.report import StepReport, TargetReport, build_target_report
 from tracehook.verify.summary import relied_upon, render_summary, summary
-from tracehook.verify.trusted import Checked, Failure, KeyRing, TrustedSet
+from tracehook.verify.trusted import Checked, KeyRing, TrustedSet
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,6 @@ class Target:
     drv_path: str
     outputs: frozenset[str] | None = None  # None: every output of the derivation
     path: str | None = None  # an output path the user asked about
-
-
-class GraphError(TracehookError):
-    def __init__(self, drv_path: str, message: str) -> None:
-        self.drv_path = drv_path
-        super().__init__(message)
 
 
 class Resolver:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tracehook.errors import BadSignature, ParseError
+from tracehook.errors import BadSignature, Failure, ParseError, Rejected
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.storepath import output_path_name, path_name
 from tracehook.trace import crypto, jws
@@ -34,24 +34,7 @@ from tracehook.trace.stepkey import Resolution
 from tracehook.verify.cachesigs import CacheOutput, Refused
 from tracehook.verify.policy import Policy, PolicyKey, TrustModel, TrustResult, evaluate
 
-RejectKind = Literal[
-    "malformed", "bad-signature", "unknown-key", "expired-key", "revoked-key",
-    "other-step", "wrong-output",
-]
 Basis = Literal["fixed", "traces", "cache"]
-FailureKind = Literal[
-    "no-trace", "no-trusted-claim", "threshold", "disagree", "missing-output", "input",
-    "impure", "too-many-resolutions", "graph", "resolution",
-]
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A signature that does not count, and why."""
-
-    kind: RejectKind
-    kid: str | None
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -182,13 +165,6 @@ class Candidate:
 
     def paths(self) -> dict[str, str]:
         return {name: oc.path for name, oc in self.value}
-
-
-@dataclass(frozen=True)
-class Failure:
-    kind: FailureKind
-    message: str
-    cause: str | None = None  # the input derivation that failed, for kind "input"
 
 
 @dataclass
