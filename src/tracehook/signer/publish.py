@@ -142,6 +142,7 @@ class Publisher:
         self.state = {s.url: StoreState() for s in self.stores}
         self.key_state: dict[tuple[str, str], StoreState] = {}  # (store url, entry name)
         self._last_prune: float | None = None
+        self._locked_seen: set[str] = set()
 
     def _deliver(self, store: TraceStore, item: SpooledItem) -> None:
         if holds_claim(store.get(item.entry.key), item):
@@ -211,8 +212,10 @@ class Publisher:
         for path, why in scan.locked:
             report.locked.append(path.name)
             report.kept.append(path.name)
-            self.events.emit(EVENT, "kept", f"spool entry {path} left pending: {why}",
-                             reason=why, spool_file=str(path))
+            if path.name not in self._locked_seen:  # once per entry, not every round
+                self._locked_seen.add(path.name)
+                self.events.emit(EVENT, "kept", f"spool entry {path} left pending: {why}",
+                                 reason=why, spool_file=str(path))
         return items
 
     def _prune(self, report: Report) -> None:
