@@ -446,10 +446,6 @@ def _garbage_key(tmp: Path) -> str:
     return f'secret-key-file = "{tmp / "garbage.sec"}"\n'
 
 
-def _no_key(tmp: Path) -> str:
-    return ""
-
-
 def _unwritable_log(tmp: Path) -> str:
     (tmp / "logdir").write_text("a file where the log directory belongs")
     return (f'secret-key-file = "{key_file(tmp)}"\n'
@@ -462,7 +458,6 @@ def _unwritable_log(tmp: Path) -> str:
         pytest.param("key path wrong", _wrong_key, "cannot read key file", id="key missing"),
         pytest.param("public key given", _public_as_secret, "public key", id="public key"),
         pytest.param("key garbage", _garbage_key, "secret-key-file", id="key garbage"),
-        pytest.param("no key, agent on", _no_key, "no secret-key-file", id="no key"),
         pytest.param("log not writable", _unwritable_log, "not writable", id="log"),
     ],
 )
@@ -481,18 +476,30 @@ def test_daemon_checks_key_and_log_at_start(case: str, extra: Callable[[Path], s
     assert not (tmp_path / "a.sock").exists()
 
 
-def test_daemon_without_agent_needs_no_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [["--no-agent"], []], ids=["--no-agent", "agent wanted"])
+def test_daemon_without_key_publishes_and_serves_no_agent(flags: list[str],
+                                                          tmp_path: Path) -> None:
+    """Without secret-key-file the agent could not sign (it never sees nix.conf's
+    secret-key-files): the daemon publishes, starts no agent and says why; the hook then
+    signs in process with nix.conf's key, as before."""
+    filled_spool(tmp_path, 2)
     config = write_config(tmp_path, f"file://{tmp_path}/ts")
+    sock = tmp_path / "agent.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tracehook", "publish", "--daemon", "--interval", "0.1",
-         "--config", str(config), "--no-agent"], stderr=subprocess.PIPE, text=True)
+         "--config", str(config), "--agent-socket", str(sock), *flags],
+        stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
-        assert proc.poll() is None
+        assert _wait_for(lambda: not list((tmp_path / "spool" / "pending").iterdir()))
+        assert proc.poll() is None and not sock.exists()
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
+    if flags:
+        assert "signing agent" not in err
+    else:
+        assert "signing agent not started: no secret-key-file" in err
 
 
 @pytest.mark.parametrize("kind", ["regular file", "directory", "symlink"])

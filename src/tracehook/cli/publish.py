@@ -13,11 +13,12 @@ pending entries (``--json`` for one JSON object a line).
 Configuration: ``--config FILE``, else ``$TRACEHOOK_CONFIG``, else /etc/tracehook/sign.toml;
 the daemon's signing agent signs with that same file (its ``secret-key-file``,
 ``store-root``, ``strict``, ``log-file``). At start the daemon checks what every build would
-otherwise trip over: the secret key (readable, a Nix secret key; required while the agent
-runs, since the agent never sees nix.conf's ``secret-key-files``), the log file (writable)
-and the agent's socket path (only a stale socket there is replaced). Each failure is one line
-and exit 2. Delivered entries older than ``keep-sent`` (default 7 days) are deleted from the
-spool's ``sent/`` ledger.
+otherwise trip over: the secret key (readable, a Nix secret key), the log file (writable) and
+the agent's socket path (only a stale socket there is replaced). Each failure is one line and
+exit 2. Without ``secret-key-file`` no agent is started (it never sees nix.conf's
+``secret-key-files``; the hook then signs in its own process), and the daemon says so.
+Delivered entries older than ``keep-sent`` (default 7 days) are deleted from the spool's
+``sent/`` ledger.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main_spool(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def check_daemon_start(cfg: config.SignConfig, agent: bool) -> None:
+def check_daemon_start(cfg: config.SignConfig) -> None:
     """What every build would trip over, found at start: ConfigError (exit 2), one line."""
     where = cfg.source or "the signer configuration"
     if cfg.secret_key_file is not None:
@@ -118,12 +119,6 @@ def check_daemon_start(cfg: config.SignConfig, agent: bool) -> None:
             crypto.read_secret_key_file(cfg.secret_key_file)
         except TracehookError as exc:
             raise ConfigError(f"secret-key-file in {where}: {exc.diagnostics()}") from None
-    elif agent:
-        raise ConfigError(
-            f"no secret-key-file in {where}: the signing agent signs with it (it never sees "
-            "nix.conf's secret-key-files); set it, or pass --no-agent to let the hook sign "
-            "in process"
-        )
     if cfg.log_file is not None:
         try:
             cfg.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +164,14 @@ def main_publish(args: argparse.Namespace) -> int:
     socket_path = args.agent_socket or cfg.agent_socket
     serve_agent = args.daemon and not args.no_agent and socket_path is not None
     if args.daemon:
-        check_daemon_start(cfg, serve_agent)
+        check_daemon_start(cfg)
     events = EventLog(cfg.log_file)
+    if serve_agent and cfg.secret_key_file is None:
+        why = (f"no secret-key-file in {cfg.source or 'the signer configuration'}: the agent "
+               "signs with it and never sees nix.conf's secret-key-files")
+        events.emit("agent", "failed", f"signing agent not started: {why} (the post-build "
+                    "hook signs in process, slower)", reason=why, socket=str(socket_path))
+        serve_agent = False
     publisher = Publisher(spool, stores, events, max_backoff=args.max_backoff,
                           keep_sent=cfg.keep_sent)
     if not args.daemon:
