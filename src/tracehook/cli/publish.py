@@ -165,7 +165,7 @@ def main_publish(args: argparse.Namespace) -> int:
     serve_agent = args.daemon and not args.no_agent and socket_path is not None
     if args.daemon:
         check_daemon_start(cfg)
-    events = EventLog(cfg.log_file)
+    events = EventLog(cfg.log_file, journal=args.daemon)  # a daemon's stderr is the journal
     if serve_agent and cfg.secret_key_file is None:
         why = (f"no secret-key-file in {cfg.source or 'the signer configuration'}: the agent "
                "signs with it and never sees nix.conf's secret-key-files")
