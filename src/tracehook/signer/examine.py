@@ -104,10 +104,19 @@ class LocalStore:
         self.db.close()
 
     def nar_hash(self, path: str) -> bytes:
+        return self.output_claim(path).nar_hash
+
+    def output_claim(self, path: str) -> OutputClaim:
+        """What the store recorded for a built output: its NAR hash and its references
+        (the references extension of docs/FORMAT.md: attested, so a gate can refuse a
+        narinfo that drops or adds one)."""
         info = self.db.path_info(path)
         if info is None:
             raise EnvironmentFault(f"{path} is not a valid path in the store (garbage collected?)")
-        return parse_nar_hash(info.nar_hash, f"NAR hash of {path} in the store database")
+        return OutputClaim(path,
+                           parse_nar_hash(info.nar_hash, f"NAR hash of {path} in the store "
+                                          "database"),
+                           tuple(sorted(info.references)))
 
     def is_content_addressed(self, path: str) -> bool:
         info = self.db.path_info(path)
@@ -198,7 +207,7 @@ def examine(store: LocalStore, drv_path: str, out_paths: Sequence[str] = ()) -> 
                 )
     resolution = step_key(drv, _inputs(store, drv))
     paths = _claimed_paths(store, drv_path, drv, out_paths, resolution)
-    outputs = {name: OutputClaim(p, store.nar_hash(p)) for name, p in sorted(paths.items())}
+    outputs = {name: store.output_claim(p) for name, p in sorted(paths.items())}
     return BuildStep(drv_path, drv, resolution, outputs)
 
 
