@@ -90,7 +90,10 @@ class GateService:
         memo: DecisionCache[Answer],
         priority: int = 30,
         weak_hashes: Callable[[], bool] = lambda: False,
+        fail_on_tamper: bool = False,
     ) -> None:
+        """``fail_on_tamper``: refuse a path when tamper evidence is seen in its chain,
+        even when it verifies another way (it is always logged as ``tampered``)."""
         self.index = index
         self.verifier = verifier
         self.upstreams = list(upstreams)
@@ -100,6 +103,7 @@ class GateService:
         self.memo = memo
         self.priority = priority
         self.weak_hashes = weak_hashes
+        self.fail_on_tamper = fail_on_tamper
         self.store_dir = index.store_dir
         self._nar_routes: Lru[str, int] = Lru(ROUTES_MAX)  # NAR URL -> upstream index
 
@@ -161,6 +165,7 @@ class GateService:
                 return self._fault("realisation", request, drv_path, verdict.fault)
             if not verdict.values:
                 raise _refusal(verdict, output)
+            self._tamper_check("realisation", request, verdict)
             chosen = self._serve_for(verdict, verdict.values)
             if isinstance(chosen, Fault):
                 return self._fault("realisation", request, drv_path, chosen.message)
@@ -265,6 +270,8 @@ class GateService:
                 raise found
             expected, verdict = found
             subject = expected.step
+            if verdict is not None:
+                self._tamper_check("narinfo", request, verdict)
             decision = self._choose(expected, verdict)
             if isinstance(decision, Fault):
                 return self._fault("narinfo", request, subject, decision.message)
@@ -395,6 +402,22 @@ class GateService:
             target=subject,
         )
         return Answer(404, b"refused by tracehook gate\n", reason=exc.reason)
+
+    def _tamper_check(self, kind: str, request: str, verdict: Verdict) -> None:
+        """Tamper evidence in the chain is logged as its own event, even when the path is
+        admitted another way; with ``fail_on_tamper`` it is a refusal."""
+        for step, what in verdict.tampered:
+            self.events.emit(
+                "gate", "tampered",
+                f"tamper evidence at {printable(step)} (treat as an incident): "
+                f"{printable(what)}" + (" (refused: --fail-on-tamper)"
+                                       if self.fail_on_tamper else
+                                       f"; {kind} {request} admitted another way"),
+                reason=what, request=kind, id=request, drv=verdict.drv_path, name=step)
+        if verdict.tampered and self.fail_on_tamper:
+            step, what = verdict.tampered[0]
+            raise Refusal(f"tamper evidence at {step} (--fail-on-tamper): {what}",
+                          verdict.drv_path, verdict.name)
 
     def _refuse_uncached(self, kind: str, request: str, reason: str) -> Answer:
         self.events.emit("gate", "refused", f"refused {kind} {request}: {reason}",

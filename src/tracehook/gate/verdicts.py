@@ -83,6 +83,7 @@ class Verdict:
     generation: tuple[str, int] = ("", 0)
     rejected: tuple[str, ...] = field(default=())  # signatures that did not count, why
     inputs: frozenset[str] = frozenset()  # the paths the step was built from (direct)
+    tampered: tuple[tuple[str, str], ...] = ()  # (step name, what): tamper evidence seen
     evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for the first value
 
     @property
@@ -273,7 +274,7 @@ def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
     if rdrv_path and trusted.values(step, want):
         reason = (f"no verified value of {output} is attested for the resolved derivation "
                   f"{rdrv_path}")
-    failed = engine.failed_below(step)
+    failed = engine.reading.failed_below(step)
     if failed != step:
         reason = trusted.explain(failed, _wanted(engine, failed)).message
     return Verdict(step, drv.name, drv.kind, reason=reason, failed_step=failed,
@@ -293,7 +294,7 @@ def _inputs(engine: Engine, step: str) -> frozenset[str]:
 
 
 def _relied(engine: Engine, step: str) -> tuple[tuple[str, ...], int]:
-    boundary, covered = engine.reliance(step)
+    boundary, covered = engine.reading.reliance(step)
     paths = sorted(r.path for b in boundary
                    for r in engine.trusted.cache_results(b).values()
                    if isinstance(r, CacheOutput))
