@@ -144,10 +144,12 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
     return elapsed, rss
 
 
-def run_verify(policy: Path, closure: Closure) -> float:
+def run_verify(policy: Path, closure: Closure, cache_dir: Path) -> float:
+    """``tracehook verify`` as a user runs it the first time (a fresh verification cache)."""
     start = time.perf_counter()
     subprocess.run([TRACEHOOK, "verify", closure.target, "--policy", str(policy), "--store",
-                    str(closure.root)], check=True, stdout=subprocess.DEVNULL)
+                    str(closure.root), "--cache-dir", str(cache_dir)], check=True,
+                   stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -169,7 +171,7 @@ def main() -> None:
                 policy = tmp / "policy.toml"
                 policy.write_text(policy_text(closure.traces))
                 cache_dir = tmp / "cache-dir"
-                verify_s = run_verify(policy, closure)
+                verify_s = run_verify(policy, closure, tmp / "verify-cache")
                 cold, rss = run_gate(policy, closure, cache_dir, args.clients, run)
                 warm, _ = run_gate(policy, closure, cache_dir, args.clients, run + 1)
                 last = f"pkg-{n - max(1, n // 50) - 1}"

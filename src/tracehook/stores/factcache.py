@@ -44,7 +44,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the row check hashes ns, key length, key, value
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _TOUCH_EVERY = 24 * 3600  # seconds before a read refreshes a row's last use
 _CHECK_EVERY = 1000  # writes between size checks
