@@ -58,3 +58,6 @@ def conformance() -> Path:
     if not CONFORMANCE.is_dir():
         raise RuntimeError(f"conformance data not found at {CONFORMANCE} (shared/ beside the repo)")
     return CONFORMANCE
+
+
+from seaweed import anonymous_env, seaweed  # noqa: E402, F401  (fixtures: SeaweedFS, S3)

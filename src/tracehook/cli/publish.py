@@ -29,7 +29,7 @@ from tracehook.signer.agent_client import DEFAULT_SOCKET
 from tracehook.signer.publish import Publisher
 from tracehook.stores.eventlog import EventLog
 from tracehook.stores.spool import Spool
-from tracehook.stores.tracestore import open_store
+from tracehook.stores.tracestore import check_for_writing, open_store
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -110,6 +110,10 @@ def main_publish(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_OK
     events = EventLog(cfg.log_file)
+    for store in stores:  # refuses a store that ignores conditional PUTs (exit 2)
+        note = check_for_writing(store)
+        if note is not None:
+            events.emit("publish", "unchecked", note, reason=note, store=store.url)
     publisher = Publisher(spool, stores, events, max_backoff=args.max_backoff)
     if args.daemon:
         stop = threading.Event()
