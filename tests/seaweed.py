@@ -219,6 +219,13 @@ class Seaweed:
             client.close()
         raise RuntimeError(f"not ready after {READY_TIMEOUT:g} s: {problem}")
 
+    def kill(self) -> None:
+        """Stop at once (SIGKILL), as a crash or a power cut would."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
@@ -274,13 +281,13 @@ CONTENT_TYPES = {".narinfo": "text/x-nix-narinfo", ".doi": "application/json",
 
 
 def upload_tree(client: S3Client, root: Path) -> int:
-    """Every regular file under ``root`` to the same relative key: a binary cache written
-    by ``nix copy --to file://ROOT`` becomes the layout ``nix copy --to s3://`` writes.
-    Returns how many objects were written."""
+    """Every regular file under ``root`` (dot files aside) to the same relative key: a
+    binary cache written by ``nix copy --to file://ROOT`` becomes the layout ``nix copy
+    --to s3://`` writes. Returns how many objects were written."""
     count = 0
     for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.is_symlink():
-            continue
+        if not path.is_file() or path.is_symlink() or path.name.startswith("."):
+            continue  # (a file trace store's .lock)
         rel = path.relative_to(root).as_posix()
         kind = "text/x-nix-cache-info" if rel == "nix-cache-info" else \
             CONTENT_TYPES.get(path.suffix, "application/octet-stream")
