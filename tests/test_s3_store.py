@@ -322,3 +322,24 @@ def test_upstream_reads_and_streams(seaweed: Seaweed, anonymous_env: dict[str, s
     finally:
         body.close()
     assert b"".join(chunks) == nar and max(len(c) for c in chunks) <= 256 * 1024
+
+
+def test_append_reuses_the_read_before_it_and_a_stale_one_is_harmless() -> None:
+    """A publisher reads a key, then appends: the append's first attempt takes that read
+    (one GET fewer); when another writer was first meanwhile, the conditional PUT fails and
+    the next attempt reads afresh: nothing is lost."""
+    from traceserver import serve_traces
+
+    with serve_traces() as server:
+        ours, theirs = tracestore.open_store(server.url), tracestore.open_store(server.url)
+        assert isinstance(ours, tracestore.HttpTraceStore)
+        assert ours.get(KEYS[8]) == []
+        theirs.append(KEYS[8], ["theirs.sig.x"])  # between our read and our append
+        gets = sum(1 for m, _ in server.state.requests if m == "GET")
+        ours.append(KEYS[8], ["ours.sig.x"])
+        assert ours.conflicts == 1 and ours.puts == 2
+        assert sum(1 for m, _ in server.state.requests if m == "GET") == gets + 1
+        assert sorted(ours.get(KEYS[8])) == ["ours.sig.x", "theirs.sig.x"]
+        ours.get(KEYS[9])
+        ours.append(KEYS[9], ["fresh.sig.x"])  # nothing in between: no second GET
+        assert ours.conflicts == 1 and ours.puts == 3

@@ -149,6 +149,7 @@ class HttpTraceStore:
         self.conflicts = 0  # of which another writer was first (409/412)
         self._probed = False
         self._probe_lock = threading.Lock()
+        self._last = threading.local()  # this thread's last get(), for the append after it
 
     def _send(self, method: str, rel: str, headers: Mapping[str, str] | None = None,
               body: bytes | None = None, limit: int = MAX_TRACE_FILE) -> Response:
@@ -224,7 +225,17 @@ class HttpTraceStore:
                           "accept writes under traces/), or add single-writer=1 to its URL")
 
     def get(self, key: str) -> list[str]:
-        return self._fetch(key)[0]
+        found = self._fetch(key)
+        self._last.read = (key, found)
+        return found[0]
+
+    def _reuse(self, key: str) -> tuple[list[str], str | None, bool] | None:
+        """What this thread's last :meth:`get` read, if it was ``key`` (once): a publisher
+        reads a key, then appends to it; the conditional PUT makes a stale read harmless
+        (it fails, and the next attempt reads afresh)."""
+        last = getattr(self._last, "read", None)
+        self._last.read = None
+        return last[1] if last is not None and last[0] == key else None
 
     def append(self, key: str, signatures: Sequence[str]) -> None:
         """Append with laut's conditional PUTs.
@@ -255,7 +266,7 @@ class HttpTraceStore:
 
     def _try_append(self, key: str, signatures: Sequence[str]) -> bool:
         """One GET + conditional PUT; False when another writer got in first."""
-        existing, etag, exists = self._fetch(key)
+        existing, etag, exists = self._reuse(key) or self._fetch(key)
         merged = merge_signatures(existing, signatures)
         if exists and merged == existing:
             return True
