@@ -73,3 +73,18 @@ def test_file_trace_store_refuses_dev_zero_symlink(tmp_path: Path) -> None:
     store = FileTraceStore(f"file://{tmp_path}", tmp_path)
     with pytest.raises(TraceStoreFault, match="symlink"):
         store.get(KEY)
+
+
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("plain kid:abc", "plain kid:abc"),
+    ("kid\ntracehook-gate: allowed /nix/store/x", "kid\\ntracehook-gate: allowed /nix/store/x"),
+    ("a\rb\tc\\d", "a\\rb\\tc\\\\d"),
+    ("esc\x1b[31mred", "esc\\x1b[31mred"),
+    ("nel\x85 ls\u2028", "nel\\x85 ls\\u2028"),
+    ("ünïcode ok", "ünïcode ok"),
+])
+def test_printable_keeps_untrusted_text_on_one_line(raw: str, shown: str) -> None:
+    from tracehook.text import printable
+
+    assert printable(raw) == shown
+    assert "\n" not in printable(raw) and "\r" not in printable(raw)
