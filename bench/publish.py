@@ -9,10 +9,11 @@ builder of a fleet signs the same steps; publishing them at the same moment is t
 case for the compare-and-swap loop), drain their spools at once with the publisher the
 daemon runs (:class:`tracehook.signer.publish.Publisher`: read the key, skip a claim
 already there, else GET and conditional PUT, again after a 409/412). Reported per run:
-traces per second over all publishers (wall time from the common start to the last
-publisher's end), the share of conditional PUTs answered 412/409 (another writer was
-first), and requests retried after a 5xx or a timeout; then the median and spread over the
-runs. Every run checks that every signature of every publisher is in the bucket.
+traces per second over all publishers (wall time from the first publisher's start, once
+every spool is filled, to the last one's end), the share of conditional PUTs answered
+412/409 (another writer was first), and requests retried after a 5xx or a timeout; then the
+median and spread over the runs. Every run checks that every signature of every publisher
+is in the bucket.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import statistics
 import sys
 import tempfile
 import time
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,43 +60,53 @@ def entry(i: int, sk: crypto.SecretKey) -> SpoolEntry:
                       token, 1000.0 + i, crypto.format_public_key(sk.public))
 
 
-def _publisher(args: tuple[str, str, int, int, float]) -> tuple[int, float, int, int, int]:
-    """One publisher process: fill its spool (untimed), wait for the common start, drain."""
-    url, spool_dir, n, traces, start_at = args
+def _publisher(url: str, spool_dir: str, n: int, traces: int, ready: Barrier,
+               results: Queue[tuple[int, float, float, int, int, int]]) -> None:
+    """One publisher process: fill its spool (untimed), wait for the others, drain."""
     spool = Spool(Path(spool_dir))
     sk = signer(n)
     for i in range(traces):
         spool.add(entry(i, sk))
     store = S3TraceStore(url)
     publisher = Publisher(spool, [store], EventLog(None, stderr=None))
-    time.sleep(max(0.0, start_at - time.time()))
+    ready.wait()
+    start = time.time()
     report = publisher.drain()
     end = time.time()
     if not report.complete:
         raise SystemExit(f"publisher {n}: {report.errors}")
-    return len(report.delivered), end, store.puts, store.conflicts, store.s3.retried
+    results.put((len(report.delivered), start, end, store.puts, store.conflicts,
+                 store.s3.retried))
 
 
 def run(weed: Seaweed, tmp: Path, publishers: int, traces: int, tag: str) -> dict[str, float]:
     bucket = weed.bucket(f"bench-{publishers}")
     url = weed.url(bucket)
-    start_at = time.time() + 3.0 + 0.02 * traces  # after every spool is filled
-    jobs = [(url, str(tmp / f"{tag}-spool{n}"), n, traces, start_at) for n in range(publishers)]
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(publishers) as pool:
-        results = pool.map(_publisher, jobs)
-    elapsed = max(end for _, end, _, _, _ in results) - start_at
-    delivered = sum(r[0] for r in results)
-    puts, conflicts = sum(r[2] for r in results), sum(r[3] for r in results)
+    ready = ctx.Barrier(publishers)
+    results: Queue[tuple[int, float, float, int, int, int]] = ctx.Queue()
+    procs = [ctx.Process(target=_publisher, args=(url, str(tmp / f"{tag}-spool{n}"), n, traces,
+                                                  ready, results))
+             for n in range(publishers)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(30)
+        if p.exitcode != 0:
+            raise SystemExit(f"a publisher exited with {p.exitcode}")
+    elapsed = max(r[2] for r in got) - min(r[1] for r in got)
+    delivered = sum(r[0] for r in got)
+    puts, conflicts = sum(r[3] for r in got), sum(r[4] for r in got)
     reader = S3TraceStore(url)
     for i in range(traces):
         e = entry(i, signer(0))
-        got = reader.get(e.key)
-        if len(got) != publishers or e.jws not in got:
-            raise SystemExit(f"step {i}: {len(got)} signatures, expected {publishers}")
+        have = reader.get(e.key)
+        if len(have) != publishers or e.jws not in have:
+            raise SystemExit(f"step {i}: {len(have)} signatures, expected {publishers}")
     return {"traces_s": delivered / elapsed, "conflict_share": conflicts / max(1, puts),
             "elapsed": elapsed, "puts": puts, "conflicts": conflicts,
-            "retried": sum(r[4] for r in results)}
+            "retried": sum(r[5] for r in got)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,9 @@ refused, so a typo is named rather than ignored.
   credentials file (``AWS_SHARED_CREDENTIALS_FILE``, default ``~/.aws/credentials``) and the
   config file (``AWS_CONFIG_FILE``, default ``~/.aws/config``) for the profile (``profile=``,
   else ``AWS_PROFILE``, else ``default``). With ``profile=`` the environment's keys are not
-  used. Nothing else (no instance metadata, no STS, no credential processes), so opening a
-  store never touches the network. No credentials: requests go unsigned (anonymous reads).
+  used; a profile named (either way) that has no keys is an error, not anonymous. Nothing
+  else (no instance metadata, no STS, no credential processes), so opening a store never
+  touches the network. No credentials: requests go unsigned (anonymous reads).
   Secrets never appear in a message or a log line: errors name where the keys came from.
 - **Retries**: an answer 500/502/503/504, a timeout or a dropped connection is retried with
   jittered backoff while the client's deadline (``3 * timeout``) lasts, for reads and for
@@ -177,10 +178,6 @@ class S3Location:
         path = f"/{self.bucket}/{self.key(rel)}" if self.path_style else f"/{self.key(rel)}"
         return urllib.parse.quote(path, safe="/~")
 
-    @property
-    def bucket_target(self) -> str:
-        return f"/{urllib.parse.quote(self.bucket)}" if self.path_style else "/"
-
 
 # ------------------------------------------------------------------------ credentials
 
@@ -201,8 +198,8 @@ def load_credentials(loc: S3Location, what: str) -> Credentials | None:
         raise ConfigError(f"{what} {loc.url}: S3 stores need botocore; install the 's3' extra "
                           "(pip install 'tracehook[s3]')") from None
     env = os.environ
-    profile = loc.profile or env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") \
-        or "default"
+    chosen = loc.profile or env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE")
+    profile = chosen or "default"
     creds_file = os.path.expanduser(env.get("AWS_SHARED_CREDENTIALS_FILE")
                                     or "~/.aws/credentials")
     config_file = os.path.expanduser(env.get("AWS_CONFIG_FILE") or "~/.aws/config")
@@ -213,8 +210,8 @@ def load_credentials(loc: S3Location, what: str) -> Credentials | None:
         creds = CredentialResolver(providers).load_credentials()
     except BotoCoreError as exc:  # e.g. a key id without its secret; names no secret
         raise ConfigError(f"{what} {loc.url}: S3 credentials: {exc}") from None
-    if creds is None and loc.profile:
-        raise ConfigError(f"{what} {loc.url}: profile {loc.profile!r} has no credentials in "
+    if creds is None and chosen:  # a profile named but not found: not anonymous
+        raise ConfigError(f"{what} {loc.url}: profile {chosen!r} has no credentials in "
                           f"{creds_file} or {config_file}")
     return creds
 
@@ -227,7 +224,8 @@ def _source(creds: Credentials | None, loc: S3Location) -> str:
         return "credentials from the environment (AWS_ACCESS_KEY_ID)"
     if method == "explicit":
         return "credentials given explicitly"
-    profile = loc.profile or os.environ.get("AWS_PROFILE") or "default"
+    profile = loc.profile or os.environ.get("AWS_PROFILE") or \
+        os.environ.get("AWS_DEFAULT_PROFILE") or "default"
     where = "credentials file" if method == "shared-credentials-file" else "config file"
     return f"profile {profile!r} from the AWS {where}"
 
