@@ -87,3 +87,27 @@ def test_unreadable_bucket_is_502(seaweed: Seaweed, buckets: tuple[Synthetic, st
         assert get(gate.url, f"/realisations/{syn.ca_id}.doi")[0] == 502
         assert gate.refusals() == []
         assert all(e["outcome"] != "allowed" for e in gate.events())
+
+
+def test_wrong_secret_is_a_fault_to_readers(
+    seaweed: Seaweed, buckets: tuple[Synthetic, str, str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Readers with a wrong secret: the gate answers 502 (never 404, never 200) and
+    ``tracehook verify`` exits 3 naming the rejection; the secret appears nowhere."""
+    from tracehook import cli
+
+    syn, traces_url, cache_url = buckets
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "BUILDERAACCESS0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-wrong-secret-value")
+    policy = s3_policy(tmp_path / "policy.toml", traces_url)
+    with running_gate(policy, [cache_url], str(syn.root), tmp_path / "gate.log") as gate:
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 502
+        assert gate.refusals() == []
+        log = (tmp_path / "gate.log").read_text()
+    assert "SignatureDoesNotMatch" in log and "a-wrong-secret-value" not in log
+    code = cli.main(["verify", syn.ia_drv, "--policy", str(policy), "--store", str(syn.root)])
+    out = capsys.readouterr()
+    assert code == 3, out
+    assert "SignatureDoesNotMatch" in out.out + out.err
+    assert "a-wrong-secret-value" not in out.out + out.err
