@@ -152,13 +152,33 @@ class Refusal(TracehookError):
         self.name = name
 
 
+EvidenceReason = Literal[
+    "bad-signature", "unsupported-version", "signing-key-mismatch", "broken-chain",
+    "unknown-root", "certificate-expired", "tcb-mismatch", "chip-mismatch", "debug-policy",
+    "report-data-mismatch", "measurement-not-accepted", "tcb-too-old",
+]
+
+
+class EvidenceRefused(TracehookError):
+    """Hardware evidence (an attestation report) was checked and refused: ``reason`` is one
+    code (docs/FORMAT.md 9.3, in the order checked), ``message`` one line saying what was
+    found and what was required. An evidence verdict carries it as its refusal."""
+
+    exit_code = EXIT_REFUSED
+
+    def __init__(self, reason: EvidenceReason, message: str) -> None:
+        self.reason: EvidenceReason = reason
+        self.message = message
+        super().__init__(f"evidence refused ({reason}): {message}")
+
+
 RejectKind = Literal[
     "malformed", "bad-signature", "unknown-key", "expired-key", "revoked-key",
     "other-step", "wrong-output",
 ]
 FailureKind = Literal[
     "no-trace", "no-trusted-claim", "threshold", "disagree", "missing-output", "input",
-    "impure", "too-many-resolutions", "graph", "resolution",
+    "impure", "too-many-resolutions", "graph", "resolution", "weak-hash",
 ]
 
 

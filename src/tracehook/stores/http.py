@@ -197,6 +197,15 @@ class HttpClient:
     def url(self) -> str:
         return self.endpoint.url
 
+    def __getstate__(self) -> dict[str, object]:
+        """For a checker process: the endpoint and limits, not the pool or its lock."""
+        return {"endpoint": self.endpoint, "timeout": self.timeout, "deadline": self.deadline}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._idle = []
+        self._lock = threading.Lock()
+
     def _connect(self) -> http.client.HTTPConnection:
         ep = self.endpoint
         if ep.scheme == "https":
