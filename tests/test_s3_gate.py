@@ -52,6 +52,9 @@ def test_gate_allows_verified_closure_from_buckets(
         status, body = get(gate.url, f"/realisations/{syn.ca_id}.doi")
         assert status == 200, body
         assert realisation.parse_doi_v1(body).out_path == basename(syn.ca_out)
+        status, body = get(gate.url, f"/build-trace-v2/{basename(syn.ca_drv)}/out.doi")
+        assert status == 200, body  # the Nix 2.35 layout: asked of the bucket too
+        assert json.loads(body)["outPath"] == basename(syn.ca_out)
         assert gate.refusals() == []
 
 

@@ -157,27 +157,44 @@ def test_stopped_endpoint_is_a_fault(anonymous_env: dict[str, str]) -> None:
     assert time.monotonic() - started < 2  # a refused connection is not retried
 
 
+_start: Any = None
+
+
+def _init_writer(barrier: Any) -> None:
+    global _start
+    _start = barrier
+
+
+def _key(writer: int, r: int, s: int) -> str:
+    """Even rounds: every writer in the same order (they collide); odd: shifted orders."""
+    return KEYS[(s + (writer if r % 2 else 0)) % len(KEYS)]
+
+
 def _append_rounds(url: str, writer: int, rounds: int, steps: int) -> tuple[int, int]:
     """One writer process: every round, a signature of its own on each shared key."""
     store = tracestore.open_store(url)
     assert isinstance(store, S3TraceStore)
+    _start.wait(60)  # all writers start together
     for r in range(rounds):
         for s in range(steps):
-            key = KEYS[(s + writer) % len(KEYS)]  # overlapping keys, in a different order
-            store.append(key, [f"w{writer}.r{r}.s{s}"])
+            store.append(_key(writer, r, s), [f"w{writer}.r{r}.s{s}"])
     return store.puts, store.conflicts
 
 
 def test_concurrent_writer_processes_lose_no_signature(seaweed: Seaweed) -> None:
-    """3 processes x 30 steps x 3 rounds on overlapping keys: every signature survives."""
+    """3 processes x 30 steps x 4 rounds on overlapping keys: every signature survives."""
+    import multiprocessing
+
     bucket = seaweed.bucket("conc")
     url = seaweed.url(bucket)
-    writers, rounds, steps = 3, 3, 30
+    writers, rounds, steps = 3, 4, 30
     saved = {k: os.environ.get(k) for k in BUILDER_A.env()}
     os.environ.update(BUILDER_A.env())  # inherited by the worker processes
     try:
-        ctx = __import__("multiprocessing").get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(writers, mp_context=ctx) as pool:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+                writers, mp_context=ctx, initializer=_init_writer,
+                initargs=(ctx.Barrier(writers),)) as pool:
             stats = list(pool.map(_append_rounds, [url] * writers, range(writers),
                                   [rounds] * writers, [steps] * writers))
     finally:
@@ -191,7 +208,7 @@ def test_concurrent_writer_processes_lose_no_signature(seaweed: Seaweed) -> None
     for w in range(writers):
         for r in range(rounds):
             for s in range(steps):
-                expected.setdefault(KEYS[(s + w) % len(KEYS)], set()).add(f"w{w}.r{r}.s{s}")
+                expected.setdefault(_key(w, r, s), set()).add(f"w{w}.r{r}.s{s}")
     for key, sigs in expected.items():
         got = reader.get(key)
         assert len(got) == len(set(got)), key  # no duplicates
