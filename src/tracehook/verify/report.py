@@ -21,7 +21,7 @@ from tracehook.nix.nar import format_nar_hash
 from tracehook.nix.storepath import basename
 from tracehook.verify.cachekeys import CacheOutput
 from tracehook.verify.policy import Policy
-from tracehook.verify.trusted import Candidate, chosen_value
+from tracehook.verify.trusted import Candidate
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,14 @@ def graph_step(error: GraphError, drv: Derivation | None) -> StepReport:
     return StepReport(error.drv_path, drv.name if drv else basename(error.drv_path),
                       "unknown" if drv is None else drv.kind, (), (), "refused", "graph",
                       error.diagnostics(), (), 0)
+
+
+def chosen_value(candidates: Sequence[Candidate], want_path: str | None) -> Candidate | None:
+    """The candidate a report names: one holding ``want_path`` if given, else the first."""
+    for c in candidates:
+        if want_path is None or want_path in c.paths().values():
+            return c
+    return None
 
 
 def build_target_report(
