@@ -23,17 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from gatekit import (
-    copy_to_cache,
-    key,
-    public_text,
-    running_gate,
-    step_keys,
-    use_hook,
-    write_gate_key,
-)
+from gatekit import copy_to_cache, running_gate, step_keys, use_hook, write_gate_key
 from nixharness import NixEnv, NixTier
 from seaweed import ADMIN, BUILDER_A, BUILDER_B, Identity, Seaweed, clean_aws_env, upload_tree
+from testkeys import public_text, secret
 from tracehook.stores.s3 import S3TraceStore
 from tracehook.trace import crypto, jws
 from tracehook.trace.claim import parse_claim
@@ -66,11 +59,11 @@ class Fleet:
 
 def _builder(tier: NixTier, base: Path, name: str, who: Identity) -> Builder:
     env = NixEnv(tier, base / name)
-    config = use_hook(env, key(name), base / "unused", base / f"signer-{name}")
-    secret = base / f"signer-{name}" / "builder.secret"
+    config = use_hook(env, secret(name), base / "unused", base / f"signer-{name}")
+    secret_file = base / f"signer-{name}" / "builder.secret"
     drvs = {a: env.instantiate(a, salt=SALT) for a in ATTRS}
     outs = {a: env.build(a, salt=SALT).out_paths[0] for a in ATTRS}  # the hook signs each
-    return Builder(env, config, secret, who, drvs, outs)
+    return Builder(env, config, secret_file, who, drvs, outs)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gatekit import Synthetic, make_synthetic, public_text, running_gate, write_gate_key
+from gatekit import Synthetic, make_synthetic, running_gate, write_gate_key
 from seaweed import Seaweed, upload_tree
 from test_gate_http import get
+from testkeys import public_text
 from tracehook.cli.demo import tamper_trace_file
 from tracehook.nix import realisation
 from tracehook.nix.storepath import basename, hash_part
