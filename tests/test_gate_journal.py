@@ -196,8 +196,6 @@ def _strings(obj: object) -> Iterator[str]:
             yield from _strings(v)
 
 
-@pytest.mark.xfail(strict=True, reason="needs tracehook.text.printable in verify/report.py "
-                   "(the lead's part of issue 13 item 10); remove this mark when it lands")
 @pytest.mark.parametrize("sep", ["\n", "\r\n", "\u2028"], ids=["lf", "crlf", "u2028"])
 def test_a_kid_cannot_forge_a_verify_report_line(
     sep: str, synthetic: Synthetic, capsys: pytest.CaptureFixture[str]

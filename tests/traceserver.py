@@ -41,6 +41,7 @@ class TraceServerState:
     probes: int = 0
     probe_file: bytes | None = None
     requests: list[tuple[str, str]] = field(default_factory=list)
+    hang: dict[str, threading.Event] = field(default_factory=dict)  # key -> answer when set
 
 
 def etag_of(data: bytes) -> str:
@@ -81,6 +82,9 @@ class _Handler(BaseHTTPRequestHandler):
         if key is None:
             return
         state = self.server.state
+        release = state.hang.get(key)
+        if release is not None:
+            release.wait(60)  # a store that does not answer this key (until released)
         with state.lock:
             data = state.probe_file if key == PROBE else state.files.get(key)
         if data is None:

@@ -123,11 +123,22 @@ def _show(value: object, width: int = 0) -> str:
     return f"{text:<{width}}" if width else text
 
 
+def _evidence(record: dict[str, Any]) -> str:
+    """What hardware evidence admitted it (the gate's ``allowed`` lines), compactly."""
+    items = record.get("evidence")
+    if not isinstance(items, list):
+        return ""
+    shown = [f"{e.get('element')} (measurement {str(e.get('measurement'))[:16]}..., chip "
+             f"{str(e.get('chip_id'))[:16]}..., tcb {e.get('tcb')})"
+             for e in items if isinstance(e, dict)]
+    return f"hardware evidence {', '.join(shown)}" if shown else ""
+
+
 def render_human(record: dict[str, Any]) -> str:
     """``time  event  name  outcome  reason``: one line a person scans."""
     when = record_time(record)
     stamp = when.strftime("%Y-%m-%d %H:%M:%S") if when else _show(record.get("time", "-"))
-    reason = record.get("reason") or ""
+    reason = record.get("reason") or _admitted(record)
     parts = [
         stamp,
         _show(record.get("event", "-"), 9),
@@ -136,6 +147,34 @@ def render_human(record: dict[str, Any]) -> str:
     ]
     line = "  ".join(parts)
     return f"{line}  {_show(reason)}".rstrip()
+
+
+def _admitted(record: dict[str, Any]) -> str:
+    """For an allowed path: what admitted it (traces by which keys, or a cache signature
+    alone), never calling a cache-signed path verified."""
+    if record.get("outcome") != "allowed":
+        return ""
+    trust = record.get("trust")
+
+    def names(field: str) -> str:
+        return ", ".join(str(k) for k in record.get(field) or ())
+
+    if trust == "cache":
+        return (f"accepted on a cache signature alone ({names('cache_keys')}); "
+                f"{record.get('covered_without_traces', 0)} step(s) below covered without "
+                "traces")
+    if trust == "fixed":
+        return "fixed output (pinned by its hash)"
+    if trust == "traces":
+        said = f"verified by traces ({names('signers')})"
+        evidence = _evidence(record)
+        if evidence:
+            said += f"; {evidence}"
+        if record.get("cache_signed"):
+            said += (f"; relies on {len(record['cache_signed'])} path(s) below accepted on a "
+                     "cache signature alone")
+        return said
+    return ""
 
 
 COLLAPSE_WINDOW = datetime.timedelta(seconds=60)

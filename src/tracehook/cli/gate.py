@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-size", type=int, default=50_000, metavar="N",
                    help="decisions kept (default %(default)s)")
     p.add_argument("--upstream-timeout", type=float, default=10.0, metavar="S",
-                   help="seconds to wait for an upstream (default %(default)s)")
+                   help="seconds to wait for a binary cache or trace store to answer each "
+                        "read (a whole answer: 3 times that; default %(default)s)")
     p.add_argument("--cache-dir", default=env("TRACEHOOK_CACHE_DIR"), metavar="DIR",
                    help="persistent verification cache (facts that never change: parsed "
                         ".drv files, signature checks, resolutions); env TRACEHOOK_CACHE_DIR")

@@ -1,5 +1,9 @@
 """Trace stores: where signed traces live, ``<store>/traces/<key>`` = ``{"signatures": [...]}``.
 
+A file may also hold hardware evidence beside the signatures (``"evidence": [...]``,
+docs/FORMAT.md 9.2): :meth:`TraceStore.read` returns both (:mod:`tracehook.trace.tracefile`),
+and every append keeps the evidence already there, whoever wrote it.
+
 Two kinds behind one interface:
 
 - ``file://DIR``: a directory; appends are atomic (write a temp file, rename) and serialised
@@ -9,7 +13,6 @@ Two kinds behind one interface:
   append, PUT with ``If-None-Match: *`` when it is absent, else PUT the merged list with
   ``If-Match: <etag>``; on 409/412 (someone else wrote first) read again and retry. Another
   signer's entry is never dropped: every write is a merge of what was read.
-
 - ``s3://BUCKET[/PREFIX]?endpoint=...``: the same protocol on a bucket
   (:mod:`tracehook.stores.s3`, opened lazily: botocore is imported only then).
 
@@ -41,7 +44,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tracehook.errors import (
     ConfigError,
@@ -61,7 +64,7 @@ from tracehook.stores.http import (
     StatusKind,
     status_kind,
 )
-from tracehook.trace.jws import merge_signatures, parse_trace_file, render_trace_file
+from tracehook.trace.tracefile import TraceDocument, read_trace_document, render_trace_document
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,14 @@ class TraceStore(Protocol):
         """The signatures stored under ``key`` ([] when none); TraceStoreFault if unreadable."""
         ...
 
-    def append(self, key: str, signatures: Sequence[str]) -> None:
-        """Add ``signatures`` under ``key``, keeping every entry already there."""
+    def read(self, key: str) -> TraceDocument:
+        """The signatures and evidence entries under ``key`` (empty when none)."""
+        ...
+
+    def append(self, key: str, signatures: Sequence[str],
+               evidence: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Add ``signatures`` (and evidence entries) under ``key``, keeping every entry
+        already there."""
         ...
 
 
@@ -92,21 +101,32 @@ def check_key(key: str) -> str:
 
 @dataclass
 class FileTraceStore:
+    """``create``: a store this process writes to (a publisher) and creates on its first
+    append; reading it before then finds no trace. Otherwise a store directory that does
+    not exist is a fault, never "no trace"."""
+
     url: str
     root: Path
+    create: bool = False
 
     def _path(self, key: str) -> Path:
         return self.root / "traces" / check_key(key)
 
     def get(self, key: str) -> list[str]:
+        return list(self.read(key).signatures)
+
+    def read(self, key: str) -> TraceDocument:
         path = self._path(key)
         try:
             data = read_bounded(path, MAX_TRACE_FILE, "trace file")
         except EnvironmentFault as exc:
             raise TraceStoreFault(f"trace store {self.url}: {exc.diagnostics()}") from None
         if data is None:
-            return []
-        return parse_trace_file(data, f"trace file {path}")
+            if not self.create and not path.parent.is_dir():  # missing: a fault, not "no trace"
+                raise TraceStoreFault(f"trace store {self.url}: {path.parent} is not a "
+                                      "directory (missing or unreadable)")
+            return TraceDocument()
+        return read_trace_document(data, f"trace file {path}")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -122,12 +142,13 @@ class FileTraceStore:
         finally:
             os.close(fd)
 
-    def append(self, key: str, signatures: Sequence[str]) -> None:
+    def append(self, key: str, signatures: Sequence[str],
+               evidence: Sequence[Mapping[str, Any]] = ()) -> None:
         path = self._path(key)
         with self._locked():
-            merged = merge_signatures(self.get(key), signatures)
+            merged = self.read(key).merged(signatures, evidence)
             try:
-                atomic_write(path, render_trace_file(merged))
+                atomic_write(path, render_trace_document(merged))
             except OSError as exc:
                 raise TraceStoreFault(f"cannot write to trace store {self.url}: "
                                       f"{exc.strerror or exc}") from exc
@@ -165,15 +186,15 @@ class HttpTraceStore:
     def _answer(self, resp: Response) -> str:
         return f"HTTP {resp.status}"
 
-    def _fetch(self, key: str) -> tuple[list[str], str | None, bool]:
-        """(signatures, etag, exists)."""
+    def _fetch(self, key: str) -> tuple[TraceDocument, str | None, bool]:
+        """(signatures and evidence, etag, exists)."""
         resp = self._send("GET", f"traces/{check_key(key)}")
         kind = self._kind("GET", resp)
         if kind == "absent":
-            return [], None, False
+            return TraceDocument(), None, False
         if kind != "ok":
             raise TraceStoreFault(f"trace store {self.url}: {self._answer(resp)} for {key}")
-        return (parse_trace_file(resp.body, f"trace {key} from {self.url}"),
+        return (read_trace_document(resp.body, f"trace {key} from {self.url}"),
                 resp.header("ETag"), True)
 
     # ------------------------------------------------------------ the precondition probe
@@ -191,7 +212,7 @@ class HttpTraceStore:
                 log.info("trace store %s honours conditional PUTs", self.url)
 
     def _probe(self) -> None:
-        body = render_trace_file([])
+        body = render_trace_document(TraceDocument())
         json_type = {"Content-Type": "application/json"}
         first = self._send("PUT", PROBE_KEY, {**json_type, "If-None-Match": "*"}, body)
         if self._kind("PUT", first) not in ("ok", "conflict"):
@@ -225,19 +246,23 @@ class HttpTraceStore:
                           "accept writes under traces/), or add single-writer=1 to its URL")
 
     def get(self, key: str) -> list[str]:
+        return list(self.read(key).signatures)
+
+    def read(self, key: str) -> TraceDocument:
         found = self._fetch(key)
         self._last.read = (key, found)
         return found[0]
 
-    def _reuse(self, key: str) -> tuple[list[str], str | None, bool] | None:
-        """What this thread's last :meth:`get` read, if it was ``key`` (once): a publisher
+    def _reuse(self, key: str) -> tuple[TraceDocument, str | None, bool] | None:
+        """What this thread's last :meth:`read` read, if it was ``key`` (once): a publisher
         reads a key, then appends to it; the conditional PUT makes a stale read harmless
         (it fails, and the next attempt reads afresh)."""
         last = getattr(self._last, "read", None)
         self._last.read = None
         return last[1] if last is not None and last[0] == key else None
 
-    def append(self, key: str, signatures: Sequence[str]) -> None:
+    def append(self, key: str, signatures: Sequence[str],
+               evidence: Sequence[Mapping[str, Any]] = ()) -> None:
         """Append with laut's conditional PUTs.
 
         A 409/412 (another writer was first) and a dropped connection (reset, closed
@@ -251,7 +276,7 @@ class HttpTraceStore:
             if attempt:  # jittered exponential backoff: writers racing on one key spread out
                 time.sleep(random.uniform(0, min(CONFLICT_BACKOFF_MAX, 0.005 * 2**attempt)))
             try:
-                if self._try_append(key, signatures):
+                if self._try_append(key, signatures, evidence):
                     return
             except TraceStoreFault as exc:
                 cause = exc.__cause__
@@ -264,11 +289,12 @@ class HttpTraceStore:
             f"trace store {self.url}: {CONFLICT_RETRIES} conflicting writes to {key}, giving up"
         )
 
-    def _try_append(self, key: str, signatures: Sequence[str]) -> bool:
+    def _try_append(self, key: str, signatures: Sequence[str],
+                    evidence: Sequence[Mapping[str, Any]]) -> bool:
         """One GET + conditional PUT; False when another writer got in first."""
         existing, etag, exists = self._reuse(key) or self._fetch(key)
-        merged = merge_signatures(existing, signatures)
-        if exists and merged == existing:
+        merged = existing.merged(signatures, evidence)
+        if exists and merged.same_content(existing):
             return True
         headers = {"Content-Type": "application/json"}
         if not exists:
@@ -282,7 +308,7 @@ class HttpTraceStore:
                 "be made safely (the server must support If-Match)"
             )
         self.puts += 1
-        resp = self._send("PUT", f"traces/{key}", headers, render_trace_file(merged))
+        resp = self._send("PUT", f"traces/{key}", headers, render_trace_document(merged))
         kind = self._kind("PUT", resp)
         if kind == "ok":
             return True
@@ -330,9 +356,10 @@ def _single_writer(url: str) -> tuple[str, bool]:
     return base, params[0][1].lower() in ("1", "true", "yes")
 
 
-def open_store(url: str, timeout: float = DEFAULT_TIMEOUT) -> TraceStore:
+def open_store(url: str, timeout: float = DEFAULT_TIMEOUT, create: bool = False) -> TraceStore:
     """A trace store from its URL: ``file:///dir``, a plain directory path, http(s) (with
-    an optional ``?single-writer=1``) or ``s3://BUCKET[/PREFIX]?...``."""
+    an optional ``?single-writer=1``) or ``s3://BUCKET[/PREFIX]?...``. ``create``: for a
+    writer, a ``file://`` store that does not exist yet is created."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme in ("http", "https"):
         base, single = _single_writer(url)
@@ -344,8 +371,8 @@ def open_store(url: str, timeout: float = DEFAULT_TIMEOUT) -> TraceStore:
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"trace store URL {url!r}: file URLs name no host (file:///dir)")
-        return FileTraceStore(url, Path(urllib.parse.unquote(parsed.path)))
+        return FileTraceStore(url, Path(urllib.parse.unquote(parsed.path)), create)
     if parsed.scheme == "" and url.startswith("/"):
-        return FileTraceStore(f"file://{url}", Path(url))
+        return FileTraceStore(f"file://{url}", Path(url), create)
     raise ConfigError(f"trace store URL {url!r}: use file:///DIR, http(s)://HOST/PATH or "
                       "s3://BUCKET[/PREFIX]?endpoint=HOST:PORT")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tracehook.stores.binarycache import Upstream
 from tracehook.stores.tracestore import TraceStore
@@ -27,7 +28,8 @@ from tracehook.verify.report import (
     step_outcome,
 )
 from tracehook.verify.summary import relied_upon, render_summary, summary
-from tracehook.verify.trusted import TrustedSet
+from tracehook.verify.trusted import Facts
+from tracehook.verify.trustedset import TrustedSet
 from tracehook.verify.walk import Loader, Target
 
 
@@ -40,10 +42,11 @@ class Resolver:
         now: dt.datetime,
         limits: Limits | None = None,
         caches: Sequence[Upstream] = (),
+        facts: Facts | None = None,
     ) -> None:
         self.policy = policy
         self.now = now
-        self.engine = Engine(policy, stores, load, now, limits, caches)
+        self.engine = Engine(policy, stores, load, now, limits, caches, facts)
 
     @property
     def faults(self) -> list[StoreFault]:
@@ -65,7 +68,9 @@ class Resolver:
     def _report(self, target: Target) -> TargetReport:
         graph = self.engine.graph
         closure = graph.closure(target.drv_path)
-        steps = [self._step_report(p) for p in closure]
+        needed = _above_fixed_outputs(self.engine, target.drv_path)
+        steps = [self._step_report(p) if p in needed else _not_needed(self._step_report(p))
+                 for p in closure]
         failure = self.engine.graph_failures.get(target.spec)
         if failure is not None:
             drv = graph.drvs.get(failure.drv_path)
@@ -83,7 +88,8 @@ class Resolver:
                                    why, list(reliance.steps), self.policy, self.now,
                                    tuple(f"{f.url}: {f.message}" for f in self.faults),
                                    reliance.cache_signed, len(reliance.covered),
-                                   (summary(reliance), render_summary(reliance)))
+                                   (summary(reliance), render_summary(reliance)),
+                                   lambda c: trusted.admitted_by(target.drv_path, c))
 
     def _step_report(self, path: str) -> StepReport:
         graph = self.engine.graph
@@ -105,7 +111,33 @@ class Resolver:
         if outcome == "cache-signed":
             cache = tuple((n, r) for n, r in sorted(trusted.cache_results(path).items())
                           if isinstance(r, CacheOutput))
+        evidence = tuple(dict.fromkeys(
+            e for _, values in found for v in values for e in trusted.admitted_by(path, v)))
         return StepReport(path, drv.name, drv.kind, keys, signers, outcome,
                           failure.kind if failure else None,
                           failure.message if failure else None,
-                          tuple(trusted.rejected(path)), height, cache)
+                          tuple(trusted.rejected(path)), height, cache, evidence)
+
+
+def _above_fixed_outputs(engine: Engine, root: str) -> set[str]:
+    """The steps of ``root``'s closure that are not only below fixed-output steps: a
+    fixed output is pinned by its hash, so how its inputs came to be does not matter."""
+    drvs = engine.graph.drvs
+    needed = {root}
+    todo = [root]
+    while todo:
+        step = todo.pop()
+        drv = drvs.get(step)
+        if drv is None or drv.kind == "fixed":
+            continue
+        for child in drv.input_drvs:
+            if child not in needed:
+                needed.add(child)
+                todo.append(child)
+    return needed
+
+
+def _not_needed(step: StepReport) -> StepReport:
+    return replace(step, outcome="not-needed", failure=None,
+                   reason="below a fixed-output step: not needed (the fixed output is pinned "
+                          "by its hash)")
