@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ".drv files, signature checks, resolutions); env TRACEHOOK_CACHE_DIR")
     p.add_argument("--verify-deadline", type=float, default=30.0, metavar="S",
                    help="seconds one verification may take; then 502 (default %(default)s)")
+    p.add_argument("--fail-on-tamper", action="store_true",
+                   help="refuse a path when tamper evidence is seen in its chain, even when "
+                        "it verifies another way (always logged as 'tampered')")
     p.add_argument("--quiet", action="store_true", help="no human lines on stderr")
 
 
@@ -93,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
         cache=CacheConfig(max_entries=args.cache_size, ttl=args.cache_ttl),
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         verify_deadline=args.verify_deadline,
+        fail_on_tamper=args.fail_on_tamper,
     )
 
 

@@ -50,6 +50,7 @@ class GateConfig:
     verify_deadline: float = 30.0  # seconds a verification may take before it is a fault
     policy_interval: float = 2.0  # seconds between checks of the policy file
     cache_dir: Path | None = None  # the persistent verification cache
+    fail_on_tamper: bool = False  # tamper evidence in a chain refuses the path
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -89,7 +90,8 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
                                               for u in p.traces])
     service = GateService(
         index, verifier, upstreams, key, events, DecisionCache[Answer](cfg.cache),
-        cfg.priority, weak_hashes=lambda: policies.current()[0].weak_fixed_output_hashes)
+        cfg.priority, weak_hashes=lambda: policies.current()[0].weak_fixed_output_hashes,
+        fail_on_tamper=cfg.fail_on_tamper)
     try:
         server = GateHTTPServer((cfg.host, cfg.port), service, cfg.http)
     except OSError as exc:
