@@ -200,6 +200,8 @@ def test_publisher_journal_reads_back(tmp_path: Path) -> None:
     assert records and None not in records, err
     res = tracehook_log("--event", "publish", "-", stdin=err)
     assert res.returncode == 0 and res.stderr == "", res.stderr
+    sentences = [line.split("\t")[0] for line in err.splitlines() if '"kept"' in line]
+    assert sentences and all(s.count("127.0.0.1:9") == 1 for s in sentences)  # said once
     kept = [line for line in res.stdout.splitlines() if " kept " in line]
     assert len(kept) == 1 and "127.0.0.1:9" in kept[0], res.stdout  # said once, counted
     assert kept[0].endswith(f"(x{sum(1 for r in records if r and r['outcome'] == 'kept')})")

@@ -82,6 +82,12 @@ def _bad_evidence(item: SpooledItem) -> str | None:
     return None
 
 
+def _naming(store: TraceStore, message: str | None) -> str:
+    """``message`` naming the store once (the stores' own errors name it already)."""
+    text = message or "failed"
+    return text if store.url in text else f"trace store {store.url}: {text}"
+
+
 def holds_evidence(existing: Sequence[Any], item: SpooledItem) -> bool:
     """Whether every evidence entry of this spool entry is in ``existing`` (equal as JSON)."""
     there = {evidence_id(e) for e in existing}
@@ -193,8 +199,8 @@ class Publisher:
         delay = self._backoff(state, exc)
         self.events.emit(
             EVENT, "kept",
-            f"trace store {store.url} failed ({state.last_error}); {pending} trace(s) stay "
-            f"in the spool, retry in {delay:g} s",
+            f"{_naming(store, state.last_error)}; {pending} trace(s) stay in the spool, "
+            f"retry in {delay:g} s",
             reason=state.last_error, store=store.url, pending=pending, retry_in_s=delay,
             failures=state.failures,
         )
@@ -208,9 +214,9 @@ class Publisher:
         report.key_errors[f"{store.url} {entry.key}"] = state.last_error or ""
         self.events.emit(
             EVENT, "kept",
-            f"trace store {store.url}: {entry.kind} trace {entry.key} not delivered "
-            f"({state.last_error}); it stays in the spool, retry in {delay:g} s; other "
-            "traces go on",
+            f"{entry.kind} trace {entry.key} not delivered: "
+            f"{_naming(store, state.last_error)}; it stays in the spool, retry in "
+            f"{delay:g} s; other traces go on",
             reason=state.last_error, store=store.url, trace_key=entry.key,
             drv=entry.drv_path, spool_file=item.path.name, retry_in_s=delay,
             failures=state.failures,
