@@ -49,7 +49,7 @@
         }
       ];
     };
-    signingKeyFile = "/var/lib/secrets/gate.sec";
+    secretKeyFile = "/var/lib/secrets/gate.sec";
     signingPublicKey = "gate.example.org-1:CKG4BAT8XnE2/uKXZNO+aGufgPgspiw5BFZD/fK0PqA=";
     # Reach nothing but loopback and these (IP literals of the upstream and trace stores):
     # allowedIPs = [ "192.0.2.10" "192.0.2.11" ];

@@ -110,9 +110,9 @@ pkgs.testers.runNixOSTest {
       { lib, pkgs, ... }:
       {
         imports = [ ../module.nix ];
+        services.tracehook.package = tracehook;
         services.tracehook.sign = {
           enable = true;
-          package = tracehook;
           secretKeyFile = "/etc/tracehook-test/builder.sec";
           publishTo = [ traceStore ];
         };
@@ -132,9 +132,9 @@ pkgs.testers.runNixOSTest {
       { lib, nodes, pkgs, ... }:
       {
         imports = [ ../module.nix ];
+        services.tracehook.package = tracehook;
         services.tracehook.gate = {
           enable = true;
-          package = tracehook;
           listen = "127.0.0.1:${toString gatePort}";
           upstreams = [ binaryCache ];
           policy = {
@@ -142,7 +142,7 @@ pkgs.testers.runNixOSTest {
             keys.vm-builder-1 = builderKey.public;
             trust.require = "vm-builder-1";
           };
-          signingKeyFile = "/etc/tracehook-test/gate.sec";
+          secretKeyFile = "/etc/tracehook-test/gate.sec";
           signingPublicKey = gateKey.public;
           allowedIPs = [
             nodes.cache.networking.primaryIPAddress

@@ -32,6 +32,7 @@ _SUBCOMMANDS = (
     "tracehook.cli.gate",
     "tracehook.cli.keygen",
     "tracehook.cli.log",
+    "tracehook.cli.policy",
     "tracehook.cli.publish",
     "tracehook.cli.sign",
     "tracehook.cli.verify",
