@@ -38,11 +38,12 @@ let
   settings = scfg.settings;
 
   configPath = "/etc/tracehook/sign.toml";
-  agentSocket = "/run/tracehook/agent.sock";
-  credential = "/run/credentials/tracehook-publish.service/secret-key";
+  # The agent's socket lives in the publisher's RuntimeDirectory, which systemd creates
+  # owned by the publisher and not writable by others (the hook checks both).
+  socketMatch = builtins.match "/run/([^/]+)/[^/]+" settings.agent-socket;
+  runtimeDirectory = if socketMatch == null then "tracehook" else builtins.head socketMatch;
 
   nixPackage = config.nix.package;
-  nixFlavor = if hasPrefix "lix" (nixPackage.pname or "nix") then "lix" else "nix";
 
   signConfigFile = pkgs.writeText "tracehook-sign.toml" (t.toTOML settings);
 
@@ -62,15 +63,13 @@ let
   # and the daemon's own Nix first on PATH.
   hookWrapper = pkgs.writeShellScript "tracehook-post-build-hook" ''
     export TRACEHOOK_CONFIG=${configPath}
-    export TRACEHOOK_AGENT_SOCKET=${agentSocket}
     export PATH=${nixPackage}/bin''${PATH:+:$PATH}
     exec ${cfg.package}/bin/tracehook-post-build "$@"
   '';
 
   publishStart = pkgs.writeShellScript "tracehook-publish-start" ''
     export TRACEHOOK_SECRET_KEY_FILE="$CREDENTIALS_DIRECTORY/secret-key"
-    exec ${cfg.package}/bin/tracehook publish --daemon --config ${configPath} \
-      --agent-socket ${agentSocket}
+    exec ${cfg.package}/bin/tracehook publish --daemon --config ${configPath}
   '';
 
   fileStoreDirs = map (u: removePrefix "file://localhost" (removePrefix "file://" u)) (
@@ -226,23 +225,20 @@ in
             defaultText = literalExpression "config.services.tracehook.sign.user";
             description = "The user the hook expects of the signing agent.";
           };
-          nix-flavor = mkOption {
-            type = types.nullOr types.str;
-            default = nixFlavor;
-            defaultText = literalMD "`lix` when {option}`nix.package` is Lix, else `nix`";
-            description = "Written into every trace's `builder` block.";
-          };
-          nix-version = mkOption {
-            type = types.nullOr types.str;
-            default = nixPackage.version or null;
-            defaultText = literalExpression "config.nix.package.version";
-            description = "Written into every trace's `builder` block.";
+          agent-socket = mkOption {
+            type = types.strMatching "/run/[^/]+/[^/]+";
+            default = "/run/tracehook/agent.sock";
+            description = ''
+              The signing agent's socket, `/run/DIR/NAME`: DIR is the publisher's
+              RuntimeDirectory.
+            '';
           };
         };
       };
       default = { };
       example = {
-        agent-timeout = 5;
+        agent-timeout = 2;
+        keep-sent = "30d";
       };
       description = ''
         The signer's `sign.toml` (RFC 42 freeform settings; docs/FORMAT.md). The named options
@@ -333,8 +329,8 @@ in
           Group = scfg.group;
           LoadCredential = optional (keyFile != null) "secret-key:${keyFile}";
           EnvironmentFile = optional (scfg.environmentFile != null) (toString scfg.environmentFile);
-          # /run/tracehook/agent.sock: root (the hook) may connect, no one else.
-          RuntimeDirectory = "tracehook";
+          # The agent's socket: root (the hook) may connect, no one else.
+          RuntimeDirectory = runtimeDirectory;
           RuntimeDirectoryMode = "0750";
           ReadWritePaths = unique ([ settings.spool-dir ] ++ optional (logDir != null) logDir ++ fileStoreDirs);
           # Trace-store files must be readable by the gate; spool entries are made 0640 by
