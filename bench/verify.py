@@ -37,8 +37,10 @@ from tracehook.stores.tracestore import open_store
 from tracehook.trace import crypto, jws
 from tracehook.trace.claim import BuilderInfo, OutputClaim, parse_claim, sign_trace
 from tracehook.trace.stepkey import InputOutput, step_key
+from tracehook.verify.engine import Limits
 from tracehook.verify.policy import Policy, parse_policy
-from tracehook.verify.resolver import Limits, Resolver, Target
+from tracehook.verify.resolver import Resolver
+from tracehook.verify.walk import Target
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2"
 STAGE1 = "/nix/store/cjpxbf5h30808h53lckfyvzacsvfs08q-bootstrap-stage1-stdenv-linux.drv"

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nix_env=$(scripts/install-nix.sh)
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import tracehook, pytest, mypy' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import tracehook, pytest, mypy, cryptography' 2>/dev/null; then
   echo "setup: creating .venv and installing tracehook[test]" >&2
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip >&2

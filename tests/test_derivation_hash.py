@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from tracehook.errors import EnvironmentFault, ParseError
+from tracehook.errors import EnvironmentFault, ParseError, UnresolvedInput
 from tracehook.nix.aterm import parse
 from tracehook.nix.derivation import Derivation, DerivationOutput, decode_drv, encode_drv, serialize
 from tracehook.nix.derivation_hash import (
     DrvHash,
-    build_trace_key_v2,
     hash_derivation_modulo,
     input_addressed_paths,
     realisation_id,
     realisation_ids,
 )
-from tracehook.nix.resolve import UnresolvedInput, resolve, resolved_key, resolved_path
-from tracehook.nix.storepath import derivation_path, hash_part
+from tracehook.nix.realisation import build_trace_id
+from tracehook.nix.resolve import resolve, resolved_key, resolved_path
+from tracehook.nix.storepath import basename, derivation_path, hash_part
 from tracehook.stores.nixstore import StoreReader
 
 # fmt: off
@@ -498,7 +498,7 @@ def test_fixed_output_with_a_wrong_path_is_rejected(drvs: dict[str, Derivation])
 def test_key_formats() -> None:
     digest = bytes(range(32))
     assert realisation_id(digest, "out") == f"sha256:{digest.hex()}!out"
-    assert build_trace_key_v2(IA1, "dev") == "iazhwq15nz209yz46w2fwqymslwj1l1f-ia1.drv^dev"
+    assert build_trace_id(basename(IA1), "dev") == "iazhwq15nz209yz46w2fwqymslwj1l1f-ia1.drv^dev"
 
 
 # --------------------------------------------------------------------- store reader

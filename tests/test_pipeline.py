@@ -1,57 +1,22 @@
-"""The pipeline's bookkeeping, driven step by step with a stand-in resolver and checker pool
-(the real ones are exercised end to end in test_verify_synthetic.py)."""
+"""The engine's schedule when the checker processes fail, driven by hand with a checker
+that never answers (the real ones are exercised end to end in test_verify_synthetic.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+import datetime as dt
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
+from test_verify_synthetic import Graph, ca_path
 from tracehook.trace.claim import TraceKey
-from tracehook.trace.stepkey import Resolution
-from tracehook.verify._checkpool import CheckPool, StoreFault, WorkerLost
-from tracehook.verify._pipeline import Pipeline
-from tracehook.verify.trusted import Checked
+from tracehook.verify._checkpool import WorkerLost
+from tracehook.verify.engine import Engine, Limits
+from tracehook.verify.policy import parse_policy
+from tracehook.verify.walk import Target
+from verifyhelp import public_text
 
-
-class Steps:
-    """Independent steps, one key each; checks in threads answer at once."""
-
-    def __init__(self) -> None:
-        self.faults: list[StoreFault] = []
-        self.fetched: dict[str, Checked] = {}
-        self.recorded: list[str] = []
-        self.in_threads: list[str] = []
-
-    def inputs(self, path: str) -> Iterable[str]:
-        return ()
-
-    def processes(self) -> CheckPool | None:
-        return None
-
-    def plan(self, path: str) -> list[Resolution] | None:
-        return [Resolution(f"/nix/store/{path}.drv", TraceKey("ca", path, ""), lambda: None)]  # type: ignore[arg-type, return-value]
-
-    def checked(self, key: str) -> Checked | None:
-        return self.fetched.get(key)
-
-    def key_in(self, key: str, checked: Checked) -> None:
-        self.fetched[key] = checked
-
-    def check_in_thread(self, key: TraceKey, pool: ThreadPoolExecutor) -> Future[Checked]:
-        self.in_threads.append(key.key)
-        fut: Future[Checked] = Future()
-        fut.set_result(Checked((), (), 0))
-        return fut
-
-    def record(self, path: str, resolutions: list[Resolution]) -> None:
-        self.recorded.append(path)
-
-    def ask_caches(self, path: str, pool: ThreadPoolExecutor) -> Future[Any] | None:
-        return None
-
-    def caches_answered(self, path: str, results: Any) -> None:
-        raise AssertionError("no caches here")
+NOW = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
 
 
 class Pool:
@@ -68,19 +33,30 @@ class Pool:
         self.sent.append(([k.key for k in keys], fut))
         return fut
 
+    def close(self) -> None:
+        return None
 
-def test_keys_planned_but_unsent_when_the_checker_dies_go_to_threads() -> None:
-    steps, pool = Steps(), Pool()
-    with ThreadPoolExecutor(1) as threads:
-        pipeline = Pipeline(steps, threads, eager=True)
-        pipeline.procs = pool  # type: ignore[assignment]
-        pipeline.add("a")  # sent at once: the checker is idle
-        pipeline.add("b")  # kept for the next batch: one is out, and it is small
-        assert [keys for keys, _ in pool.sent] == [["a"]] and pipeline.batch
-        pool.sent[0][1].set_exception(WorkerLost("checker process exited"))
-        pipeline.add("c")  # the failure is taken in here
-        pipeline.drain()
-    assert pool.broken and pipeline.procs is None
-    assert sorted(steps.in_threads) == ["a", "b", "c"]
-    assert sorted(steps.recorded) == ["a", "b", "c"]
+
+def test_keys_planned_but_unsent_when_the_checker_dies_go_to_threads(tmp_path: Path) -> None:
+    g = Graph(tmp_path, processes=0)
+    src = g.fod("src")
+    steps = [g.ca(name, {src: ("out",)}) for name in ("a", "b", "c")]
+    for name, step in zip("abc", steps, strict=True):
+        g.sign(step, {(src, "out"): g.drvs[src].outputs["out"].path},
+               {"out": ca_path(name, "a")}, "builderA")
+    text = f'[keys]\nbuilderA = "{public_text("builderA")}"\n[trust]\nrequire = "builderA"\n'
+    engine = Engine(parse_policy(text), [g.store], g.load, NOW, Limits(processes=0))
+    pool = Pool()
+    engine._procs = pool  # type: ignore[assignment]
+    engine._add_target(Target(steps[0], steps[0]), None)  # sent at once: the checker is idle
+    engine._add_target(Target(steps[1], steps[1]), None)  # kept: one is out, and it is small
+    assert len(pool.sent) == 1 and len(pool.sent[0][0]) == 1 and len(engine._batch) == 1
+    pool.sent[0][1].set_exception(WorkerLost("checker process exited"))
+    engine._add_target(Target(steps[2], steps[2]), None)  # the failure is taken in here
+    engine._drain()
+    engine.close()
+    assert pool.broken and engine._procs is None
+    for name, step in zip("abc", steps, strict=True):
+        assert [c.paths() for c in engine.trusted.values(step, frozenset({"out"}))] == [
+            {"out": ca_path(name, "a")}]
     assert len(pool.sent) == 1  # nothing more was handed to the dead checker

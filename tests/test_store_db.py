@@ -86,6 +86,6 @@ def test_reader_memo_is_bounded_when_asked(tmp_path: Path) -> None:
     for p in paths[1:]:
         reader.read_derivation(p)
     assert len(reader._drvs) == 2
-    assert list(reader._drvs) == paths[3:]
+    assert list(reader._drvs.keys()) == paths[3:]
     again = reader.read_derivation(paths[0])  # evicted: read and parsed again, same value
     assert again == first and again is not first

@@ -33,7 +33,8 @@ from tracehook.trace import jws
 from tracehook.trace.claim import OutputClaim, parse_claim
 from tracehook.trace.stepkey import InputOutput, producer_is_content_addressed, step_key
 from tracehook.verify.policy import load_policy
-from tracehook.verify.resolver import Resolver, Target
+from tracehook.verify.resolver import Resolver
+from tracehook.verify.walk import Target
 from verifyhelp import run_verify, sign_into, write_policy
 
 STORE = str(CONFORMANCE / "store")

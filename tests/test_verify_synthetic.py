@@ -23,9 +23,11 @@ from tracehook.nix.storepath import derivation_path, make_fixed_output_path, mak
 from tracehook.stores.tracestore import FileTraceStore, open_store
 from tracehook.trace.claim import OutputClaim, sign_trace
 from tracehook.trace.stepkey import InputOutput, step_key
+from tracehook.verify.engine import Limits
 from tracehook.verify.policy import parse_policy
 from tracehook.verify.report import TargetReport
-from tracehook.verify.resolver import Limits, Resolver, Target
+from tracehook.verify.resolver import Resolver
+from tracehook.verify.walk import Target
 from verifyhelp import BUILDER, DyingStore, SlowStore, public_text, secret
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -271,8 +273,9 @@ def test_check_batch_gives_what_the_key_ring_gives(g: Graph) -> None:
         [packed] = _checkpool._check_batch([trace_key])
     finally:
         _checkpool._worker = None
-    checked, faults = _checkpool.unpack(packed)
-    direct = KeyRing(policy, NOW).check(g.store.get(key), trace_key)
+    ring = KeyRing(policy, NOW)
+    checked, faults = _checkpool.unpack(packed, trace_key, ring)
+    direct = ring.check(g.store.get(key), trace_key)
     assert checked == direct and faults == ()
     assert [a.signer for a in checked.accepted] == ["builderA"]
     assert {r.kind for r in checked.rejected} == {"unknown-key", "malformed"}

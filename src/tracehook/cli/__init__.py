@@ -29,6 +29,7 @@ exit codes: 0 ok, 1 refused or verification failed, 2 usage or configuration err
 # One module a subcommand; each has ``register(subparsers)``. Keep this list sorted.
 _SUBCOMMANDS = (
     "tracehook.cli.demo",
+    "tracehook.cli.evidence",
     "tracehook.cli.gate",
     "tracehook.cli.keygen",
     "tracehook.cli.log",

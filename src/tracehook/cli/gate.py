@@ -98,8 +98,13 @@ def main(args: argparse.Namespace) -> int:
             stop.set()
             threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        if server.policies is not None:
+            server.policies.reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     events.emit("gate-start", "ok",
                 f"serving on http://{cfg.host}:{bound_port(server)} in front of "
                 f"{', '.join(cfg.upstreams)}",
@@ -109,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        server.service.verifier.close()
     return EXIT_OK
 
 

@@ -27,9 +27,11 @@ from tracehook.stores.binarycache import open_upstream
 from tracehook.stores.nixdb import StoreDatabase
 from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.tracestore import open_store
+from tracehook.verify.engine import Limits
 from tracehook.verify.policy import load_policy
 from tracehook.verify.report import render_human
-from tracehook.verify.resolver import Limits, Resolver, Target
+from tracehook.verify.resolver import Resolver
+from tracehook.verify.walk import Target
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -17,14 +17,14 @@ from tracehook.errors import ConfigError
 from tracehook.gate.front import GateHTTPServer, HttpLimits
 from tracehook.gate.index import DrvIndex
 from tracehook.gate.memo import CacheConfig, DecisionCache
-from tracehook.gate.service import Answer, GateCore
-from tracehook.gate.verdicts import ChainVerifier, Verdict
-from tracehook.stores.binarycache import DEFAULT_TIMEOUT, open_upstream
+from tracehook.gate.policywatch import PolicyWatch
+from tracehook.gate.service import Answer, GateService
+from tracehook.gate.verdicts import GateVerifier
+from tracehook.stores.binarycache import open_upstream
 from tracehook.stores.eventlog import EventLog
+from tracehook.stores.http import DEFAULT_TIMEOUT
 from tracehook.stores.nixstore import StoreReader
-from tracehook.stores.tracestore import open_store
 from tracehook.trace import crypto
-from tracehook.verify.policy import load_policy
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ class GateConfig:
     http: HttpLimits = field(default_factory=HttpLimits)
     generation_max_age: float = 60.0  # seconds before key expiry is re-checked
     drv_cache_size: int = 20_000  # parsed .drv files kept in memory (least recently used out)
+    drv_cache_bytes: int = 256 * 1024 * 1024  # ... and at most this many .drv bytes
+    verify_deadline: float = 30.0  # seconds a verification may take before it is a fault
+    policy_interval: float = 2.0  # seconds between checks of the policy file
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -65,23 +68,24 @@ def parse_listen(text: str) -> tuple[str, int]:
 def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
     if not cfg.upstreams:
         raise ConfigError("give at least one --upstream binary cache (file:///DIR or http(s)://)")
-    policy = load_policy(cfg.policy)
+    policies = PolicyWatch(cfg.policy, events, cfg.policy_interval)
+    policy, _ = policies.current()
     if not policy.traces and policy.traces_can_verify:
         raise ConfigError(f"{cfg.policy}: 'traces' names no trace store; the gate would "
                           "refuse everything")
-    stores = [open_store(url) for url in policy.traces]
     upstreams = [open_upstream(url, cfg.upstream_timeout) for url in cfg.upstreams]
     key = crypto.read_secret_key_file(cfg.signing_key) if cfg.signing_key else None
-    reader = StoreReader(cfg.store_root, max_cached=cfg.drv_cache_size)
+    reader = StoreReader(cfg.store_root, max_cached=cfg.drv_cache_size,
+                         max_bytes=cfg.drv_cache_bytes)
     index = DrvIndex(reader)
-    verifier = ChainVerifier(policy, stores, reader, max_age=cfg.generation_max_age,
-                             caches=upstreams)
-    core = GateCore(
-        index, verifier, upstreams, key, events,
-        DecisionCache[Answer](cfg.cache), DecisionCache[Verdict](cfg.cache), cfg.priority,
-    )
+    verifier = GateVerifier(policies.current, reader, max_age=cfg.generation_max_age,
+                            caches=upstreams, deadline=cfg.verify_deadline)
+    service = GateService(
+        index, verifier, upstreams, key, events, DecisionCache[Answer](cfg.cache),
+        cfg.priority, weak_hashes=lambda: policies.current()[0].weak_fixed_output_hashes)
     try:
-        server = GateHTTPServer((cfg.host, cfg.port), core, cfg.http)
+        server = GateHTTPServer((cfg.host, cfg.port), service, cfg.http)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+    server.policies = policies
     return server

@@ -11,7 +11,7 @@ Routes (GET and HEAD; anything else is 405):
 Every other path is 404; a path that is malformed for its route, or that tries to escape
 (``..``, ``//``, backslashes, control characters, percent-encoded slashes), is 400. Request
 lines over 8 KiB (414), more than 64 headers (431), request bodies (413) and clients that
-send their request too slowly (socket timeout) are dropped without reaching the core. A
+send their request too slowly (socket timeout) are dropped without reaching the service. A
 bug in a handler answers 500 and is logged; it never answers 200.
 
 The server is :class:`http.server.ThreadingHTTPServer` speaking HTTP/1.1 with keep-alive
@@ -32,10 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tracehook.errors import ParseError
-from tracehook.gate.service import NAR_URL, NOT_FOUND, Answer, GateCore, NarAnswer
+from tracehook.errors import ParseError, UpstreamFault
+from tracehook.gate.decide import NAR_URL
+from tracehook.gate.policywatch import PolicyWatch
+from tracehook.gate.service import NOT_FOUND, Answer, GateService, NarAnswer
 from tracehook.nix import realisation
-from tracehook.stores.binarycache import UpstreamFault
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +164,10 @@ class GateHTTPServer(http.server.ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(
-        self, address: tuple[str, int], core: GateCore, limits: HttpLimits | None = None
+        self, address: tuple[str, int], service: GateService, limits: HttpLimits | None = None
     ) -> None:
-        self.core = core
+        self.service = service
+        self.policies: PolicyWatch | None = None  # set by build_server: SIGHUP reloads it
         self.limits = limits or HttpLimits()
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
         super().__init__(address, _Handler)
@@ -204,12 +206,12 @@ class GateHTTPServer(http.server.ThreadingHTTPServer):
         if (not path.startswith("/") or "//" in path or _BAD_CHARS.search(path)
                 or any(part in (".", "..") for part in path.split("/"))):
             return _bad("malformed path")
-        core = self.core
+        service = self.service
         if path == "/nix-cache-info":
-            return core.cache_info()
+            return service.cache_info()
         m = _NARINFO.fullmatch(path)
         if m:
-            return core.narinfo(m.group(1))
+            return service.narinfo(m.group(1))
         if path.endswith(".narinfo"):
             return _bad("a narinfo is /<32 nix-base32 characters>.narinfo")
         for prefix, handler in self._prefixed():
@@ -232,7 +234,7 @@ class GateHTTPServer(http.server.ThreadingHTTPServer):
             realisation.parse_realisation_id(rid)
         except ParseError as exc:
             return _bad(exc.diagnostics())
-        return self.core.realisation_v1(rid)
+        return self.service.realisation_v1(rid)
 
     def _realisation_v2(self, rest: str) -> Answer:
         drv_base, sep, file = rest.partition("/")
@@ -242,13 +244,13 @@ class GateHTTPServer(http.server.ThreadingHTTPServer):
             realisation.parse_build_trace_key(drv_base, file[: -len(".doi")])
         except ParseError as exc:
             return _bad(exc.diagnostics())
-        return self.core.realisation_v2(drv_base, file[: -len(".doi")])
+        return self.service.realisation_v2(drv_base, file[: -len(".doi")])
 
     def _nar(self, rest: str) -> Answer | NarAnswer:
         rel = "nar/" + rest
         if not NAR_URL.fullmatch(rel):
             return _bad("expected /nar/<nix-base32>.nar[.<compression>]")
-        return self.core.nar(rel)
+        return self.service.nar(rel)
 
 
 def _bad(why: str) -> Answer:

@@ -1,4 +1,4 @@
-"""The gate's decision cache: bounded, expiring, one computation per key at a time.
+"""The gate's answer memo: bounded, expiring, one computation per key at a time.
 
 A decision is keyed by what it depends on: the policy (its digest), the state of the trace
 stores (a token that changes when a file trace store changes), and the request's subject
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from tracehook.lru import Lru
 
 V = TypeVar("V")
 
@@ -42,7 +43,7 @@ class DecisionCache(Generic[V]):
         self.config = config
         self.clock = clock
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Hashable, tuple[float, V]] = OrderedDict()
+        self._entries: Lru[Hashable, tuple[float, V]] = Lru(config.max_entries)
         self._flights: dict[Hashable, _Flight[V]] = {}
         self.hits = 0
         self.misses = 0
@@ -61,9 +62,8 @@ class DecisionCache(Generic[V]):
             return None
         expires, value = entry
         if self.clock() >= expires:
-            del self._entries[key]
+            self._entries.pop(key)
             return None
-        self._entries.move_to_end(key)
         return value
 
     def get(
@@ -102,10 +102,7 @@ class DecisionCache(Generic[V]):
             lifetime = self.config.ttl if ttl is None else ttl(value)
             with self._lock:
                 if lifetime > 0:
-                    self._entries[key] = (self.clock() + lifetime, value)
-                    self._entries.move_to_end(key)
-                    while len(self._entries) > self.config.max_entries:
-                        self._entries.popitem(last=False)
+                    self._entries.put(key, (self.clock() + lifetime, value))
                 del self._flights[key]
             flight.value = value
             flight.done.set()

@@ -1,50 +1,61 @@
-"""The gate's decisions, without HTTP: what to answer for a realisation, a narinfo, a NAR.
+"""The gate's service, without HTTP: orchestrates each answer; decides nothing itself.
 
-- A realisation (``realisations/<id>.doi``, or ``build-trace-v2/<drv>/<output>.doi``) names a
-  derivation output. The id is mapped to a local .drv (:mod:`tracehook.gate.index`); the
-  build step's chain is verified (:mod:`tracehook.gate.verdicts`); the answer is a
-  realisation for the verified output, signed with the gate's key, and only if an upstream
-  serves that path with the NAR hash the traces attest and no upstream realisation for the
-  same id points elsewhere. Resolved derivations (which Nix writes after resolving locally)
-  are mapped back to the step the gate verified, or verified on their own.
-- A narinfo is answered only for the verified output of a verified step whose ``NarHash``
-  equals the attested NAR hash, or for a fixed-output derivation's output whose ``CA`` field
-  pins the content the .drv names; re-signed with the gate's key when it has one.
-- A NAR is streamed from the upstream that served its narinfo.
+For each request it finds the step (:mod:`tracehook.gate.index`, hints from verified steps),
+asks for a verdict (:mod:`tracehook.gate.verdicts`), fetches what the upstreams say
+(:mod:`tracehook.gate.upstreams`), calls the pure decision (:mod:`tracehook.gate.decide`),
+then signs, logs and answers:
+
+- a realisation (``realisations/<id>.doi``, or ``build-trace-v2/<drv>/<output>.doi``) names a
+  derivation output; the answer is a realisation for the verified output, signed with the
+  gate's key, only if an upstream serves that path with the attested NAR hash (and
+  references) and no upstream realisation for the same id points elsewhere. A resolved
+  derivation (which Nix writes after resolving locally) is answered only with a value
+  attested for that resolution;
+- a narinfo is answered for a verified output, a fixed output whose ``CA`` matches its pin,
+  or a path accepted on a cache signature: exactly the upstream narinfo that was checked,
+  with a relative ``URL`` the gate serves, re-signed with the gate's key;
+- a NAR is streamed from the upstream whose narinfo named it.
 
 Every refusal is logged once per decision with the verifier's reason and the step; every
-allowed answer gets one summary line. Faults (an upstream or trace store that cannot be
-read) answer 502 and are never cached, never allowed.
+allowed answer gets one line saying what admitted it. Faults (an upstream, a trace store or
+the policy file that cannot be read) answer 502 (503 for the policy) and are never cached,
+never allowed.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
-from tracehook.errors import EnvironmentFault, ParseError, TracehookError
+from tracehook.errors import ConfigError, EnvironmentFault, ParseError, Refusal, TracehookError
+from tracehook.gate.decide import (
+    NAR_URL,
+    Expected,
+    Fault,
+    Serve,
+    check_realisations,
+    choose_narinfo,
+)
 from tracehook.gate.index import DrvIndex
 from tracehook.gate.memo import DecisionCache
-from tracehook.gate.upstreams import Refusal, check_upstream_realisation, find_fixed, find_narinfo
-from tracehook.gate.verdicts import ChainVerifier, StepValues, Verdict
+from tracehook.gate.upstreams import fetch_narinfos, fetch_realisations
+from tracehook.gate.verdicts import GateVerifier, Value, Verdict
+from tracehook.lru import Lru
 from tracehook.nix import narinfo, realisation
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.nar import format_nar_hash
 from tracehook.nix.narinfo import NarInfo
 from tracehook.nix.storepath import basename, hash_part, path_name
-from tracehook.stores.binarycache import Body, Upstream, UpstreamFault
+from tracehook.stores.binarycache import Body, Upstream
 from tracehook.stores.eventlog import EventLog
+from tracehook.text import printable
 from tracehook.trace import crypto
-from tracehook.trace.claim import OutputClaim
+from tracehook.verify.decide import WEAK_HASHES
 
 log = logging.getLogger(__name__)
 
-NAR_URL = re.compile(r"nar/[0-9a-z]{1,128}\.nar(\.(xz|bz2|zst|zstd|lz4|lzip|br|gz))?")
-HINTS_MAX = 200_000
+ROUTES_MAX = 200_000
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,7 @@ class Answer:
 
     @property
     def cacheable(self) -> bool:
-        return self.status != 502
+        return self.status not in (502, 503)
 
 
 @dataclass(frozen=True)
@@ -67,51 +78,29 @@ class NarAnswer:
 NOT_FOUND = Answer(404, b"not found\n")
 
 
-class _Lru:
-    """A small bounded map for hints (they only point at what to re-verify)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._d: OrderedDict[str, tuple[str, ...]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def add(self, key: str, value: str) -> None:
-        with self._lock:
-            old = self._d.pop(key, ())
-            self._d[key] = tuple(dict.fromkeys((value, *old)))[:8]
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
-
-    def get(self, key: str) -> tuple[str, ...]:
-        with self._lock:
-            return self._d.get(key, ())
-
-
-class GateCore:
+class GateService:
     def __init__(
         self,
         index: DrvIndex,
-        verifier: ChainVerifier,
+        verifier: GateVerifier,
         upstreams: Sequence[Upstream],
         signing_key: crypto.SecretKey | None,
         events: EventLog,
-        cache: DecisionCache[Answer],
-        verdicts: DecisionCache[Verdict],
+        memo: DecisionCache[Answer],
         priority: int = 30,
+        weak_hashes: Callable[[], bool] = lambda: False,
     ) -> None:
         self.index = index
         self.verifier = verifier
         self.upstreams = list(upstreams)
+        self.urls = [u.url for u in self.upstreams]
         self.signing_key = signing_key
         self.events = events
-        self.cache = cache
-        self.verdicts = verdicts
+        self.memo = memo
         self.priority = priority
+        self.weak_hashes = weak_hashes
         self.store_dir = index.store_dir
-        self._path_hints = _Lru(HINTS_MAX)  # output hash part -> drv paths that made it
-        self._rdrv_hints = _Lru(HINTS_MAX)  # resolved drv path -> step drv path
-        self._nar_routes: OrderedDict[str, int] = OrderedDict()
-        self._routes_lock = threading.Lock()
+        self._nar_routes: Lru[str, int] = Lru(ROUTES_MAX)  # NAR URL -> upstream index
 
     # --------------------------------------------------------------- nix-cache-info
 
@@ -119,40 +108,19 @@ class GateCore:
         text = f"StoreDir: {self.store_dir}\nWantMassQuery: 1\nPriority: {self.priority}\n"
         return Answer(200, text.encode(), "text/x-nix-cache-info")
 
-    # --------------------------------------------------------------------- verdicts
-
-    def verdict(self, drv_path: str) -> Verdict:
-        gen = self.verifier.generation()
-        verdict, fresh = self.verdicts.get(
-            ("verdict", gen, drv_path),
-            lambda: self.verifier.verify(drv_path),
-            ttl=lambda v: 0.0 if v.fault else self.verdicts.config.ttl,
-        )
-        if fresh:
-            for step in verdict.steps.values():
-                for rdrv in step.rdrv_paths:
-                    self._rdrv_hints.add(rdrv, step.drv_path)
-                for values in step.outputs.values():
-                    for oc in values:
-                        self._path_hints.add(hash_part(oc.path), step.drv_path)
-        return verdict
-
-    def _step(self, drv_path: str) -> tuple[Verdict, StepValues | None, str]:
-        """The verified step for ``drv_path`` (an original or a resolved derivation)."""
-        for step_drv in self._rdrv_hints.get(drv_path):
-            verdict = self.verdict(step_drv)
-            step = verdict.step(step_drv)
-            if step is not None and drv_path in step.rdrv_paths:
-                return verdict, step, step_drv
-        verdict = self.verdict(drv_path)
-        return verdict, verdict.step(drv_path), drv_path
-
     def _cached(self, key: Hashable, compute: Callable[[], Answer]) -> Answer:
-        gen = self.verifier.generation()
-        answer, _ = self.cache.get(
-            (key, gen), compute, ttl=lambda a: self.cache.config.ttl if a.cacheable else 0.0
-        )
+        try:
+            gen = self.verifier.generation()
+        except ConfigError as exc:  # the policy file does not parse: fail closed
+            return self._policy_broken(exc)
+        answer, _ = self.memo.get(
+            (key, gen), compute, ttl=lambda a: self.memo.config.ttl if a.cacheable else 0.0)
         return answer
+
+    def _policy_broken(self, exc: ConfigError) -> Answer:
+        message = exc.diagnostics()
+        return Answer(503, f"policy unusable, refusing everything: {message}\n".encode(),
+                      reason=message)
 
     # ------------------------------------------------------------------ realisations
 
@@ -175,39 +143,70 @@ class GateCore:
         return self._cached(("v2", drv_path, output),
                             lambda: self._realisation(drv_path, output, None))
 
+    def _step_verdict(self, drv_path: str, output: str) -> Verdict:
+        """The verdict for ``drv_path``: the step a resolved derivation was looked up
+        under (only values attested for it), else ``drv_path`` as a step of its own."""
+        for step in self.verifier.rdrv_hints.get(drv_path) or ():
+            verdict = self.verifier.verdict(step, output, rdrv_path=drv_path)
+            if verdict.verified or verdict.fault:
+                return verdict
+        return self.verifier.verdict(drv_path, output)
+
     def _realisation(self, drv_path: str, output: str, rid: str | None) -> Answer:
         request = rid or realisation.build_trace_id(basename(drv_path), output)
         try:
-            verdict, step, step_drv = self._step(drv_path)
+            verdict = self._step_verdict(drv_path, output)
             if verdict.fault:
                 return self._fault("realisation", request, drv_path, verdict.fault)
-            values = step.outputs.get(output) if step else None
-            if not values:
-                raise self._verdict_refusal(verdict, drv_path, output)
-            chosen, ni_reason = None, None
-            for oc in values:
-                try:
-                    find_narinfo(self.upstreams, oc.path, oc.nar_hash)
-                except Refusal as exc:
-                    ni_reason = ni_reason or exc.reason
-                    continue
-                chosen = oc
-                break
-            if chosen is None:
-                raise Refusal(f"{output}: the verified output is not available upstream: "
-                               f"{ni_reason}", step_drv)
-            check_upstream_realisation(self.upstreams, drv_path, output, rid, chosen.path,
-                                       step_drv, self.store_dir)
+            if not verdict.values:
+                raise _refusal(verdict, output)
+            chosen = self._serve_for(verdict, verdict.values)
+            if isinstance(chosen, Fault):
+                return self._fault("realisation", request, drv_path, chosen.message)
+            if isinstance(chosen, Refusal):
+                raise chosen
+            value, _ = chosen
+            refusal = check_realisations(
+                value.path, output,
+                fetch_realisations(self.upstreams, drv_path, output, rid), verdict.drv_path,
+                self.store_dir)
+            if refusal is not None:
+                raise refusal
         except Refusal as exc:
             return self._refuse("realisation", request, drv_path, exc)
         except EnvironmentFault as exc:  # an upstream, trace store or the local store
             return self._fault("realisation", request, drv_path, exc.diagnostics())
         except TracehookError as exc:  # e.g. a local .drv that does not parse
             return self._refuse("realisation", request, drv_path, Refusal(exc.diagnostics()))
-        assert step is not None
-        body = self._render_realisation(drv_path, output, rid, chosen.path)
-        self._allow("realisation", request, drv_path, output, chosen, verdict, step)
+        body = self._render_realisation(drv_path, output, rid, value.path)
+        self._allow_realisation(request, drv_path, output, value, verdict)
         return Answer(200, body, "application/json")
+
+    def _serve_for(self, verdict: Verdict, values: Sequence[Value]
+                   ) -> tuple[Value, Serve] | Refusal | Fault:
+        """The first verified value an upstream serves as attested."""
+        refusal: Refusal | None = None
+        fault: Fault | None = None
+        for value in values:
+            expected = _expected(verdict, value)
+            if value.conflict:
+                refusal = refusal or Refusal(
+                    f"{value.path}: the trusted claims attest different references",
+                    verdict.drv_path)
+                continue
+            decision = choose_narinfo(expected, fetch_narinfos(self.upstreams, value.path),
+                                      self.urls, self.store_dir)
+            if isinstance(decision, Serve):
+                return value, decision
+            if isinstance(decision, Fault):
+                fault = fault or decision
+            else:
+                refusal = refusal or decision
+        if refusal is not None:
+            return Refusal(f"the verified output is not available upstream: {refusal.reason}",
+                           verdict.drv_path)
+        assert fault is not None
+        return fault
 
     def _render_realisation(
         self, drv_path: str, output: str, rid: str | None, path: str
@@ -234,28 +233,30 @@ class GateCore:
         request = f"{hp}.narinfo"
         subject: str | None = None
         try:
-            expected = self._expected_for(hp)
-            if expected is None:
+            found = self._expected_for(hp)
+            if found is None:
                 return self._refuse_quiet(
                     "no verified step or fixed-output derivation in the local store produces "
                     "this path")
-            kind, subject, path, want = expected
-            if isinstance(want, Refusal):
-                raise want
-            up_index, ni = (find_fixed(self.upstreams, path, want) if isinstance(want, Derivation)
-                            else find_narinfo(self.upstreams, path, want))
+            if isinstance(found, Refusal):
+                raise found
+            expected, verdict = found
+            subject = expected.step
+            decision = choose_narinfo(expected, fetch_narinfos(self.upstreams, expected.path),
+                                      self.urls, self.store_dir)
+            if isinstance(decision, Fault):
+                return self._fault("narinfo", request, subject, decision.message)
+            if isinstance(decision, Refusal):
+                raise decision
         except Refusal as exc:
             return self._refuse("narinfo", request, exc.step or subject, exc)
         except EnvironmentFault as exc:
             return self._fault("narinfo", request, subject, exc.diagnostics())
         except TracehookError as exc:
             return self._refuse("narinfo", request, subject, Refusal(exc.diagnostics()))
+        ni = decision.narinfo
         if ni.url is not None and NAR_URL.fullmatch(ni.url):
-            with self._routes_lock:
-                self._nar_routes[ni.url] = up_index
-                self._nar_routes.move_to_end(ni.url)
-                while len(self._nar_routes) > HINTS_MAX:
-                    self._nar_routes.popitem(last=False)
+            self._nar_routes.put(ni.url, decision.upstream)
         if self.signing_key is not None:
             try:
                 sig = crypto.nix_sign(self.signing_key, narinfo.fingerprint(ni, self.store_dir))
@@ -263,57 +264,55 @@ class GateCore:
                 return self._refuse("narinfo", request, subject, Refusal(
                     f"cannot sign the narinfo of {ni.store_path}: {exc.diagnostics()}"))
             ni = replace(ni, sigs=(sig,))
-        if kind == "verified":
-            self._allow_path(request, subject, ni)
+        if verdict is not None:
+            self._allow_path(request, expected, ni, verdict, self.urls[decision.upstream])
         return Answer(200, narinfo.render(ni).encode(), "text/x-nix-narinfo")
 
-    def _expected_for(
-        self, hp: str
-    ) -> tuple[str, str, str, bytes | Derivation | Refusal] | None:
-        """What the path with hash part ``hp`` must be: ("verified", drv, path, NAR hash),
-        ("fixed", drv, path, drv), ("refused", drv, path, why), or None (unknown)."""
-        refusal: tuple[str, str, str, bytes | Derivation | Refusal] | None = None
-        for drv_path in self._path_hints.get(hp):
-            got = self._expect_from_step(drv_path, hp)
-            if got is not None and got[0] != "refused":
+    def _expected_for(self, hp: str) -> tuple[Expected, Verdict | None] | Refusal | None:
+        """What the path with hash part ``hp`` must be, from the first step that says
+        (hints from verified steps, the local .drv files, the upstream's Deriver hint); a
+        Refusal when the steps that would produce it do not verify; None when no local
+        step produces it."""
+        refusal: Refusal | None = None
+        for step, output in self.verifier.path_hints.get(hp) or ():
+            got = self._from_step(step, output, hp)
+            if not isinstance(got, Refusal) and got is not None:
                 return got
             refusal = refusal or got
         for drv_path, output in self.index.by_output_hash(hp):
             drv = self.index.reader.read_derivation(drv_path)
-            out = drv.outputs[output]
             if drv.kind == "fixed":
-                return ("fixed", drv_path, out.path, drv)
-            got = self._expect_from_step(drv_path, hp)
-            if got is not None and got[0] != "refused":
+                return self._fixed(drv_path, drv)
+            got = self._from_step(drv_path, output, hp, refuse=True)
+            if not isinstance(got, Refusal) and got is not None:
                 return got
-            if got is None:  # the verifier did not verify this step: say why
-                verdict = self.verdict(drv_path)
-                if verdict.fault:
-                    raise UpstreamFault(verdict.fault)
-                got = ("refused", drv_path, out.path,
-                       self._verdict_refusal(verdict, drv_path, output))
             refusal = refusal or got
         if refusal is not None:
             return refusal
-        return self._expect_from_deriver(hp)
+        return self._from_deriver(hp)
 
-    def _expect_from_step(
-        self, step_drv: str, hp: str
-    ) -> tuple[str, str, str, bytes | Derivation | Refusal] | None:
-        verdict, step, _ = self._step(step_drv)
+    def _fixed(self, drv_path: str, drv: Derivation) -> tuple[Expected, None] | Refusal:
+        algo = drv.outputs["out"].algo
+        if algo in WEAK_HASHES and not self.weak_hashes():
+            return Refusal(f"fixed-output derivation pinned by {algo}, a weak hash: not a "
+                           "trust anchor (policy weak-fixed-output-hashes = \"allow\")",
+                           drv_path)
+        return Expected("fixed", drv_path, drv.outputs["out"].path, fixed=drv), None
+
+    def _from_step(self, step: str, output: str, hp: str, refuse: bool = False
+                   ) -> tuple[Expected, Verdict] | Refusal | None:
+        verdict = self.verifier.verdict(step, output)
         if verdict.fault:
-            raise UpstreamFault(verdict.fault)
-        if step is None:
-            return None
-        for values in step.outputs.values():
-            for oc in values:
-                if hash_part(oc.path) == hp:
-                    return ("verified", step.drv_path, oc.path, oc.nar_hash)
-        return None
+            raise EnvironmentFault(verdict.fault)
+        for value in verdict.values:
+            if hash_part(value.path) == hp:
+                if value.conflict:
+                    return Refusal(f"{value.path}: the trusted claims attest different "
+                                   "references", step)
+                return _expected(verdict, value), verdict
+        return _refusal(verdict, output) if refuse and not verdict.values else None
 
-    def _expect_from_deriver(
-        self, hp: str
-    ) -> tuple[str, str, str, bytes | Derivation | Refusal] | None:
+    def _from_deriver(self, hp: str) -> tuple[Expected, Verdict] | Refusal | None:
         """After a restart the gate may not know a content-addressed path yet: the upstream
         narinfo's (unsigned, untrusted) Deriver says which local derivation to verify."""
         for up in self.upstreams:
@@ -330,28 +329,29 @@ class GateCore:
             try:
                 if not self.index.has_drv(drv_path):
                     continue
+                drv = self.index.reader.read_derivation(drv_path)
             except TracehookError:
                 continue
-            got = self._expect_from_step(drv_path, hp)
-            if got is not None:
-                return got
+            for output in drv.outputs:
+                got = self._from_step(drv_path, output, hp)
+                if got is not None:
+                    return got
         return None
 
     # -------------------------------------------------------------------------- NARs
 
     def nar(self, rel: str) -> NarAnswer | Answer:
-        """``nar/<file>``: from the upstream that served the narinfo naming it, else the
-        first upstream that has it (Nix checks every NAR against the narinfo's NarHash)."""
-        with self._routes_lock:
-            route = self._nar_routes.get(rel)
+        """``nar/<file>``: from the upstream whose narinfo named it, else the first
+        upstream that has it (Nix checks every NAR against the narinfo's NarHash)."""
+        route = self._nar_routes.get(rel)
         order = list(range(len(self.upstreams)))
         if route is not None:
             order = [route] + [i for i in order if i != route]
-        fault: UpstreamFault | None = None
+        fault: EnvironmentFault | None = None
         for i in order:
             try:
                 body = self.upstreams[i].open(rel)
-            except UpstreamFault as exc:
+            except EnvironmentFault as exc:
                 fault = exc
                 continue
             if body is not None:
@@ -362,19 +362,13 @@ class GateCore:
 
     # ----------------------------------------------------------------------- logging
 
-    def _verdict_refusal(self, verdict: Verdict, drv_path: str, output: str) -> Refusal:
-        if verdict.verified or verdict.reason is None:
-            return Refusal(f"output {output!r} of {drv_path} has no verified value", drv_path)
-        return Refusal(verdict.reason, verdict.failed_step or drv_path, verdict.failed_name)
-
-    def _refuse(
-        self, kind: str, request: str, subject: str | None, exc: Refusal
-    ) -> Answer:
+    def _refuse(self, kind: str, request: str, subject: str | None, exc: Refusal) -> Answer:
         step = exc.step or subject
         name = exc.name or (path_name(step).removesuffix(".drv") if step else None)
+        reason = printable(exc.reason)
         self.events.emit(
             "gate", "refused",
-            f"refused {kind} {request}: step {name or '?'}: {exc.reason}",
+            f"refused {kind} {request}: step {printable(name or '?')}: {reason}",
             reason=exc.reason, request=kind, id=request, drv=step, name=name,
             target=subject,
         )
@@ -393,48 +387,64 @@ class GateCore:
 
     def _fault(self, kind: str, request: str, subject: str | None, message: str) -> Answer:
         self.events.emit(
-            "gate", "failed", f"cannot decide {kind} {request}: {message} (answered 502)",
+            "gate", "failed",
+            f"cannot decide {kind} {request}: {printable(message)} (answered 502)",
             reason=message, request=kind, id=request, drv=subject,
             name=path_name(subject).removesuffix(".drv") if subject else None,
         )
-        return Answer(502, f"upstream fault: {message}\n".encode(), reason=message)
+        return Answer(502, f"upstream fault: {printable(message)}\n".encode(), reason=message)
 
-    def _allow_path(self, request: str, drv_path: str, ni: NarInfo) -> None:
-        name = path_name(drv_path).removesuffix(".drv")
-        verdict = self.verdict(drv_path)
-        note = _cache_note(verdict)
-        self.events.emit(
-            "gate", "allowed", f"allowed {ni.store_path} (output of {name}, verified chain)"
-            + (f"; WARNING: {note}" if note else ""),
-            reason=None, request="narinfo", id=request, drv=drv_path, name=name,
-            path=ni.store_path, nar_hash=ni.nar_hash,
-            cache_signed=list(verdict.cache_signed), covered_without_traces=verdict.covered,
-            note=note,
-        )
-
-    def _allow(
-        self, kind: str, request: str, drv_path: str, output: str, oc: OutputClaim,
-        verdict: Verdict, step: StepValues,
-    ) -> None:
-        signers = sorted(set().union(*(s.signers for s in verdict.steps.values())))
-        note = _cache_note(verdict)
+    def _allow_path(self, request: str, expected: Expected, ni: NarInfo, verdict: Verdict,
+                    source: str) -> None:
+        name = path_name(expected.step).removesuffix(".drv")
         self.events.emit(
             "gate", "allowed",
-            f"allowed {path_name(drv_path).removesuffix('.drv')}^{output} -> {oc.path}: "
-            f"chain of {len(verdict.steps)} verified step(s), signed by {', '.join(signers)}"
-            + (f"; WARNING: {note}" if note else ""),
-            reason=None, request=kind, id=request, drv=drv_path,
-            name=step.name, output=output, path=oc.path, nar_hash=format_nar_hash(oc.nar_hash),
-            steps=len(verdict.steps), signers=signers,
-            cache_signed=list(verdict.cache_signed), covered_without_traces=verdict.covered,
-            note=note,
+            f"allowed {ni.store_path} (output of {printable(name)}): {_admitted(verdict)}",
+            reason=None, request="narinfo", id=request, drv=expected.step, name=name,
+            path=ni.store_path, nar_hash=ni.nar_hash, trust=verdict.basis,
+            signers=list(verdict.signers), cache_keys=list(verdict.cache_keys),
+            cache_signed=list(verdict.relied), covered_without_traces=verdict.covered,
+            upstream=source,
+        )
+
+    def _allow_realisation(self, request: str, drv_path: str, output: str, value: Value,
+                           verdict: Verdict) -> None:
+        self.events.emit(
+            "gate", "allowed",
+            f"allowed {printable(verdict.name)}^{output} -> {value.path}: "
+            f"{_admitted(verdict)}",
+            reason=None, request="realisation", id=request, drv=drv_path, name=verdict.name,
+            output=output, path=value.path, nar_hash=format_nar_hash(value.nar_hash),
+            trust=verdict.basis, signers=list(verdict.signers),
+            cache_keys=list(verdict.cache_keys), cache_signed=list(verdict.relied),
+            covered_without_traces=verdict.covered,
         )
 
 
+def _expected(verdict: Verdict, value: Value) -> Expected:
+    if verdict.basis == "cache":
+        return Expected("cache", verdict.drv_path, value.path, value.nar_hash,
+                        value.references, source=value.source)
+    return Expected("verified", verdict.drv_path, value.path, value.nar_hash, value.references)
 
-def _cache_note(verdict: Verdict) -> str | None:
-    """What an allowed answer relied on a cache signature for, said loudly; or None."""
-    if not verdict.cache_signed:
-        return None
-    return (f"accepted on a cache signature alone: {', '.join(verdict.cache_signed)}; "
-            f"{verdict.covered} build step(s) below them covered without traces")
+
+def _refusal(verdict: Verdict, output: str) -> Refusal:
+    if verdict.reason is None:
+        return Refusal(f"output {output!r} of {verdict.drv_path} has no verified value",
+                       verdict.drv_path)
+    return Refusal(verdict.reason, verdict.failed_step or verdict.drv_path, verdict.failed_name)
+
+
+def _admitted(verdict: Verdict) -> str:
+    """What admitted a path, in words: never calls a cache signature 'verified'."""
+    if verdict.basis == "cache":
+        return (f"accepted on a cache signature alone by {', '.join(verdict.cache_keys)}; "
+                f"{verdict.covered} build step(s) below it covered without traces")
+    if verdict.basis == "fixed":
+        return "fixed output, pinned by its derivation's hash"
+    said = f"verified by traces signed by {', '.join(verdict.signers)}"
+    if verdict.relied:
+        said += (f"; relies on {len(verdict.relied)} path(s) below accepted on a cache "
+                 f"signature alone ({', '.join(verdict.relied)}), {verdict.covered} build "
+                 "step(s) below them covered without traces")
+    return said

@@ -1,124 +1,41 @@
-"""What the gate checks upstream: narinfos against attested NAR hashes or fixed-output
-pins, and upstream realisations against the verified output. No decisions of its own: each
-function returns what it found or raises :class:`Refusal` (the answer is 404, with the
-reason) or :class:`~tracehook.stores.binarycache.UpstreamFault` (502).
+"""What the gate reads from its upstream binary caches, gathered for a decision.
+
+Fetching only: every upstream's answer is kept as it came (a narinfo, nothing, a malformed
+answer, a fault) for :mod:`tracehook.gate.decide` to judge. Nothing here decides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from tracehook.errors import ParseError
-from tracehook.nix import nixbase32, realisation
-from tracehook.nix.derivation import Derivation
-from tracehook.nix.nar import format_nar_hash, parse_nar_hash
-from tracehook.nix.narinfo import NarInfo
-from tracehook.nix.storepath import STORE_DIR, basename
-from tracehook.stores.binarycache import Upstream, UpstreamFault, fetch_narinfo
+from tracehook.errors import ParseError, UpstreamFault
+from tracehook.gate.decide import Fetched
+from tracehook.nix import realisation
+from tracehook.nix.storepath import basename
+from tracehook.stores.binarycache import Upstream, fetch_narinfo
 
 
-class Refusal(Exception):
-    """Why the gate says no (404), and the step it names."""
-
-    def __init__(self, reason: str, step: str | None = None, name: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.step = step
-        self.name = name
-
-
-
-NarinfoCheck = Callable[[Upstream, NarInfo], str | None]
-
-
-def _first_acceptable(
-    upstreams: Sequence[Upstream], path: str, what: str, check: NarinfoCheck
-) -> tuple[int, NarInfo]:
-    """The first upstream narinfo for ``path`` that ``check`` finds nothing wrong with.
-
-    Refusal naming every wrong answer if some upstream answered wrongly; the last
-    UpstreamFault if none answered and one failed; Refusal "none has it" otherwise.
-    """
-    wrong: list[str] = []
-    fault: UpstreamFault | None = None
-    for i, up in enumerate(upstreams):
+def fetch_narinfos(upstreams: Sequence[Upstream], path: str) -> list[Fetched]:
+    """Every upstream's narinfo for ``path``, in the upstreams' order."""
+    found: list[Fetched] = []
+    for up in upstreams:
         try:
-            ni = upstream_narinfo(up, path)
+            found.append(Fetched(up.url, narinfo=fetch_narinfo(up, path)))
         except UpstreamFault as exc:
-            fault = exc
-            continue
-        except Refusal as exc:
-            wrong.append(exc.reason)
-            continue
-        if ni is None:
-            continue
-        try:
-            problem = check(up, ni)
+            found.append(Fetched(up.url, fault=exc.diagnostics()))
         except ParseError as exc:
-            problem = f"{up.url}: {exc.diagnostics()}"
-        if problem is None:
-            return i, ni
-        wrong.append(problem)
-    if wrong:
-        raise Refusal(f"{what}{path}: " + "; ".join(wrong))
-    if fault is not None:
-        raise fault
-    raise Refusal(f"no upstream has a narinfo for {path}")
+            found.append(Fetched(up.url, problem=exc.diagnostics()))
+    return found
 
 
-def find_narinfo(
-    upstreams: Sequence[Upstream], path: str, nar_hash: bytes
-) -> tuple[int, NarInfo]:
-    """The first upstream narinfo for ``path`` whose NarHash is ``nar_hash``."""
-
-    def check(up: Upstream, ni: NarInfo) -> str | None:
-        got = parse_nar_hash(ni.nar_hash)
-        if got == nar_hash:
-            return None
-        return (f"{up.url} serves NarHash {format_nar_hash(got)}, the trusted traces attest "
-                f"{format_nar_hash(nar_hash)}")
-
-    return _first_acceptable(upstreams, path, "", check)
-
-
-def find_fixed(
-    upstreams: Sequence[Upstream], path: str, drv: Derivation
-) -> tuple[int, NarInfo]:
-    """The first upstream narinfo for a fixed output whose ``CA`` (and, for a recursive
-    sha256 pin, NarHash) is the one the fixed-output derivation pins."""
-    out = drv.outputs["out"]
-    prefix = {"nar": "r:", "git": "git:", "text": "text:"}.get(out.method, "")
-    digest = bytes.fromhex(out.hash)
-    ca = f"fixed:{prefix}{out.algo}:{nixbase32.encode(digest)}"
-
-    def check(up: Upstream, ni: NarInfo) -> str | None:
-        if ni.ca != ca:
-            return f"{up.url} serves CA {ni.ca!r}, the fixed-output derivation pins {ca!r}"
-        pinned_nar = out.method == "nar" and out.algo == "sha256"
-        if pinned_nar and parse_nar_hash(ni.nar_hash) != digest:
-            return (f"{up.url} serves NarHash {ni.nar_hash}, the derivation pins "
-                    f"{format_nar_hash(digest)}")
-        return None
-
-    return _first_acceptable(upstreams, path, "fixed output ", check)
-
-
-def upstream_narinfo(up: Upstream, path: str) -> NarInfo | None:
-    """:func:`~tracehook.stores.binarycache.fetch_narinfo`, a malformed answer being a Refusal."""
-    try:
-        return fetch_narinfo(up, path)
-    except ParseError as exc:
-        raise Refusal(exc.diagnostics()) from None
-
-
-def check_upstream_realisation(
-    upstreams: Sequence[Upstream], drv_path: str, output: str, rid: str | None, path: str,
-    step_drv: str, store_dir: str = STORE_DIR,
-) -> None:
-    """Refusal if an upstream's realisation for the same id points at another path (or is
-    malformed): a cache that disagrees with the trusted traces is not used for this step."""
+def fetch_realisations(
+    upstreams: Sequence[Upstream], drv_path: str, output: str, rid: str | None
+) -> list[tuple[str, str | None, str | None]]:
+    """Every upstream's realisation of the same output: (url, out path basename or None,
+    what is malformed about it or None). UpstreamFault if one cannot be read."""
     rel = (f"realisations/{rid}.doi" if rid is not None
            else f"build-trace-v2/{basename(drv_path)}/{output}.doi")
+    found: list[tuple[str, str | None, str | None]] = []
     for up in upstreams:
         data = up.get(rel)
         if data is None:
@@ -129,11 +46,7 @@ def check_upstream_realisation(
             else:
                 theirs = realisation.parse_doi_v2(data, drv_path, output)
         except ParseError as exc:
-            raise Refusal(f"upstream {up.url} serves a malformed realisation for "
-                           f"{output}: {exc.diagnostics()}", step_drv) from None
-        if theirs.out_path != basename(path):
-            raise Refusal(
-                f"upstream {up.url}'s realisation of {output} points at "
-                f"{store_dir}/{theirs.out_path}, but the trusted traces attest {path}",
-                step_drv)
-
+            found.append((up.url, None, exc.diagnostics()))
+            continue
+        found.append((up.url, theirs.out_path, None))
+    return found

@@ -1,104 +1,134 @@
-"""The gate's view of the verifier: one derivation in, a verdict with every verified step out.
+"""The gate's view of the verifier: one build step in, a small verdict out.
 
-The verifier (:mod:`tracehook.verify.resolver`) is incremental: a :class:`Resolver` remembers the
-traces it fetched and the steps it decided, so verifying the closure of a derivation and
-then each of its inputs costs one walk, not one per request. The gate keeps one resolver
-per *generation*: a generation ends when the trace stores' state changes (a file trace
-store's ``traces/`` directory changed), when it is older than ``max_age`` seconds (key
-expiry is checked against the reference time fixed when the generation started; HTTP
-trace stores have no cheap state), or when a trace store could not be read (a resolver
-that saw a fault holds incomplete evidence and is thrown away; the verdict is a fault,
-answered 502, never a refusal that gets cached and never an allow).
+The gate keeps one verification engine (:class:`~tracehook.verify.engine.Engine`, run as a
+service) per *generation*, shared by every request: a request adds its step to the engine
+and waits for that step only; a step decided once is never worked on again in the
+generation, so serving a whole closure costs each step once. A generation ends when
 
-A :class:`Verdict` carries what the gate answers from: for every verified build step of
-the target's closure, the verified values of each output (path and NAR hash, best
-supported first) and the resolved derivations the step was looked up under; for a
-refusal, the verifier's reason and the deepest step that failed for a reason of its own.
+- the policy changed (its content digest; :mod:`tracehook.gate.policywatch`),
+- a file trace store changed (its ``traces/`` directory's mtime; HTTP and S3 trace stores
+  have no cheap state, so they are re-read when the generation ends by age),
+- it is older than ``max_age`` seconds, or a policy key's ``not-after`` has passed (key
+  expiry is checked against the reference time fixed when the generation started),
+- a trace store or a cache could not be read (its evidence is incomplete).
+
+Every verification has an overall deadline: a step not decided in time is a fault (502,
+never cached, never an allow), and so is a step decided on incomplete evidence. A
+:class:`Verdict` carries only what the gate answers from: the verified values of the
+outputs asked for (and, for a resolved derivation, only values attested for it), or the
+reason and the deepest step that failed for a reason of its own.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import hashlib
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from tracehook.errors import TracehookError
+from tracehook.errors import EnvironmentFault, GraphError
+from tracehook.lru import Lru
+from tracehook.nix.storepath import hash_part
 from tracehook.stores.binarycache import Upstream
 from tracehook.stores.nixstore import StoreReader
-from tracehook.stores.tracestore import FileTraceStore, TraceStore
-from tracehook.trace.claim import OutputClaim
+from tracehook.stores.tracestore import FileTraceStore, TraceStore, open_store
+from tracehook.verify.cachekeys import CacheOutput
+from tracehook.verify.engine import Engine, Limits
 from tracehook.verify.policy import Policy
-from tracehook.verify.resolver import Limits, Resolver, Target
+from tracehook.verify.walk import Target
+
+log = logging.getLogger(__name__)
+
+HINTS_MAX = 200_000
+H = TypeVar("H")
+Basis = str  # "traces", "cache", "fixed"
 
 
 @dataclass(frozen=True)
-class StepValues:
-    """A verified build step: each output's verified values, best supported first."""
+class Value:
+    """A verified value of one output: path, NAR hash, and the references its claims
+    attest (None: not attested; ``conflict``: two claims attest different ones)."""
 
-    drv_path: str
-    name: str
-    kind: str
-    rdrv_paths: tuple[str, ...]
-    outputs: Mapping[str, tuple[OutputClaim, ...]]
-    signers: frozenset[str]
+    path: str
+    nar_hash: bytes
+    references: frozenset[str] | None = None
+    conflict: bool = False
+    source: str | None = None  # for a cache signature: the cache whose narinfo was checked
 
 
 @dataclass(frozen=True)
 class Verdict:
     drv_path: str
-    verified: bool  # the target's wanted outputs verified
-    steps: Mapping[str, StepValues] = field(default_factory=dict)  # drv path -> step
-    reason: str | None = None
-    failed_step: str | None = None  # drv path of the deepest step that failed on its own
+    name: str
+    kind: str
+    values: tuple[Value, ...] = ()  # verified values of the output, best first
+    signers: tuple[str, ...] = ()  # trace signers of the chosen value
+    basis: Basis = "traces"  # what admitted it: traces, a cache signature, a fixed output
+    cache_keys: tuple[str, ...] = ()  # for basis "cache": the cache keys that signed
+    relied: tuple[str, ...] = ()  # output paths accepted on a cache signature it relies on
+    covered: int = 0  # build steps below those that no trace verified
+    reason: str | None = None  # for a refusal: why
+    failed_step: str | None = None  # the deepest step that failed for a reason of its own
     failed_name: str | None = None
-    fault: str | None = None  # a trace store could not be read: no decision
-    cache_signed: tuple[str, ...] = ()  # paths accepted on a cache signature alone
-    covered: int = 0  # build steps below them covered without traces
+    fault: str | None = None  # could not decide: answered 502, never cached
+    generation: tuple[str, int] = ("", 0)
+    rejected: tuple[str, ...] = field(default=())  # signatures that did not count, why
 
-    def step(self, drv_path: str) -> StepValues | None:
-        return self.steps.get(drv_path)
+    @property
+    def verified(self) -> bool:
+        return bool(self.values) and self.fault is None
 
 
-class ChainVerifier:
-    """Thread-safe: verifications run one at a time on the current generation's resolver."""
+class GateVerifier:
+    """Thread-safe. Verdicts for steps, on the current generation's engine."""
 
     def __init__(
         self,
-        policy: Policy,
-        stores: Sequence[TraceStore],
+        policy: Callable[[], tuple[Policy, str]],
         reader: StoreReader,
         max_age: float = 60.0,
         limits: Limits | None = None,
         caches: Sequence[Upstream] = (),
+        deadline: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+        stores: Callable[[Policy], list[TraceStore]] | None = None,
     ) -> None:
+        """``policy()`` gives the current policy and its digest (raising ConfigError while
+        the policy file is broken); ``stores(policy)`` opens its trace stores."""
         self.policy = policy
-        self.stores = list(stores)
         self.reader = reader
         self.max_age = max_age
-        self.limits = limits
+        self.limits = limits or Limits()
         self.caches = list(caches)  # where cache signatures are read (the gate's upstreams)
+        self.deadline = deadline
         self.clock = clock
         self.wall = wall
-        self.policy_digest = hashlib.sha256(repr(policy).encode()).hexdigest()[:16]
-        self._state_lock = threading.Lock()  # held for a stat or two, never across a verify
-        self._verify_lock = threading.Lock()
-        self._state: Hashable = None
+        self.open_stores = stores or (lambda p: [open_store(u) for u in p.traces])
+        self._lock = threading.Lock()  # held for a stat or two, never across a verify
+        self._engine: Engine | None = None
+        self._engine_key: tuple[object, ...] = ()
         self._started = 0.0
+        self._ends_at = 0.0
         self._serial = 0
-        self._resolver: Resolver | None = None
-        self._resolver_serial = -1
+        self._stores: list[TraceStore] = []
+        self._retired: list[tuple[float, Engine]] = []
+        # hash part of an output path -> (step, output) that claims made it
+        self.path_hints: Lru[str, tuple[tuple[str, str], ...]] = Lru(HINTS_MAX)
+        self.rdrv_hints: Lru[str, tuple[str, ...]] = Lru(HINTS_MAX)  # resolved drv -> steps
 
-    def trace_state(self) -> Hashable:
-        """Changes whenever a file trace store gains or changes a trace (one stat each)."""
+    # ---------------------------------------------------------------------- generations
+
+    def _trace_state(self, stores: Sequence[TraceStore]) -> tuple[int, ...]:
         marks: list[int] = []
-        for store in self.stores:
+        for store in stores:
             if isinstance(store, FileTraceStore):
                 try:
                     marks.append(os.stat(Path(store.root) / "traces").st_mtime_ns)
@@ -107,77 +137,168 @@ class ChainVerifier:
         return tuple(marks)
 
     def generation(self) -> tuple[str, int]:
-        """The key under which decisions may be cached: the policy, the trace stores' state
-        and the resolver's age. Cheap; never waits for a verification in progress."""
-        with self._state_lock:
-            state = self.trace_state()
+        """The key under which answers may be cached: the policy digest and a serial that
+        changes with every new generation. Cheap; never waits for a verification."""
+        return self._current()[1]
+
+    def _current(self) -> tuple[Engine, tuple[str, int]]:
+        policy, digest = self.policy()  # ConfigError while the policy file is broken
+        with self._lock:
             now = self.clock()
-            if self._serial == 0 or state != self._state or now - self._started >= self.max_age:
-                self._state = state
-                self._started = now
-                self._serial += 1
-            return (self.policy_digest, self._serial)
+            engine = self._engine
+            if engine is None or self._engine_key[0] != digest:
+                self._stores = self.open_stores(policy)
+            key = (digest, self._trace_state(self._stores))
+            if (engine is None or key != self._engine_key or now >= self._ends_at
+                    or engine.faults):
+                engine = self._new_engine(policy, key, now)
+            self._close_retired(now)
+            return engine, (digest, self._serial)
 
-    def verify(self, drv_path: str, outputs: frozenset[str] | None = None) -> Verdict:
-        serial = self.generation()[1]
-        with self._verify_lock:
-            if self._resolver is None or self._resolver_serial != serial:
-                self._resolver = Resolver(
-                    self.policy, self.stores, self.reader.read_derivation, self.wall(),
-                    self.limits, self.caches)
-                self._resolver_serial = serial
-            resolver = self._resolver
-            faults_before = len(resolver.faults)
-            try:
-                [report] = resolver.verify([Target(drv_path, drv_path, outputs)])
-            except Exception:
-                self._resolver = None  # never reuse a resolver that broke half-way
-                raise
-            if len(resolver.faults) > faults_before:
-                fault = "; ".join(f"{f.url}: {f.message}" for f in resolver.faults[faults_before:])
-                self._resolver = None  # its evidence is incomplete
-                return Verdict(drv_path, False, reason=f"trace store unreadable: {fault}",
-                               fault=fault)
-            steps = self._steps(resolver, drv_path)
-        failed = report.failed_step
-        return Verdict(
-            drv_path,
-            report.verified,
-            steps,
-            reason=None if report.verified else (report.reason or "not verified"),
-            failed_step=None if report.verified or failed is None else failed.drv,
-            failed_name=None if report.verified or failed is None else failed.name,
-            cache_signed=tuple(report.cache_signed_paths),
-            covered=report.covered,
-        )
+    def _new_engine(self, policy: Policy, key: tuple[object, ...], now: float) -> Engine:
+        if self._engine is not None:
+            self._retired.append((now, self._engine))
+        wall = self.wall()
+        engine = Engine(policy, self._stores, self.reader.read_derivation, wall, self.limits,
+                        self.caches)
+        engine.on_recorded = self._learn
+        engine.start()
+        self._engine, self._engine_key = engine, key
+        self._serial += 1
+        self._started = now
+        expiries = [(k.not_after - wall).total_seconds() for k in policy.keys
+                    if k.not_after is not None and k.not_after > wall]
+        self._ends_at = now + min([self.max_age, *expiries])
+        return engine
 
-    def _steps(self, resolver: Resolver, root: str) -> dict[str, StepValues]:
-        trusted = resolver.trusted
-        steps: dict[str, StepValues] = {}
-        seen = {root}
-        todo = [root]
-        while todo:
-            path = todo.pop()
-            try:
-                drv = self.reader.read_derivation(path)
-            except TracehookError:
-                continue
-            for child in drv.input_drvs:
-                if child not in seen:
-                    seen.add(child)
-                    todo.append(child)
-            if path not in trusted or trusted.is_fixed(path):
-                continue
-            values: dict[str, tuple[OutputClaim, ...]] = {}
-            signers: set[str] = set()
-            for name in drv.outputs:
-                cands = trusted.values(path, frozenset((name,)))
-                if cands:
-                    values[name] = tuple(dict(c.value)[name] for c in cands)
-                    for c in cands:
-                        signers |= c.signers
-            if values:
-                rdrvs = tuple(dict.fromkeys(k.rdrv_path for k in trusted.keys(path)))
-                steps[path] = StepValues(path, drv.name, drv.kind, rdrvs, values,
-                                         frozenset(signers))
-        return steps
+    def _close_retired(self, now: float) -> None:
+        keep = []
+        for retired_at, engine in self._retired:
+            if now - retired_at > self.deadline + 5:
+                engine.close()
+            else:
+                keep.append((retired_at, engine))
+        self._retired = keep
+
+    @property
+    def steps_planned(self) -> int:
+        """Steps the current generation's engine has planned (each at most once)."""
+        engine = self._engine
+        return 0 if engine is None else engine.planned
+
+    def close(self) -> None:
+        with self._lock:
+            for _, engine in self._retired:
+                engine.close()
+            self._retired = []
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+
+    def _learn(self, engine: Engine, step: str) -> None:
+        """Hints from a recorded step (in the engine's thread): which resolved derivations
+        and which output paths lead to it. Hints only say what to look at again."""
+        for key in engine.trusted.keys(step):
+            _add_hint(self.rdrv_hints, key.rdrv_path, step)
+        for output, path in engine.trusted.claimed_outputs(step):
+            _add_hint(self.path_hints, hash_part(path), (step, output))
+
+    # ------------------------------------------------------------------------- verdicts
+
+    def verdict(self, step: str, output: str, rdrv_path: str | None = None) -> Verdict:
+        """The verdict on ``output`` of the build step ``step``; with ``rdrv_path``, only
+        values attested for that resolved derivation."""
+        engine, gen = self._current()
+        started = self.clock()
+        fut = engine.submit(Target(step, step, frozenset((output,))))
+        try:
+            fut.result(timeout=self.deadline)
+        except concurrent.futures.TimeoutError:
+            return Verdict(step, _name(step), "?", fault=f"not decided within "
+                           f"{self.deadline:g} s (a trace store or cache is slow)",
+                           generation=gen)
+        except GraphError as exc:
+            return Verdict(step, _name(step), "?", reason=exc.diagnostics(),
+                           failed_step=exc.drv_path, failed_name=_name(exc.drv_path),
+                           generation=gen)
+        except EnvironmentFault as exc:
+            return Verdict(step, _name(step), "?", fault=exc.diagnostics(), generation=gen)
+        log.debug("verdict on %s^%s in %.1f ms", step, output, (self.clock() - started) * 1e3)
+        return _verdict(engine, step, output, rdrv_path, gen)
+
+
+def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
+             gen: tuple[str, int]) -> Verdict:
+    drv = engine.derivation(step)
+    if engine.is_tainted(step):
+        faults = "; ".join(dict.fromkeys(f"{f.url}: {f.message}" for f in engine.faults))
+        return Verdict(step, drv.name, drv.kind, generation=gen,
+                       fault=f"evidence incomplete: {faults or 'a store could not be read'}")
+    trusted = engine.trusted
+    want = frozenset((output,))
+    candidates = (trusted.values_for_resolution(step, want, rdrv_path) if rdrv_path
+                  else trusted.values(step, want))
+    if candidates:
+        first = candidates[0]
+        basis = "fixed" if trusted.is_fixed(step) else first.basis
+        values = []
+        for cand in candidates:
+            oc = dict(cand.value)[output]
+            if cand.basis == "cache":
+                got = trusted.cache_results(step).get(output)
+                assert isinstance(got, CacheOutput)
+                values.append(Value(oc.path, oc.nar_hash, frozenset(got.references),
+                                    source=got.source))
+            elif cand.basis == "traces":
+                refs, conflict = trusted.attested_references(step, output, oc)
+                values.append(Value(oc.path, oc.nar_hash,
+                                    None if refs is None else frozenset(refs), conflict))
+            else:
+                values.append(Value(oc.path, oc.nar_hash))
+        return Verdict(step, drv.name, drv.kind, tuple(values),
+                       tuple(sorted(first.signers)) if basis == "traces" else (),
+                       basis, tuple(sorted(first.signers)) if basis == "cache" else (),
+                       *_relied(engine, step), generation=gen)
+    failure = trusted.explain(step, want)
+    reason = failure.message
+    if rdrv_path and trusted.values(step, want):
+        reason = (f"no verified value of {output} is attested for the resolved derivation "
+                  f"{rdrv_path}")
+    failed = engine.failed_below(step)
+    if failed != step:
+        reason = trusted.explain(failed, _wanted(engine, failed)).message
+    return Verdict(step, drv.name, drv.kind, reason=reason, failed_step=failed,
+                   failed_name=_name(failed), generation=gen,
+                   rejected=tuple(r.detail for r in trusted.rejected(step)))
+
+
+def _relied(engine: Engine, step: str) -> tuple[tuple[str, ...], int]:
+    boundary, covered = engine.reliance(step)
+    paths = sorted(r.path for b in boundary
+                   for r in engine.trusted.cache_results(b).values()
+                   if isinstance(r, CacheOutput))
+    return tuple(paths), covered
+
+
+def _wanted(engine: Engine, step: str) -> frozenset[str]:
+    requests = engine.graph.requests.get(step)
+    if requests:
+        return frozenset().union(*requests)
+    return frozenset(engine.derivation(step).outputs)
+
+
+def _name(drv_path: str) -> str:
+    base = drv_path.rsplit("/", 1)[-1]
+    return base.split("-", 1)[-1].removesuffix(".drv")
+
+
+def _add_hint(hints: Lru[str, tuple[H, ...]], key: str, hint: H) -> None:
+    old = hints.get(key) or ()
+    if hint not in old:
+        hints.put(key, (hint, *old)[:8])
+
+
+def fixed_policy(policy: Policy) -> Callable[[], tuple[Policy, str]]:
+    """A policy that never changes, as :class:`GateVerifier` takes it."""
+    digest = hashlib.sha256(repr(policy).encode()).hexdigest()[:16]
+    return lambda: (policy, digest)

@@ -170,7 +170,3 @@ def realisation_ids(
     h = hash_derivation_modulo(drv, load, True, cache, store_dir)
     return {name: realisation_id(digest, name) for name, digest in h.hashes.items()}
 
-
-def build_trace_key_v2(drv_path: str, output: str) -> str:
-    """A build-trace entry's key from Nix 2.35: ``<drv basename>^<output>``."""
-    return f"{basename(drv_path)}^{output}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from tracehook.errors import TracehookError
+from tracehook.errors import TracehookError, UnresolvedInput
 from tracehook.nix.aterm import aterm_parts
 from tracehook.nix.derivation import Derivation, DerivationOutput, bytes_key, quote_list
 from tracehook.nix.derivation_hash import hash_derivation_modulo
@@ -27,15 +27,6 @@ from tracehook.nix.storepath import (
 )
 
 Chosen = Mapping[tuple[str, str], str]
-
-
-class UnresolvedInput(TracehookError):
-    """No output path was chosen for an input derivation's output."""
-
-    def __init__(self, drv_path: str, output: str) -> None:
-        self.drv_path = drv_path
-        self.output = output
-        super().__init__(f"no path chosen for output {output!r} of input {drv_path}")
 
 
 def _sorted_keys(keys: list[str]) -> list[str]:

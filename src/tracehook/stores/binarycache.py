@@ -7,36 +7,35 @@ Two kinds of read:
 - :meth:`Upstream.open`: a NAR, as a :class:`Body` read in chunks, never held whole.
 
 Anything else (a refused connection, a timeout, an HTTP 5xx, a file too large, an
-unreadable file) is an :class:`UpstreamFault`: the caller answers 502 and never takes it
-for "absent". Relative paths are checked here too (no ``..``, no absolute paths), so a
-traversal that slipped past the HTTP layer still cannot leave the cache directory.
+unreadable file, a symlink or a FIFO in a ``file://`` cache) is an
+:class:`~tracehook.errors.UpstreamFault`: the caller answers 502 and never takes it for
+"absent". Relative paths are checked here too (no ``..``, no absolute paths), so a
+traversal that slipped past the HTTP layer still cannot leave the cache directory. HTTP
+goes through the one client, :mod:`tracehook.stores.http`.
 """
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
-import threading
+import stat
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from tracehook.errors import ConfigError, EnvironmentFault, ParseError
+from tracehook.errors import ConfigError, EnvironmentFault, ParseError, Unreachable, UpstreamFault
 from tracehook.nix import narinfo
 from tracehook.nix.narinfo import NarInfo
 from tracehook.nix.storepath import hash_part
+from tracehook.stores.files import read_bounded
+from tracehook.stores.http import DEFAULT_TIMEOUT, Endpoint, HttpClient, status_kind
 
 CHUNK = 256 * 1024
 MAX_SMALL = 1024 * 1024  # narinfos and realisations are a few hundred bytes
-DEFAULT_TIMEOUT = 10.0
 _REL = re.compile(r"[A-Za-z0-9+_:=!-][A-Za-z0-9+_:=!.-]*(/[A-Za-z0-9+_:=!-][A-Za-z0-9+_:=!.-]*)*")
-
-
-class UpstreamFault(EnvironmentFault):
-    """An upstream could not be read: the answer is 502, never 'absent', never 'yes'."""
+_ABSENT = (403, 404, 410)  # S3 answers 403 for a missing key
 
 
 def check_relative(rel: str) -> str:
@@ -92,127 +91,80 @@ class FileUpstream:
         return self.root / check_relative(rel)
 
     def get(self, rel: str) -> bytes | None:
-        path = self._path(rel)
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_SMALL + 1)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-        except OSError as exc:
-            raise UpstreamFault(f"{self.url}: cannot read {rel}: {exc.strerror}") from exc
-        if len(data) > MAX_SMALL:
-            raise UpstreamFault(f"{self.url}: {rel} is larger than {MAX_SMALL} bytes")
-        return data
+            return read_bounded(self._path(rel), MAX_SMALL, f"binary cache {self.url}: file")
+        except EnvironmentFault as exc:
+            raise UpstreamFault(exc.diagnostics()) from None
 
     def open(self, rel: str) -> Body | None:
         path = self._path(rel)
         try:
-            f = open(path, "rb")  # noqa: SIM115 - closed by the Body's owner
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            raise UpstreamFault(f"{self.url}: cannot open {rel}: {exc.strerror}") from exc
+            raise UpstreamFault(f"binary cache {self.url}: cannot open {rel}: "
+                                f"{exc.strerror}") from exc
+        f = os.fdopen(fd, "rb")
         try:
-            size: int | None = os.fstat(f.fileno()).st_size
-        except OSError:
-            size = None
-        return _FileBody(f, size)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UpstreamFault(f"binary cache {self.url}: {rel} is not a regular file")
+            os.set_blocking(fd, True)
+        except BaseException:
+            f.close()
+            raise
+        return _FileBody(f, st.st_size)
 
 
-@dataclass
 class _HttpBody:
-    conn: http.client.HTTPConnection
-    resp: http.client.HTTPResponse
-    size: int | None
-    url: str
+    def __init__(self, body: Body, url: str) -> None:
+        self._body = body
+        self.size = body.size
+        self._url = url
 
     def chunks(self) -> Iterator[bytes]:
-        while True:
-            try:
-                block = self.resp.read(CHUNK)
-            except (OSError, http.client.HTTPException) as exc:
-                raise UpstreamFault(f"{self.url}: NAR download broke off: {exc}") from exc
-            if not block:
-                return
-            yield block
+        try:
+            yield from self._body.chunks()
+        except Unreachable as exc:
+            raise UpstreamFault(f"binary cache {exc.diagnostics()}") from exc
 
     def close(self) -> None:
-        self.conn.close()
+        self._body.close()
 
 
 class HttpUpstream:
-    """An HTTP(S) binary cache. Small files reuse one keep-alive connection per thread."""
+    """An HTTP(S) binary cache, through the one HTTP client."""
 
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ConfigError(f"upstream {url!r}: expected http(s)://HOST[:PORT][/PATH]")
-        self.url = url.rstrip("/")
-        self.scheme = parsed.scheme
-        self.host = parsed.hostname
-        self.port = parsed.port
-        self.base = parsed.path.rstrip("/")
-        self.timeout = timeout
-        self._local = threading.local()
-
-    def _connect(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=self.timeout)
-
-    def _request(
-        self, conn: http.client.HTTPConnection, rel: str
-    ) -> http.client.HTTPResponse:
-        target = f"{self.base}/{urllib.parse.quote(check_relative(rel), safe='/:!=+')}"
-        conn.request("GET", target, headers={"User-Agent": "tracehook-gate"})
-        return conn.getresponse()
+        self.client = HttpClient(Endpoint.parse(url, "upstream"), timeout)
+        self.url = self.client.url
 
     def get(self, rel: str) -> bytes | None:
-        for attempt in (0, 1):  # a kept-alive connection the server closed: retry once
-            conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-            fresh = conn is None
-            if conn is None:
-                conn = self._connect()
-                self._local.conn = conn
-            try:
-                resp = self._request(conn, rel)
-                data = resp.read(MAX_SMALL + 1)
-                if resp.will_close or len(data) > MAX_SMALL:
-                    conn.close()
-                    self._local.conn = None
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                self._local.conn = None
-                if attempt == 0 and not fresh and not isinstance(exc, TimeoutError):
-                    continue
-                raise UpstreamFault(f"{self.url} unreachable for {rel}: {exc}") from exc
-            return self._small_result(resp.status, data, rel)
-        raise AssertionError("unreachable")
-
-    def _small_result(self, status: int, data: bytes, rel: str) -> bytes | None:
-        if status in (403, 404, 410):  # S3 answers 403 for a missing key
+        try:
+            resp = self.client.request("GET", self.client.endpoint.target(check_relative(rel)),
+                                       limit=MAX_SMALL)
+        except Unreachable as exc:
+            raise UpstreamFault(f"binary cache {exc.diagnostics()}") from exc
+        kind = status_kind(resp.status, _ABSENT)
+        if kind == "absent":
             return None
-        if status != 200:
-            raise UpstreamFault(f"{self.url}: HTTP {status} for {rel}")
-        if len(data) > MAX_SMALL:
-            raise UpstreamFault(f"{self.url}: {rel} is larger than {MAX_SMALL} bytes")
-        return data
+        if kind != "ok":
+            raise UpstreamFault(f"binary cache {self.url}: HTTP {resp.status} for {rel}")
+        return resp.body
 
     def open(self, rel: str) -> Body | None:
-        conn = self._connect()
         try:
-            resp = self._request(conn, rel)
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise UpstreamFault(f"{self.url} unreachable for {rel}: {exc}") from exc
-        if resp.status in (403, 404, 410):
-            conn.close()
-            return None
-        if resp.status != 200:
-            conn.close()
-            raise UpstreamFault(f"{self.url}: HTTP {resp.status} for {rel}")
-        length = resp.getheader("Content-Length")
-        size = int(length) if length is not None and length.isdigit() else None
-        return _HttpBody(conn, resp, size, self.url)
+            body = self.client.open(self.client.endpoint.target(check_relative(rel)))
+        except Unreachable as exc:
+            raise UpstreamFault(f"binary cache {exc.diagnostics()}") from exc
+        kind = status_kind(body.status, _ABSENT)
+        if kind != "ok":
+            body.close()
+            if kind == "absent":
+                return None
+            raise UpstreamFault(f"binary cache {self.url}: HTTP {body.status} for {rel}")
+        return _HttpBody(body, self.url)
 
 
 def fetch_narinfo(up: Upstream, path: str) -> NarInfo | None:

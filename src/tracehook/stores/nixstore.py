@@ -2,22 +2,24 @@
 
 With ``root`` the store is chroot-style, as Nix's ``--store ROOT``: a path
 ``<store_dir>/<hash>-<name>`` lives at ``ROOT<store_dir>/<hash>-<name>``.
-This is the only core module that does I/O.
+A .drv is read only if it is a regular file of at most :data:`MAX_DRV` bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections import OrderedDict
 
 from tracehook.errors import EnvironmentFault, ParseError
+from tracehook.lru import Lru
 from tracehook.nix.aterm import parse
 from tracehook.nix.derivation import Derivation, decode_drv
 from tracehook.nix.storepath import STORE_DIR, make_text_path, parse_store_path
+from tracehook.stores.files import read_bounded
 
 log = logging.getLogger(__name__)
+
+MAX_DRV = 32 * 1024 * 1024  # a .drv larger than this is refused as unreadable
 
 
 class StoreReader:
@@ -29,16 +31,18 @@ class StoreReader:
         store_dir: str = STORE_DIR,
         verify_paths: bool = True,
         max_cached: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         """``verify_paths``: check that each .drv's contents hash to its own store path.
-        ``max_cached``: keep at most this many parsed derivations, least recently used
-        first out (a long-running gate); None keeps every one (one verification run)."""
+        ``max_cached``/``max_bytes``: keep at most this many parsed derivations, of at
+        most this many .drv bytes in all, least recently used first out (a long-running
+        gate); None keeps every one (one verification run)."""
         self.root = root
         self.store_dir = store_dir
         self.verify_paths = verify_paths
-        self.max_cached = max_cached
-        self._drvs: OrderedDict[str, Derivation] = OrderedDict()
-        self._lock = threading.Lock()
+        self._drvs: Lru[str, tuple[Derivation, int]] | dict[str, tuple[Derivation, int]] = (
+            {} if max_cached is None and max_bytes is None
+            else Lru(max_cached or 1 << 30, max_bytes, size=lambda v: v[1]))
 
     def real_path(self, store_path: str) -> str:
         """Where a store path's file is on this machine (ParseError if not a store path)."""
@@ -54,21 +58,16 @@ class StoreReader:
         EnvironmentFault when it cannot be read; ParseError (naming the file) when it is
         malformed or, with ``verify_paths``, does not hash to its own path.
         """
-        with self._lock:
-            drv = self._drvs.get(drv_path)
-            if drv is not None:
-                if self.max_cached is not None:
-                    self._drvs.move_to_end(drv_path)
-                return drv
+        known = self._drvs.get(drv_path)
+        if known is not None:
+            return known[0]
         _, name = parse_store_path(drv_path, self.store_dir)
         if not name.endswith(".drv"):
             raise ParseError("derivation path", f"{drv_path} is not a .drv", len(drv_path))
         real = self.real_path(drv_path)
-        try:
-            with open(real, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise EnvironmentFault(f"cannot read derivation {drv_path} ({real}): {e}") from e
+        data = read_bounded(real, MAX_DRV, "derivation")
+        if data is None:
+            raise EnvironmentFault(f"cannot read derivation {drv_path} ({real}): no such file")
         drv = parse(decode_drv(data), what=f"derivation {drv_path}")
         if self.verify_paths:
             # The path is the text-file hash of the bytes as stored (what Nix hashed when it
@@ -80,10 +79,10 @@ class StoreReader:
                     f"derivation {drv_path}", f"its contents hash to {computed}, not to its path"
                 )
         log.debug("read derivation %s", drv_path)
-        with self._lock:
-            self._drvs[drv_path] = drv
-            if self.max_cached is not None and len(self._drvs) > self.max_cached:
-                self._drvs.popitem(last=False)
+        if isinstance(self._drvs, Lru):
+            self._drvs.put(drv_path, (drv, len(data)))
+        else:
+            self._drvs[drv_path] = (drv, len(data))
         return drv
 
     def load_closure(self, drv_path: str) -> dict[str, Derivation]:

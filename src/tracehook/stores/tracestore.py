@@ -3,11 +3,15 @@
 Two kinds behind one interface:
 
 - ``file://DIR``: a directory; appends are atomic (write a temp file, rename) and serialised
-  between processes by an exclusive ``flock`` on ``DIR/traces/.lock``.
-- ``http://`` / ``https://``: laut's protocol. GET the file; to append, PUT with
-  ``If-None-Match: *`` when it is absent, else PUT the merged list with ``If-Match: <etag>``;
-  on 409/412 (someone else wrote first) read again and retry. Another signer's entry is
-  never dropped: every write is a merge of what was read.
+  between processes by an exclusive ``flock`` on ``DIR/traces/.lock``. Reads take regular
+  files only, at most :data:`MAX_TRACE_FILE` bytes (:func:`tracehook.stores.files.read_bounded`).
+- ``http://`` / ``https://``: laut's protocol, through the one HTTP client. GET the file; to
+  append, PUT with ``If-None-Match: *`` when it is absent, else PUT the merged list with
+  ``If-Match: <etag>``; on 409/412 (someone else wrote first) read again and retry. Another
+  signer's entry is never dropped: every write is a merge of what was read.
+
+A trace file larger than :data:`MAX_TRACE_FILE` (16 MiB), a body cut short, a store that
+cannot be read: :class:`~tracehook.errors.TraceStoreFault`, never "no trace".
 """
 
 from __future__ import annotations
@@ -16,22 +20,20 @@ import contextlib
 import fcntl
 import os
 import random
-import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from tracehook.errors import ConfigError, EnvironmentFault, ParseError
+from tracehook.errors import ConfigError, EnvironmentFault, ParseError, TraceStoreFault, Unreachable
 from tracehook.nix import nixbase32
+from tracehook.stores.files import atomic_write, read_bounded
+from tracehook.stores.http import DEFAULT_TIMEOUT, Endpoint, HttpClient, status_kind
 from tracehook.trace.jws import merge_signatures, parse_trace_file, render_trace_file
 
 MAX_TRACE_FILE = 16 * 1024 * 1024
-DEFAULT_TIMEOUT = 10.0
 CONFLICT_RETRIES = 50
 TRANSIENT_RETRIES = 3  # dropped connections retried per append
 CONFLICT_BACKOFF_MAX = 0.5  # seconds; jittered, doubling from 5 ms
@@ -41,7 +43,7 @@ class TraceStore(Protocol):
     url: str
 
     def get(self, key: str) -> list[str]:
-        """The signatures stored under ``key`` ([] when none); EnvironmentFault if unreachable."""
+        """The signatures stored under ``key`` ([] when none); TraceStoreFault if unreadable."""
         ...
 
     def append(self, key: str, signatures: Sequence[str]) -> None:
@@ -66,11 +68,11 @@ class FileTraceStore:
     def get(self, key: str) -> list[str]:
         path = self._path(key)
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            data = read_bounded(path, MAX_TRACE_FILE, "trace file")
+        except EnvironmentFault as exc:
+            raise TraceStoreFault(f"trace store {self.url}: {exc.diagnostics()}") from None
+        if data is None:
             return []
-        except OSError as exc:
-            raise EnvironmentFault(f"cannot read {path}: {exc.strerror}") from exc
         return parse_trace_file(data, f"trace file {path}")
 
     @contextlib.contextmanager
@@ -80,7 +82,7 @@ class FileTraceStore:
             traces.mkdir(parents=True, exist_ok=True)
             fd = os.open(traces / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as exc:
-            raise EnvironmentFault(f"cannot write to trace store {self.url}: {exc}") from exc
+            raise TraceStoreFault(f"cannot write to trace store {self.url}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -91,50 +93,35 @@ class FileTraceStore:
         path = self._path(key)
         with self._locked():
             merged = merge_signatures(self.get(key), signatures)
-            atomic_write(path, render_trace_file(merged))
+            try:
+                atomic_write(path, render_trace_file(merged))
+            except OSError as exc:
+                raise TraceStoreFault(f"cannot write to trace store {self.url}: "
+                                      f"{exc.strerror or exc}") from exc
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@dataclass
 class HttpTraceStore:
-    url: str
-    timeout: float = DEFAULT_TIMEOUT
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.client = HttpClient(Endpoint.parse(url, "trace store URL"), timeout)
+        self.url = self.client.url
 
-    def _key_url(self, key: str) -> str:
-        return f"{self.url.rstrip('/')}/traces/{check_key(key)}"
+    def _target(self, key: str) -> str:
+        return self.client.endpoint.target(f"traces/{check_key(key)}")
 
     def _fetch(self, key: str) -> tuple[list[str], str | None, bool]:
         """(signatures, etag, exists)."""
-        req = urllib.request.Request(self._key_url(key), method="GET")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                data = resp.read(MAX_TRACE_FILE + 1)
-                etag = resp.headers.get("ETag")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return [], None, False
-            raise EnvironmentFault(f"trace store {self.url}: HTTP {exc.code} for {key}") from exc
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            raise _unreachable(self.url, exc) from exc
-        if len(data) > MAX_TRACE_FILE:
-            raise EnvironmentFault(f"trace store {self.url}: trace {key} is over 16 MiB")
-        return parse_trace_file(data, f"trace {key} from {self.url}"), etag, True
+            resp = self.client.request("GET", self._target(key), limit=MAX_TRACE_FILE)
+        except Unreachable as exc:
+            raise TraceStoreFault(f"trace store {exc.diagnostics()}",
+                                  ) from exc
+        kind = status_kind(resp.status)
+        if kind == "absent":
+            return [], None, False
+        if kind != "ok":
+            raise TraceStoreFault(f"trace store {self.url}: HTTP {resp.status} for {key}")
+        return (parse_trace_file(resp.body, f"trace {key} from {self.url}"),
+                resp.header("ETag"), True)
 
     def get(self, key: str) -> list[str]:
         return self._fetch(key)[0]
@@ -154,11 +141,14 @@ class HttpTraceStore:
             try:
                 if self._try_append(key, signatures):
                     return
-            except _Dropped as exc:
+            except TraceStoreFault as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, Unreachable) and cause.dropped):
+                    raise
                 transient += 1
                 if transient > TRANSIENT_RETRIES:
-                    raise exc.fault from exc.__cause__
-        raise EnvironmentFault(
+                    raise
+        raise TraceStoreFault(
             f"trace store {self.url}: {CONFLICT_RETRIES} conflicting writes to {key}, giving up"
         )
 
@@ -175,48 +165,27 @@ class HttpTraceStore:
             headers["If-Match"] = etag
         else:
             # Without an ETag the PUT could replace another signer's newer file.
-            raise EnvironmentFault(
+            raise TraceStoreFault(
                 f"trace store {self.url}: GET {key} sent no ETag, so an append cannot "
                 "be made safely (the server must support If-Match)"
             )
-        req = urllib.request.Request(
-            self._key_url(key), data=render_trace_file(merged), method="PUT", headers=headers
-        )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout):
-                return True
-        except urllib.error.HTTPError as exc:
-            if exc.code in (409, 412):
-                return False
-            raise EnvironmentFault(
-                f"trace store {self.url}: PUT {key} answered HTTP {exc.code}"
-            ) from exc
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            raise _unreachable(self.url, exc) from exc
-
-
-class _Dropped(Exception):
-    """A connection dropped mid-request: worth one more try (carries the final error)."""
-
-    def __init__(self, fault: EnvironmentFault) -> None:
-        super().__init__(fault.diagnostics())
-        self.fault = fault
-
-
-def _unreachable(url: str, exc: BaseException) -> Exception:
-    reason = getattr(exc, "reason", exc)
-    fault = EnvironmentFault(f"trace store {url} unreachable: {reason}")
-    if isinstance(reason, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
-        return _Dropped(fault)  # http.client.RemoteDisconnected is a ConnectionResetError
-    return fault
+            resp = self.client.request("PUT", self._target(key), headers=headers,
+                                       body=render_trace_file(merged))
+        except Unreachable as exc:
+            raise TraceStoreFault(f"trace store {exc.diagnostics()}") from exc
+        kind = status_kind(resp.status)
+        if kind == "ok":
+            return True
+        if kind == "conflict":
+            return False
+        raise TraceStoreFault(f"trace store {self.url}: PUT {key} answered HTTP {resp.status}")
 
 
 def open_store(url: str, timeout: float = DEFAULT_TIMEOUT) -> TraceStore:
     """A trace store from its URL: ``file:///dir``, a plain directory path, or http(s)."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme in ("http", "https"):
-        if not parsed.netloc:
-            raise ConfigError(f"trace store URL {url!r} has no host")
         return HttpTraceStore(url, timeout)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):

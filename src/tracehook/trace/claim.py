@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tracehook.errors import ParseError
@@ -47,8 +47,14 @@ class TraceKey:
 
 @dataclass(frozen=True)
 class OutputClaim:
+    """What a claim says of one output. Two claims name the same value when path and NAR
+    hash agree; ``references`` (the tracehook references extension, docs/FORMAT.md) is
+    what the signer attests the output refers to, sorted full store paths, or None when
+    the claim does not say (laut's own traces)."""
+
     path: str
     nar_hash: bytes  # sha256 digest of the output's NAR
+    references: tuple[str, ...] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -110,15 +116,16 @@ def make_payload(
     else:
         debug["pins"] = {p: format_nar_hash(h) for p, h in key.pins}
         inputs = {"rdrv_ia": key.key, "format": IA_FORMAT, "debug": debug}
-    out = {
-        name: {
+    out: dict[str, dict[str, Any]] = {}
+    for name, claim in sorted(outputs.items()):
+        out[name] = {
             "hashAlgo": "sha256",
             "method": "nar",
             "path": claim.path,
             "hash": format_nar_hash(claim.nar_hash),
         }
-        for name, claim in sorted(outputs.items())
-    }
+        if claim.references is not None:
+            out[name]["references"] = sorted(claim.references)
     return {
         "in": inputs,
         "out": {"nix": out},
@@ -159,7 +166,16 @@ def _output_claim(name: str, raw: Any, what: str, store_dir: str) -> OutputClaim
     # builderA (Nix): hashAlgo "sha256" + method "nar"; builderB (Lix): hashAlgo "r:sha256"
     if algo not in (None, "sha256", "r:sha256") or method not in (None, "nar"):
         raise ParseError(what, f"out.nix.{name}: unsupported hashAlgo {algo!r}/{method!r}")
-    return OutputClaim(path, parse_nar_hash(digest, f"{what} out.nix.{name}.hash"))
+    refs = entry.get("references")
+    references: tuple[str, ...] | None = None
+    if refs is not None:
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise ParseError(what, f"out.nix.{name}.references must be a list of store paths")
+        for ref in refs:
+            parse_store_path(ref, store_dir)
+        references = tuple(sorted(set(refs)))
+    return OutputClaim(path, parse_nar_hash(digest, f"{what} out.nix.{name}.hash"),
+                       references)
 
 
 def parse_claim(token: jws.Jws, what: str = "trace", store_dir: str = STORE_DIR) -> Claim:

@@ -1,4 +1,7 @@
-"""Ed25519 keys and signatures: the one module that calls the crypto library.
+"""Ed25519 keys and signatures: the one module that calls PyNaCl.
+
+(Hardware evidence needs X.509, ECDSA P-384 and RSA-PSS: :mod:`tracehook.trace.pki` is the
+one module that calls ``cryptography`` for those, and imports it lazily.)
 
 The library is libsodium, through PyNaCl: the implementation Nix itself verifies narinfo
 and realisation signatures with (so we accept exactly what Nix accepts), about twice as

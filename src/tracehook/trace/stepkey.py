@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from tracehook.errors import TracehookError
+from tracehook.errors import MissingPin
 from tracehook.nix.derivation import Derivation, encode_drv
 from tracehook.nix.resolve import resolve, resolved_aterm
 from tracehook.nix.storepath import STORE_DIR, derivation_path, make_text_path
@@ -24,13 +24,6 @@ class InputOutput:
     path: str
     content_addressed: bool  # its producer is fixed-output or floating-CA
     nar_hash: bytes | None = None  # required when not content_addressed
-
-
-class MissingPin(TracehookError):
-    def __init__(self, drv_path: str, output: str, path: str) -> None:
-        super().__init__(
-            f"input {drv_path}^{output} ({path}) is input-addressed and has no NAR hash to pin"
-        )
 
 
 def producer_is_content_addressed(drv: Derivation) -> bool:

@@ -28,11 +28,11 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
 from typing import Any
 
-from tracehook.errors import EnvironmentFault, ParseError
+from tracehook.errors import EnvironmentFault, ParseError, Rejected
 from tracehook.stores.tracestore import TraceStore
-from tracehook.trace.claim import Claim, KeyKind, OutputClaim, TraceKey
+from tracehook.trace.claim import KeyKind, TraceKey
 from tracehook.verify.policy import Policy
-from tracehook.verify.trusted import Accepted, Checked, KeyRing, Rejected
+from tracehook.verify.trusted import Checked, KeyRing, Plain, readmit, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,7 @@ def fetch_and_check(
         except ParseError as exc:
             bad_files.append(Rejected("malformed", None, f"{store.url} serves a malformed "
                                       f"trace file for {key.key}: {exc.diagnostics()}"))
-    result = ring.check(tokens, key)
-    return Checked(result.accepted, result.rejected + tuple(bad_files), result.seen), faults
+    return ring.check(tokens, key).with_rejected(bad_files), faults
 
 
 def fetch_here(store: TraceStore, key: str) -> Future[list[str]]:
@@ -77,10 +76,9 @@ def fetch_here(store: TraceStore, key: str) -> Future[list[str]]:
 
 # --------------------------------------------------------------------- worker processes
 
-# What a worker sends back for one key: the accepted claims as plain values, the
-# rejections (rare, small), how many signatures it saw, and the store faults.
-_Plain = tuple[str, KeyKind, str, str, str, tuple[tuple[str, str, bytes], ...]]
-Packed = tuple[tuple[_Plain, ...], tuple[Rejected, ...], int, tuple[StoreFault, ...]]
+# What a worker sends back for one key: the Checked result as plain values
+# (trusted.to_plain) and the store faults.
+Packed = tuple[Plain, tuple[StoreFault, ...]]
 
 _worker: tuple[KeyRing, list[TraceStore]] | None = None
 KeyTuple = tuple[KeyKind, str, str, tuple[tuple[str, bytes], ...]]  # a TraceKey's fields
@@ -99,12 +97,7 @@ def _check_batch(keys: Sequence[TraceKey]) -> list[Packed]:
     for key in keys:
         checked, faults = fetch_and_check(ring, key, [(s, fetch_here(s, key.key))
                                                       for s in stores])
-        plain = tuple(
-            (a.signer, a.claim.kind, a.claim.key, a.claim.kid, a.claim.compact,
-             tuple((n, o.path, o.nar_hash) for n, o in a.claim.outputs.items()))
-            for a in checked.accepted
-        )
-        out.append((plain, checked.rejected, checked.seen, tuple(faults)))
+        out.append((to_plain(checked), tuple(faults)))
     return out
 
 
@@ -125,14 +118,10 @@ def _serve(conn: Connection, policy: Policy, now: dt.datetime,
         conn.send_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def unpack(packed: Packed) -> tuple[Checked, tuple[StoreFault, ...]]:
-    plain, rejected, seen, faults = packed
-    accepted = tuple(
-        Accepted(signer, Claim(kind, key, {n: OutputClaim(p, h) for n, p, h in outs}, kid,
-                               compact))
-        for signer, kind, key, kid, compact, outs in plain
-    )
-    return Checked(accepted, rejected, seen), faults
+def unpack(packed: Packed, key: TraceKey, ring: KeyRing) -> tuple[Checked, tuple[StoreFault, ...]]:
+    """A worker's answer for ``key``, back through :func:`tracehook.verify.trusted.readmit`."""
+    plain, faults = packed
+    return readmit(plain, key, ring), faults
 
 
 class WorkerLost(BrokenExecutor):

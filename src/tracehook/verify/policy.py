@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tracehook.errors import ConfigError, ParseError, TracehookError
+from tracehook.errors import ConfigError, ParseError
 from tracehook.trace import crypto
 
 if sys.version_info >= (3, 11):
@@ -43,7 +42,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 KeyStatus = Literal["trusted", "expired", "revoked"]
-_TOP_LEVEL = {"traces", "keys", "trust"}
+_TOP_LEVEL = {"traces", "keys", "trust", "weak-fixed-output-hashes"}
+_WEAK = "weak-fixed-output-hashes"
 _KEY_FIELDS = {"key", "not-after", "revoked"}
 
 
@@ -139,23 +139,11 @@ class TrustResult:
         return f"needs {self.requirement}: {verdict}; signed by {signed}; missing {missing}"
 
 
-class TrustNotMet(TracehookError):
-    """The signers of a step do not satisfy the trust model."""
-
-
 def evaluate(model: TrustModel, signers: frozenset[str]) -> TrustResult:
     keys = model_keys(model)
     return TrustResult(
         satisfied(model, signers), model.describe(), signers & keys, keys - signers
     )
-
-
-def verify_trust(model: TrustModel, signers: frozenset[str]) -> TrustResult:
-    """The raising wrapper: the result if the model is satisfied, else TrustNotMet."""
-    result = evaluate(model, signers)
-    if not result:
-        raise TrustNotMet(result.explain())
-    return result
 
 
 @dataclass(frozen=True)
@@ -165,6 +153,7 @@ class Policy:
     keys: tuple[PolicyKey, ...]
     require: TrustModel  # the trace requirement; NO_TRACES when only caches are trusted
     narinfo_keys: tuple[PolicyKey, ...] = ()  # alternatives: a cache signature by any one
+    weak_fixed_output_hashes: bool = False  # md5/sha1-pinned fixed outputs as anchors
 
     def key(self, name: str) -> PolicyKey:
         for k in self.keys:
@@ -212,8 +201,13 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     unknown = sorted(set(doc) - _TOP_LEVEL)
     if unknown:
         raise ConfigError(
-            f"{source}: unknown top-level entry {unknown[0]!r}; allowed: traces, [keys], [trust]"
+            f"{source}: unknown top-level entry {unknown[0]!r}; allowed: traces, "
+            f"{_WEAK}, [keys], [trust]"
         )
+    weak = doc.get(_WEAK, "refuse")
+    if weak not in ("allow", "refuse"):
+        raise ConfigError(f"{source}: {_WEAK} must be \"allow\" or \"refuse\" (default), "
+                          f"not {weak!r}")
     traces = _traces(doc.get("traces", []), source)
     trust = doc.get("trust")
     if not isinstance(trust, dict) or "require" not in trust:
@@ -228,7 +222,8 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     of = tuple(_model(raw, names, source, where) for where, raw in trace_items)
     require = NO_TRACES if not of else of[0] if len(of) == 1 else Threshold(1, of)
     _check_no_double_count(require, source)
-    return Policy(source, traces, keys, require, _narinfo_keys(cache_items, source))
+    return Policy(source, traces, keys, require, _narinfo_keys(cache_items, source),
+                  weak == "allow")
 
 
 _NARINFO = "narinfo-key"
@@ -418,6 +413,3 @@ def _check_no_double_count(model: TrustModel, source: str) -> None:
             )
         seen |= model_keys(child)
 
-
-def keys_by_kid(policy: Policy) -> Mapping[str, PolicyKey]:
-    return {k.kid: k for k in policy.keys}

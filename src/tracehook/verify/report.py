@@ -11,14 +11,17 @@ the number of build steps below them that were covered without traces
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracehook.errors import Failure, GraphError, Rejected
+from tracehook.nix.derivation import Derivation
 from tracehook.nix.nar import format_nar_hash
-from tracehook.verify.cachesigs import CacheOutput
+from tracehook.nix.storepath import basename
+from tracehook.verify.cachekeys import CacheOutput
 from tracehook.verify.policy import Policy
-from tracehook.verify.trusted import Candidate, Failure, Rejected, chosen_value
+from tracehook.verify.trusted import Candidate, chosen_value
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,38 @@ class TargetReport:
             "covered_without_traces": self.covered,
             "trust_summary": self.trust_summary,
         }
+
+
+Outcome = str  # fixed-output, verified (by traces), cache-signed, covered, refused, ...
+
+
+def step_outcome(
+    found: Sequence[tuple[frozenset[str], Sequence[Candidate]]],
+    explain: Callable[[frozenset[str]], Failure],
+) -> tuple[Outcome, tuple[str, ...], Failure | None]:
+    """A recorded step's outcome from the values found for each set of outputs its
+    consumers reference: "refused" (with the first failure) if one set has none, else
+    "cache-signed" if a value rests on a cache signature, else "verified"; and the trace
+    signers of the values found."""
+    signers: set[str] = set()
+    failure: Failure | None = None
+    cached = False
+    for want, values in found:
+        if values:
+            for v in values:
+                cached |= v.basis == "cache"
+                signers |= v.signers if v.basis == "traces" else set()
+        elif failure is None:
+            failure = explain(want)
+    outcome = "refused" if failure else "cache-signed" if cached else "verified"
+    return outcome, tuple(sorted(signers)), failure
+
+
+def graph_step(error: GraphError, drv: Derivation | None) -> StepReport:
+    """The report row of a step the walk could not place in the graph."""
+    return StepReport(error.drv_path, drv.name if drv else basename(error.drv_path),
+                      "unknown" if drv is None else drv.kind, (), (), "refused", "graph",
+                      error.diagnostics(), (), 0)
 
 
 def build_target_report(

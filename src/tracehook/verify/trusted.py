@@ -1,5 +1,11 @@
 """The verifier's core: verified state only, no I/O (python-tuf's trusted set, for traces).
 
+This module is the one place that mints trust: an :class:`Accepted` claim (and a
+:class:`Checked` result holding some) can only be made here, by :meth:`KeyRing.check`, which
+verifies the signature itself, or by :func:`readmit`, the one way back in for results that a
+checker process computed with the same :class:`KeyRing` code (plain values across a pipe).
+Any other attempt raises TypeError.
+
 :class:`KeyRing` turns the raw JWS strings fetched for one resolved step into claims that
 verify under a trusted, unexpired, unrevoked policy key, and says why each other one does
 not count. :class:`TrustedSet` records, per build step (unresolved derivation), the claims
@@ -25,33 +31,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tracehook.errors import BadSignature, ParseError
+from tracehook.errors import BadSignature, Failure, ParseError, Rejected
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.storepath import output_path_name, path_name
 from tracehook.trace import crypto, jws
-from tracehook.trace.claim import Claim, OutputClaim, TraceKey, parse_claim
+from tracehook.trace.claim import Claim, KeyKind, OutputClaim, TraceKey, parse_claim
 from tracehook.trace.stepkey import Resolution
-from tracehook.verify.cachesigs import CacheOutput, Refused
+from tracehook.verify.cachekeys import CacheOutput, Refused
 from tracehook.verify.policy import Policy, PolicyKey, TrustModel, TrustResult, evaluate
 
-RejectKind = Literal[
-    "malformed", "bad-signature", "unknown-key", "expired-key", "revoked-key",
-    "other-step", "wrong-output",
-]
 Basis = Literal["fixed", "traces", "cache"]
-FailureKind = Literal[
-    "no-trace", "no-trusted-claim", "threshold", "disagree", "missing-output", "input",
-    "impure", "too-many-resolutions", "graph", "resolution",
-]
 
 
-@dataclass(frozen=True)
-class Rejected:
-    """A signature that does not count, and why."""
+_MINT = object()  # held by this module only: what makes an Accepted or a Checked
 
-    kind: RejectKind
-    kid: str | None
-    detail: str
+
+def _minted(token: object, what: str) -> None:
+    if token is not _MINT:
+        raise TypeError(f"{what} is minted only by tracehook.verify.trusted (KeyRing.check, "
+                        "readmit)")
 
 
 @dataclass(frozen=True)
@@ -60,13 +58,66 @@ class Accepted:
 
     signer: str
     claim: Claim
+    mint: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _minted(self.mint, "an Accepted claim")
 
 
 @dataclass(frozen=True)
 class Checked:
+    """What the trace of one resolved step holds: the claims accepted, the signatures
+    rejected (and why), and how many distinct signatures were looked at."""
+
     accepted: tuple[Accepted, ...]
     rejected: tuple[Rejected, ...]
     seen: int  # distinct signatures looked at
+    mint: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _minted(self.mint, "a Checked result")
+
+    def with_rejected(self, extra: Sequence[Rejected]) -> Checked:
+        """The same result with more rejections (e.g. a trace file that did not parse)."""
+        if not extra:
+            return self
+        return Checked(self.accepted, self.rejected + tuple(extra), self.seen, _MINT)
+
+
+#: A Checked result as plain values, for a pipe: the accepted claims' fields, the
+#: rejections, the number of signatures seen.
+PlainOutput = tuple[str, str, bytes, tuple[str, ...] | None]
+PlainClaim = tuple[str, KeyKind, str, str, str, tuple[PlainOutput, ...]]
+Plain = tuple[tuple[PlainClaim, ...], tuple[Rejected, ...], int]
+
+
+def to_plain(checked: Checked) -> Plain:
+    claims = tuple(
+        (a.signer, a.claim.kind, a.claim.key, a.claim.kid, a.claim.compact,
+         tuple((n, o.path, o.nar_hash, o.references) for n, o in a.claim.outputs.items()))
+        for a in checked.accepted
+    )
+    return claims, checked.rejected, checked.seen
+
+
+def readmit(plain: Plain, key: TraceKey, ring: KeyRing) -> Checked:
+    """A result a checker process computed with :meth:`KeyRing.check` for ``key``, back as
+    a Checked. The signatures were verified there; what can be checked cheaply is checked
+    again here: the signer is a current key of this policy and the claim is for ``key``."""
+    claims, rejected, seen = plain
+    accepted = []
+    for signer, kind, step_key, kid, compact, outputs in claims:
+        entry = ring.by_kid.get(kid)
+        if entry is None or entry.name != signer or entry.status(ring.now) != "trusted":
+            raise ValueError(f"checker answered a claim by {signer!r} ({kid}), which is not a "
+                             "current key of the policy")
+        if (kind, step_key) != (key.kind, key.key):
+            raise ValueError(f"checker answered a claim for {kind}:{step_key} under "
+                             f"{key.kind}:{key.key}")
+        claim = Claim(kind, step_key, {n: OutputClaim(p, h, r) for n, p, h, r in outputs},
+                      kid, compact)
+        accepted.append(Accepted(signer, claim, _MINT))
+    return Checked(tuple(accepted), tuple(rejected), seen, _MINT)
 
 
 class KeyRing:
@@ -94,7 +145,7 @@ class KeyRing:
                 if self.memo:
                     self._memo[memo_key] = result
             (accepted if isinstance(result, Accepted) else rejected).append(result)  # type: ignore[arg-type]
-        return Checked(tuple(accepted), tuple(rejected), len(unique))
+        return Checked(tuple(accepted), tuple(rejected), len(unique), _MINT)
 
     def _lookup(self, kid: str) -> PolicyKey | Rejected:
         entry = self.by_kid.get(kid)
@@ -138,7 +189,7 @@ class KeyRing:
         if (claim.kind, claim.key) != (key.kind, key.key):
             return Rejected("other-step", kid, f"'{entry.name}' signed a claim for step "
                             f"{claim.kind}:{claim.key}, filed under {key.kind}:{key.key}")
-        return Accepted(entry.name, claim)
+        return Accepted(entry.name, claim, _MINT)
 
     def _unparseable(self, token: str, exc: ParseError) -> Rejected:
         """A JWS we cannot parse: if a trusted key's signature over it fails, that is what
@@ -182,13 +233,6 @@ class Candidate:
 
     def paths(self) -> dict[str, str]:
         return {name: oc.path for name, oc in self.value}
-
-
-@dataclass(frozen=True)
-class Failure:
-    kind: FailureKind
-    message: str
-    cause: str | None = None  # the input derivation that failed, for kind "input"
 
 
 @dataclass
@@ -262,8 +306,10 @@ class TrustedSet:
     def rejected(self, drv_path: str) -> list[Rejected]:
         return list(self._steps[drv_path].rejected)
 
-    def failure(self, drv_path: str) -> Failure | None:
-        return self._steps[drv_path].failure
+    def failure_of(self, drv_path: str) -> Failure | None:
+        """The step's own planning failure (it was refused before any evidence), if any."""
+        step = self._steps.get(drv_path)
+        return None if step is None else step.failure
 
     def values(self, drv_path: str, outputs: frozenset[str]) -> list[Candidate]:
         """The values of ``outputs`` that satisfy the trust model, most signers first; when
@@ -284,6 +330,47 @@ class TrustedSet:
                       for name, g in zip(sorted(outputs), accepted, strict=True))
         keys = frozenset().union(*(g.keys for g in accepted))
         return [Candidate(value, keys, None, "cache")]
+
+    def values_for_resolution(self, drv_path: str, outputs: frozenset[str],
+                              rdrv_path: str) -> list[Candidate]:
+        """The verified values of ``outputs`` that some accepted claim attests for the
+        resolved derivation ``rdrv_path`` (a realisation asked for by resolved id is
+        answered only with a value attested for that resolution)."""
+        step = self._steps.get(drv_path)
+        if step is None:
+            return []
+        keys = {k.key for k in step.keys if k.rdrv_path == rdrv_path}
+        attested = {tuple(sorted((n, acc.claim.outputs[n]) for n in outputs))
+                    for acc in step.accepted
+                    if acc.claim.key in keys and outputs <= acc.claim.outputs.keys()}
+        return [c for c in self.values(drv_path, outputs) if c.value in attested]
+
+    def attested_references(self, drv_path: str, output: str, value: OutputClaim
+                            ) -> tuple[tuple[str, ...] | None, bool]:
+        """The references the accepted claims of this value of ``output`` attest, and
+        whether two of them disagree: (None, False) when none attests any."""
+        found: set[tuple[str, ...]] = set()
+        for acc in self._steps[drv_path].accepted:
+            oc = acc.claim.outputs.get(output)
+            if oc is not None and oc == value and oc.references is not None:
+                found.add(oc.references)
+        if not found:
+            return None, False
+        return sorted(found)[0], len(found) > 1
+
+    def claimed_outputs(self, drv_path: str) -> set[tuple[str, str]]:
+        """(output name, path) of every output an accepted claim of the step names."""
+        step = self._steps.get(drv_path)
+        if step is None:
+            return set()
+        return {(n, oc.path) for acc in step.accepted for n, oc in acc.claim.outputs.items()}
+
+    def claimed_paths(self, drv_path: str) -> set[str]:
+        """Every output path an accepted claim of the step names (verified or not)."""
+        step = self._steps.get(drv_path)
+        if step is None:
+            return set()
+        return {oc.path for acc in step.accepted for oc in acc.claim.outputs.values()}
 
     def cache_results(self, drv_path: str) -> Mapping[str, CacheOutput | Refused]:
         return dict(self._steps[drv_path].cache)
