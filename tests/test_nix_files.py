@@ -160,6 +160,7 @@ let
     callPackage = _f: _args: drv "tracehook";
     runCommand = name: _env: _script: drv name;
     writeScriptBin = name: text: drv name // { inherit text; };
+    writeShellScript = name: text: drv name // { inherit text; };
     python3.interpreter = "@STORE@-python3/bin/python3";
     busybox-sandbox-shell = drv "busybox";
     nixfmt-rfc-style = drv "nixfmt";
@@ -356,6 +357,8 @@ def test_vm_test_structure(vm_test: dict[str, Any]) -> None:
     sign = vm_test["builder"]["sign"]
     assert sign["enable"] is True
     assert sign["publishTo"] == gate["policy"]["traces"]
+    assert [str(h) for h in sign["chainHooks"]] == [f"{STUB_STORE}-record-build"]
+    assert "/var/log/chained-hook.log" in vm_test["testScript"]
 
 
 @pytest.mark.nix

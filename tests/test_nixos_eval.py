@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -357,7 +358,9 @@ def test_readme_sign_toml_loads(evaluated: dict[str, Any], tmp_path: Path) -> No
     assert cfg.secret_key_file == Path("/etc/nix/builder.sec")
     assert cfg.publish_to == ("file:///var/lib/tracehook/traces", "https://traces.example.org")
     assert cfg.spool_dir == Path("/var/lib/tracehook/spool")
-    assert cfg.nix_flavor == "nix"
+    assert cfg.chain_hooks == ("/etc/nix/upload-to-cache.sh",)
+    assert cfg.agent_socket == Path("/run/tracehook/agent.sock")
+    assert cfg.nix_flavor is None and cfg.nix_version is None, "the signer detects them"
     text = evaluated["readme"]["signToml"]
     assert 'chain-hooks = ["/etc/nix/upload-to-cache.sh"]' in text
     assert 'agent-user = "tracehook"' in text
@@ -412,7 +415,8 @@ def test_publisher_unit_is_unprivileged(evaluated: dict[str, Any]) -> None:
     argv = start.split("exec ", 1)[1].replace("\\\n", " ").split()
     args = cli.build_parser().parse_args(argv[1:])
     assert args.daemon and str(args.config) == "/etc/tracehook/sign.toml"
-    assert str(args.agent_socket) == "/run/tracehook/agent.sock"
+    assert service["RuntimeDirectory"] == ["tracehook"]
+    assert service["RuntimeDirectoryMode"] == ["0750"], "the hook refuses a writable directory"
 
 
 def test_state_directories(evaluated: dict[str, Any], tmp_path: Path) -> None:
@@ -457,8 +461,6 @@ def test_hook_runs_the_daemons_nix(evaluated: dict[str, Any]) -> None:
         path = next(e for e in env if e.startswith('"PATH='))
         assert path.startswith(f'"PATH={facts["nixPackage"]}/bin:'), path
     assert "-lix-" in evaluated["lix"]["nixPackage"]
-    assert evaluated["lix"]["settings"]["sign"]["nix-flavor"] == "lix"
-    assert 'nix-flavor = "lix"' in evaluated["lix"]["signToml"]
 
 
 def test_option_docs_render(evaluated: dict[str, Any]) -> None:
@@ -690,3 +692,60 @@ def test_flake_checks_instantiate(tree: Path, nixos_env: NixEnv) -> None:
         "nix.conf", "policy.toml", "sign.toml", "tracehook-gate.service",
         "tracehook-publish.service"]
     assert out["example-files"]["policy.toml"].endswith("-tracehook-policy.toml")
+
+
+def test_rendered_hook_signs_then_runs_the_chained_hook(evaluated: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    """The README system's hook wrapper and sign.toml, with only their site paths moved
+    under a temp dir, as real Nix 2.26's post-build-hook: every step is signed, and the
+    chained hook (``/etc/nix/upload-to-cache.sh`` in the README) runs after the signing,
+    with the environment Nix gave the hook."""
+    from tracehook.trace import crypto
+
+    readme = evaluated["readme"]
+    env = NixEnv(get_tier("2.26"), tmp_path / "nix")
+    site = tmp_path / "site"
+    site.mkdir()
+    sk = crypto.generate_secret_key("builder.example.org-1")
+    crypto.write_key_files(sk, site / "builder.sec", site / "builder.pub")
+    spool = site / "spool"
+    chained = site / "upload-to-cache.sh"
+    record = site / "chained.log"
+    # The chained hook sees the step already signed: its trace is in the spool.
+    chained.write_text("#!/bin/sh\n"
+                       f'n=$(grep -l "$DRV_PATH" {spool}/pending/*.json 2>/dev/null | wc -l)\n'
+                       f'echo "$DRV_PATH $n ${{OUT_PATHS:+outs}}" >> {record}\n')
+    chained.chmod(0o755)
+    moves = {
+        "/etc/nix/builder.sec": str(site / "builder.sec"),
+        "/var/lib/tracehook/spool": str(spool),
+        "/var/log/tracehook/sign.log": str(site / "sign.log"),
+        "/var/lib/tracehook/traces": str(site / "traces"),
+        "/etc/nix/upload-to-cache.sh": str(chained),
+        "/run/tracehook/agent.sock": str(site / "run" / "agent.sock"),  # no agent: in process
+        'agent-user = "tracehook"': 'agent-user = "root"',
+    }
+    sign_toml = readme["signToml"]
+    for old, new in moves.items():
+        assert old in sign_toml, old
+        sign_toml = sign_toml.replace(old, new)
+    (site / "sign.toml").write_text(sign_toml)
+    hook = readme["hook"]
+    first, _, body = hook.partition("\n")
+    assert first.startswith("#!/nix/store/") and first.endswith("/bin/bash")
+    venv_bin = Path(sys.executable).parent
+    body = (body.replace("/etc/tracehook/sign.toml", str(site / "sign.toml"))
+            .replace(f"{readme['package']}/bin/", f"{venv_bin}/"))
+    wrapper = site / "post-build-hook"
+    wrapper.write_text("#!/bin/bash\n" + body)
+    wrapper.chmod(0o755)
+    env.configure(post_build_hook=str(wrapper))
+    built = env.build("iaB", salt="nixos-chain")
+    assert built.out_paths
+    lines = record.read_text().splitlines()
+    assert len(lines) == 2, lines  # ia-a and ia-b, each once
+    for line in lines:
+        drv, count, outs = line.split()
+        assert drv.endswith(".drv") and int(count) >= 1 and outs == "outs", line
+    events = [json.loads(x) for x in (site / "sign.log").read_text().splitlines()]
+    assert sum(1 for e in events if e.get("event") == "sign" and e.get("outcome") == "ok") == 2

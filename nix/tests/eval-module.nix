@@ -257,8 +257,8 @@ let
           "post-build-hook is a store path"
         ]
         [
-          (sc.User == "tracehook" && sc.Group == "tracehook" && c.users.users ? tracehook)
-          "publisher runs as its own user"
+          (sc.User == "tracehook" && sc.Group == "tracehook" && c.users.users ? tracehook && sc.RuntimeDirectory == "tracehook")
+          "publisher runs as its own user, the agent's socket in its RuntimeDirectory"
         ]
         [
           (sc.LoadCredential == [ "secret-key:/etc/nix/builder.sec" ])
@@ -297,8 +297,7 @@ let
               strict = false;
               chain-hooks = [ "/etc/nix/upload-to-cache.sh" ];
               agent-user = "tracehook";
-              nix-flavor = "nix";
-              nix-version = c.nix.package.version;
+              agent-socket = "/run/tracehook/agent.sock";
             }
           )
           "sign.toml holds the options under the signer's key names"
@@ -612,6 +611,18 @@ let
       [
         (fails (evalWith (gate { listen = "127.0.0.1:99999"; })).services.tracehook.gate.listen)
         "port 99999 is a type error"
+      ]
+      [
+        (fails (evalWith (gate { listen = "127.999.0.1:80"; })).services.tracehook.gate.listen)
+        "127.999.0.1 is a type error"
+      ]
+      [
+        (!fails (evalWith (gate { listen = "[::1]:1"; })).services.tracehook.gate.listen)
+        "[::1]:1 is a loopback address"
+      ]
+      [
+        (fails (evalWith (gate { signingPublicKey = ":mI8foXpQ/M0gMJvJHNr2XZPOyrR1QSZfMyGSiOfPbo8="; })).services.tracehook.gate.signingPublicKey)
+        "a nameless gate public key is a type error"
       ]
       [
         (fails (evalWith (gate { policy = policy // { kyes = { }; }; })).services.tracehook.gate.policy)
