@@ -115,6 +115,7 @@ def nixpkgs_lib(env: NixEnv) -> str | None:
 EVAL_SCENARIOS = {
     "nothing-enabled", "sign", "sign-key-from-nix-settings", "sign-strict-and-settings",
     "gate-exclusive", "gate-shared", "exclusive-drops-extra-substituters",
+    "exclusive-gate-trusting-no-key",
     "example-configuration", "gate-without-policy", "sign-without-key",
     "exclusive-gate-without-upstreams", "signing-key-without-public-key",
     "public-key-without-signing-key", "secret-in-store", "policy-mistakes", "type-errors",

@@ -183,6 +183,12 @@ in
         `${l}`: make sure that file sets no substituters or trusted keys, or paths reach the
         store around the gate.
       '') includes
+      ++ optional (forced.trusted-public-keys == [ ]) ''
+        services.tracehook.gate.exclusive: Nix trusts no key (neither
+        services.tracehook.gate.signingPublicKey nor upstreamPublicKeys is set), so it takes
+        only content-addressed paths from the gate and rejects every input-addressed one.
+        Set services.tracehook.gate.secretKeyFile and signingPublicKey.
+      ''
       ++ optional (trustedUsers != [ ]) ''
         services.tracehook.gate.exclusive: nix.settings.trusted-users lets ${concatStringsSep ", " trustedUsers}
         pass their own substituters and keys to the daemon (`--option substituters ...`), around

@@ -490,6 +490,24 @@ let
         ]
       ];
 
+    exclusive-gate-trusting-no-key =
+      let
+        c = evalWith (gate {
+          secretKeyFile = null;
+          signingPublicKey = null;
+        });
+      in
+      checkAll "exclusive-gate-trusting-no-key" [
+        [
+          (failing c == [ ] && c.nix.settings.trusted-public-keys == [ ])
+          "a gate without a key is allowed, and Nix trusts no key"
+        ]
+        [
+          (mentions "Nix trusts no key" c.warnings)
+          "warning: nothing input-addressed can come through"
+        ]
+      ];
+
     example-configuration =
       let
         c = evalWith ../../examples/nixos/configuration.nix;
