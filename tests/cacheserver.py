@@ -99,7 +99,7 @@ class CacheServer(ThreadingHTTPServer):
 @contextlib.contextmanager
 def serve_cache(root: Path, state: CacheState | None = None) -> Iterator[CacheServer]:
     server = CacheServer(root, state or CacheState())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield server

@@ -192,6 +192,7 @@ def running_gate(
     finally:
         server.shutdown()
         server.server_close()
+        server.service.verifier.close()
 
 
 def write_gate_key(dir: Path, name: str = "gate-1") -> tuple[Path, str]:

@@ -125,7 +125,7 @@ class TraceServer:
 def serve_traces() -> Iterator[TraceServer]:
     state = TraceServerState()
     server = _Server(state)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield TraceServer(f"http://127.0.0.1:{server.server_address[1]}", state)

@@ -23,7 +23,6 @@ answered wrongly; a wrong answer is a refusal naming it.
 from __future__ import annotations
 
 import re
-import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -35,6 +34,7 @@ from tracehook.nix.nar import format_nar_hash, parse_nar_hash
 from tracehook.nix.narinfo import NarInfo
 from tracehook.nix.storepath import STORE_DIR
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 NAR_URL = re.compile(r"nar/[0-9a-z]{1,128}\.nar(\.(xz|bz2|zst|zstd|lz4|lzip|br|gz))?")
 
 
@@ -163,7 +163,7 @@ def relative_nar_url(url: str | None, upstream_url: str) -> str | tuple[str]:
     if url is None:
         return ("its narinfo names no URL",)
     rel = url
-    if urllib.parse.urlsplit(url).scheme:
+    if _SCHEME.match(url):
         base = upstream_url.rstrip("/") + "/"
         if not url.startswith(base):
             return (f"its narinfo's URL {url!r} points away from the gate; only relative "

@@ -229,7 +229,7 @@ class GateVerifier:
 
 def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
              gen: tuple[str, int]) -> Verdict:
-    drv = engine.derivation(step)
+    drv = engine.graph.drvs[step]
     if engine.is_tainted(step):
         faults = "; ".join(dict.fromkeys(f"{f.url}: {f.message}" for f in engine.faults))
         return Verdict(step, drv.name, drv.kind, generation=gen,
@@ -284,7 +284,7 @@ def _wanted(engine: Engine, step: str) -> frozenset[str]:
     requests = engine.graph.requests.get(step)
     if requests:
         return frozenset().union(*requests)
-    return frozenset(engine.derivation(step).outputs)
+    return frozenset(engine.graph.drvs[step].outputs)
 
 
 def _name(drv_path: str) -> str:

@@ -21,27 +21,23 @@ Two ways to run it:
   a whole closure one request at a time costs each step once, and a slow trace store only
   delays the steps that wait for it.
 
-A step whose evidence is incomplete because a trace store or a cache could not be read is
-*tainted*, and so is every step above it: a decision about a tainted step is a fault, not a
-refusal.
+A step decided on incomplete evidence (a trace store or cache could not be read) is
+*tainted*, and so is every step above it: deciding on it is a fault, not a refusal.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime as dt
-import gc
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from tracehook.errors import EnvironmentFault, Failure, GraphError
-from tracehook.nix.derivation import Derivation
 from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.stores.binarycache import Upstream
 from tracehook.stores.tracestore import TraceStore
@@ -59,8 +55,9 @@ from tracehook.verify.cachekeys import CacheKeys, CacheOutput, Refused
 from tracehook.verify.cachesigs import CacheSigs
 from tracehook.verify.decide import PlanLimits, StepInput, cache_lookups, plan_step
 from tracehook.verify.policy import Policy
+from tracehook.verify.reliance import failed_below, reliance
 from tracehook.verify.trusted import Checked, KeyRing, TrustedSet
-from tracehook.verify.walk import Graph, Loader, Target
+from tracehook.verify.walk import Graph, Loader, Target, fewer_collections
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +106,6 @@ class Engine:
         self._drv_hashes: dict[str, DrvHash] = {}
         self._known_paths: dict[str, dict[str, str]] = {}  # one resolution's output paths
         self._asked: dict[str, set[str]] = {}  # outputs already looked up in the caches
-        self._covered: dict[str, int] = {}
         self._reliance: dict[str, tuple[frozenset[str], int]] = {}
         # the schedule
         self._events: queue.SimpleQueue[tuple[str, Any, Future[Any] | None]] = (
@@ -141,7 +137,7 @@ class Engine:
 
     def verify(self, targets: Sequence[Target]) -> None:
         """Walk ``targets`` and decide every step below them, in this thread."""
-        with _fewer_collections():
+        with fewer_collections():
             for target in targets:
                 self._add_target(target, None)
             self._drain()
@@ -190,11 +186,6 @@ class Engine:
             except Exception as exc:  # never let one bad event stop the engine
                 log.exception("verification engine: %s", exc)
                 self._fail_all(exc)
-
-    # -------------------------------------------------------------------- state queries
-
-    def done(self, step: str) -> bool:
-        return step in self._done
 
     def is_tainted(self, step: str) -> bool:
         return step in self.tainted
@@ -482,101 +473,14 @@ class Engine:
 
     # ------------------------------------------------------------------------- reading
 
-    def derivation(self, path: str) -> Derivation:
-        return self.graph.drvs[path]
-
-    def _cache_signed(self, step: str) -> bool:
-        wanted = self.graph.requests.get(step, ())
-        return step in self.trusted and any(
-            any(c.basis == "cache" for c in self.trusted.values(step, w)) for w in wanted)
-
     def reliance(self, path: str) -> tuple[frozenset[str], int]:
-        """The steps accepted on a cache signature that ``path`` relies on (itself, or
-        the nearest ones below it on every chain), and how many build steps below those
-        no trace verified. Nothing, without cache keys in the policy."""
+        """See :func:`tracehook.verify.reliance.reliance` (memoized per engine)."""
         if self.cache_sigs is None:
             return frozenset(), 0
         memo = self._reliance.get(path)
-        if memo is not None:
-            return memo
-        boundary: set[str] = set()
-        seen: set[str] = set()
-        todo = [path]
-        while todo:
-            step = todo.pop()
-            if step in seen or step not in self.graph.drvs:
-                continue
-            seen.add(step)
-            if self._cache_signed(step):
-                boundary.add(step)
-            else:
-                todo.extend(self.graph.drvs[step].input_drvs)
-        covered: set[str] = set()
-        todo = [i for b in boundary for i in self.graph.drvs[b].input_drvs]
-        while todo:
-            step = todo.pop()
-            if step in covered or step in seen or step not in self.graph.drvs:
-                continue
-            covered.add(step)
-            todo.extend(self.graph.drvs[step].input_drvs)
-        count = sum(1 for s in covered if s in self.trusted and not self.trusted.is_fixed(s)
-                    and not self._traced(s))
-        result = frozenset(boundary), count
-        self._reliance[path] = result
-        return result
-
-    def _traced(self, step: str) -> bool:
-        wanted = self.graph.requests.get(step, ())
-        return all(any(c.basis == "traces" for c in self.trusted.values(step, w))
-                   for w in wanted)
-
-    def covered_below(self, path: str) -> int:
-        """How many build steps below ``path`` no trace verified (fixed outputs aside):
-        what a cache signature on ``path`` takes responsibility for."""
-        memo = self._covered.get(path)
-        if memo is not None:
-            return memo
-        seen: set[str] = set()
-        todo = list(self.graph.drvs[path].input_drvs)
-        count = 0
-        while todo:
-            step = todo.pop()
-            if step in seen or step not in self.graph.drvs:
-                continue
-            seen.add(step)
-            todo.extend(self.graph.drvs[step].input_drvs)
-            if step in self.trusted and not self.trusted.is_fixed(step):
-                wanted = self.graph.requests.get(step, ())
-                if not all(any(c.basis == "traces" for c in self.trusted.values(step, w))
-                           for w in wanted):
-                    count += 1
-        self._covered[path] = count
-        return count
+        if memo is None:
+            memo = self._reliance[path] = reliance(self.graph, self.trusted, path)
+        return memo
 
     def failed_below(self, path: str) -> str:
-        """The deepest step that failed for a reason of its own below a step that is not
-        verified (following 'input is not verified' down), or the step itself."""
-        seen: set[str] = set()
-        step = path
-        while step not in seen:
-            seen.add(step)
-            failure = self.trusted.failure_of(step)
-            if failure is None or failure.kind != "input" or failure.cause is None:
-                return step
-            step = failure.cause
-        return step
-
-
-@contextlib.contextmanager
-def _fewer_collections() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a closure is verified: the verifier
-    allocates many small objects that live to the end (derivations, claims) and makes few
-    cycles, and the collector would spend about a tenth of the time walking them. Reference
-    counting still frees everything else; the collector resumes afterwards."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+        return failed_below(self.trusted, path)

@@ -8,7 +8,9 @@ sets of outputs its consumers (and the targets) reference. It decides nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tracehook.errors import GraphError, ParseError
@@ -121,3 +123,18 @@ class Graph:
                     seen.add(child)
                     todo.append(child)
         return sorted(seen, key=lambda p: (self.heights[p], p))
+
+
+@contextlib.contextmanager
+def fewer_collections() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a closure is verified: the verifier
+    allocates many small objects that live to the end (derivations, claims) and makes few
+    cycles, and the collector would spend about a tenth of the time walking them. Reference
+    counting still frees everything else; the collector resumes afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
