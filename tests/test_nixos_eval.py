@@ -749,3 +749,20 @@ def test_rendered_hook_signs_then_runs_the_chained_hook(evaluated: dict[str, Any
         assert drv.endswith(".drv") and int(count) >= 1 and outs == "outs", line
     events = [json.loads(x) for x in (site / "sign.log").read_text().splitlines()]
     assert sum(1 for e in events if e.get("event") == "sign" and e.get("outcome") == "ok") == 2
+
+
+def test_readme_configuration_with_nix_2_8(evaluated: dict[str, Any], tree: Path,
+                                           tmp_path: Path) -> None:
+    """The old tier (Nix 2.8, Debian 12's) evaluates the README system too, rendering the
+    very same files as Nix 2.26."""
+    env = NixEnv(get_tier("2.8"), tmp_path / "nix28")
+    path = write_configurations(tmp_path / "configs", {"readme": WORKING["readme"][0]})["readme"]
+    out = evaluate(env, f"""
+      let h = {harness(tree)}; e = h.eval [ {path} ]; f = h.facts e; in
+      {{ inherit (f) failed warnings nixConf signToml policyToml hook units package;
+         inherit (h.whole e) toplevel; }}""")
+    readme = evaluated["readme"]
+    assert out["failed"] == [] and out["warnings"] == []
+    assert out["toplevel"].endswith(".drv")
+    for key in ("nixConf", "signToml", "policyToml", "hook", "units", "package"):
+        assert out[key] == readme[key], key

@@ -72,7 +72,7 @@ let
     exec ${cfg.package}/bin/tracehook publish --daemon --config ${configPath}
   '';
 
-  fileStoreDirs = map (u: removePrefix "file://localhost" (removePrefix "file://" u)) (
+  fileStoreDirs = map (u: removePrefix "localhost" (removePrefix "file://" u)) (
     filter (hasPrefix "file://") settings.publish-to
   );
   logDir = if settings.log-file == "" then null else dirOf settings.log-file;

@@ -237,6 +237,7 @@ let
             secretKeyFile = "/etc/nix/builder.sec";
             publishTo = [
               "file:///var/lib/tracehook/traces"
+              "file://localhost/srv/traces"
               "https://traces.example.org"
             ];
             chainHooks = [ "/etc/nix/upload-to-cache.sh" ];
@@ -277,6 +278,10 @@ let
           "file:// trace store created"
         ]
         [
+          (builtins.elem "d /srv/traces 0755 tracehook tracehook -" c.systemd.tmpfiles.rules && builtins.elem "/srv/traces" sc.ReadWritePaths)
+          "file://localhost/DIR names DIR"
+        ]
+        [
           (c.environment.etc."tracehook/sign.toml".source == conf)
           "sign.toml in /etc"
         ]
@@ -290,6 +295,7 @@ let
               secret-key-file = "/etc/nix/builder.sec";
               publish-to = [
                 "file:///var/lib/tracehook/traces"
+                "file://localhost/srv/traces"
                 "https://traces.example.org"
               ];
               spool-dir = "/var/lib/tracehook/spool";
