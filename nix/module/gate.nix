@@ -318,14 +318,15 @@ in
 
   config = lib.mkMerge [
     {
+      # Each problem is a failed assertion (only for an enabled service).
       assertions = map (message: {
-        assertion = !gcfg.enable;
+        assertion = false;
         inherit message;
-      }) (
+      }) (lib.optionals gcfg.enable (
         t.secretProblems "services.tracehook.gate.secretKeyFile" gcfg.secretKeyFile
         ++ t.secretProblems "services.tracehook.gate.environmentFile" gcfg.environmentFile
         ++ lib.optionals policyIsSet (p.problems "services.tracehook.gate.policy" gcfg.policy)
-      );
+      ));
     }
 
     (mkIf gcfg.enable {

@@ -258,16 +258,17 @@ in
 
   config = lib.mkMerge [
     {
+      # Each problem is a failed assertion (only for an enabled service).
       assertions = map (message: {
-        assertion = !scfg.enable;
+        assertion = false;
         inherit message;
-      }) (
+      }) (lib.optionals scfg.enable (
         t.secretProblems "services.tracehook.sign.secretKeyFile" scfg.secretKeyFile
         ++ t.secretProblems "services.tracehook.sign.environmentFile" scfg.environmentFile
         ++ lib.optionals (settings.secret-key-file != toString scfg.secretKeyFile) (
           t.secretProblems "services.tracehook.sign.settings.secret-key-file" settings.secret-key-file
         )
-      );
+      ));
     }
 
     (mkIf scfg.enable {
