@@ -117,6 +117,7 @@ EVAL_SCENARIOS = {
     "gate-exclusive", "gate-shared", "exclusive-drops-extra-substituters",
     "exclusive-gate-trusting-no-key",
     "example-configuration", "gate-without-policy", "sign-without-key",
+    "sign-beside-another-hook",
     "exclusive-gate-without-upstreams", "signing-key-without-public-key",
     "public-key-without-signing-key", "secret-in-store", "policy-mistakes", "type-errors",
 }

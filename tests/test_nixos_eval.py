@@ -184,7 +184,9 @@ FAILING = {
       nix.extraOptions = ''
         extra-substituters = https://sneaky.example.org
         trusted-public-keys = x:y
+        post-build-hook = /etc/nix/other-hook.sh
       '';
+      nix.settings.post-build-hook = "/etc/nix/upload-to-cache.sh";
       nix.settings.substituters = lib.mkForce [ "https://forced.example.org" ];
       nix.settings.require-sigs = false;
       nix.settings.binary-caches = [ "https://old.example.org" ];
@@ -537,6 +539,12 @@ REQUIRE = f"{POLICY}.trust.require"
     ("mistakes", "nix.extraOptions (defined in"),
     ("mistakes", "sets `extra-substituters = https://sneaky.example.org`; "
                  "`trusted-public-keys = x:y`"),
+    ("mistakes", "services.tracehook.sign: nix.settings.post-build-hook is also set in "),
+    ("mistakes", "mistakes.nix (/etc/nix/upload-to-cache.sh): Nix runs a single post-build "
+                 "hook, and the signer is it. Move that hook to "
+                 "services.tracehook.sign.chainHooks"),
+    ("mistakes", "services.tracehook.sign: nix.extraOptions sets `post-build-hook = "
+                 "/etc/nix/other-hook.sh`, which would replace the signer's hook"),
     ("mistakes", "services.tracehook.gate.exclusive: nix.settings.substituters ends up as [ "),
     ("mistakes", '"https://forced.example.org"'),
     ("mistakes", "nix.settings.require-sigs = false lets every local user add unsigned store "

@@ -59,36 +59,8 @@ let
   ];
   ownFiles = [ (toString ./exclusive.nix) ];
 
-  # The values a definition contributes, through mkIf / mkMerge / mkOverride / mkOrder.
-  active =
-    v:
-    let
-      type = v._type or null;
-    in
-    if type == "if" then
-      (if v.condition then active v.content else [ ])
-    else if type == "merge" then
-      concatMap active v.contents
-    else if type == "override" || type == "order" then
-      active v.content
-    else
-      [ v ];
-
-  droppedDefinitions =
-    name:
-    concatMap (
-      def:
-      let
-        values = concatMap (s: if builtins.isAttrs s && s ? ${name} then active s.${name} else [ ]) (
-          active def.value
-        );
-        kept = filter (x: !(elem x nixosDefaults)) (concatMap lib.toList values);
-      in
-      optional (kept != [ ] && !(elem def.file ownFiles)) {
-        inherit (def) file;
-        value = kept;
-      }
-    ) options.nix.settings.definitionsWithLocations;
+  t = import ./lib.nix { inherit lib; };
+  droppedDefinitions = name: t.settingDefinitions options name ownFiles nixosDefaults;
 
   hint =
     name:
@@ -111,20 +83,8 @@ let
   sameSet = a: b: lib.sort lib.lessThan (lib.unique a) == lib.sort lib.lessThan (lib.unique b);
   finalValue = name: lib.toList (nixSettings.${name} or [ ]);
 
-  strip =
-    l:
-    let
-      m = builtins.match "[[:space:]]*([^[:space:]](.*[^[:space:]])?)?[[:space:]]*" l;
-    in
-    if m == null || builtins.head m == null then "" else builtins.head m;
-  extraLines = filter (l: l != "") (map strip (lib.splitString "\n" config.nix.extraOptions));
-  settingOf =
-    l:
-    let
-      m = builtins.match "([A-Za-z0-9-]+)[[:space:]]*=.*" l;
-    in
-    if m == null then null else builtins.head m;
-  badLines = filter (l: elem (settingOf l) watched) extraLines;
+  extraLines = t.confLines config.nix.extraOptions;
+  badLines = filter (l: elem (t.settingOf l) watched) extraLines;
   includes = filter (l: builtins.match "!?include[[:space:]].*" l != null) extraLines;
   extraOptionsFiles = concatStringsSep ", " options.nix.extraOptions.files;
 

@@ -160,6 +160,57 @@ rec {
       secret outside the store and give its path as a string, e.g. "/var/lib/secrets/...".
     '';
 
+  # ------------------------------------------------------------------ other modules' settings
+
+  # The values a definition contributes, through mkIf / mkMerge / mkOverride / mkOrder.
+  active =
+    v:
+    let
+      type = v._type or null;
+    in
+    if type == "if" then
+      (if v.condition then active v.content else [ ])
+    else if type == "merge" then
+      lib.concatMap active v.contents
+    else if type == "override" || type == "order" then
+      active v.content
+    else
+      [ v ];
+
+  # Who else defines `nix.settings.<name>`: [ { file; value = [ ... ]; } ], from the option's
+  # definitions (not its merged value, which this module may have forced), leaving out
+  # `ownFiles` and the values in `ignore`.
+  settingDefinitions =
+    options: name: ownFiles: ignore:
+    lib.concatMap (
+      def:
+      let
+        values = lib.concatMap (s: if isAttrs s && s ? ${name} then active s.${name} else [ ]) (
+          active def.value
+        );
+        kept = lib.filter (x: !(elem x ignore)) (lib.concatMap lib.toList values);
+      in
+      lib.optional (kept != [ ] && !(elem def.file ownFiles)) {
+        inherit (def) file;
+        value = kept;
+      }
+    ) options.nix.settings.definitionsWithLocations;
+
+  # `nix.extraOptions` as nix.conf lines: (setting name or null, the line).
+  strip =
+    l:
+    let
+      m = builtins.match "[[:space:]]*([^[:space:]](.*[^[:space:]])?)?[[:space:]]*" l;
+    in
+    if m == null || builtins.head m == null then "" else builtins.head m;
+  confLines = text: lib.filter (l: l != "") (map strip (lib.splitString "\n" text));
+  settingOf =
+    l:
+    let
+      m = builtins.match "([A-Za-z0-9-]+)[[:space:]]*=.*" l;
+    in
+    if m == null then null else builtins.head m;
+
   # ------------------------------------------------------------------ TOML
   #
   # pkgs.formats.toml renders at build time (remarshal) and writes every string quoted, so

@@ -12,6 +12,7 @@
 {
   config,
   lib,
+  options,
   pkgs,
   ...
 }:
@@ -76,6 +77,13 @@ let
     filter (hasPrefix "file://") settings.publish-to
   );
   logDir = if settings.log-file == "" then null else dirOf settings.log-file;
+
+  # Nix runs a single post-build-hook: any other one would replace the signer (or be
+  # replaced by it). Other definitions fail evaluation, pointing at chainHooks.
+  otherHooks = t.settingDefinitions options "post-build-hook" [ (toString ./sign.nix) ] [ ];
+  otherHookLines = lib.filter (l: t.settingOf l == "post-build-hook") (
+    t.confLines config.nix.extraOptions
+  );
   owner = "${scfg.user} ${scfg.group}";
 in
 {
@@ -272,7 +280,24 @@ in
     }
 
     (mkIf scfg.enable {
-      assertions = [
+      assertions =
+        map (d: {
+          assertion = false;
+          message = ''
+            services.tracehook.sign: nix.settings.post-build-hook is also set in ${d.file}
+            (${lib.concatMapStringsSep " " toString d.value}): Nix runs a single post-build hook,
+            and the signer is it. Move that hook to services.tracehook.sign.chainHooks: it then
+            runs after signing, with the environment Nix gives the hook.
+          '';
+        }) otherHooks
+        ++ map (l: {
+          assertion = false;
+          message = ''
+            services.tracehook.sign: nix.extraOptions sets `${l}`, which would replace the
+            signer's hook. Move that hook to services.tracehook.sign.chainHooks.
+          '';
+        }) otherHookLines
+        ++ [
         {
           assertion = keyFile != null;
           message = ''
@@ -288,7 +313,9 @@ in
 
       environment.etc."tracehook/sign.toml".source = signConfigFile;
 
-      nix.settings.post-build-hook = hookWrapper;
+      # Above a plain definition, so that another one fails the assertion below rather
+      # than the merge of nix.conf.
+      nix.settings.post-build-hook = lib.mkOverride 90 hookWrapper;
 
       users.users = mkIf (scfg.user == "tracehook") {
         tracehook = {

@@ -544,6 +544,27 @@ let
         ]
       ];
 
+    sign-beside-another-hook =
+      let
+        c = evalWith {
+          services.tracehook.sign = {
+            enable = true;
+            secretKeyFile = "/k";
+          };
+          nix.settings.post-build-hook = "/etc/nix/upload-to-cache.sh";
+        };
+      in
+      checkAll "sign-beside-another-hook" [
+        [
+          (mentions "Move that hook to services.tracehook.sign.chainHooks" (failing c))
+          "assertion: another post-build-hook"
+        ]
+        [
+          (lib.hasSuffix "tracehook-post-build-hook" (toString c.nix.settings.post-build-hook))
+          "nix.conf names the signer's hook, not a merge error"
+        ]
+      ];
+
     sign-without-key =
       let
         c = evalWith { services.tracehook.sign.enable = true; };
