@@ -10,7 +10,7 @@ to the floor: the time to only parse and check every signature of the same trace
 after the other, in one process; and the same floor split over two threads (libsodium
 releases the GIL while it verifies, parsing does not). The verifier itself runs as
 ``tracehook verify`` does: checker processes (one per core) for closures this large.
-Keys: the laut test keys, read in place.
+Keys and the stage1 data: laut's, vendored in tests/data/laut-v2 (tests/testkeys.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import json
 import random
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,29 +36,22 @@ from tracehook.nix.storepath import (
 from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.tracestore import open_store
 from tracehook.trace import crypto, jws
-from tracehook.trace.claim import BuilderInfo, OutputClaim, parse_claim, sign_trace
+from tracehook.trace.claim import BuilderInfo, OutputClaim, sign_trace
 from tracehook.trace.stepkey import InputOutput, step_key
 from tracehook.verify.engine import Limits
 from tracehook.verify.policy import Policy, parse_policy
 from tracehook.verify.resolver import Resolver
 from tracehook.verify.walk import Target
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2"
+# The suite's one key helper, and laut's vendored data (tests/testkeys.py).
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from testkeys import CONFORMANCE, secret  # noqa: E402
+
 STAGE1 = "/nix/store/cjpxbf5h30808h53lckfyvzacsvfs08q-bootstrap-stage1-stdenv-linux.drv"
-# The conformance copy lacks these two links of the stage1 chain (see
-# tests/test_verify_conformance.py): re-signed here with the test keys, as in the tests.
-GAPS = {
-    "/nix/store/6gy0a2dqpiccgls4325vi012s75v7hrj-gnu-config-2024-01-01.drv":
-        "v91wywww3m9ibvrw32bd1f3nhrv2pqxb",
-    "/nix/store/wcdz70g62qvnpwsqp54j2phfmccghdq2-update-autotools-gnu-config-scripts-hook.drv":
-        "sqqqdw925kxnxza14672s9lvjihm9i9b",
-}
 BUILDER = BuilderInfo(1, "/nix/store", "nix", "2.26.3")
 NOW = dt.datetime.now(dt.timezone.utc)
-
-
-def secret(name: str) -> crypto.SecretKey:
-    return crypto.read_secret_key_file(CONFORMANCE / "keys" / f"{name}_key.private")
 
 
 def both_policy() -> Policy:
@@ -87,24 +81,10 @@ def verify(policy: Policy, root: str, urls: list[str], target: str, jobs: int) -
 
 
 def stage1(tmp: Path, jobs: int) -> float:
+    """laut's own traces, read in place: the whole stage1 chain is signed by both."""
     policy = both_policy()
     root = str(CONFORMANCE / "store")
-    gap = tmp / "gaps"
-    urls = [f"file://{CONFORMANCE}", f"file://{gap}"]
-    reader = StoreReader(root)
-    for drv_path, same_output in GAPS.items():
-        resolver = Resolver(policy, [open_store(u) for u in urls], reader.read_derivation, NOW)
-        resolver.verify([Target(drv_path, drv_path)])
-        drv = reader.read_derivation(drv_path)
-        inputs = {(inp, name): InputOutput(oc.path, True)
-                  for inp, outs in drv.input_drvs.items()
-                  for name, oc in resolver.trusted.values(inp, frozenset(outs))[0].value}
-        key = step_key(drv, inputs).key
-        doc = json.loads((CONFORMANCE / "traces" / same_output).read_bytes())
-        outputs = parse_claim(jws.parse_compact(doc["signatures"][0])).outputs
-        tokens = [sign_trace(secret(n), key, outputs, BUILDER, drv.name)
-                  for n in ("builderA", "builderB")]
-        write_traces(gap, {key.key: tokens})
+    urls = [f"file://{CONFORMANCE}"]
     return min(verify(policy, root, urls, STAGE1, jobs) for _ in range(3))
 
 

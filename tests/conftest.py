@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nixharness import CONFORMANCE, TIERS, NixEnv, NixTier, get_tier
+from nixharness import TIERS, NixEnv, NixTier, get_tier
+from testkeys import CONFORMANCE
 
 _counter = itertools.count()
 
@@ -56,5 +57,5 @@ def nixenv(nix_tier: NixTier, make_nixenv: MakeNixEnv) -> NixEnv:
 @pytest.fixture(scope="session")
 def conformance() -> Path:
     if not CONFORMANCE.is_dir():
-        raise RuntimeError(f"conformance data not found at {CONFORMANCE} (shared/ beside the repo)")
+        raise RuntimeError(f"laut's conformance data is missing from {CONFORMANCE}")
     return CONFORMANCE

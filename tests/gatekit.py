@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nixharness import REPO, NixEnv
+from testkeys import public_text, secret
 from tracehook.cli.demo import tamper_trace_file
 from tracehook.gate.config import GateConfig, build_server
 from tracehook.gate.front import GateHTTPServer, HttpLimits, bound_port, serve_in_thread
@@ -44,14 +45,7 @@ from tracehook.trace.stepkey import step_key
 BUILDER_INFO = examine.builder_info("nix", "2.26.3")
 
 
-def key(name: str) -> crypto.SecretKey:
-    """A fixed test key per name (deterministic, never a real secret)."""
-    seed = (name.encode() * 32)[:32]
-    return crypto.SecretKey(name, seed)
-
-
-def public_text(name: str) -> str:
-    return crypto.format_public_key(key(name).public)
+key = secret  # the suite's one key helper (tests/testkeys.py)
 
 
 @dataclass(frozen=True)
@@ -106,11 +100,11 @@ def use_hook(env: NixEnv, sk: crypto.SecretKey, traces: Path, tmp: Path) -> Path
     own process) into a spool that ``tracehook publish --config CONFIG`` sends to ``traces``.
     Returns CONFIG."""
     tmp.mkdir(parents=True, exist_ok=True)
-    secret = tmp / "builder.secret"
-    secret.write_text(crypto.format_secret_key(sk))
+    secret_path = tmp / "builder.secret"
+    secret_path.write_text(crypto.format_secret_key(sk))
     config = tmp / "sign.toml"
     config.write_text(
-        f'secret-key-file = "{secret}"\n'
+        f'secret-key-file = "{secret_path}"\n'
         f'publish-to = ["file://{traces}"]\n'
         f'spool-dir = "{tmp / "spool"}"\n'
         f'log-file = "{tmp / "sign.log"}"\n'

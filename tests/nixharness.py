@@ -23,8 +23,6 @@ from pathlib import Path
 from tracehook.stores import proc
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CONFORMANCE = SHARED / "conformance-laut-v2"
 EXPRS = Path(__file__).resolve().parent / "nix"
 DEFAULT_CACHE = Path(os.environ.get("TRACEHOOK_NIX_CACHE", "/var/cache/tracehook-nix"))
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 
+from testkeys import secret
 from tracehook.nix.nar import format_nar_hash
 from tracehook.stores.spool import SpoolEntry
 from tracehook.trace import crypto
 from tracehook.trace.claim import BuilderInfo, OutputClaim, TraceKey, sign_trace
 
-SK = crypto.SecretKey("test-signer-1", hashlib.sha256(b"tracehook spool tests").digest())
-OTHER = crypto.SecretKey("test-signer-2", hashlib.sha256(b"tracehook other signer").digest())
+SK = secret("test-signer-1")
+OTHER = secret("test-signer-2")
 
 
 def make_entry(

@@ -1,4 +1,4 @@
-"""The derivation model against laut's v2 conformance data (read in place, never copied).
+"""The derivation model against laut's v2 conformance data (vendored in tests/data/laut-v2).
 
 Signatures are not checked here (the crypto module does that): payloads are only decoded to
 read ``in.rdrv_aterm_ca`` and ``out.nix.<output>.path``.
@@ -9,11 +9,11 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from testkeys import CONFORMANCE
 from tracehook.nix.aterm import parse
 from tracehook.nix.derivation import decode_drv, encode_drv, serialize
 from tracehook.nix.resolve import resolve, resolved_aterm, resolved_key
@@ -27,34 +27,16 @@ from tracehook.nix.storepath import (
 )
 from tracehook.stores.nixstore import StoreReader
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2"
 STORE_ROOT = CONFORMANCE / "store"
 TRACES = CONFORMANCE / "traces"
 
 STAGE1 = "/nix/store/cjpxbf5h30808h53lckfyvzacsvfs08q-bootstrap-stage1-stdenv-linux.drv"
 BINUTILS = "/nix/store/6a4wpppqvmf5dwr49gfm3hrxhd58hg0w-bootstrap-stage0-binutils-wrapper-.drv"
 
-# The conformance copy lacks the traces of two steps in the stage1 chain, both of which are
-# in laut's upstream tests/data (traces/aterm/<key>): gnu-config and the
-# update-autotools hook as built with the stage0 stdenv. Their outputs are content-addressed
-# and equal to those of the same steps built later in the bootstrap, whose traces are here
-# (v91wywww... and sqqqdw92...). The walk uses these only when the trace file is missing,
-# and checks that another trace here claims the same path.
-KNOWN_GAPS = {
-    "0cc015dvwcgag5w82s12yl9ldjpg3qrr": {
-        "out": "/nix/store/d5mrsvkgcdigbhqvw5cv4sqdv9h0jjg9-gnu-config-2024-01-01"
-    },
-    "f9cjc7lm0wk3bajxwdf4qh5dhvb4p4qh": {
-        "out": "/nix/store/ln9qkq3wk198x2dbvbw6v4xcw2mw5iby-"
-        "update-autotools-gnu-config-scripts-hook"
-    },
-}
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _conformance_data_present() -> None:
     if not (STORE_ROOT.is_dir() and TRACES.is_dir()):
-        pytest.fail(f"conformance data not found at {CONFORMANCE} (shared/ beside the repo)")
+        pytest.fail(f"laut's conformance data is missing from {CONFORMANCE}")
 
 
 def _b64url(text: str) -> bytes:
@@ -145,7 +127,6 @@ class Walk:
     reader: StoreReader
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
-    gaps_used: set[str] = field(default_factory=set)
 
     def chosen(self, drv_path: str) -> dict[tuple[str, str], str]:
         drv = self.reader.read_derivation(drv_path)
@@ -184,18 +165,7 @@ class Walk:
         return self.outputs[drv_path]
 
     def _claimed_outputs(self, key: str, resolved_aterm: str) -> dict[str, str]:
-        if not (TRACES / key).exists():
-            assert key in KNOWN_GAPS, f"no trace for resolved key {key}"
-            claimed = KNOWN_GAPS[key]
-            produced = {
-                o["path"]
-                for k in all_trace_keys()
-                for p in payloads(k)
-                for o in p["out"]["nix"].values()
-            }
-            assert set(claimed.values()) <= produced
-            self.gaps_used.add(key)
-            return claimed
+        assert (TRACES / key).exists(), f"no trace for resolved key {key}"
         claims = []
         for payload in payloads(key):
             # What the signer says it built is byte for byte what we resolved.
@@ -230,7 +200,6 @@ def test_resolving_targets_gives_the_signed_keys(
     assert walk.keys[target] == expected_key
     drv = walk.reader.read_derivation(target)
     assert resolved_key(drv, walk.chosen(target)) == expected_key
-    if target == BINUTILS:
-        assert walk.gaps_used == set()  # its whole chain is in the conformance traces
-    else:
-        assert walk.gaps_used <= set(KNOWN_GAPS)
+    # Every step of the chain resolves to a key laut's builders signed, byte for byte
+    # (the two stage1 links gnu-config and update-autotools-hook included).
+    assert all((TRACES / key).exists() for key in walk.keys.values())

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
+from testkeys import KEYS
 from tracehook.errors import BadSignature, ConfigError, ParseError
 from tracehook.trace import crypto
-
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2" / "keys"
 
 # OpenSSL (`openssl pkeyutl -sign -rawin`) made this signature with builderA's secret key
 # over GOLDEN_MESSAGE: an independent implementation, so this is a true known answer.

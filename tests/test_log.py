@@ -108,23 +108,46 @@ def test_since(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (code, len(out.strip().splitlines())) == (0, 2)
 
 
-def test_reads_journal_and_relayed_lines_from_stdin(
+def test_reads_journal_lines_from_stdin_and_counts_the_rest(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """What the gate writes to stderr (the journal) reads back; lines without a record are
+    counted on stderr, not skipped silently."""
+    err = io.StringIO()
+    gate = EventLog(None, prefix="tracehook-gate", stderr=err, journal=True)
+    gate.emit("gate", "refused", "refused narinfo x: step ca-c: threshold not met",
+              **{k: v for k, v in REFUSAL.items() if k not in ("event", "outcome")})
+    gate.emit("gate", "allowed", "allowed ca-a", name="ca-a")
     journal = "\n".join([
-        "tracehook-gate: refused ca-c: threshold not met",  # a human line: passed over
-        "Nov 25 06:00:00 host tracehook-gate[42]: " + json.dumps(
-            {**REFUSAL, "time": "2026-11-25T06:00:00.000Z"}),
-        "post-build-hook: " + json.dumps(
-            {"time": "2026-11-25T06:00:01.000Z", "event": "sign", "outcome": "ok",
-             "reason": None, "drv": "/nix/store/5mipw43fpg0ln44z1m74fijjadpg2lva-a.drv"}),
+        "tracehook-gate: refused ca-c: threshold not met",  # a human line, no record
+        *err.getvalue().splitlines(),
+        "Traceback (most recent call last):",
+        "",  # blank lines are not counted
         "not json at all {",
     ])
     monkeypatch.setattr(sys, "stdin", io.StringIO(journal))
-    code, out, _ = run_cli(["log", "--refused", "-"], capsys)
+    code, out, stderr = run_cli(["log", "--refused", "-"], capsys)
     assert code == 0
     (line,) = out.strip().splitlines()
-    assert "refused" in line and "ca-c" in line
+    assert "refused" in line and "ca-c" in line and "threshold 2 of" in line
+    assert stderr.strip() == ("tracehook log: 3 line(s) could not be read as tracehook events "
+                              "and were left out (first: stdin line 1); see "
+                              'docs/OPERATIONS.md, "Log lines"')
+    monkeypatch.setattr(sys, "stdin", io.StringIO(err.getvalue()))
+    code, out, stderr = run_cli(["log", "-"], capsys)
+    assert (code, len(out.strip().splitlines()), stderr) == (0, 2, "")
+
+
+def test_unreadable_lines_in_files_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gate.log"
+    write_log(path)
+    with path.open("a") as f:
+        f.write("garbage\n{\"not\": \"an event\"}\n")
+    code, out, err = run_cli(["log", str(path)], capsys)
+    assert code == 0 and len(out.strip().splitlines()) == 3
+    assert "2 line(s) could not be read" in err and f"(first: {path} line 4)" in err
 
 
 def test_follow_prints_lines_as_they_arrive(tmp_path: Path) -> None:
@@ -160,3 +183,90 @@ def test_repeated_refusals_collapse_into_one_line(
     assert "other" in lines[1] and "(x" not in lines[1]
     code, out, _ = run_cli(["log", "--refused", "--json", str(path)], capsys)
     assert len(out.strip().splitlines()) == 5
+
+
+def _record(name: str, reason: str, at: str, outcome: str = "failed") -> str:
+    return json.dumps({"time": at, "event": "publish", "outcome": outcome, "reason": reason,
+                       "drv": f"/nix/store/5mipw43fpg0ln44z1m74fijjadpg2lva-{name}.drv"})
+
+
+def test_collapse_is_keyed_by_event_not_by_adjacency(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store-down run: three steps fail over and over, their lines interleaved. The view
+    says each once with its count (it used to print 14 lines for 3 steps)."""
+    path = tmp_path / "sign.log"
+    order = ["a", "b", "c", "a", "c", "b", "a", "a", "b", "c", "a", "b", "c", "a"]
+    path.write_text("".join(
+        _record(n, "trace store http://t/ unreachable", f"2026-11-25T06:00:{i:02d}.000Z") + "\n"
+        for i, n in enumerate(order)))
+    code, out, _ = run_cli(["log", "--refused", str(path)], capsys)
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 3, out
+    counts = {n: order.count(n) for n in "abc"}
+    for line, name in zip(lines, "abc", strict=True):  # in the order each was first seen
+        assert f"  {name}  " in line and line.endswith(f"(x{counts[name]})"), line
+
+
+def test_collapse_window_and_identity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "sign.log"
+    path.write_text("".join(line + "\n" for line in [
+        _record("a", "r1", "2026-11-25T06:00:00.000Z"),
+        _record("a", "r1", "2026-11-25T06:00:59.000Z"),
+        _record("a", "r1", "2026-11-25T06:01:01.000Z"),  # more than a minute after the first
+        _record("a", "r2", "2026-11-25T06:00:30.000Z"),  # another reason: another event
+        _record("a", "r1", "2026-11-25T06:00:10.000Z", outcome="kept"),
+    ]))
+    code, out, _ = run_cli(["log", str(path)], capsys)
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 4, out
+    assert lines[0].endswith("(x2)") and "r1" in lines[0]
+    assert [("(x" in line) for line in lines] == [True, False, False, False]
+
+
+def test_default_sources_include_the_gate_log_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracehook.cli import log as log_cmd
+
+    signer_dir, gate_dir = tmp_path / "tracehook", tmp_path / "tracehook-gate"
+    signer_dir.mkdir()
+    gate_dir.mkdir()
+    elsewhere = tmp_path / "elsewhere" / "gate.log"
+    elsewhere.parent.mkdir()
+    monkeypatch.setattr(log_cmd, "DEFAULT_LOG_DIRS", (signer_dir, gate_dir))
+    monkeypatch.setenv("TRACEHOOK_GATE_LOG", str(tmp_path / "missing.log"))
+    code, out, err = run_cli(["log"], capsys)
+    assert code == 3 and str(gate_dir) in err and "journalctl -o cat" in err
+    assert len(err.strip().splitlines()) == 1
+    EventLog(signer_dir / "sign.log", stderr=None).emit(
+        "sign", "ok", "h", drv="/nix/store/5mipw43fpg0ln44z1m74fijjadpg2lva-one.drv")
+    EventLog(gate_dir / "gate.log", stderr=None).emit(
+        "gate", "refused", "h", reason="no trace", name="two")
+    EventLog(elsewhere, stderr=None).emit("gate", "refused", "h", reason="no trace",
+                                          name="three")
+    monkeypatch.setenv("TRACEHOOK_GATE_LOG", str(elsewhere))
+    code, out, _ = run_cli(["log"], capsys)
+    assert code == 0
+    shown = out.strip().splitlines()
+    assert len(shown) == 3 and all(any(f"  {n}  " in s for s in shown)
+                                   for n in ("one", "two", "three"))
+    code, out, _ = run_cli(["log", "--refused"], capsys)
+    assert len(out.strip().splitlines()) == 2
+
+
+def test_view_escapes_what_the_log_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record whose fields came from an unsigned trace entry (a kid with a line break and a
+    fake 'allowed' line) is shown on one line."""
+    path = tmp_path / "gate.log"
+    forged = "2026-11-25 06:00:00  gate       hello                         allowed"
+    EventLog(path, stderr=None).emit(
+        "gate", "refused", "h", name=f"x\n{forged}", reason=f"unknown key evil\r\n{forged}\x1b[2K")
+    code, out, _ = run_cli(["log", str(path)], capsys)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 1
+    assert "\x1b" not in out and "\\n" in lines[0]
+    code, out, _ = run_cli(["log", "--json", str(path)], capsys)
+    assert len(out.splitlines()) == 1

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from testkeys import KEYS
 from tracehook.errors import BadSignature, ParseError
 from tracehook.nix import narinfo
 from tracehook.trace import crypto
-
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2" / "keys"
 
 # Written by `nix copy --to file://...` (Nix 2.8.0), signed with the conformance key
 # builderA: a file added with `nix-store --add` (content-addressed, no references) ...

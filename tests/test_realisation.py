@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from testkeys import secret
 from tracehook.errors import BadSignature, ParseError
 from tracehook.nix import realisation
 from tracehook.nix.realisation import Realisation
 from tracehook.trace import crypto
-
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "conformance-laut-v2" / "keys"
 
 DEP_ID = "sha256:b1b2cac92c405f91195d4cfc04f73e1199a83beb26b5f129e593681c3bd8b28a!out"
 TOP_ID = "sha256:177f3ed33ca7403b8f092c9fa8c304037b60a13dd3eed158acc32d6452ff6d55!out"
@@ -42,7 +40,7 @@ def named(*rows: tuple[object, ...]) -> list[Any]:
 
 
 def secret_a() -> crypto.SecretKey:
-    return crypto.read_secret_key_file(KEYS / "builderA_key.private")
+    return secret("builderA")
 
 
 def trusted() -> dict[str, crypto.PublicKey]:

@@ -116,13 +116,13 @@ def test_readmit_rechecks_what_it_can(forgery: str) -> None:
     signer is a current key of this policy and that the claim is for the key asked."""
     ring = KeyRing(policy(), NOW)
     claims, rejected, seen = to_plain(ring.check([token()], KEY))
-    [(signer, kind, key, kid, compact, outputs)] = claims
+    [(signer, compact, (kind, key, kid, outputs))] = claims
     if forgery == "signer-not-in-policy":
-        claims = ((signer, kind, key, "mallory:0123456789abcdef", compact, outputs),)
+        claims = ((signer, compact, (kind, key, "mallory:0123456789abcdef", outputs)),)
     elif forgery == "signer-renamed":
-        claims = (("builderB", kind, key, kid, compact, outputs),)
+        claims = (("builderB", compact, (kind, key, kid, outputs)),)
     else:
-        claims = ((signer, kind, OTHER.key, kid, compact, outputs),)
+        claims = ((signer, compact, (kind, OTHER.key, kid, outputs)),)
     with pytest.raises(ValueError, match="checker answered"):
         readmit((claims, rejected, seen), KEY, ring)
     assert readmit(to_plain(ring.check([token()], KEY)), KEY, ring).accepted[0].signer == \

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nixharness import CONFORMANCE
+from testkeys import CONFORMANCE
 from verifyhelp import run_verify, write_policy
 
 BINUTILS = "/nix/store/6a4wpppqvmf5dwr49gfm3hrxhd58hg0w-bootstrap-stage0-binutils-wrapper-.drv"

@@ -25,7 +25,7 @@ from tracehook.trace.claim import OutputClaim, sign_trace
 from tracehook.trace.stepkey import InputOutput, step_key
 from tracehook.verify.engine import Limits
 from tracehook.verify.policy import parse_policy
-from tracehook.verify.report import TargetReport
+from tracehook.verify.report import TargetReport, render_human
 from tracehook.verify.resolver import Resolver
 from tracehook.verify.walk import Target
 from verifyhelp import BUILDER, DyingStore, SlowStore, public_text, secret
@@ -322,3 +322,24 @@ def test_one_checker_and_900_steps_planned_at_once(
     assert report.reason is not None and "no trace for resolved step" in report.reason
     assert sum(1 for s in report.steps if s.outcome == "verified") == 900
     assert any("checker processes failed" in r.getMessage() for r in caplog.records) == warned
+
+
+def test_steps_below_a_fixed_output_are_not_needed(g: Graph) -> None:
+    """A fetcher built from an unsigned step: the fixed output is pinned by its hash, so the
+    unsigned step below it is reported as not needed, never as refused."""
+    tool = g.ca("curl", {})  # no trace: would be refused if it mattered
+    digest = hashlib.sha256(b"src").digest()
+    path = make_fixed_output_path("flat", "sha256", digest, "src")
+    fetch = g._add(Derivation({"out": DerivationOutput(path, "sha256", digest.hex())},
+                              {tool: ("out",)}, (), "x86_64-linux", "/bin/sh", (),
+                              {"name": "src", "out": path}))
+    top = g.ca("app", {fetch: ("out",)})
+    g.sign(top, {(fetch, "out"): path}, {"out": ca_path("app", "a")}, "builderA")
+    report = g.verify(top, '"builderA"')
+    assert report.verified, report.reason
+    outcomes = {s.name: s.outcome for s in report.steps}
+    assert outcomes == {"curl": "not-needed", "src": "fixed-output", "app": "verified"}
+    [below] = [s for s in report.steps if s.name == "curl"]
+    assert below.reason is not None and "below a fixed-output step" in below.reason
+    assert report.trust_summary["refused"] == []
+    assert "1 not-needed" in render_human(report)

@@ -1,7 +1,7 @@
 """Helpers for the verifier's tests: policies, signing with the laut test keys, the CLI.
 
-The laut test keys are read in place from ../shared/conformance-laut-v2/keys (published by
-laut for tests; never copied into this repository).
+Keys come from the suite's one key helper (tests/testkeys.py: laut's published test keys
+for builderA and builderB, vendored in tests/data/laut-v2; a fixed key for any other name).
 """
 
 from __future__ import annotations
@@ -16,27 +16,14 @@ from typing import Any
 
 import pytest
 
-from nixharness import CONFORMANCE
+from testkeys import public_text, secret
 from tracehook import cli
 from tracehook.stores.tracestore import FileTraceStore
-from tracehook.trace import crypto
 from tracehook.trace.claim import BuilderInfo, OutputClaim, TraceKey, sign_trace
 
-KEYS = CONFORMANCE / "keys"
+__all__ = ["BUILDER", "public_text", "run_verify", "secret", "sign_into", "write_policy"]
+
 BUILDER = BuilderInfo(1, "/nix/store", "nix", "2.26.3")
-
-
-def secret(name: str) -> crypto.SecretKey:
-    """builderA / builderB from the conformance keys; anything else: a fixed test key."""
-    path = KEYS / f"{name}_key.private"
-    if path.exists():
-        return crypto.read_secret_key_file(path)
-    seed = (name.encode() * 32)[:32]
-    return crypto.SecretKey(name, seed)
-
-
-def public_text(name: str) -> str:
-    return crypto.format_public_key(secret(name).public)
 
 
 def write_policy(

@@ -1,23 +1,27 @@
 """Reading event logs back: parse lines, filter, and render the compact human view. No I/O.
 
-Input lines may be the JSON lines of a log file, or lines that carry such a JSON object
-after a prefix (``post-build-hook: {...}`` as Nix relays it, or a journal line), so that
-``journalctl -o cat -u tracehook-gate | tracehook log`` works as well as the files do.
-Lines without an event object (the human lines) are passed over.
+Input lines may be the JSON lines of a log file, or the gate's and the publisher's journal
+lines, which carry the same record after a TAB (:func:`tracehook.stores.eventlog.parse_record`),
+so ``journalctl -o cat -u tracehook-gate | tracehook log -`` shows what the log file does.
+Lines without a record are counted (:class:`Tally`) and reported, never passed over
+silently. Every field shown is escaped (:func:`tracehook.text.printable`): a log line's
+contents came from traces, narinfos and .drv files, and must not start a line of their own.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from tracehook.errors import ConfigError
+from tracehook.stores.eventlog import parse_record
+from tracehook.text import printable
 
-REFUSED_OUTCOMES = frozenset({"refused", "failed", "rejected", "denied"})
+# What --refused shows: refusals, failures, and tamper evidence (a path admitted another way).
+REFUSED_OUTCOMES = frozenset({"refused", "failed", "rejected", "denied", "tampered"})
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -65,24 +69,38 @@ def record_time(record: dict[str, Any]) -> datetime.datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
 
 
-def parse_line(line: str) -> dict[str, Any] | None:
-    """The event object in ``line``, or None for a line that carries none."""
-    start = line.find("{")
-    if start < 0:
-        return None
-    try:
-        record = json.loads(line[start:])
-    except ValueError:
-        return None
-    if isinstance(record, dict) and "event" in record and "outcome" in record:
-        return record
-    return None
+@dataclass
+class Tally:
+    """What reading left out: lines that carry no event record (counted, the first named)."""
+
+    unreadable: int = 0
+    first: str | None = None  # "SOURCE line N"
+
+    def note(self, source: str, number: int) -> None:
+        self.unreadable += 1
+        if self.first is None:
+            self.first = f"{source} line {number}"
+
+    def message(self) -> str | None:
+        if not self.unreadable:
+            return None
+        return (f"{self.unreadable} line(s) could not be read as tracehook events and were "
+                f"left out (first: {self.first}); see docs/OPERATIONS.md, \"Log lines\"")
 
 
-def records(lines: Iterable[str], flt: Filter) -> Iterator[dict[str, Any]]:
-    for line in lines:
-        record = parse_line(line)
-        if record is not None and flt.matches(record):
+Line = tuple[str, int, str]  # (source, line number, text)
+
+
+def records(lines: Iterable[Line], flt: Filter, tally: Tally) -> Iterator[dict[str, Any]]:
+    """The event records in ``lines`` that pass ``flt``; blank lines are skipped, other
+    lines without a record are counted in ``tally``."""
+    for source, number, line in lines:
+        if not line.strip():
+            continue
+        record = parse_record(line)
+        if record is None:
+            tally.note(source, number)
+        elif flt.matches(record):
             yield record
 
 
@@ -99,46 +117,86 @@ def _drv_name(record: dict[str, Any]) -> str:
     return "-"
 
 
+def _show(value: object, width: int = 0) -> str:
+    """A field on one line: whatever a log line holds is untrusted, so it is escaped."""
+    text = printable(value if isinstance(value, str) else str(value))
+    return f"{text:<{width}}" if width else text
+
+
 def render_human(record: dict[str, Any]) -> str:
     """``time  event  name  outcome  reason``: one line a person scans."""
     when = record_time(record)
-    stamp = when.strftime("%Y-%m-%d %H:%M:%S") if when else str(record.get("time", "-"))
-    reason = record.get("reason") or ""
+    stamp = when.strftime("%Y-%m-%d %H:%M:%S") if when else _show(record.get("time", "-"))
+    reason = record.get("reason") or _admitted(record)
     parts = [
         stamp,
-        f"{record.get('event', '-')!s:<9}",
-        f"{_drv_name(record):<28}",
-        f"{record.get('outcome', '-')!s:<9}",
+        _show(record.get("event", "-"), 9),
+        _show(_drv_name(record), 28),
+        _show(record.get("outcome", "-"), 9),
     ]
     line = "  ".join(parts)
-    return f"{line}  {reason}".rstrip()
+    return f"{line}  {_show(reason)}".rstrip()
+
+
+def _admitted(record: dict[str, Any]) -> str:
+    """For an allowed path: what admitted it (traces by which keys, or a cache signature
+    alone), never calling a cache-signed path verified."""
+    if record.get("outcome") != "allowed":
+        return ""
+    trust = record.get("trust")
+
+    def names(field: str) -> str:
+        return ", ".join(str(k) for k in record.get(field) or ())
+
+    if trust == "cache":
+        return (f"accepted on a cache signature alone ({names('cache_keys')}); "
+                f"{record.get('covered_without_traces', 0)} step(s) below covered without "
+                "traces")
+    if trust == "fixed":
+        return "fixed output (pinned by its hash)"
+    if trust == "traces":
+        said = f"verified by traces ({names('signers')})"
+        if record.get("cache_signed"):
+            said += (f"; relies on {len(record['cache_signed'])} path(s) below accepted on a "
+                     "cache signature alone")
+        return said
+    return ""
 
 
 COLLAPSE_WINDOW = datetime.timedelta(seconds=60)
 
 
-def _same_event(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """The same event again, within a minute of the first."""
-    if any(a.get(k) != b.get(k) for k in ("event", "outcome", "reason")):
-        return False
-    ta, tb = record_time(a), record_time(b)
-    if ta is None or tb is None or abs(tb - ta) > COLLAPSE_WINDOW:
-        return False
-    return _drv_name(a) == _drv_name(b)
+def identity(record: dict[str, Any]) -> tuple[str, ...]:
+    """What the view shows of an event, its time aside: two records with the same identity
+    are the same event said again (Nix asks the gate several times for one step)."""
+    return (str(record.get("event")), str(record.get("outcome")), _drv_name(record),
+            str(record.get("reason") or ""))
 
 
-def collapse(items: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], int]]:
-    """Runs of the same event (event, derivation, outcome, reason, within a minute of the
-    run's first) as (first record, count): Nix asks the gate several times for one refused
-    step, and one line says it."""
-    run: dict[str, Any] | None = None
-    count = 0
+@dataclass
+class _Group:
+    first: dict[str, Any]
+    when: datetime.datetime | None
+    count: int = 1
+
+    def takes(self, when: datetime.datetime | None) -> bool:
+        return (when is not None and self.when is not None
+                and abs(when - self.when) <= COLLAPSE_WINDOW)
+
+
+def collapse(items: Iterable[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
+    """Each event once, as (first record, count): records with the same :func:`identity`
+    within a minute of the group's first are counted into it, whatever came between them
+    (concurrent requests for several steps interleave). Groups keep the order of their
+    first records; one more than a minute after the first starts a new group."""
+    groups: list[_Group] = []
+    latest: dict[tuple[str, ...], _Group] = {}
     for record in items:
-        if run is not None and _same_event(run, record):
-            count += 1
+        key, when = identity(record), record_time(record)
+        group = latest.get(key)
+        if group is not None and group.takes(when):
+            group.count += 1
             continue
-        if run is not None:
-            yield run, count
-        run, count = record, 1
-    if run is not None:
-        yield run, count
+        latest[key] = _Group(record, when)
+        groups.append(latest[key])
+    return [(g.first, g.count) for g in groups]

@@ -23,6 +23,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -61,11 +62,24 @@ in { inherit compiler library app bundle; }
 """
 
 
+# The oldest Nix the demo (and tracehook) supports, and the first whose CLI names a
+# derivation's outputs as DRV^* (older ones cannot copy realisations by name; the gate
+# answers realisations from the traces, so the demo does without them there).
+MIN_NIX = (2, 8)
+CARET_OUTPUTS = (2, 13)
+_VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
+
+
 @dataclass(frozen=True)
 class Tools:
     nix_bin: Path
+    nix_version: tuple[int, ...]
     tracehook: str
     hook: str
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.nix_version))
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,7 +90,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--workdir", type=Path, help="where to put everything (default: a new "
                    "temporary directory, kept)")
     p.add_argument("--nix-bin", type=Path, default=None, help="directory with nix, nix-build, "
-                   "... (default: $TRACEHOOK_NIX_2_26_BIN, else the one on PATH)")
+                   "... (default: the first nix-build on PATH, else "
+                   "$TRACEHOOK_NIX_2_26_BIN; Nix 2.8 or newer)")
     p.set_defaults(func=main)
 
 
@@ -88,20 +103,37 @@ def section(title: str) -> None:
     say(f"\n== {title}")
 
 
+def _nix_version(nix_bin: Path) -> tuple[int, ...]:
+    """``nix --version`` as numbers; EnvironmentFault (one line) if it is not Nix 2.8+."""
+    res = proc.run([str(nix_bin / "nix"), "--version"], timeout=60, check=False)
+    m = _VERSION.search(res.stdout)
+    if res.returncode != 0 or m is None:
+        raise EnvironmentFault(f"{nix_bin / 'nix'} --version did not say which Nix it is; "
+                               "the demo needs Nix 2.8 or newer (pass --nix-bin DIR)")
+    version = tuple(int(g) for g in m.groups() if g is not None)
+    if version[:2] < MIN_NIX:
+        raise EnvironmentFault(
+            f"the demo needs Nix {'.'.join(map(str, MIN_NIX))} or newer; {nix_bin} has "
+            f"{'.'.join(map(str, version))} (pass --nix-bin DIR, or run scripts/demo.sh)")
+    return version
+
+
 def _find_tools(nix_bin: Path | None) -> Tools:
     if nix_bin is None:
-        env_bin = os.environ.get("TRACEHOOK_NIX_2_26_BIN")
         found = shutil.which("nix-build")
-        nix_bin = Path(env_bin) if env_bin else Path(found).parent if found else None
-    if nix_bin is None or not (nix_bin / "nix-build").exists():
-        raise EnvironmentFault("no Nix found: pass --nix-bin DIR (scripts/demo.sh sets it up)")
+        env_bin = os.environ.get("TRACEHOOK_NIX_2_26_BIN")
+        nix_bin = Path(found).parent if found else Path(env_bin) if env_bin else None
+    if nix_bin is None or not (nix_bin / "nix-build").exists() or not (nix_bin / "nix").exists():
+        raise EnvironmentFault(f"no Nix found{f' in {nix_bin}' if nix_bin else ' on PATH'}: "
+                               "pass --nix-bin DIR (scripts/demo.sh sets it up)")
+    version = _nix_version(nix_bin)
     bindir = Path(sys.executable).parent
     tracehook = bindir / "tracehook"
     hook = bindir / "tracehook-post-build"
     for exe in (tracehook, hook):
         if not exe.exists():
             raise EnvironmentFault(f"{exe} not found: install tracehook (pip install .)")
-    return Tools(nix_bin, str(tracehook), str(hook))
+    return Tools(nix_bin, version, str(tracehook), str(hook))
 
 
 class Store:
@@ -204,6 +236,7 @@ def run_demo(tools: Tools, work: Path) -> bool:
     shutil.copy2("/bin/busybox", work / "bb" / "busybox")
     (work / "demo.nix").write_text(DEMO_NIX)
 
+    say(f"Nix {tools.version_text} from {tools.nix_bin}")
     section("1. keys: one for the builder, one for the gate")
     keys = work / "keys"
     keys.mkdir()
@@ -236,10 +269,20 @@ def run_demo(tools: Tools, work: Path) -> bool:
     say(f"built {out_path}")
     published = proc.run([th, "publish", "--config", str(sign_toml), "--no-agent"])
     say((published.stdout + published.stderr).strip())
+    attrs = ("compiler", "library", "app", "bundle")
     drvs = [builder.nix("nix-instantiate", str(work / "demo.nix"), "-A", a).stdout.strip()
-            for a in ("compiler", "library", "app", "bundle")]
-    builder.nix("nix", "copy", "--to", f"file://{cache}", out_path, *(f"{d}^*" for d in drvs))
-    say(f"copied the closure and its realisations to file://{cache}")
+            for a in attrs]
+    # Every step's output (built already: nix-build only names them), not only the bundle's
+    # runtime closure: a consumer substituting the chain asks for each step.
+    outs = builder.nix("nix-build", "--no-out-link", str(work / "demo.nix"),
+                       *(arg for a in attrs for arg in ("-A", a))).stdout.split()
+    if tools.nix_version[:2] >= CARET_OUTPUTS:
+        builder.nix("nix", "copy", "--to", f"file://{cache}", *outs, *(f"{d}^*" for d in drvs))
+        say(f"copied every step's output and its realisation to file://{cache}")
+    else:  # no DRV^* here; the gate answers realisations from the verified traces
+        builder.nix("nix", "copy", "--to", f"file://{cache}", *outs)
+        say(f"copied every step's output to file://{cache} (Nix {tools.version_text} cannot "
+            "name realisations to copy; the gate answers them from the traces)")
 
     section("3. a fresh store substitutes through the gate (it may not build: --max-jobs 0)")
     policy = work / "policy.toml"

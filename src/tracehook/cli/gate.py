@@ -67,6 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decisions kept (default %(default)s)")
     p.add_argument("--upstream-timeout", type=float, default=10.0, metavar="S",
                    help="seconds to wait for an upstream (default %(default)s)")
+    p.add_argument("--cache-dir", default=env("TRACEHOOK_CACHE_DIR"), metavar="DIR",
+                   help="persistent verification cache (facts that never change: parsed "
+                        ".drv files, signature checks, resolutions); env TRACEHOOK_CACHE_DIR")
+    p.add_argument("--verify-deadline", type=float, default=30.0, metavar="S",
+                   help="seconds one verification may take; then 502 (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no human lines on stderr")
 
 
@@ -83,13 +88,15 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
         priority=args.priority,
         upstream_timeout=args.upstream_timeout,
         cache=CacheConfig(max_entries=args.cache_size, ttl=args.cache_ttl),
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        verify_deadline=args.verify_deadline,
     )
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     events = EventLog(cfg.log_file, prefix="tracehook-gate",
-                      stderr=None if args.quiet else sys.stderr)
+                      stderr=None if args.quiet else sys.stderr, journal=True)
     server = build_server(cfg, events)
     stop = threading.Event()
 

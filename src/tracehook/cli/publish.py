@@ -109,7 +109,7 @@ def main_publish(args: argparse.Namespace) -> int:
         print(f"{len(items)} pending trace(s), {len(urls)} store(s); nothing sent",
               file=sys.stderr)
         return EXIT_OK
-    events = EventLog(cfg.log_file)
+    events = EventLog(cfg.log_file, journal=args.daemon)  # a daemon's stderr is the journal
     publisher = Publisher(spool, stores, events, max_backoff=args.max_backoff)
     if args.daemon:
         stop = threading.Event()

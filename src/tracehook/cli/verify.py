@@ -2,9 +2,11 @@
 
 Re-does dependency resolution for each TARGET and accepts it only when a chain of trusted
 build traces links it down to fixed-output sources (docs/POLICY.md). A TARGET is a .drv path
-(every output), ``DRV^out,dev`` (those outputs), or an output path (its deriver is looked up
-in the store's database; that output only). ``--store ROOT`` reads a chroot-style store
-(``ROOT/nix/store``). ``--traces`` replaces the policy's ``traces`` list. When the policy
+(every output), ``DRV^out,dev`` (those outputs), or an output path: that output of the
+derivation that produced it, found through the store's realisations and derivers (the
+original .drv, also for a content-addressed path substituted from a cache; the store must
+hold it). ``--store ROOT`` reads a chroot-style store (``ROOT/nix/store``). ``--traces``
+replaces the policy's ``traces`` list. When the policy
 trusts a cache key (``narinfo-key``), ``--narinfo-from URL`` names the binary caches whose
 narinfos and realisations are checked against it; ``--explain-trust`` summarises each
 closure: steps verified by traces, accepted on a cache signature, covered, refused.
@@ -18,20 +20,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-from pathlib import Path
+import sys
 
 from tracehook.errors import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REFUSED, ConfigError
-from tracehook.nix.derivation_hash import realisation_ids
-from tracehook.nix.storepath import STORE_DIR, output_path_name, parse_store_path, path_name
 from tracehook.stores.binarycache import open_upstream
-from tracehook.stores.nixdb import StoreDatabase
 from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.tracestore import open_store
 from tracehook.verify.engine import Limits
 from tracehook.verify.policy import load_policy
 from tracehook.verify.report import render_human
 from tracehook.verify.resolver import Resolver
-from tracehook.verify.walk import Target
+from tracehook.verify.targets import parse_targets
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -79,63 +78,6 @@ def _reference_time(at: str | None) -> dt.datetime:
     return when
 
 
-def _target(spec: str, reader: StoreReader, root: str | None) -> Target:
-    base, _, outs = spec.partition("^")
-    try:
-        parse_store_path(base, STORE_DIR)
-    except Exception:
-        raise ConfigError(f"target {spec!r} is not a store path under {STORE_DIR}") from None
-    if base.endswith(".drv"):
-        wanted = frozenset(o for o in outs.split(",") if o) if outs else None
-        return Target(spec, base, wanted or None)
-    if outs:
-        raise ConfigError(f"target {spec!r}: '^outputs' goes after a .drv path")
-    with StoreDatabase(root) as db:
-        info = db.path_info(base)
-    if info is None:
-        raise ConfigError(f"{base} is not a valid path in the store; give its .drv instead")
-    if info.deriver is None:
-        raise ConfigError(f"{base} has no deriver recorded in the store; give its .drv")
-    deriver = info.deriver
-    drv = reader.read_derivation(deriver)
-    with StoreDatabase(root) as db:
-        if not drv.input_drvs and any(_has_deriver(db, s) for s in drv.input_srcs):
-            # Nix records a CA output's *resolved* derivation as its deriver. Verifying that
-            # would take its inputs as given; find the original, whose inputs are verified.
-            deriver = _original_of(base, drv.name, reader, db, root)
-            drv = reader.read_derivation(deriver)
-    for name, out in drv.outputs.items():
-        if out.path == base or (not out.path and
-                                path_name(base) == output_path_name(drv.name, name)):
-            return Target(spec, deriver, frozenset((name,)), base)
-    raise ConfigError(f"{base} is not an output of its recorded deriver {deriver}")
-
-
-def _has_deriver(db: StoreDatabase, path: str) -> bool:
-    info = db.path_info(path)
-    return info is not None and info.deriver is not None
-
-
-def _original_of(
-    out_path: str, name: str, reader: StoreReader, db: StoreDatabase, root: str | None
-) -> str:
-    """The unresolved derivation whose realisation is ``out_path`` (searched by name)."""
-    directory = Path((root or "") + STORE_DIR)
-    found = []
-    for candidate in sorted(directory.glob(f"*-{name}.drv")):
-        drv_path = f"{STORE_DIR}/{candidate.name}"
-        drv = reader.read_derivation(drv_path)
-        if not drv.input_drvs:
-            continue
-        ids = realisation_ids(drv, reader.read_derivation)
-        if any((db.realisation(rid) or ("",))[0] == out_path for rid in ids.values()):
-            found.append(drv_path)
-    if len(found) != 1:
-        raise ConfigError(f"{out_path} was built from a resolved derivation and its original "
-                          ".drv cannot be told from the store; give the original .drv")
-    return found[0]
-
-
 def main(args: argparse.Namespace) -> int:
     now = _reference_time(args.at)
     for flag in ("max_depth", "max_resolutions", "jobs"):
@@ -150,9 +92,12 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.policy} trusts cache signatures (narinfo-key): pass "
                           "--narinfo-from URL for the binary cache to check them in")
     stores = [open_store(u) for u in urls]
+    if args.narinfo_from and not policy.narinfo_keys:
+        print(f"tracehook: warning: --narinfo-from is ignored: {args.policy} trusts no cache "
+              "key (narinfo-key)", file=sys.stderr)
     caches = [open_upstream(u) for u in args.narinfo_from or ()]
     reader = StoreReader(args.store)
-    targets = [_target(t, reader, args.store) for t in args.targets]
+    targets = parse_targets(args.targets, reader, args.store)
     if args.processes is not None and args.processes < 0:
         raise ConfigError(f"--processes {args.processes}: give 0 or more")
     limits = Limits(args.max_depth, args.max_resolutions, args.jobs, args.processes)

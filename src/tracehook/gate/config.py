@@ -47,6 +47,7 @@ class GateConfig:
     drv_cache_bytes: int = 256 * 1024 * 1024  # ... and at most this many .drv bytes
     verify_deadline: float = 30.0  # seconds a verification may take before it is a fault
     policy_interval: float = 2.0  # seconds between checks of the policy file
+    cache_dir: Path | None = None  # the persistent verification cache
 
 
 def parse_listen(text: str) -> tuple[str, int]:

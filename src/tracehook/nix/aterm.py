@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tracehook.errors import ParseError
 from tracehook.nix.derivation import (
@@ -136,6 +136,31 @@ def parse(text: str, what: str = "derivation") -> Derivation:
                 drv.__dict__["_cuts"] = cuts
             return drv
     return _parse_checked(text, what)
+
+
+PlainDerivation = tuple[Any, ...]
+
+
+def to_plain(drv: Derivation) -> PlainDerivation:
+    """A derivation as plain values (for ``marshal``), with its ATerm and cuts when known,
+    so that :func:`from_plain` gives back one that resolves as fast as a parsed one."""
+    cuts = drv.__dict__.get("_cuts")
+    return (tuple((n, o.path, o.hash_algo, o.hash) for n, o in drv.outputs.items()),
+            tuple(drv.input_drvs.items()), drv.input_srcs, drv.platform, drv.builder,
+            drv.args, tuple(drv.env.items()), drv.__dict__.get("aterm"),
+            tuple(cuts) if cuts is not None else None)
+
+
+def from_plain(plain: PlainDerivation) -> Derivation:
+    outputs, inputs, srcs, platform, builder, args, env, text, cuts = plain
+    drv = Derivation({n: DerivationOutput(p, a, h) for n, p, a, h in outputs},
+                     {k: tuple(v) for k, v in inputs}, tuple(srcs), platform, builder,
+                     tuple(args), dict(env))
+    if text is not None:
+        drv.__dict__["aterm"] = text
+        if cuts is not None:
+            drv.__dict__["_cuts"] = _Cuts(*cuts)
+    return drv
 
 
 _ESCAPE_PAIR = re.compile(r"\\(.)", re.S)

@@ -150,6 +150,32 @@ class StoreDatabase:
         path, sigs = rows[0]
         return str(path), tuple(str(sigs).split()) if sigs else ()
 
+    def realisations_of(self, out_path: str) -> list[tuple[int, str, str]]:
+        """Every realisation recorded for ``out_path``: (row id, ``sha256:<hex>`` derivation
+        hash, output name), oldest first. A store without ca-derivations has none."""
+        try:
+            rows = self._query(
+                "SELECT r.id, r.drvPath, r.outputName FROM Realisations r "
+                "JOIN ValidPaths v ON v.id = r.outputPath WHERE v.path = ? ORDER BY r.id",
+                (out_path,),
+            )
+        except EnvironmentFault:
+            if not self._has_table("Realisations"):
+                return []
+            raise
+        return [(int(str(rid)), str(drv_hash), str(name)) for rid, drv_hash, name in rows]
+
+    def derivers_of(self, out_path: str) -> list[tuple[int, str, str]]:
+        """The derivations this store registered as producing ``out_path`` (Nix's valid
+        derivers, input-addressed and fixed-output): (row id, .drv path, output name),
+        oldest first."""
+        rows = self._query(
+            "SELECT v.id, v.path, o.id FROM DerivationOutputs o JOIN ValidPaths v "
+            "ON v.id = o.drv WHERE o.path = ? ORDER BY v.id",
+            (out_path,),
+        )
+        return [(int(str(vid)), str(drv), str(name)) for vid, drv, name in rows]
+
     def _has_table(self, name: str) -> bool:
         rows = self._db().execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)

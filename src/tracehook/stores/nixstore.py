@@ -8,13 +8,15 @@ A .drv is read only if it is a regular file of at most :data:`MAX_DRV` bytes.
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 
 from tracehook.errors import EnvironmentFault, ParseError
 from tracehook.lru import Lru
-from tracehook.nix.aterm import parse
+from tracehook.nix.aterm import from_plain, parse, to_plain
 from tracehook.nix.derivation import Derivation, decode_drv
 from tracehook.nix.storepath import STORE_DIR, make_text_path, parse_store_path
+from tracehook.stores.factcache import FactCache
 from tracehook.stores.files import read_bounded
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class StoreReader:
         verify_paths: bool = True,
         max_cached: int | None = None,
         max_bytes: int | None = None,
+        facts: FactCache | None = None,
     ) -> None:
         """``verify_paths``: check that each .drv's contents hash to its own store path.
         ``max_cached``/``max_bytes``: keep at most this many parsed derivations, of at
@@ -40,6 +43,7 @@ class StoreReader:
         self.root = root
         self.store_dir = store_dir
         self.verify_paths = verify_paths
+        self.facts = facts
         self._drvs: Lru[str, tuple[Derivation, int]] | dict[str, tuple[Derivation, int]] = (
             {} if max_cached is None and max_bytes is None
             else Lru(max_cached or 1 << 30, max_bytes, size=lambda v: v[1]))
@@ -64,6 +68,28 @@ class StoreReader:
         _, name = parse_store_path(drv_path, self.store_dir)
         if not name.endswith(".drv"):
             raise ParseError("derivation path", f"{drv_path} is not a .drv", len(drv_path))
+        drv, size = self._from_facts(drv_path)
+        if drv is None:
+            drv, size = self._read(drv_path, name)
+        if isinstance(self._drvs, Lru):
+            self._drvs.put(drv_path, (drv, size))
+        else:
+            self._drvs[drv_path] = (drv, size)
+        return drv
+
+    def _from_facts(self, drv_path: str) -> tuple[Derivation | None, int]:
+        if self.facts is None:
+            return None, 0
+        data = self.facts.get("drv", drv_path.encode())
+        if data is None:
+            return None, 0
+        try:
+            return from_plain(marshal.loads(data)), len(data)
+        except (ValueError, TypeError, EOFError):
+            return None, 0  # a row of another shape: parse the file again
+
+    def _read(self, drv_path: str, name: str) -> tuple[Derivation, int]:
+        """Read, parse and (with ``verify_paths``) check one .drv; remember the parse."""
         real = self.real_path(drv_path)
         data = read_bounded(real, MAX_DRV, "derivation")
         if data is None:
@@ -79,11 +105,10 @@ class StoreReader:
                     f"derivation {drv_path}", f"its contents hash to {computed}, not to its path"
                 )
         log.debug("read derivation %s", drv_path)
-        if isinstance(self._drvs, Lru):
-            self._drvs.put(drv_path, (drv, len(data)))
-        else:
-            self._drvs[drv_path] = (drv, len(data))
-        return drv
+        if self.facts is not None and self.verify_paths:
+            drv.kind  # noqa: B018  (only a derivation Nix could have written is remembered)
+            self.facts.put("drv", drv_path.encode(), marshal.dumps(to_plain(drv)))
+        return drv, len(data)
 
     def load_closure(self, drv_path: str) -> dict[str, Derivation]:
         """Every derivation reachable through inputDrvs from ``drv_path``, itself included."""

@@ -84,6 +84,21 @@ class Claim:
         return jws.parse_compact(self.compact, "trace")
 
 
+#: A claim as plain values (for a pipe or the persistent cache): kind, key, kid, outputs.
+PlainOutputs = tuple[tuple[str, str, bytes, tuple[str, ...] | None], ...]
+PlainClaim = tuple[KeyKind, str, str, PlainOutputs]
+
+
+def claim_to_plain(claim: Claim) -> PlainClaim:
+    return (claim.kind, claim.key, claim.kid,
+            tuple((n, o.path, o.nar_hash, o.references) for n, o in claim.outputs.items()))
+
+
+def claim_from_plain(plain: PlainClaim, compact: str) -> Claim:
+    kind, key, kid, outputs = plain
+    return Claim(kind, key, {n: OutputClaim(p, h, r) for n, p, h, r in outputs}, kid, compact)
+
+
 def ia_preimage(rdrv_path: str, pins: Mapping[str, bytes]) -> bytes:
     lines = [IA_FORMAT, rdrv_path]
     lines += [f"{p} {format_nar_hash(pins[p])}" for p in sorted(pins)]

@@ -208,6 +208,19 @@ def kid_of(jws: Jws) -> str | None:
     return kid if isinstance(kid, str) else None
 
 
+def peek_kid(token: str) -> str | None:
+    """The ``kid`` in a compact JWS's header, read without parsing the rest (None if the
+    header does not parse or has no string ``kid``). Says nothing about the signature."""
+    header, sep, _ = token.partition(".")
+    if not sep:
+        return None
+    try:
+        kid = loads_object(b64url_decode(header, "header"), "header").get("kid")
+    except ParseError:
+        return None
+    return kid if isinstance(kid, str) else None
+
+
 def split_kid(kid: str) -> tuple[str, str]:
     """``name:thumb16`` -> (name, thumb16); the name is everything before the last ':'."""
     name, sep, thumb = kid.rpartition(":")

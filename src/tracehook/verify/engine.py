@@ -123,6 +123,9 @@ class Engine:
         self._outstanding = 0  # futures whose completion has not been handled
         self._in_flight = 0  # batches with the checker processes
         self._waiters: dict[str, list[Future[None]]] = {}
+        self._walking = False  # the walk is not re-entrant: targets arriving meanwhile wait
+        self._later: collections.deque[tuple[Target, Future[None] | None]] = (
+            collections.deque())
         # workers
         self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="tracehook")
         self._procs: CheckPool | None = None
@@ -193,6 +196,18 @@ class Engine:
     # --------------------------------------------------------------------------- targets
 
     def _add_target(self, target: Target, fut: Future[None] | None) -> None:
+        if self._walking:  # a target that came in while another is walked waits for it
+            self._later.append((target, fut))
+            return
+        self._walking = True
+        try:
+            self._walk_target(target, fut)
+        finally:
+            self._walking = False
+        while self._later:
+            self._add_target(*self._later.popleft())
+
+    def _walk_target(self, target: Target, fut: Future[None] | None) -> None:
         try:
             self.graph.walk_target(target, self._add)
         except GraphError as exc:
@@ -235,6 +250,8 @@ class Engine:
 
     def _add(self, path: str) -> None:
         """A step whose inputs were all added before it (or in an earlier target)."""
+        if path in self._members:
+            return
         self._members.add(path)
         count = 0
         for inp in self.graph.drvs[path].input_drvs:

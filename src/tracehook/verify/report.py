@@ -19,9 +19,10 @@ from tracehook.errors import Failure, GraphError, Rejected
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.nar import format_nar_hash
 from tracehook.nix.storepath import basename
+from tracehook.text import printable
 from tracehook.verify.cachekeys import CacheOutput
 from tracehook.verify.policy import Policy
-from tracehook.verify.trusted import Candidate, chosen_value
+from tracehook.verify.trusted import Candidate
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class TargetReport:
     covered: int = 0  # build steps below them covered without traces
     trust_summary: dict[str, Any] = field(default_factory=dict)
     trust_line: str = ""
+    basis: str = "traces"  # what admitted the chosen value: traces, cache, fixed
 
     @property
     def cache_signed_paths(self) -> list[str]:
@@ -96,6 +98,7 @@ class TargetReport:
             "cache_signed_paths": self.cache_signed_paths,
             "covered_without_traces": self.covered,
             "trust_summary": self.trust_summary,
+            "trust": self.basis if self.verified else None,
         }
 
 
@@ -129,6 +132,14 @@ def graph_step(error: GraphError, drv: Derivation | None) -> StepReport:
     return StepReport(error.drv_path, drv.name if drv else basename(error.drv_path),
                       "unknown" if drv is None else drv.kind, (), (), "refused", "graph",
                       error.diagnostics(), (), 0)
+
+
+def chosen_value(candidates: Sequence[Candidate], want_path: str | None) -> Candidate | None:
+    """The candidate a report names: one holding ``want_path`` if given, else the first."""
+    for c in candidates:
+        if want_path is None or want_path in c.paths().values():
+            return c
+    return None
 
 
 def build_target_report(
@@ -178,6 +189,7 @@ def build_target_report(
         covered=covered,
         trust_summary=trust[0],
         trust_line=trust[1],
+        basis=chosen.basis if chosen else "traces",
     )
 
 
@@ -201,10 +213,15 @@ def render_human(report: TargetReport, explain_trust: bool = False) -> str:
         counts[s.outcome] = counts.get(s.outcome, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     if report.verified:
-        lines.append(f"verified: {report.target}")
+        if report.basis == "cache":
+            lines.append(f"accepted on a cache signature alone (not verified by traces): "
+                         f"{report.target}")
+        else:
+            lines.append(f"verified: {report.target}")
         for name, path in sorted(report.outputs.items()):
             lines.append(f"  {name}: {path}")
-        lines.append(f"  signed by {', '.join(report.signers) or '-'}; "
+        who = "cache key(s)" if report.basis == "cache" else "signed by"
+        lines.append(f"  {who} {', '.join(report.signers) or '-'}; "
                      f"policy needs {report.requirement}")
         lines += _render_cache(report)
         for alt in report.alternatives:
@@ -230,4 +247,5 @@ def render_human(report: TargetReport, explain_trust: bool = False) -> str:
         lines.append(report.trust_line)
     for fault in report.faults:
         lines.append(f"  warning: trace store unreadable: {fault}")
-    return "\n".join(lines)
+    # Reasons quote what signers and stores wrote (a kid, a path, an error): one line each.
+    return "\n".join(printable(line) for line in lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tracehook.stores.binarycache import Upstream
 from tracehook.stores.tracestore import TraceStore
@@ -65,7 +66,9 @@ class Resolver:
     def _report(self, target: Target) -> TargetReport:
         graph = self.engine.graph
         closure = graph.closure(target.drv_path)
-        steps = [self._step_report(p) for p in closure]
+        needed = _above_fixed_outputs(self.engine, target.drv_path)
+        steps = [self._step_report(p) if p in needed else _not_needed(self._step_report(p))
+                 for p in closure]
         failure = self.engine.graph_failures.get(target.spec)
         if failure is not None:
             drv = graph.drvs.get(failure.drv_path)
@@ -109,3 +112,27 @@ class Resolver:
                           failure.kind if failure else None,
                           failure.message if failure else None,
                           tuple(trusted.rejected(path)), height, cache)
+
+
+def _above_fixed_outputs(engine: Engine, root: str) -> set[str]:
+    """The steps of ``root``'s closure that are not only below fixed-output steps: a
+    fixed output is pinned by its hash, so how its inputs came to be does not matter."""
+    drvs = engine.graph.drvs
+    needed = {root}
+    todo = [root]
+    while todo:
+        step = todo.pop()
+        drv = drvs.get(step)
+        if drv is None or drv.kind == "fixed":
+            continue
+        for child in drv.input_drvs:
+            if child not in needed:
+                needed.add(child)
+                todo.append(child)
+    return needed
+
+
+def _not_needed(step: StepReport) -> StepReport:
+    return replace(step, outcome="not-needed", failure=None,
+                   reason="below a fixed-output step: not needed (the fixed output is pinned "
+                          "by its hash)")

@@ -1,17 +1,11 @@
 """The verifier's core: verified state only, no I/O (python-tuf's trusted set, for traces).
 
-This module is the one place that mints trust: an :class:`Accepted` claim (and a
-:class:`Checked` result holding some) can only be made here, by :meth:`KeyRing.check`, which
-verifies the signature itself, or by :func:`readmit`, the one way back in for results that a
-checker process computed with the same :class:`KeyRing` code (plain values across a pipe).
-Any other attempt raises TypeError.
-
-:class:`KeyRing` turns the raw JWS strings fetched for one resolved step into claims that
-verify under a trusted, unexpired, unrevoked policy key, and says why each other one does
-not count. :class:`TrustedSet` records, per build step (unresolved derivation), the claims
-that were admitted for the resolutions the resolver computed from already-verified inputs,
-and answers which output values of a step satisfy the trust model (the maximal-bundle rule
-of docs/POLICY.md):
+The one place that mints trust: an :class:`Accepted` claim (and a :class:`Checked` result)
+is made only here, by :meth:`KeyRing.check`, which verifies the signature itself, or by
+:func:`readmit`, the one way back in for what a checker process computed with the same code.
+:class:`KeyRing` says why every other signature does not count. :class:`TrustedSet`
+records, per build step, the claims admitted for the resolutions computed from verified
+inputs, and answers which output values satisfy the trust model (docs/POLICY.md):
 
 * evidence is aggregated per build step, over all of its resolutions (divergent input
   histories that converge on the same outputs add up);
@@ -19,23 +13,32 @@ of docs/POLICY.md):
   their values for exactly those outputs, and each group's distinct signers are counted
   once each against the trust model;
 * fixed-output derivations anchor the chain: their path is in the ATerm, no claim needed;
-* a step whose referenced outputs no trusted claims verify may be accepted on a cache
-  signature (:mod:`tracehook.verify.cachesigs`, checked before it gets here): that ends the chain
-  obligation below it. Traces are preferred whenever they verify.
+* a step whose outputs no trusted claim verifies may be accepted on a cache signature
+  (:mod:`tracehook.verify.cachesigs`): that ends the chain obligation below it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import marshal
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from tracehook.errors import BadSignature, Failure, ParseError, Rejected
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.storepath import output_path_name, path_name
 from tracehook.trace import crypto, jws
-from tracehook.trace.claim import Claim, KeyKind, OutputClaim, TraceKey, parse_claim
+from tracehook.trace.claim import (
+    Claim,
+    OutputClaim,
+    PlainClaim,
+    TraceKey,
+    claim_from_plain,
+    claim_to_plain,
+    parse_claim,
+)
 from tracehook.trace.stepkey import Resolution
 from tracehook.verify.cachekeys import CacheOutput, Refused
 from tracehook.verify.policy import Policy, PolicyKey, TrustModel, TrustResult, evaluate
@@ -86,17 +89,12 @@ class Checked:
 
 #: A Checked result as plain values, for a pipe: the accepted claims' fields, the
 #: rejections, the number of signatures seen.
-PlainOutput = tuple[str, str, bytes, tuple[str, ...] | None]
-PlainClaim = tuple[str, KeyKind, str, str, str, tuple[PlainOutput, ...]]
-Plain = tuple[tuple[PlainClaim, ...], tuple[Rejected, ...], int]
+Plain = tuple[tuple[tuple[str, str, PlainClaim], ...], tuple[Rejected, ...], int]
 
 
 def to_plain(checked: Checked) -> Plain:
-    claims = tuple(
-        (a.signer, a.claim.kind, a.claim.key, a.claim.kid, a.claim.compact,
-         tuple((n, o.path, o.nar_hash, o.references) for n, o in a.claim.outputs.items()))
-        for a in checked.accepted
-    )
+    claims = tuple((a.signer, a.claim.compact, claim_to_plain(a.claim))
+                   for a in checked.accepted)
     return claims, checked.rejected, checked.seen
 
 
@@ -106,29 +104,47 @@ def readmit(plain: Plain, key: TraceKey, ring: KeyRing) -> Checked:
     again here: the signer is a current key of this policy and the claim is for ``key``."""
     claims, rejected, seen = plain
     accepted = []
-    for signer, kind, step_key, kid, compact, outputs in claims:
-        entry = ring.by_kid.get(kid)
+    for signer, compact, fields in claims:
+        claim = claim_from_plain(fields, compact)
+        entry = ring.by_kid.get(claim.kid)
         if entry is None or entry.name != signer or entry.status(ring.now) != "trusted":
-            raise ValueError(f"checker answered a claim by {signer!r} ({kid}), which is not a "
-                             "current key of the policy")
-        if (kind, step_key) != (key.kind, key.key):
-            raise ValueError(f"checker answered a claim for {kind}:{step_key} under "
+            raise ValueError(f"checker answered a claim by {signer!r} ({claim.kid}), which "
+                             "is not a current key of the policy")
+        if (claim.kind, claim.key) != (key.kind, key.key):
+            raise ValueError(f"checker answered a claim for {claim.kind}:{claim.key} under "
                              f"{key.kind}:{key.key}")
-        claim = Claim(kind, step_key, {n: OutputClaim(p, h, r) for n, p, h, r in outputs},
-                      kid, compact)
         accepted.append(Accepted(signer, claim, _MINT))
     return Checked(tuple(accepted), tuple(rejected), seen, _MINT)
+
+
+class Facts(Protocol):
+    """The persistent verification cache, as the key ring uses it
+    (:class:`tracehook.stores.factcache.FactCache`)."""
+
+    def get(self, ns: str, key: bytes) -> bytes | None: ...
+
+    def put(self, ns: str, key: bytes, value: bytes) -> None: ...
+
+
+def _bad_signature(entry: PolicyKey) -> Rejected:
+    return Rejected("bad-signature", entry.kid, f"bad signature: claimed by '{entry.name}' "
+                    "but the signature does not verify (tampered or forged)")
 
 
 class KeyRing:
     """The policy's keys at one reference time, by ``kid``. Pure; safe to share between
     threads (its memo only ever gains identical entries)."""
 
-    def __init__(self, policy: Policy, now: dt.datetime, memo: bool = True) -> None:
+    def __init__(self, policy: Policy, now: dt.datetime, memo: bool = True,
+                 facts: Facts | None = None) -> None:
         """``memo``: remember each (token, key) result (a long-lived gate sees the same
-        traces again); a checker process, which sees each key once, does without."""
+        traces again); a checker process, which sees each key once, does without.
+        ``facts``: the persistent verification cache: "this public key signed these exact
+        bytes, and they say this claim" is remembered across runs; the key's standing
+        (trusted, revoked, expired) is decided afresh every time."""
         self.now = now
         self.memo = memo
+        self.facts = facts
         self.by_kid: dict[str, PolicyKey] = {k.kid: k for k in policy.keys}
         self.by_key_name: dict[str, PolicyKey] = {k.public.name: k for k in policy.keys}
         self._memo: dict[tuple[str, str], Accepted | Rejected] = {}
@@ -160,6 +176,11 @@ class KeyRing:
         return Rejected("unknown-key", kid, f"signed by unknown key {kid}{hint}")
 
     def _check_one(self, token: str, key: TraceKey) -> Accepted | Rejected:
+        known = self._known(token) if self.facts is not None else None
+        if known is not None:
+            if known[1] is None:
+                return _bad_signature(known[0])
+            return self._admit(known[0], known[1], key)
         try:
             parsed = jws.parse_compact(token, "trace")
         except ParseError as exc:
@@ -173,8 +194,45 @@ class KeyRing:
         try:
             jws.verify(parsed, entry.public)
         except BadSignature:
-            return Rejected("bad-signature", kid, f"bad signature: claimed by '{entry.name}' "
-                            "but the signature does not verify (tampered or forged)")
+            self._remember(token, entry, None)
+            return _bad_signature(entry)
+        try:
+            claim = parse_claim(parsed)
+        except ParseError as exc:
+            return Rejected("malformed", kid, f"'{entry.name}' signed a malformed claim: {exc}")
+        self._remember(token, entry, claim)
+        return self._admit(entry, claim, key)
+
+    def _fact_key(self, token: str, entry: PolicyKey) -> bytes:
+        return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest() + \
+            entry.public.key
+
+    def _known(self, token: str) -> tuple[PolicyKey, Claim | None] | None:
+        """A check remembered in the persistent cache: (key, claim), (key, None) for a bad
+        signature, or None when it must be checked."""
+        assert self.facts is not None
+        kid = jws.peek_kid(token)
+        entry = self.by_kid.get(kid) if kid is not None else None
+        if entry is None:
+            return None
+        data = self.facts.get("sig", self._fact_key(token, entry))
+        if data is None:
+            return None
+        try:
+            plain = marshal.loads(data)
+            claim = None if plain is None else claim_from_plain(plain, token)
+        except (ValueError, TypeError, EOFError):
+            return None
+        return (entry, claim) if claim is None or claim.kid == kid else None
+
+    def _remember(self, token: str, entry: PolicyKey, claim: Claim | None) -> None:
+        if self.facts is None:
+            return
+        plain = None if claim is None else claim_to_plain(claim)
+        self.facts.put("sig", self._fact_key(token, entry), marshal.dumps(plain))
+
+    def _admit(self, entry: PolicyKey, claim: Claim, key: TraceKey) -> Accepted | Rejected:
+        kid = claim.kid
         status = entry.status(self.now)
         if status == "revoked":
             return Rejected("revoked-key", kid, f"key '{entry.name}' is revoked")
@@ -182,17 +240,13 @@ class KeyRing:
             assert entry.not_after is not None
             return Rejected("expired-key", kid, f"key '{entry.name}' expired "
                             f"{entry.not_after.isoformat()}")
-        try:
-            claim = parse_claim(parsed)
-        except ParseError as exc:
-            return Rejected("malformed", kid, f"'{entry.name}' signed a malformed claim: {exc}")
         if (claim.kind, claim.key) != (key.kind, key.key):
             return Rejected("other-step", kid, f"'{entry.name}' signed a claim for step "
                             f"{claim.kind}:{claim.key}, filed under {key.kind}:{key.key}")
         return Accepted(entry.name, claim, _MINT)
 
     def _unparseable(self, token: str, exc: ParseError) -> Rejected:
-        """A JWS we cannot parse: if a trusted key's signature over it fails, that is what
+        """A JWS that does not parse: a trusted key's failed signature over it is what
         happened (a changed byte usually breaks the JSON too); else it is malformed."""
         parts = token.split(".") if isinstance(token, str) else []
         if len(parts) == 3:
@@ -209,9 +263,7 @@ class KeyRing:
                 try:
                     crypto.verify(entry.public, f"{parts[0]}.{parts[1]}".encode("ascii"), sig)
                 except (BadSignature, UnicodeEncodeError):
-                    return Rejected("bad-signature", kid, f"bad signature: claimed by "
-                                    f"'{entry.name}' but the signature does not verify "
-                                    "(tampered or forged)")
+                    return _bad_signature(entry)
                 return Rejected("malformed", kid, f"'{entry.name}' signed a malformed trace: "
                                 f"{exc.diagnostics()}")
         return Rejected("malformed", None, f"malformed trace: {exc.diagnostics()}")
@@ -365,13 +417,6 @@ class TrustedSet:
             return set()
         return {(n, oc.path) for acc in step.accepted for n, oc in acc.claim.outputs.items()}
 
-    def claimed_paths(self, drv_path: str) -> set[str]:
-        """Every output path an accepted claim of the step names (verified or not)."""
-        step = self._steps.get(drv_path)
-        if step is None:
-            return set()
-        return {oc.path for acc in step.accepted for oc in acc.claim.outputs.values()}
-
     def cache_results(self, drv_path: str) -> Mapping[str, CacheOutput | Refused]:
         return dict(self._steps[drv_path].cache)
 
@@ -438,8 +483,6 @@ class TrustedSet:
         assert trust is not None
         return Failure("threshold", f"threshold not met: {trust.explain()}{extra}")
 
-    def signers(self, drv_path: str) -> frozenset[str]:
-        return frozenset(a.signer for a in self._steps[drv_path].accepted)
 
 
 def _output_problem(drv: Derivation, res: Resolution, claim: Claim) -> str | None:
@@ -455,15 +498,3 @@ def _output_problem(drv: Derivation, res: Resolution, claim: Claim) -> str | Non
         elif path_name(oc.path) != output_path_name(drv.name, name):
             return f"claims {name}={oc.path}, which is not named after this derivation"
     return None
-
-
-def chosen_value(candidates: Sequence[Candidate], want_path: str | None) -> Candidate | None:
-    """The candidate a report names: one holding ``want_path`` if given, else the first."""
-    for c in candidates:
-        if want_path is None or want_path in c.paths().values():
-            return c
-    return None
-
-
-def as_mapping(value: Value) -> Mapping[str, OutputClaim]:
-    return dict(value)

@@ -1,0 +1,187 @@
+"""Benchmark of the gate at NixOS scale: a whole closure requested as Nix requests it.
+
+    .venv/bin/python bench/gate_scale.py [--sizes 1000 10000] [--clients 8] [--runs 1]
+
+For each size, a synthetic closure shaped like a package set (bench/synth.py: floating-CA
+steps, two signers, a file trace store and a file binary cache) and, in one run:
+
+- **verify**: ``tracehook verify TARGET`` on the closure (a subprocess, as a user runs it);
+- **cold**: ``tracehook gate`` (a subprocess, a fresh ``--cache-dir``) asked for every path
+  of the closure as Nix substitutes it: for each build step its realisation, then its
+  narinfo (each source: its narinfo), steps in random order, ``--clients`` clients at once,
+  each on its own keep-alive connection; total time, cost per step, the gate's peak RSS
+  (VmHWM, and its checker processes' when there are any), and the ratio to verify;
+- **warm**: the same after a gate restart with the same ``--cache-dir``;
+- **leaf**: the same after one leaf build step changed (its derivation and everything above
+  it are new), restarted with the same ``--cache-dir``: ratio to cold, and the changed
+  steps' own share.
+
+Every answer must be 200: a refusal or a fault stops the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from synth import Closure, generate, policy_text  # noqa: E402
+
+TRACEHOOK = str(Path(sys.executable).parent / "tracehook")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gate exited with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/nix-cache-info")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("gate did not start")
+
+
+def peak_rss_mib(pid: int) -> float:
+    total = 0.0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
+
+
+def ask_all(port: int, closure: Closure, clients: int, seed: int) -> float:
+    """Every path of the closure, as Nix asks for it; seconds from first to last answer."""
+    work = closure.requests()
+    random.Random(seed).shuffle(work)
+    lock = threading.Lock()
+    failures: list[str] = []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while True:
+            with lock:
+                if not work:
+                    break
+                pair = work.pop()
+            for path in pair:
+                if not path:
+                    continue
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status != 200:
+                    failures.append(f"{path}: {resp.status} {body[:200]!r}")
+        conn.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise SystemExit(f"{len(failures)} request(s) failed, e.g. {failures[0]}")
+    return elapsed
+
+
+def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
+             seed: int) -> tuple[float, float]:
+    port = free_port()
+    log = cache_dir.parent / "gate.stderr"
+    proc = subprocess.Popen(
+        [TRACEHOOK, "gate", "--policy", str(policy), "--upstream", f"file://{closure.cache}",
+         "--store", str(closure.root), "--listen", f"127.0.0.1:{port}", "--quiet",
+         "--cache-dir", str(cache_dir)],
+        stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+    try:
+        wait_ready(port, proc)
+        try:
+            elapsed = ask_all(port, closure, clients, seed)
+        except SystemExit:
+            print(log.read_text()[-3000:], file=sys.stderr)
+            raise
+        rss = peak_rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return elapsed, rss
+
+
+def run_verify(policy: Path, closure: Closure) -> float:
+    start = time.perf_counter()
+    subprocess.run([TRACEHOOK, "verify", closure.target, "--policy", str(policy), "--store",
+                    str(closure.root)], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=1)
+    args = ap.parse_args()
+    print(f"{'steps':>7} {'verify s':>9} {'gate cold s':>12} {'us/step':>8} {'ratio':>6} "
+          f"{'RSS MiB':>8} {'warm s':>7} {'warm/cold':>9} {'leaf s':>7} {'leaf/cold':>9}")
+    per_step: dict[int, list[float]] = {}
+    for n in args.sizes:
+        for run in range(args.runs):
+            with tempfile.TemporaryDirectory(prefix="tracehook-gate-scale-") as d:
+                tmp = Path(d)
+                closure = generate(tmp, n)
+                policy = tmp / "policy.toml"
+                policy.write_text(policy_text(closure.traces))
+                cache_dir = tmp / "cache-dir"
+                verify_s = run_verify(policy, closure)
+                cold, rss = run_gate(policy, closure, cache_dir, args.clients, run)
+                warm, _ = run_gate(policy, closure, cache_dir, args.clients, run + 1)
+                changed = generate(tmp, n, changed_leaf=0, store=closure.root)
+                leaf, _ = run_gate(policy, changed, cache_dir, args.clients, run + 2)
+                count = len(closure.steps)
+                per_step.setdefault(n, []).append(cold / count * 1e6)
+                print(f"{count:>7} {verify_s:>9.2f} {cold:>12.2f} {cold / count * 1e6:>8.0f} "
+                      f"{cold / verify_s:>6.2f} {rss:>8.0f} {warm:>7.2f} {warm / cold:>9.2f} "
+                      f"{leaf:>7.2f} {leaf / cold:>9.2f}", flush=True)
+    if len(per_step) > 1:
+        sizes = sorted(per_step)
+        small, large = statistics.median(per_step[sizes[0]]), statistics.median(per_step[sizes[-1]])
+        print(f"per-step cost at {sizes[-1]} / at {sizes[0]}: {large / small:.2f}")
+
+
+if __name__ == "__main__":
+    main()

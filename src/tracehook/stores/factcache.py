@@ -1,0 +1,258 @@
+"""The persistent verification cache: facts that never change for a given input.
+
+``tracehook verify --cache-dir DIR`` and ``tracehook gate --cache-dir DIR`` keep here what
+costs time to compute and can never become wrong, because its key names all of its input:
+
+- ``drv``: a .drv file's parse, keyed by its store path (a .drv path is the hash of its
+  content, and a parse is kept only once the bytes hashed back to that path);
+- ``hash``: a derivation's hashDerivationModulo and realisation ids, keyed by its path;
+- ``sig``: an Ed25519 check, keyed by the exact JWS bytes and the public key's bytes: "this
+  key signed these bytes" (valid or not); whether the key is trusted, revoked or expired is
+  decided afresh every time from the policy in force;
+- ``resolve``: a build step's resolved derivation and trace key, keyed by the step's path
+  and the exact input values it was resolved with;
+- ``refs``: the references found by scanning a NAR, keyed by its NAR hash.
+
+Decisions are never cached: which traces a store holds, which keys the policy trusts, and
+what satisfies the trust model are read and evaluated anew on every run, so a revoked key,
+an expired key or a changed trace is never answered from here.
+
+One SQLite database (``facts.sqlite``, WAL mode) that a gate and several CLI runs may share:
+SQLite serialises writers; a writer that waits longer than ``busy_timeout`` simply does not
+cache. Every row carries a BLAKE2b digest of its key and value, checked on every read: a
+row that does not match is dropped. A file that is not a database, or one SQLite finds
+corrupt, is moved aside and rebuilt, with a warning. Bounded in size: when the rows exceed
+``max_bytes``, the least recently used go first, down to 90 %.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+_TOUCH_EVERY = 24 * 3600  # seconds before a read refreshes a row's last use
+_CHECK_EVERY = 1000  # writes between size checks
+_FLUSH_ROWS = 256  # facts written in one transaction
+_FLUSH_SECONDS = 1.0
+
+
+def default_dir() -> Path:
+    """``$XDG_CACHE_HOME/tracehook`` (``~/.cache/tracehook``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tracehook"
+
+
+def _check(ns: str, key: bytes, value: bytes) -> bytes:
+    return hashlib.blake2b(b"%s\0%b\0%b" % (ns.encode(), key, value), digest_size=8).digest()
+
+
+class FactCache:
+    """Thread-safe (one connection per thread)."""
+
+    def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES,
+                 busy_timeout: float = 2.0) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / "facts.sqlite"
+        self.max_bytes = max_bytes
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._writes = 0
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, bytes], bytes] = {}
+        self._flushed = time.monotonic()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._open_checked()
+
+    def __getstate__(self) -> dict[str, object]:
+        """For a checker process: where the cache is, not its connections."""
+        return {"directory": self.directory, "path": self.path, "max_bytes": self.max_bytes,
+                "busy_timeout": self.busy_timeout}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+        self._writes = 0
+        self._lock = threading.Lock()
+        self._pending = {}
+        self._flushed = time.monotonic()
+
+    # ------------------------------------------------------------------ opening
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def _open_checked(self) -> None:
+        """Create the schema, or rebuild a file that is not a usable cache."""
+        try:
+            conn = self._conn()
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS facts (ns TEXT NOT NULL, key BLOB NOT NULL, "
+                "value BLOB NOT NULL, check_ BLOB NOT NULL, size INTEGER NOT NULL, "
+                "used INTEGER NOT NULL, PRIMARY KEY (ns, key)) WITHOUT ROWID")
+            conn.execute("CREATE INDEX IF NOT EXISTS facts_used ON facts (used)")
+            row = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
+            elif row[0] != str(SCHEMA):
+                raise sqlite3.DatabaseError(f"schema {row[0]}, expected {SCHEMA}")
+            conn.execute("SELECT count(*) FROM facts WHERE ns = 'x'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+
+    def _rebuild(self, exc: BaseException) -> None:
+        log.warning("verification cache %s is unusable (%s): discarded and rebuilt",
+                    self.path, exc)
+        self._close_conn()
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            old = Path(f"{self.path}{suffix}")
+            with contextlib.suppress(FileNotFoundError):
+                if suffix:
+                    old.unlink()
+                else:
+                    old.replace(old.with_name(f"facts.broken-{stamp}-{os.getpid()}.sqlite"))
+        self._open_checked()
+
+    def close(self) -> None:
+        """Write what is pending and close this thread's connection."""
+        if self._pending:
+            with contextlib.suppress(sqlite3.Error):
+                self.flush()
+        self._close_conn()
+
+    def _close_conn(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --------------------------------------------------------------------- use
+
+    def get(self, ns: str, key: bytes) -> bytes | None:
+        """The value stored for ``key``, or None (absent, unreadable or damaged)."""
+        pending = self._pending.get((ns, key))
+        if pending is not None:
+            return pending
+        try:
+            row = self._conn().execute(
+                "SELECT value, check_, used FROM facts WHERE ns = ? AND key = ?",
+                (ns, key)).fetchone()
+        except sqlite3.OperationalError:
+            return None  # locked for longer than we wait: compute instead
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return None
+        if row is None:
+            return None
+        value, check, used = bytes(row[0]), bytes(row[1]), int(row[2])
+        if check != _check(ns, key, value):
+            log.warning("verification cache %s: a damaged entry was dropped", self.path)
+            self._delete(ns, key)
+            return None
+        now = int(time.time())
+        if now - used > _TOUCH_EVERY:
+            self._execute("UPDATE facts SET used = ? WHERE ns = ? AND key = ?", (now, ns, key))
+        return value
+
+    def put(self, ns: str, key: bytes, value: bytes) -> None:
+        """Remember a fact; written with others in one transaction (at most a second or
+        256 facts later, and at :meth:`flush`)."""
+        with self._lock:
+            self._pending[(ns, key)] = value
+            due = (len(self._pending) >= _FLUSH_ROWS
+                   or time.monotonic() - self._flushed >= _FLUSH_SECONDS)
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._flushed = time.monotonic()
+        by_ns: dict[str, list[tuple[bytes, bytes]]] = {}
+        for (ns, key), value in pending.items():
+            by_ns.setdefault(ns, []).append((key, value))
+        for ns, items in by_ns.items():
+            self.put_many(ns, items)
+
+    def put_many(self, ns: str, items: Iterable[tuple[bytes, bytes]]) -> None:
+        now = int(time.time())
+        rows = [(ns, k, v, _check(ns, k, v), len(k) + len(v) + 40, now) for k, v in items]
+        if not rows:
+            return
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT OR REPLACE INTO facts VALUES (?, ?, ?, ?, ?, ?)",
+                                 rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError:
+            return  # busy: another writer; this fact is simply not cached now
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return
+        with self._lock:
+            self._writes += len(rows)
+            due = self._writes >= _CHECK_EVERY
+            if due:
+                self._writes = 0
+        if due:
+            self.evict()
+
+    def _delete(self, ns: str, key: bytes) -> None:
+        self._execute("DELETE FROM facts WHERE ns = ? AND key = ?", (ns, key))
+
+    def _execute(self, sql: str, params: tuple[object, ...]) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn().execute(sql, params)
+
+    def size(self) -> int:
+        row = self._conn().execute("SELECT coalesce(sum(size), 0) FROM facts").fetchone()
+        return int(row[0])
+
+    def evict(self) -> int:
+        """Drop the least recently used rows until the total is under 90 % of the bound;
+        returns how many went."""
+        try:
+            total = self.size()
+            if total <= self.max_bytes:
+                return 0
+            target = int(self.max_bytes * 0.9)
+            conn = self._conn()
+            gone = 0
+            for ns, key, size in conn.execute(
+                    "SELECT ns, key, size FROM facts ORDER BY used").fetchall():
+                if total <= target:
+                    break
+                conn.execute("DELETE FROM facts WHERE ns = ? AND key = ?", (ns, key))
+                total -= int(size)
+                gone += 1
+            return gone
+        except sqlite3.Error as exc:
+            log.warning("verification cache %s: eviction failed: %s", self.path, exc)
+            return 0
