@@ -381,6 +381,10 @@ def test_gate_command_line_parses(evaluated: dict[str, Any]) -> None:
     assert args.upstream == ["https://cache.example.org"]
     assert args.signing_key == "/run/credentials/tracehook-gate.service/signing-key"
     assert args.log_file == "/var/log/tracehook-gate/gate.log"
+    assert args.cache_dir == "/var/cache/tracehook-gate"
+    service = unit_sections(evaluated["readme"]["units"]["gate"])["Service"]
+    assert service["CacheDirectory"] == ["tracehook-gate"]
+    assert service["LogsDirectory"] == ["tracehook-gate"]
 
 
 def test_gate_unit_reloads_and_checks_the_policy(evaluated: dict[str, Any]) -> None:

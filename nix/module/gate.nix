@@ -264,6 +264,14 @@ in
               else): `tracehook log --refused /var/log/tracehook-gate/gate.log`.
             '';
           };
+          cache-dir = mkOption {
+            type = types.nullOr types.str;
+            default = "/var/cache/tracehook-gate";
+            description = ''
+              The persistent verification cache (facts that never change: parsed .drv files,
+              signature checks), in the service's CacheDirectory: a restart starts warm.
+            '';
+          };
           signing-key = mkOption {
             type = types.nullOr types.str;
             default = if gcfg.secretKeyFile == null then null else credential;

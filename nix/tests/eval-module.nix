@@ -424,6 +424,7 @@ let
               && contains "'--policy' '/etc/tracehook/policy.toml'" start.text
               && contains "'--listen' '127.0.0.1:37515'" start.text
               && contains "'--upstream' 'https://cache.example.org'" start.text
+              && contains "'--cache-dir' '/var/cache/tracehook-gate'" start.text
               && contains "'--signing-key' '/run/credentials/tracehook-gate.service/signing-key'" start.text
             )
           )
