@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +14,11 @@ from nixharness import TIERS, NixEnv, NixTier, get_tier
 from testkeys import CONFORMANCE
 
 _counter = itertools.count()
+
+# Every tracehook run of the suite (in process or not) shares one persistent verification
+# cache, fresh for the session: the suite runs cold and warm against it, never against the
+# user's ~/.cache/tracehook.
+os.environ.setdefault("TRACEHOOK_CACHE_DIR", tempfile.mkdtemp(prefix="tracehook-facts-"))
 
 
 @pytest.fixture(scope="session", params=TIERS, ids=[f"nix-{t}" for t in TIERS])

@@ -22,7 +22,8 @@ from tracehook.trace import jws
 from tracehook.trace.claim import BuilderInfo, Claim, OutputClaim, TraceKey, sign_trace
 from tracehook.trace.stepkey import Resolution
 from tracehook.verify.policy import Policy, parse_policy
-from tracehook.verify.trusted import Accepted, Checked, KeyRing, TrustedSet, readmit, to_plain
+from tracehook.verify.trusted import Accepted, Checked, KeyRing, readmit, to_plain
+from tracehook.verify.trustedset import TrustedSet
 from verifyhelp import public_text, secret
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
@@ -115,16 +116,16 @@ def test_readmit_rechecks_what_it_can(forgery: str) -> None:
     """A checker process's answer re-enters only through readmit, which checks that the
     signer is a current key of this policy and that the claim is for the key asked."""
     ring = KeyRing(policy(), NOW)
-    claims, rejected, seen = to_plain(ring.check([token()], KEY))
-    [(signer, compact, (kind, key, kid, outputs))] = claims
+    claims, rejected, seen, evidence_seen = to_plain(ring.check([token()], KEY))
+    [(signer, compact, (kind, key, kid, outputs), evidence)] = claims
     if forgery == "signer-not-in-policy":
-        claims = ((signer, compact, (kind, key, "mallory:0123456789abcdef", outputs)),)
+        claims = ((signer, compact, (kind, key, "mallory:0123456789abcdef", outputs), evidence),)
     elif forgery == "signer-renamed":
-        claims = (("builderB", compact, (kind, key, kid, outputs)),)
+        claims = (("builderB", compact, (kind, key, kid, outputs), evidence),)
     else:
-        claims = ((signer, compact, (kind, OTHER.key, kid, outputs)),)
+        claims = ((signer, compact, (kind, OTHER.key, kid, outputs), evidence),)
     with pytest.raises(ValueError, match="checker answered"):
-        readmit((claims, rejected, seen), KEY, ring)
+        readmit((claims, rejected, seen, evidence_seen), KEY, ring)
     assert readmit(to_plain(ring.check([token()], KEY)), KEY, ring).accepted[0].signer == \
         "builderA"
 

@@ -20,6 +20,7 @@ from testkeys import public_text, secret
 from tracehook import cli
 from tracehook.stores.tracestore import FileTraceStore
 from tracehook.trace.claim import BuilderInfo, OutputClaim, TraceKey, sign_trace
+from tracehook.trace.tracefile import TraceDocument
 
 __all__ = ["BUILDER", "public_text", "run_verify", "secret", "sign_into", "write_policy"]
 
@@ -87,10 +88,10 @@ class ChildStore(FileTraceStore):
     def in_child(self) -> None:
         raise NotImplementedError
 
-    def get(self, key: str) -> list[str]:
+    def read(self, key: str) -> TraceDocument:
         if os.getpid() != self.parent:
             self.in_child()
-        return super().get(key)
+        return super().read(key)
 
 
 class DyingStore(ChildStore):

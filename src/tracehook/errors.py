@@ -166,6 +166,8 @@ class EvidenceRefused(TracehookError):
 RejectKind = Literal[
     "malformed", "bad-signature", "unknown-key", "expired-key", "revoked-key",
     "other-step", "wrong-output",
+    # hardware evidence (an entry of a trace file's evidence list, docs/FORMAT.md 9)
+    "evidence-refused", "expired-evidence", "revoked-evidence",
 ]
 FailureKind = Literal[
     "no-trace", "no-trusted-claim", "threshold", "disagree", "missing-output", "input",
@@ -175,7 +177,7 @@ FailureKind = Literal[
 
 @dataclass(frozen=True)
 class Rejected:
-    """A signature that does not count, and why."""
+    """A signature (or an evidence entry) that does not count, and why."""
 
     kind: RejectKind
     kid: str | None

@@ -123,6 +123,17 @@ def _show(value: object, width: int = 0) -> str:
     return f"{text:<{width}}" if width else text
 
 
+def _evidence(record: dict[str, Any]) -> str:
+    """What hardware evidence admitted it (the gate's ``allowed`` lines), compactly."""
+    items = record.get("evidence")
+    if not isinstance(items, list):
+        return ""
+    shown = [f"{e.get('element')} (measurement {str(e.get('measurement'))[:16]}..., chip "
+             f"{str(e.get('chip_id'))[:16]}..., tcb {e.get('tcb')})"
+             for e in items if isinstance(e, dict)]
+    return f"hardware evidence {', '.join(shown)}" if shown else ""
+
+
 def render_human(record: dict[str, Any]) -> str:
     """``time  event  name  outcome  reason``: one line a person scans."""
     when = record_time(record)
@@ -156,6 +167,9 @@ def _admitted(record: dict[str, Any]) -> str:
         return "fixed output (pinned by its hash)"
     if trust == "traces":
         said = f"verified by traces ({names('signers')})"
+        evidence = _evidence(record)
+        if evidence:
+            said += f"; {evidence}"
         if record.get("cache_signed"):
             said += (f"; relies on {len(record['cache_signed'])} path(s) below accepted on a "
                      "cache signature alone")

@@ -99,7 +99,7 @@ def main_publish(args: argparse.Namespace) -> int:
     if not urls:
         raise ConfigError("no trace store to publish to: set publish-to in the configuration "
                           "or pass --to URL")
-    stores = [open_store(u) for u in urls]
+    stores = [open_store(u, create=True) for u in urls]
     if args.dry_run:
         items = spool.pending()
         for it in items:

@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.to:
         print(token)
     for url in args.to or ():
-        open_store(url).append(key.key, [token])
+        open_store(url, create=True).append(key.key, [token])
         print(f"tracehook: appended {key.kind} trace {key.key} to {url}", file=sys.stderr)
     print(f"tracehook: {key.kind} key {key.key} (resolved {key.rdrv_path})", file=sys.stderr)
     return EXIT_OK

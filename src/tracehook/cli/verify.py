@@ -20,10 +20,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import sqlite3
 import sys
+from pathlib import Path
 
 from tracehook.errors import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REFUSED, ConfigError
 from tracehook.stores.binarycache import open_upstream
+from tracehook.stores.factcache import FactCache, default_dir
 from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.tracestore import open_store
 from tracehook.verify.engine import Limits
@@ -63,7 +67,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="check traces in N worker processes instead (0: never; default: "
                    f"one per core, for closures of {Limits.process_from} or more "
                    "derivations)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="persistent verification cache (facts that never change: parsed "
+                   ".drv files, signature checks, resolutions; default $TRACEHOOK_CACHE_DIR, "
+                   "else $XDG_CACHE_HOME/tracehook; '' for none)")
     p.set_defaults(func=main)
+
+
+def _facts(given: str | None) -> FactCache | None:
+    """The persistent cache to use, or None; a cache that cannot be opened is a warning,
+    never a reason not to verify."""
+    where = given if given is not None else os.environ.get("TRACEHOOK_CACHE_DIR")
+    directory = default_dir() if where is None else Path(where) if where else None
+    if directory is None:
+        return None
+    try:
+        return FactCache(directory)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"tracehook: warning: verification cache {directory} unusable ({exc}); "
+              "verifying without it", file=sys.stderr)
+        return None
 
 
 def _reference_time(at: str | None) -> dt.datetime:
@@ -96,13 +119,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"tracehook: warning: --narinfo-from is ignored: {args.policy} trusts no cache "
               "key (narinfo-key)", file=sys.stderr)
     caches = [open_upstream(u) for u in args.narinfo_from or ()]
-    reader = StoreReader(args.store)
+    facts = _facts(args.cache_dir)
+    reader = StoreReader(args.store, facts=facts)
     targets = parse_targets(args.targets, reader, args.store)
     if args.processes is not None and args.processes < 0:
         raise ConfigError(f"--processes {args.processes}: give 0 or more")
     limits = Limits(args.max_depth, args.max_resolutions, args.jobs, args.processes)
-    resolver = Resolver(policy, stores, reader.read_derivation, now, limits, caches)
-    reports = resolver.verify(targets)
+    resolver = Resolver(policy, stores, reader.read_derivation, now, limits, caches, facts)
+    try:
+        reports = resolver.verify(targets)
+    finally:
+        if facts is not None:
+            facts.close()
     verified = all(r.verified for r in reports)
     if args.json:
         obj = reports[0].to_json() if len(reports) == 1 else {

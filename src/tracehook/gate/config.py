@@ -22,6 +22,7 @@ from tracehook.gate.service import Answer, GateService
 from tracehook.gate.verdicts import GateVerifier
 from tracehook.stores.binarycache import open_upstream
 from tracehook.stores.eventlog import EventLog
+from tracehook.stores.factcache import FactCache
 from tracehook.stores.http import DEFAULT_TIMEOUT
 from tracehook.stores.nixstore import StoreReader
 from tracehook.trace import crypto
@@ -76,11 +77,13 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
                           "refuse everything")
     upstreams = [open_upstream(url, cfg.upstream_timeout) for url in cfg.upstreams]
     key = crypto.read_secret_key_file(cfg.signing_key) if cfg.signing_key else None
+    facts = FactCache(cfg.cache_dir) if cfg.cache_dir is not None else None
     reader = StoreReader(cfg.store_root, max_cached=cfg.drv_cache_size,
-                         max_bytes=cfg.drv_cache_bytes)
+                         max_bytes=cfg.drv_cache_bytes, facts=facts)
     index = DrvIndex(reader)
+    index.check_readable()  # a gate does not start on a store it cannot read (exit 3)
     verifier = GateVerifier(policies.current, reader, max_age=cfg.generation_max_age,
-                            caches=upstreams, deadline=cfg.verify_deadline)
+                            caches=upstreams, deadline=cfg.verify_deadline, facts=facts)
     service = GateService(
         index, verifier, upstreams, key, events, DecisionCache[Answer](cfg.cache),
         cfg.priority, weak_hashes=lambda: policies.current()[0].weak_fixed_output_hashes)

@@ -1,260 +1,258 @@
 """The gate's HTTP front: Nix's binary-cache protocol on a loopback socket.
 
-Routes (GET and HEAD; anything else is 405):
+A lean HTTP/1.1 server (GET and HEAD; anything else is 405) with keep-alive, since Nix
+reuses connections; the routes are :mod:`tracehook.gate.routes`. Each answer is written
+with one ``send``. Limits, all documented in docs/OPERATIONS.md:
 
-- ``/nix-cache-info``
-- ``/<32 nix-base32>.narinfo``
-- ``/realisations/sha256:<64 hex>!<output>.doi`` (Nix 2.4 to 2.34)
-- ``/build-trace-v2/<drv base name>/<output>.doi`` (Nix 2.35)
-- ``/nar/<file>``: streamed from the upstream in chunks, never buffered whole
+- a request line over 8 KiB is 414, more than 64 headers 431, a request body 413;
+- **the whole request head** (request line and headers) must arrive within
+  ``header_timeout`` seconds of its first byte, however it trickles in (a watchdog shuts the
+  socket down at the deadline);
+- a kept-alive connection with no request for ``idle_timeout`` seconds is closed;
+- at most ``max_connections`` connections: when a new one would exceed it, the connection
+  that has waited longest without a request in progress is closed to make room (idle
+  keep-alive connections first, then ones still sending their head), so a flood of slow
+  or silent connections cannot keep a new client from an answer; only when every
+  connection is being answered does a new one get 503 at once.
 
-Every other path is 404; a path that is malformed for its route, or that tries to escape
-(``..``, ``//``, backslashes, control characters, percent-encoded slashes), is 400. Request
-lines over 8 KiB (414), more than 64 headers (431), request bodies (413) and clients that
-send their request too slowly (socket timeout) are dropped without reaching the service. A
-bug in a handler answers 500 and is logged; it never answers 200.
-
-The server is :class:`http.server.ThreadingHTTPServer` speaking HTTP/1.1 with keep-alive
-(Nix reuses connections), with a cap on concurrent connections beyond which new ones get
-503 at once.
+A bug in a handler answers 500 and is logged; it never answers 200.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.server
+import io
 import logging
-import re
 import socket
+import socketserver
 import threading
-import urllib.parse
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from tracehook.errors import ParseError, UpstreamFault
-from tracehook.gate.decide import NAR_URL
+from tracehook.errors import EnvironmentFault
 from tracehook.gate.policywatch import PolicyWatch
-from tracehook.gate.service import NOT_FOUND, Answer, GateService, NarAnswer
-from tracehook.nix import realisation
+from tracehook.gate.routes import Routes
+from tracehook.gate.service import Answer, GateService, NarAnswer
+from tracehook.stores.deadline import WATCHDOG
 
 log = logging.getLogger(__name__)
 
-_NARINFO = re.compile(r"/([0-9abcdfghijklmnpqrsvwxyz]{32})\.narinfo")
-_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 MAX_REQUEST_LINE = 8192
+MAX_HEADER_LINE = 8192
 MAX_HEADERS = 64
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 @dataclass(frozen=True)
 class HttpLimits:
-    request_timeout: float = 30.0  # seconds a client may take to send one request
+    header_timeout: float = 10.0  # seconds from a request's first byte to its last header
+    idle_timeout: float = 60.0  # seconds a kept-alive connection may wait for a request
     max_connections: int = 512
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "tracehook-gate"
-    sys_version = ""
+@dataclass
+class _Conn:
+    sock: socket.socket
+    state: str = "idle"  # idle, reading (the request head), serving
+    since: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    target: str
+    keep_alive: bool
+    has_body: bool
+
+
+class _Handler(socketserver.BaseRequestHandler):
     server: GateHTTPServer
 
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.limits.request_timeout)
-        # Headers and body are two writes: without this, Nagle's algorithm and the client's
-        # delayed ACK hold every small answer back by about 40 ms on a kept-alive connection.
+    def handle(self) -> None:
+        sock: socket.socket = self.request
         with contextlib.suppress(OSError):
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    # stdlib reads up to 64 KiB per request line and 100 headers; we allow less.
-    def parse_request(self) -> bool:
-        if not super().parse_request():  # reads the headers too: no reset on close
-            return False
-        raw: bytes = getattr(self, "raw_requestline", b"")
-        if len(raw) > MAX_REQUEST_LINE:
-            self.close_connection = True
-            self.send_error(414)
-            return False
-        if len(self.headers) > MAX_HEADERS:
-            self.close_connection = True
-            self.send_error(431)
-            return False
-        return True
-
-    def do_GET(self) -> None:
-        self._serve(head=False)
-
-    def do_HEAD(self) -> None:
-        self._serve(head=True)
-
-    def _not_allowed(self) -> None:
-        self.close_connection = True
-        self._send(Answer(405, b"only GET and HEAD\n"), head=False, extra={"Allow": "GET, HEAD"})
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
-
-    def _serve(self, head: bool) -> None:
-        length = self.headers.get("Content-Length")
-        if (length and length.strip() != "0") or self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            self._send(Answer(413, b"no request bodies\n"), head)
-            return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rfile: io.BufferedReader = sock.makefile("rb", buffering=65536)  # type: ignore[assignment]
+        conn = self.server.enter(sock)
+        limits = self.server.limits
         try:
-            result = self.server.route(self.path)
-        except Exception:  # a bug must not kill the connection thread or answer "yes"
-            log.exception("internal error serving %r", self.path[:200])
-            self.close_connection = True
-            self._send(Answer(500, b"internal error\n"), head)
-            return
-        if isinstance(result, NarAnswer):
-            self._stream(result, head)
-        else:
-            self._send(result, head)
-
-    def _send(self, answer: Answer, head: bool, extra: dict[str, str] | None = None) -> None:
-        try:
-            self.send_response(answer.status)
-            self.send_header("Content-Type", answer.content_type)
-            self.send_header("Content-Length", str(len(answer.body)))
-            for k, v in (extra or {}).items():
-                self.send_header(k, v)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if not head:
-                self.wfile.write(answer.body)
-        except OSError:
-            self.close_connection = True
-
-    def _stream(self, nar: NarAnswer, head: bool) -> None:
-        body = nar.body
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-nix-nar")
-            if body.size is not None:
-                self.send_header("Content-Length", str(body.size))
-            else:
-                self.close_connection = True
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if head:
-                return
-            sent = 0
-            for block in body.chunks():
-                self.wfile.write(block)
-                sent += len(block)
-            if body.size is not None and sent != body.size:
-                log.warning("NAR %s: upstream sent %d of %d bytes", self.path, sent, body.size)
-                self.close_connection = True
-        except UpstreamFault as exc:
-            log.warning("NAR %s: %s", self.path, exc.diagnostics())
-            self.close_connection = True  # the client sees a short body and fails the hash
-        except OSError:
-            self.close_connection = True  # the client went away
+            while True:
+                self.server.mark(conn, "idle")
+                sock.settimeout(limits.idle_timeout)
+                try:
+                    if not rfile.peek(1):
+                        return  # the client closed the connection
+                except OSError:
+                    return  # idle too long, evicted, or reset
+                self.server.mark(conn, "reading")
+                sock.settimeout(limits.header_timeout)
+                try:
+                    with WATCHDOG.deadline(sock, limits.header_timeout):
+                        request = _read_head(rfile)
+                except OSError:
+                    return  # too slow: the watchdog or the timeout cut it off
+                self.server.mark(conn, "serving")
+                if isinstance(request, Answer):
+                    _send(sock, request, head=False, keep_alive=False)
+                    return
+                if not self._answer(sock, request):
+                    return
         finally:
-            body.close()
+            self.server.leave(conn)
+            rfile.close()
+
+    def _answer(self, sock: socket.socket, req: _Request) -> bool:
+        """Answer one request; False when the connection must close."""
+        head = req.method == "HEAD"
+        if req.method not in ("GET", "HEAD"):
+            _send(sock, Answer(405, b"only GET and HEAD\n"), False, False,
+                  b"Allow: GET, HEAD\r\n")
+            return False
+        if req.has_body:
+            _send(sock, Answer(413, b"no request bodies\n"), head, False)
+            return False
+        try:
+            result = self.server.routes.route(req.target)
+        except Exception:  # a bug must not kill the connection thread or answer "yes"
+            log.exception("internal error serving %r", req.target[:200])
+            _send(sock, Answer(500, b"internal error\n"), head, False)
+            return False
+        if isinstance(result, NarAnswer):
+            return _stream(sock, result, head, req.keep_alive, req.target)
+        return _send(sock, result, head, req.keep_alive)
 
 
-class GateHTTPServer(http.server.ThreadingHTTPServer):
+def _read_head(rfile: io.BufferedReader) -> _Request | Answer:
+    """The request line and headers, or the error answer for a malformed head."""
+    line = rfile.readline(MAX_REQUEST_LINE + 1)
+    if len(line) > MAX_REQUEST_LINE:
+        return Answer(414, b"request line too long\n")
+    parts = line.split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return Answer(400, b"bad request line\n")
+    method, target, version = (p.decode("latin-1") for p in parts)
+    headers: dict[bytes, bytes] = {}
+    while True:
+        raw = rfile.readline(MAX_HEADER_LINE + 1)
+        if raw in (b"\r\n", b"\n"):
+            break
+        if not raw:
+            raise OSError("connection closed in the request head")
+        if len(raw) > MAX_HEADER_LINE or len(headers) >= MAX_HEADERS:
+            return Answer(431, b"too many or too long headers\n")
+        name, sep, value = raw.partition(b":")
+        if not sep:
+            return Answer(400, b"bad header line\n")
+        headers[name.strip().lower()] = value.strip()
+    connection = headers.get(b"connection", b"").lower()
+    keep = (connection != b"close" if version == "HTTP/1.1" else connection == b"keep-alive")
+    length = headers.get(b"content-length", b"0").strip()
+    has_body = length not in (b"", b"0") or b"transfer-encoding" in headers
+    return _Request(method, target, keep, has_body)
+
+
+def _head(status: int, content_type: str, length: int | None, keep_alive: bool,
+          extra: bytes = b"") -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode(),
+             b"Server: tracehook-gate\r\n", f"Content-Type: {content_type}\r\n".encode()]
+    if length is not None:
+        lines.append(f"Content-Length: {length}\r\n".encode())
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    return b"".join(lines) + extra + b"\r\n"
+
+
+def _send(sock: socket.socket, answer: Answer, head: bool, keep_alive: bool,
+          extra: bytes = b"") -> bool:
+    data = _head(answer.status, answer.content_type, len(answer.body), keep_alive, extra)
+    try:
+        sock.sendall(data if head else data + answer.body)
+    except OSError:
+        return False
+    return keep_alive
+
+
+def _stream(sock: socket.socket, nar: NarAnswer, head: bool, keep_alive: bool,
+            target: str) -> bool:
+    body = nar.body
+    keep = keep_alive and body.size is not None
+    try:
+        sock.sendall(_head(200, "application/x-nix-nar", body.size, keep))
+        if head:
+            return keep
+        sent = 0
+        for block in body.chunks():
+            sock.sendall(block)
+            sent += len(block)
+        if body.size is not None and sent != body.size:
+            log.warning("NAR %s: upstream sent %d of %d bytes", target, sent, body.size)
+            return False
+        return keep
+    except EnvironmentFault as exc:
+        log.warning("NAR %s: %s", target, exc.diagnostics())
+        return False  # the client sees a short body and fails the hash
+    except OSError:
+        return False  # the client went away
+    finally:
+        body.close()
+
+
+class GateHTTPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
+    allow_reuse_address = True
     request_queue_size = 128
 
     def __init__(
         self, address: tuple[str, int], service: GateService, limits: HttpLimits | None = None
     ) -> None:
         self.service = service
+        self.routes = Routes(service)
         self.policies: PolicyWatch | None = None  # set by build_server: SIGHUP reloads it
         self.limits = limits or HttpLimits()
-        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self._conns: dict[int, _Conn] = {}
+        self._lock = threading.Lock()
         super().__init__(address, _Handler)
 
-    # connection cap --------------------------------------------------------------------
+    # connections -----------------------------------------------------------------------
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+    def enter(self, sock: socket.socket) -> _Conn:
+        conn = _Conn(sock, "idle", time.monotonic())
+        with self._lock:
+            self._conns[id(conn)] = conn
+        return conn
+
+    def leave(self, conn: _Conn) -> None:
+        with self._lock:
+            self._conns.pop(id(conn), None)
+
+    def mark(self, conn: _Conn, state: str) -> None:
+        conn.state, conn.since = state, time.monotonic()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """At the cap: make room by closing the connection that has waited longest without
+        a request in progress; 503 only when every connection is being answered."""
+        with self._lock:
+            if len(self._conns) < self.limits.max_connections:
+                return True
+            waiting = [c for c in self._conns.values() if c.state != "serving"]
+            victim = min(waiting, key=lambda c: (c.state != "idle", c.since), default=None)
+            if victim is not None:
+                del self._conns[id(victim)]
+        if victim is not None:
             with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+                victim.sock.shutdown(socket.SHUT_RDWR)
+            return True
+        with contextlib.suppress(OSError):
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                            b"Connection: close\r\n\r\n")
+        return False
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
-
-    # routing ---------------------------------------------------------------------------
-
-    def route(self, raw_path: str) -> Answer | NarAnswer:
-        path = raw_path.split("?", 1)[0].split("#", 1)[0]
-        if "%2f" in path.lower() or "%5c" in path.lower():
-            return _bad("encoded slash")
-        if "%" in path:
-            try:
-                path = urllib.parse.unquote(path, errors="strict")
-            except UnicodeDecodeError:
-                return _bad("percent-encoding that is not UTF-8")
-        if (not path.startswith("/") or "//" in path or _BAD_CHARS.search(path)
-                or any(part in (".", "..") for part in path.split("/"))):
-            return _bad("malformed path")
-        service = self.service
-        if path == "/nix-cache-info":
-            return service.cache_info()
-        m = _NARINFO.fullmatch(path)
-        if m:
-            return service.narinfo(m.group(1))
-        if path.endswith(".narinfo"):
-            return _bad("a narinfo is /<32 nix-base32 characters>.narinfo")
-        for prefix, handler in self._prefixed():
-            if path.startswith(prefix):
-                return handler(path[len(prefix):])
-        return NOT_FOUND
-
-    def _prefixed(self) -> tuple[tuple[str, Callable[[str], Answer | NarAnswer]], ...]:
-        return (
-            ("/realisations/", self._realisation_v1),
-            ("/build-trace-v2/", self._realisation_v2),
-            ("/nar/", self._nar),
-        )
-
-    def _realisation_v1(self, rest: str) -> Answer:
-        if not rest.endswith(".doi"):
-            return NOT_FOUND
-        rid = rest[: -len(".doi")]
-        try:
-            realisation.parse_realisation_id(rid)
-        except ParseError as exc:
-            return _bad(exc.diagnostics())
-        return self.service.realisation_v1(rid)
-
-    def _realisation_v2(self, rest: str) -> Answer:
-        drv_base, sep, file = rest.partition("/")
-        if not sep or "/" in file or not file.endswith(".doi"):
-            return _bad("expected /build-trace-v2/<drv>/<output>.doi")
-        try:
-            realisation.parse_build_trace_key(drv_base, file[: -len(".doi")])
-        except ParseError as exc:
-            return _bad(exc.diagnostics())
-        return self.service.realisation_v2(drv_base, file[: -len(".doi")])
-
-    def _nar(self, rest: str) -> Answer | NarAnswer:
-        rel = "nar/" + rest
-        if not NAR_URL.fullmatch(rel):
-            return _bad("expected /nar/<nix-base32>.nar[.<compression>]")
-        return self.service.nar(rel)
-
-
-def _bad(why: str) -> Answer:
-    return Answer(400, f"bad request: {why}\n".encode(), reason=why)
 
 
 def serve_in_thread(server: GateHTTPServer) -> threading.Thread:

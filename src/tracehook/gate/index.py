@@ -13,16 +13,25 @@ a .drv that could not be read yet) and records
 
 Floating content-addressed output paths are not in any .drv: the gate learns them from
 verified traces (see :mod:`tracehook.gate.service`).
+
+Hardening against what a local user can put in the store directory: a .drv that does not
+parse is remembered by (size, mtime) and not read again until it changes; one that could not
+be indexed for want of an input is tried again only when the directory changes; the scan
+runs without holding the lock that lookups use; parsed derivations are bounded in bytes by
+the store reader. A store directory that cannot be listed is a fault (502), never "absent".
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import marshal
 import os
 import threading
 from collections.abc import MutableMapping
 
-from tracehook.errors import TracehookError
+from tracehook.errors import EnvironmentFault, TracehookError
+from tracehook.nix.derivation import Derivation
 from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.nix.storepath import hash_part
 from tracehook.stores.nixstore import StoreReader
@@ -40,95 +49,137 @@ class DrvIndex:
         self.store_dir = reader.store_dir
         root = reader.root.rstrip("/") if reader.root else ""
         self.real_dir = root + reader.store_dir
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held only to change the maps
+        self._scan_lock = threading.Lock()  # one scan at a time
         self._seen: set[str] = set()
         self._by_id: dict[str, DrvOutput] = {}
         self._by_output: dict[str, list[DrvOutput]] = {}
         self._hashes: MutableMapping[str, DrvHash] = {}
         self._mtime: int | None = None
-        self._retry = False
+        self._broken: dict[str, tuple[int, int]] = {}  # path -> (size, mtime) that failed
+        self._waiting: set[str] = set()  # failed for want of an input: retried on change
         self.skipped: dict[str, str] = {}  # drv path -> why it could not be indexed (yet)
 
     def __len__(self) -> int:
         return len(self._seen)
 
+    def check_readable(self) -> None:
+        """EnvironmentFault unless the store directory can be listed (the gate does not
+        start on a store it cannot read)."""
+        try:
+            with os.scandir(self.real_dir) as entries:
+                next(entries, None)
+        except OSError as exc:
+            raise EnvironmentFault(f"cannot list the Nix store directory {self.real_dir}: "
+                                   f"{exc.strerror or exc}") from None
+
     def refresh(self, force: bool = False) -> int:
-        """Index .drv files added since the last scan; returns how many were added."""
-        with self._lock:
+        """Index .drv files added since the last scan; returns how many were added.
+        EnvironmentFault when the store directory cannot be read."""
+        with self._scan_lock:
             try:
                 mtime = os.stat(self.real_dir).st_mtime_ns
             except OSError as exc:
-                log.warning("cannot stat store directory %s: %s", self.real_dir, exc)
+                raise EnvironmentFault(f"cannot read the Nix store directory {self.real_dir}: "
+                                       f"{exc.strerror or exc}") from None
+            if not force and mtime == self._mtime:
                 return 0
-            if not force and not self._retry and mtime == self._mtime:
-                return 0
-            self._mtime = mtime
-            self._retry = False
-            added = 0
             try:
                 with os.scandir(self.real_dir) as entries:
-                    names = [e.name for e in entries if e.name.endswith(".drv")]
+                    found = [(e.name, e) for e in entries if e.name.endswith(".drv")]
             except OSError as exc:
-                log.warning("cannot list store directory %s: %s", self.real_dir, exc)
-                self._retry = True
-                return 0
-            for name in names:
+                raise EnvironmentFault(f"cannot list the Nix store directory {self.real_dir}: "
+                                       f"{exc.strerror or exc}") from None
+            self._mtime = mtime
+            added = 0
+            for name, entry in found:
                 path = f"{self.store_dir}/{name}"
-                if path in self._seen:
+                if path in self._seen or self._unchanged_failure(path, entry):
                     continue
-                if self._add(path):
+                if self._add(path, entry):
                     added += 1
             if added:
                 log.info("indexed %d new derivation(s), %d in all", added, len(self._seen))
             return added
 
-    def _add(self, drv_path: str) -> bool:
+    def _unchanged_failure(self, path: str, entry: os.DirEntry[str]) -> bool:
+        known = self._broken.get(path)
+        if known is None:
+            return False
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            return True
+        return known == (st.st_size, st.st_mtime_ns)
+
+    def _add(self, drv_path: str, entry: os.DirEntry[str] | None = None) -> bool:
         try:
             drv = self.reader.read_derivation(drv_path)
-            ids = realisation_ids(drv, self.reader.read_derivation, self._hashes, self.store_dir)
-        except TracehookError as exc:
-            # Being written right now, or an input .drv is missing or broken: try again later.
+            ids = self._ids(drv_path, drv)
+        except EnvironmentFault as exc:
+            # An input .drv is missing or unreadable: try again when the store changes.
+            self._waiting.add(drv_path)
             self.skipped[drv_path] = exc.diagnostics()
-            self._retry = True
+            log.debug("not indexing %s yet: %s", drv_path, exc.diagnostics())
+            return False
+        except TracehookError as exc:
+            # Malformed: not read again until the file changes.
+            if entry is not None:
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    self._broken[drv_path] = (st.st_size, st.st_mtime_ns)
+            self.skipped[drv_path] = exc.diagnostics()
             log.debug("not indexing %s: %s", drv_path, exc.diagnostics())
             return False
-        self.skipped.pop(drv_path, None)
-        self._seen.add(drv_path)
-        for output, rid in ids.items():
-            self._by_id[rid] = (drv_path, output)
-        for output, out in drv.outputs.items():
-            if out.path:
-                self._by_output.setdefault(hash_part(out.path), []).append((drv_path, output))
+        with self._lock:
+            self.skipped.pop(drv_path, None)
+            self._waiting.discard(drv_path)
+            self._seen.add(drv_path)
+            for output, rid in ids.items():
+                self._by_id[rid] = (drv_path, output)
+            for output, out in drv.outputs.items():
+                if out.path:
+                    self._by_output.setdefault(hash_part(out.path), []).append(
+                        (drv_path, output))
         return True
+
+    def _ids(self, drv_path: str, drv: Derivation) -> dict[str, str]:
+        """The derivation's realisation ids, remembered in the persistent cache (they are a
+        function of the .drv files, which their paths name)."""
+        facts = self.reader.facts
+        if facts is not None:
+            data = facts.get("ids", drv_path.encode())
+            if data is not None:
+                with contextlib.suppress(ValueError, TypeError, EOFError):
+                    return dict(marshal.loads(data))
+        ids = realisation_ids(drv, self.reader.read_derivation, self._hashes, self.store_dir)
+        if facts is not None:
+            facts.put("ids", drv_path.encode(), marshal.dumps(tuple(ids.items())))
+        return ids
 
     def add(self, drv_path: str) -> bool:
         """Index one derivation now (e.g. one a request named directly)."""
-        with self._lock:
+        if drv_path in self._seen:
+            return True
+        with self._scan_lock:
             return drv_path in self._seen or self._add(drv_path)
 
-    def _lookup_id(self, rid: str) -> DrvOutput | None:
-        with self._lock:
-            return self._by_id.get(rid)
-
     def by_realisation_id(self, rid: str) -> DrvOutput | None:
-        found = self._lookup_id(rid)
-        if found is None and self.refresh():
-            found = self._lookup_id(rid)
+        found = self._by_id.get(rid)
+        if found is None:
+            self.refresh()  # (or wait for the scan another request started)
+            found = self._by_id.get(rid)
         return found
-
-    def _lookup_output(self, hp: str) -> list[DrvOutput]:
-        with self._lock:
-            return list(self._by_output.get(hp, ()))
 
     def by_output_hash(self, hp: str) -> list[DrvOutput]:
         """Derivations whose .drv names an output with this hash part (usually one)."""
-        found = self._lookup_output(hp)
-        if not found and self.refresh():
-            found = self._lookup_output(hp)
+        found = list(self._by_output.get(hp, ()))
+        if not found:
+            self.refresh()
+            found = list(self._by_output.get(hp, ()))
         return found
 
     def has_drv(self, drv_path: str) -> bool:
-        with self._lock:
-            if drv_path in self._seen:
-                return True
+        if drv_path in self._seen:
+            return True
         return self.reader.exists(drv_path) and self.add(drv_path)

@@ -404,7 +404,7 @@ class GateService:
             path=ni.store_path, nar_hash=ni.nar_hash, trust=verdict.basis,
             signers=list(verdict.signers), cache_keys=list(verdict.cache_keys),
             cache_signed=list(verdict.relied), covered_without_traces=verdict.covered,
-            upstream=source,
+            upstream=source, evidence=[e.to_json() for e in verdict.evidence],
         )
 
     def _allow_realisation(self, request: str, drv_path: str, output: str, value: Value,
@@ -418,6 +418,7 @@ class GateService:
             trust=verdict.basis, signers=list(verdict.signers),
             cache_keys=list(verdict.cache_keys), cache_signed=list(verdict.relied),
             covered_without_traces=verdict.covered,
+            evidence=[e.to_json() for e in verdict.evidence],
         )
 
 
@@ -442,7 +443,11 @@ def _admitted(verdict: Verdict) -> str:
                 f"{verdict.covered} build step(s) below it covered without traces")
     if verdict.basis == "fixed":
         return "fixed output, pinned by its derivation's hash"
-    said = f"verified by traces signed by {', '.join(verdict.signers)}"
+    elements = {e.element for e in verdict.evidence}
+    keys = [s for s in verdict.signers if s not in elements]
+    parts = [f"traces signed by {', '.join(keys)}"] if keys else []
+    parts += [f"hardware evidence {e.describe()}" for e in verdict.evidence]
+    said = f"verified by {' and '.join(parts or ['traces'])}"
     if verdict.relied:
         said += (f"; relies on {len(verdict.relied)} path(s) below accepted on a cache "
                  f"signature alone ({', '.join(verdict.relied)}), {verdict.covered} build "

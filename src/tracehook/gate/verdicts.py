@@ -37,10 +37,12 @@ from tracehook.errors import EnvironmentFault, GraphError
 from tracehook.lru import Lru
 from tracehook.nix.storepath import hash_part
 from tracehook.stores.binarycache import Upstream
+from tracehook.stores.factcache import FactCache
 from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.tracestore import FileTraceStore, TraceStore, open_store
 from tracehook.verify.cachekeys import CacheOutput
 from tracehook.verify.engine import Engine, Limits
+from tracehook.verify.evidencecheck import EvidenceInfo
 from tracehook.verify.policy import Policy
 from tracehook.verify.walk import Target
 
@@ -80,6 +82,7 @@ class Verdict:
     fault: str | None = None  # could not decide: answered 502, never cached
     generation: tuple[str, int] = ("", 0)
     rejected: tuple[str, ...] = field(default=())  # signatures that did not count, why
+    evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for the first value
 
     @property
     def verified(self) -> bool:
@@ -100,6 +103,7 @@ class GateVerifier:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
         stores: Callable[[Policy], list[TraceStore]] | None = None,
+        facts: FactCache | None = None,
     ) -> None:
         """``policy()`` gives the current policy and its digest (raising ConfigError while
         the policy file is broken); ``stores(policy)`` opens its trace stores."""
@@ -112,6 +116,7 @@ class GateVerifier:
         self.clock = clock
         self.wall = wall
         self.open_stores = stores or (lambda p: [open_store(u) for u in p.traces])
+        self.facts = facts
         self._lock = threading.Lock()  # held for a stat or two, never across a verify
         self._engine: Engine | None = None
         self._engine_key: tuple[object, ...] = ()
@@ -160,14 +165,14 @@ class GateVerifier:
             self._retired.append((now, self._engine))
         wall = self.wall()
         engine = Engine(policy, self._stores, self.reader.read_derivation, wall, self.limits,
-                        self.caches)
+                        self.caches, self.facts)
         engine.on_recorded = self._learn
         engine.start()
         self._engine, self._engine_key = engine, key
         self._serial += 1
         self._started = now
-        expiries = [(k.not_after - wall).total_seconds() for k in policy.keys
-                    if k.not_after is not None and k.not_after > wall]
+        ends = [k.not_after for k in policy.keys] + [e.not_after for e in policy.evidence]
+        expiries = [(t - wall).total_seconds() for t in ends if t is not None and t > wall]
         self._ends_at = now + min([self.max_age, *expiries])
         return engine
 
@@ -194,6 +199,8 @@ class GateVerifier:
             if self._engine is not None:
                 self._engine.close()
                 self._engine = None
+        if self.facts is not None:
+            self.facts.close()
 
     def _learn(self, engine: Engine, step: str) -> None:
         """Hints from a recorded step (in the engine's thread): which resolved derivations
@@ -258,7 +265,8 @@ def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
         return Verdict(step, drv.name, drv.kind, tuple(values),
                        tuple(sorted(first.signers)) if basis == "traces" else (),
                        basis, tuple(sorted(first.signers)) if basis == "cache" else (),
-                       *_relied(engine, step), generation=gen)
+                       *_relied(engine, step), generation=gen,
+                       evidence=trusted.admitted_by(step, first))
     failure = trusted.explain(step, want)
     reason = failure.message
     if rdrv_path and trusted.values(step, want):

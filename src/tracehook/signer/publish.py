@@ -20,7 +20,7 @@ from tracehook.errors import ParseError, TracehookError
 from tracehook.nix.nar import parse_nar_hash
 from tracehook.stores.eventlog import EventLog
 from tracehook.stores.spool import Spool, SpooledItem
-from tracehook.stores.tracestore import TraceStore
+from tracehook.stores.tracestore import FileTraceStore, TraceStore
 from tracehook.trace import crypto, jws
 from tracehook.trace.claim import parse_claim
 
@@ -95,6 +95,9 @@ class Publisher:
     ) -> None:
         self.spool = spool
         self.stores = list(stores)
+        for store in self.stores:  # a publisher writes: a file store missing yet is created
+            if isinstance(store, FileTraceStore):
+                store.create = True
         self.events = events
         self.clock = clock
         self.base_backoff = base_backoff

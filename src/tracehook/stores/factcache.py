@@ -5,7 +5,7 @@ costs time to compute and can never become wrong, because its key names all of i
 
 - ``drv``: a .drv file's parse, keyed by its store path (a .drv path is the hash of its
   content, and a parse is kept only once the bytes hashed back to that path);
-- ``hash``: a derivation's hashDerivationModulo and realisation ids, keyed by its path;
+- ``ids``: a derivation's realisation ids (from hashDerivationModulo), keyed by its path;
 - ``sig``: an Ed25519 check, keyed by the exact JWS bytes and the public key's bytes: "this
   key signed these bytes" (valid or not); whether the key is trusted, revoked or expired is
   decided afresh every time from the policy in force;

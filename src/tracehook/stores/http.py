@@ -20,11 +20,7 @@ large); each read is still bounded by ``timeout``.
 
 from __future__ import annotations
 
-import contextlib
-import heapq
 import http.client
-import itertools
-import socket
 import threading
 import time
 import urllib.parse
@@ -33,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tracehook.errors import ConfigError, Unreachable
+from tracehook.stores.deadline import WATCHDOG
 
 DEFAULT_TIMEOUT = 10.0
 CHUNK = 256 * 1024
@@ -101,57 +98,6 @@ class Response:
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
-
-
-# ------------------------------------------------------------------------------ deadlines
-
-
-class _Watchdog:
-    """One thread that shuts down sockets whose request outlived its deadline."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, socket.socket]] = []
-        self._live: set[int] = set()
-        self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, sock: socket.socket, deadline: float) -> int:
-        token = next(self._ids)
-        with self._cond:
-            heapq.heappush(self._heap, (deadline, token, sock))
-            self._live.add(token)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="tracehook-http-deadline",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        return token
-
-    def release(self, token: int) -> None:
-        with self._cond:
-            self._live.discard(token)
-
-    def _run(self) -> None:
-        with self._cond:
-            while True:
-                while self._heap and self._heap[0][1] not in self._live:
-                    heapq.heappop(self._heap)  # finished in time
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                deadline, token, sock = self._heap[0]
-                wait = deadline - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                heapq.heappop(self._heap)
-                self._live.discard(token)
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-_WATCHDOG = _Watchdog()
 
 
 # ------------------------------------------------------------------------------ the client
@@ -262,7 +208,7 @@ class HttpClient:
             if conn.sock is None:
                 conn.connect()
             assert conn.sock is not None
-            token = _WATCHDOG.watch(conn.sock, started + seconds)
+            token = WATCHDOG.watch(conn.sock, started + seconds)
             conn.request(method, target, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read(limit + 1) if method != "HEAD" else b""
@@ -283,7 +229,7 @@ class HttpClient:
             raise Unreachable(f"{where}: unreachable: {exc}", dropped=dropped) from exc
         finally:
             if token is not None:
-                _WATCHDOG.release(token)
+                WATCHDOG.release(token)
         result = Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
         if resp.will_close:
             conn.close()
@@ -300,7 +246,7 @@ class HttpClient:
         try:
             conn.connect()
             assert conn.sock is not None
-            token = _WATCHDOG.watch(conn.sock, started + self.deadline)
+            token = WATCHDOG.watch(conn.sock, started + self.deadline)
             conn.request("GET", target, headers={"User-Agent": USER_AGENT, **(headers or {})})
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
@@ -308,7 +254,7 @@ class HttpClient:
             raise Unreachable(f"{self.url}: unreachable for {target}: {exc}") from exc
         finally:
             if token is not None:
-                _WATCHDOG.release(token)
+                WATCHDOG.release(token)
         length = resp.getheader("Content-Length")
         size = int(length) if length is not None and length.isdigit() else None
         return Body(resp.status, {k.lower(): v for k, v in resp.getheaders()}, size, conn,

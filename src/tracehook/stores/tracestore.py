@@ -1,5 +1,9 @@
 """Trace stores: where signed traces live, ``<store>/traces/<key>`` = ``{"signatures": [...]}``.
 
+A file may also hold hardware evidence beside the signatures (``"evidence": [...]``,
+docs/FORMAT.md 9.2): :meth:`TraceStore.read` returns both (:mod:`tracehook.trace.tracefile`),
+and every append keeps the evidence already there, whoever wrote it.
+
 Two kinds behind one interface:
 
 - ``file://DIR``: a directory; appends are atomic (write a temp file, rename) and serialised
@@ -22,16 +26,16 @@ import os
 import random
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tracehook.errors import ConfigError, EnvironmentFault, ParseError, TraceStoreFault, Unreachable
 from tracehook.nix import nixbase32
 from tracehook.stores.files import atomic_write, read_bounded
 from tracehook.stores.http import DEFAULT_TIMEOUT, Endpoint, HttpClient, status_kind
-from tracehook.trace.jws import merge_signatures, parse_trace_file, render_trace_file
+from tracehook.trace.tracefile import TraceDocument, read_trace_document, render_trace_document
 
 MAX_TRACE_FILE = 16 * 1024 * 1024
 CONFLICT_RETRIES = 50
@@ -46,8 +50,14 @@ class TraceStore(Protocol):
         """The signatures stored under ``key`` ([] when none); TraceStoreFault if unreadable."""
         ...
 
-    def append(self, key: str, signatures: Sequence[str]) -> None:
-        """Add ``signatures`` under ``key``, keeping every entry already there."""
+    def read(self, key: str) -> TraceDocument:
+        """The signatures and evidence entries under ``key`` (empty when none)."""
+        ...
+
+    def append(self, key: str, signatures: Sequence[str],
+               evidence: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Add ``signatures`` (and evidence entries) under ``key``, keeping every entry
+        already there."""
         ...
 
 
@@ -59,21 +69,32 @@ def check_key(key: str) -> str:
 
 @dataclass
 class FileTraceStore:
+    """``create``: a store this process writes to (a publisher) and creates on its first
+    append; reading it before then finds no trace. Otherwise a store directory that does
+    not exist is a fault, never "no trace"."""
+
     url: str
     root: Path
+    create: bool = False
 
     def _path(self, key: str) -> Path:
         return self.root / "traces" / check_key(key)
 
     def get(self, key: str) -> list[str]:
+        return list(self.read(key).signatures)
+
+    def read(self, key: str) -> TraceDocument:
         path = self._path(key)
         try:
             data = read_bounded(path, MAX_TRACE_FILE, "trace file")
         except EnvironmentFault as exc:
             raise TraceStoreFault(f"trace store {self.url}: {exc.diagnostics()}") from None
         if data is None:
-            return []
-        return parse_trace_file(data, f"trace file {path}")
+            if not self.create and not path.parent.is_dir():  # missing: a fault, not "no trace"
+                raise TraceStoreFault(f"trace store {self.url}: {path.parent} is not a "
+                                      "directory (missing or unreadable)")
+            return TraceDocument()
+        return read_trace_document(data, f"trace file {path}")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -89,12 +110,13 @@ class FileTraceStore:
         finally:
             os.close(fd)
 
-    def append(self, key: str, signatures: Sequence[str]) -> None:
+    def append(self, key: str, signatures: Sequence[str],
+               evidence: Sequence[Mapping[str, Any]] = ()) -> None:
         path = self._path(key)
         with self._locked():
-            merged = merge_signatures(self.get(key), signatures)
+            merged = self.read(key).merged(signatures, evidence)
             try:
-                atomic_write(path, render_trace_file(merged))
+                atomic_write(path, render_trace_document(merged))
             except OSError as exc:
                 raise TraceStoreFault(f"cannot write to trace store {self.url}: "
                                       f"{exc.strerror or exc}") from exc
@@ -108,8 +130,8 @@ class HttpTraceStore:
     def _target(self, key: str) -> str:
         return self.client.endpoint.target(f"traces/{check_key(key)}")
 
-    def _fetch(self, key: str) -> tuple[list[str], str | None, bool]:
-        """(signatures, etag, exists)."""
+    def _fetch(self, key: str) -> tuple[TraceDocument, str | None, bool]:
+        """(signatures and evidence, etag, exists)."""
         try:
             resp = self.client.request("GET", self._target(key), limit=MAX_TRACE_FILE)
         except Unreachable as exc:
@@ -117,16 +139,20 @@ class HttpTraceStore:
                                   ) from exc
         kind = status_kind(resp.status)
         if kind == "absent":
-            return [], None, False
+            return TraceDocument(), None, False
         if kind != "ok":
             raise TraceStoreFault(f"trace store {self.url}: HTTP {resp.status} for {key}")
-        return (parse_trace_file(resp.body, f"trace {key} from {self.url}"),
+        return (read_trace_document(resp.body, f"trace {key} from {self.url}"),
                 resp.header("ETag"), True)
 
     def get(self, key: str) -> list[str]:
+        return list(self.read(key).signatures)
+
+    def read(self, key: str) -> TraceDocument:
         return self._fetch(key)[0]
 
-    def append(self, key: str, signatures: Sequence[str]) -> None:
+    def append(self, key: str, signatures: Sequence[str],
+               evidence: Sequence[Mapping[str, Any]] = ()) -> None:
         """Append with laut's conditional PUTs.
 
         A 409/412 (another writer was first) and a dropped connection (reset, closed
@@ -139,7 +165,7 @@ class HttpTraceStore:
             if attempt:  # jittered exponential backoff: writers racing on one key spread out
                 time.sleep(random.uniform(0, min(CONFLICT_BACKOFF_MAX, 0.005 * 2**attempt)))
             try:
-                if self._try_append(key, signatures):
+                if self._try_append(key, signatures, evidence):
                     return
             except TraceStoreFault as exc:
                 cause = exc.__cause__
@@ -152,11 +178,12 @@ class HttpTraceStore:
             f"trace store {self.url}: {CONFLICT_RETRIES} conflicting writes to {key}, giving up"
         )
 
-    def _try_append(self, key: str, signatures: Sequence[str]) -> bool:
+    def _try_append(self, key: str, signatures: Sequence[str],
+                    evidence: Sequence[Mapping[str, Any]]) -> bool:
         """One GET + conditional PUT; False when another writer got in first."""
         existing, etag, exists = self._fetch(key)
-        merged = merge_signatures(existing, signatures)
-        if exists and merged == existing:
+        merged = existing.merged(signatures, evidence)
+        if exists and merged.same_content(existing):
             return True
         headers = {"Content-Type": "application/json"}
         if not exists:
@@ -171,7 +198,7 @@ class HttpTraceStore:
             )
         try:
             resp = self.client.request("PUT", self._target(key), headers=headers,
-                                       body=render_trace_file(merged))
+                                       body=render_trace_document(merged))
         except Unreachable as exc:
             raise TraceStoreFault(f"trace store {exc.diagnostics()}") from exc
         kind = status_kind(resp.status)
@@ -182,15 +209,16 @@ class HttpTraceStore:
         raise TraceStoreFault(f"trace store {self.url}: PUT {key} answered HTTP {resp.status}")
 
 
-def open_store(url: str, timeout: float = DEFAULT_TIMEOUT) -> TraceStore:
-    """A trace store from its URL: ``file:///dir``, a plain directory path, or http(s)."""
+def open_store(url: str, timeout: float = DEFAULT_TIMEOUT, create: bool = False) -> TraceStore:
+    """A trace store from its URL: ``file:///dir``, a plain directory path, or http(s).
+    ``create``: for a writer, a ``file://`` store that does not exist yet is created."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme in ("http", "https"):
         return HttpTraceStore(url, timeout)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"trace store URL {url!r}: file URLs name no host (file:///dir)")
-        return FileTraceStore(url, Path(urllib.parse.unquote(parsed.path)))
+        return FileTraceStore(url, Path(urllib.parse.unquote(parsed.path)), create)
     if parsed.scheme == "" and url.startswith("/"):
-        return FileTraceStore(f"file://{url}", Path(url))
+        return FileTraceStore(f"file://{url}", Path(url), create)
     raise ConfigError(f"trace store URL {url!r}: use file:///DIR, http:// or https://")

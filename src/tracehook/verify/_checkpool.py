@@ -2,7 +2,8 @@
 
 The work for one trace key needs no verified state, only the policy's keys and the trace
 stores: fetch ``traces/<key>`` from every store, parse each JWS, verify its Ed25519
-signature, read its claim (:meth:`~tracehook.verify.trusted.KeyRing.check`). libsodium
+signature, read its claim, and check each hardware evidence entry against the policy's
+evidence elements (:meth:`~tracehook.verify.trusted.KeyRing.check`). libsodium
 releases the GIL while it verifies, but parsing JSON and base64 does not, so for a large
 closure the resolver hands this work to a :class:`CheckPool` of worker processes. Results
 come back as plain tuples (about a tenth of what pickling the claim objects would cost the
@@ -22,7 +23,7 @@ import os
 import pickle
 import threading
 from collections.abc import Sequence
-from concurrent.futures import BrokenExecutor, Future
+from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
@@ -31,8 +32,9 @@ from typing import Any
 from tracehook.errors import EnvironmentFault, ParseError, Rejected
 from tracehook.stores.tracestore import TraceStore
 from tracehook.trace.claim import KeyKind, TraceKey
+from tracehook.trace.tracefile import TraceDocument
 from tracehook.verify.policy import Policy
-from tracehook.verify.trusted import Checked, KeyRing, Plain, readmit, to_plain
+from tracehook.verify.trusted import Checked, Facts, KeyRing, Plain, readmit, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +48,47 @@ class StoreFault:
 def fetch_and_check(
     ring: KeyRing,
     key: TraceKey,
-    fetched: Sequence[tuple[TraceStore, Future[list[str]]]],
+    fetched: Sequence[tuple[TraceStore, Future[TraceDocument]]],
 ) -> tuple[Checked, list[StoreFault]]:
-    """Gather one key's traces from every store (futures of ``store.get``), check them."""
+    """Gather one key's traces and evidence from every store (futures of ``store.read``),
+    check them."""
     tokens: list[str] = []
+    evidence: list[Any] = []
     bad_files: list[Rejected] = []
     faults: list[StoreFault] = []
     for store, fut in fetched:
         try:
-            tokens.extend(fut.result())
+            doc = fut.result()
+            tokens.extend(doc.signatures)
+            evidence.extend(doc.evidence)
+            if ring.wants_evidence:
+                bad_files += [Rejected("malformed", None, f"{store.url}: {problem}")
+                              for problem in doc.problems]
         except EnvironmentFault as exc:
-            log.warning("trace store %s: %s", store.url, exc.diagnostics())
+            log.warning("%s", exc.diagnostics())  # names the store
             faults.append(StoreFault(store.url, exc.diagnostics()))
         except ParseError as exc:
             bad_files.append(Rejected("malformed", None, f"{store.url} serves a malformed "
                                       f"trace file for {key.key}: {exc.diagnostics()}"))
-    return ring.check(tokens, key).with_rejected(bad_files), faults
+    return ring.check(tokens, key, evidence).with_rejected(bad_files), faults
 
 
-def fetch_here(store: TraceStore, key: str) -> Future[list[str]]:
-    """``store.get(key)`` run in this thread, as a finished future (its error kept)."""
-    fut: Future[list[str]] = Future()
+def check_in_threads(pool: ThreadPoolExecutor, ring: KeyRing, stores: Sequence[TraceStore],
+                     key: TraceKey) -> Future[tuple[Checked, list[StoreFault]]]:
+    """Fetch and check one key in the thread pool (the stores fetched concurrently)."""
+    if len(stores) == 1:
+        store = stores[0]
+        return pool.submit(
+            lambda: fetch_and_check(ring, key, [(store, fetch_here(store, key.key))]))
+    gets = [(s, pool.submit(s.read, key.key)) for s in stores]
+    return pool.submit(fetch_and_check, ring, key, gets)
+
+
+def fetch_here(store: TraceStore, key: str) -> Future[TraceDocument]:
+    """``store.read(key)`` run in this thread, as a finished future (its error kept)."""
+    fut: Future[TraceDocument] = Future()
     try:
-        fut.set_result(store.get(key))
+        fut.set_result(store.read(key))
     except BaseException as exc:  # handed on to whoever reads the future
         fut.set_exception(exc)
     return fut
@@ -84,9 +104,10 @@ _worker: tuple[KeyRing, list[TraceStore]] | None = None
 KeyTuple = tuple[KeyKind, str, str, tuple[tuple[str, bytes], ...]]  # a TraceKey's fields
 
 
-def _init_worker(policy: Policy, now: dt.datetime, stores: list[TraceStore]) -> None:
+def _init_worker(policy: Policy, now: dt.datetime, stores: list[TraceStore],
+                 facts: Facts | None = None) -> None:
     global _worker
-    _worker = (KeyRing(policy, now, memo=False), stores)
+    _worker = (KeyRing(policy, now, memo=False, facts=facts), stores)
     gc.freeze()  # what the worker holds from here on lives as long as it does
 
 
@@ -102,16 +123,18 @@ def _check_batch(keys: Sequence[TraceKey]) -> list[Packed]:
 
 
 def _serve(conn: Connection, policy: Policy, now: dt.datetime,
-           stores: list[TraceStore]) -> None:
+           stores: list[TraceStore], facts: Facts | None = None) -> None:
     """A checker process: batches of keys in, packed results out, until an empty message
     or the pipe closes."""
-    _init_worker(policy, now, stores)
+    _init_worker(policy, now, stores, facts)
     while True:
         try:
             message = conn.recv_bytes()
         except (EOFError, OSError):
             return
         if not message:
+            if facts is not None and hasattr(facts, "close"):
+                facts.close()  # write what this checker learnt
             return
         keys: list[KeyTuple] = pickle.loads(message)
         result = _check_batch([TraceKey(*k) for k in keys])
@@ -212,14 +235,14 @@ class CheckPool:
     """
 
     def __init__(self, policy: Policy, now: dt.datetime, stores: Sequence[TraceStore],
-                 workers: int) -> None:
+                 workers: int, facts: Facts | None = None) -> None:
         self.workers = workers
         self.broken = False  # set when a batch found a worker gone
         ctx = multiprocessing.get_context("spawn")
         self._procs: list[_Worker] = []
         try:
             for _ in range(workers):
-                self._procs.append(_Worker(ctx, (policy, now, list(stores))))
+                self._procs.append(_Worker(ctx, (policy, now, list(stores), facts)))
         except BaseException:  # e.g. a store that cannot be handed to a process
             self.close()
             raise
@@ -232,6 +255,20 @@ class CheckPool:
         for worker in self._procs:
             worker.close()
         self._procs = []
+
+
+def start_pool(policy: Policy, now: dt.datetime, stores: Sequence[TraceStore],
+               wanted: int | None, facts: Facts | None) -> CheckPool | None:
+    """Checker processes: ``wanted`` of them (None: one per core, if there is more than
+    one); None when they are not wanted or cannot start (then threads do the checks)."""
+    workers = wanted or default_workers()
+    if wanted is None and workers < 2:
+        return None
+    try:
+        return CheckPool(policy, now, stores, workers, facts)
+    except Exception as exc:
+        log.warning("checker processes failed (%s); checking traces in threads", exc)
+        return None
 
 
 def default_workers() -> int:

@@ -23,7 +23,7 @@ from tracehook.errors import Failure, TracehookError
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.storepath import basename
 from tracehook.trace.stepkey import InputOutput, Resolution, step_key
-from tracehook.verify.trusted import Candidate
+from tracehook.verify.values import Candidate
 
 WEAK_HASHES = frozenset({"md5", "sha1"})
 
@@ -46,6 +46,7 @@ class PlanLimits:
 
 
 Plan = Literal["fixed"] | Failure | list[Resolution]
+Resolve = Callable[[Derivation, Mapping[tuple[str, str], InputOutput]], Resolution]
 
 
 def plan_step(
@@ -53,7 +54,7 @@ def plan_step(
     inputs: Sequence[StepInput],
     traces_can_verify: bool,
     limits: PlanLimits,
-    resolve: Callable[[Derivation, Mapping[tuple[str, str], InputOutput]], Resolution] = step_key,
+    resolve: Resolve = step_key,
 ) -> Plan:
     """``"fixed"`` (a fixed-output anchor), a Failure, or the candidate resolutions (one
     per combination of the inputs' verified values, deduplicated by trace key)."""

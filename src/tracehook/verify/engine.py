@@ -6,7 +6,7 @@ it has is *done*; a ready step is planned at once (:func:`tracehook.verify.decid
 from its inputs' verified values); the trace keys of its candidate resolutions are fetched
 and checked in a thread pool, or in batches by checker processes (each key once); when its
 last key is in, the evidence is recorded in the verified set
-(:class:`~tracehook.verify.trusted.TrustedSet`); when the binary caches have been asked about
+(:class:`~tracehook.verify.trustedset.TrustedSet`); when the binary caches have been asked about
 what the traces left unverified (policy ``narinfo-key``), the step is *done* and its
 consumers may become ready. Completions come back through one queue, so only the engine's
 own thread touches the verified set.
@@ -42,13 +42,12 @@ from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.stores.binarycache import Upstream
 from tracehook.stores.tracestore import TraceStore
 from tracehook.trace.claim import TraceKey
-from tracehook.trace.stepkey import Resolution, producer_is_content_addressed
+from tracehook.trace.stepkey import Resolution, producer_is_content_addressed, step_key
 from tracehook.verify._checkpool import (
     CheckPool,
     StoreFault,
-    default_workers,
-    fetch_and_check,
-    fetch_here,
+    check_in_threads,
+    start_pool,
     unpack,
 )
 from tracehook.verify.cachekeys import CacheKeys, CacheOutput, Refused
@@ -56,7 +55,9 @@ from tracehook.verify.cachesigs import CacheSigs
 from tracehook.verify.decide import PlanLimits, StepInput, cache_lookups, plan_step
 from tracehook.verify.policy import Policy
 from tracehook.verify.reliance import failed_below, reliance
-from tracehook.verify.trusted import Checked, KeyRing, TrustedSet
+from tracehook.verify.remembered import remembered
+from tracehook.verify.trusted import Checked, Facts, KeyRing
+from tracehook.verify.trustedset import TrustedSet
 from tracehook.verify.walk import Graph, Loader, Target, fewer_collections
 
 log = logging.getLogger(__name__)
@@ -86,14 +87,18 @@ class Engine:
         now: dt.datetime,
         limits: Limits | None = None,
         caches: Sequence[Upstream] = (),
+        facts: Facts | None = None,
     ) -> None:
+        """``facts``: the persistent verification cache (:mod:`tracehook.stores.factcache`):
+        signature checks and resolutions are looked up there before they are computed."""
         self.policy = policy
+        self.facts = facts
         self.stores = list(stores)
         self.now = now
         self.limits = limits or Limits()
         self.graph = Graph(load, self.limits.max_depth, self._requested)
-        self.ring = KeyRing(policy, now)
-        self.trusted = TrustedSet(policy.require)
+        self.ring = KeyRing(policy, now, facts=facts)
+        self.trusted = TrustedSet(policy.require, policy.evidence_names)
         self.cache_sigs = (CacheSigs(CacheKeys(policy.narinfo_keys, now), caches)
                            if policy.narinfo_keys else None)
         self.plan_limits = PlanLimits(self.limits.max_resolutions,
@@ -311,28 +316,15 @@ class Engine:
     # ----------------------------------------------------------------------- the checks
 
     def _start_processes(self) -> None:
-        wanted = self.limits.processes
         self._procs_wanted = False  # once per engine
-        workers = wanted or default_workers()
-        if wanted is None and workers < 2:
-            return
-        try:
-            self._procs = CheckPool(self.policy, self.now, self.stores, workers)
-        except Exception as exc:
-            log.warning("checker processes failed (%s); checking traces in threads", exc)
+        self._procs = start_pool(self.policy, self.now, self.stores, self.limits.processes,
+                                 self.facts)
 
     def _proc_workers(self) -> int:
         return self._procs.workers if self._procs is not None else 0
 
     def _check_in_thread(self, key: TraceKey) -> Future[tuple[Checked, list[StoreFault]]]:
-        """Fetch and check one key in the thread pool (the stores fetched concurrently)."""
-        ring = self.ring
-        if len(self.stores) == 1:
-            store = self.stores[0]
-            return self._pool.submit(
-                lambda: fetch_and_check(ring, key, [(store, fetch_here(store, key.key))]))
-        gets = [(s, self._pool.submit(s.get, key.key)) for s in self.stores]
-        return self._pool.submit(fetch_and_check, ring, key, gets)
+        return check_in_threads(self._pool, self.ring, self.stores, key)
 
     def _checked_in_thread(self, key: TraceKey, fut: Future[Any]) -> Checked:
         checked, faults = fut.result()
@@ -416,7 +408,8 @@ class Engine:
             inputs.append(StepInput(inp, outputs,
                                     producer_is_content_addressed(self.graph.drvs[inp]),
                                     self.trusted.values(inp, frozenset(outputs))))
-        plan = plan_step(drv, inputs, self.policy.traces_can_verify, self.plan_limits)
+        plan = plan_step(drv, inputs, self.policy.traces_can_verify, self.plan_limits,
+                         step_key if self.facts is None else remembered(self.facts, path))
         if plan == "fixed":
             self.trusted.add_fixed(path, drv)
             return None

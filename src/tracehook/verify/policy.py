@@ -23,6 +23,11 @@ takes responsibility for everything below the path it signs, so the element is a
 as the whole requirement or as a direct alternative of a top-level ``any-of`` (threshold 1);
 it is kept apart from the trace model: :attr:`Policy.require` is the trace requirement
 (:data:`NO_TRACES` when there is none) and :attr:`Policy.narinfo_keys` the cache keys.
+
+Hardware evidence (docs/POLICY.md, "Hardware evidence"): an ``[evidence.NAME]`` element
+(:mod:`tracehook.verify.evidencepolicy`) says what an attestation report must show; its NAME
+counts in ``require`` exactly as a key's does, so keys and evidence mix in quorums. A name
+is either a key or an evidence element, never both.
 """
 
 from __future__ import annotations
@@ -31,18 +36,19 @@ import datetime as dt
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from tracehook.errors import ConfigError, ParseError
 from tracehook.trace import crypto
+from tracehook.verify.evidencepolicy import EvidenceElement, parse_evidence
+from tracehook.verify.policyfields import KeyStatus, parse_date, parse_revoked, status
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
-KeyStatus = Literal["trusted", "expired", "revoked"]
-_TOP_LEVEL = {"traces", "keys", "trust", "weak-fixed-output-hashes"}
+_TOP_LEVEL = {"traces", "keys", "evidence", "trust", "weak-fixed-output-hashes"}
 _WEAK = "weak-fixed-output-hashes"
 _KEY_FIELDS = {"key", "not-after", "revoked"}
 
@@ -66,11 +72,7 @@ class PolicyKey:
         return f"{self.public.name}:{self.thumbprint}"
 
     def status(self, now: dt.datetime) -> KeyStatus:
-        if self.revoked:
-            return "revoked"
-        if self.not_after is not None and now >= self.not_after:
-            return "expired"
-        return "trusted"
+        return status(self.revoked, self.not_after, now)
 
 
 @dataclass(frozen=True)
@@ -154,12 +156,23 @@ class Policy:
     require: TrustModel  # the trace requirement; NO_TRACES when only caches are trusted
     narinfo_keys: tuple[PolicyKey, ...] = ()  # alternatives: a cache signature by any one
     weak_fixed_output_hashes: bool = False  # md5/sha1-pinned fixed outputs as anchors
+    evidence: tuple[EvidenceElement, ...] = ()  # hardware evidence, named like keys
 
     def key(self, name: str) -> PolicyKey:
         for k in self.keys:
             if k.name == name:
                 return k
         raise KeyError(name)
+
+    def element(self, name: str) -> EvidenceElement:
+        for e in self.evidence:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    @property
+    def evidence_names(self) -> frozenset[str]:
+        return frozenset(e.name for e in self.evidence)
 
     @property
     def traces_can_verify(self) -> bool:
@@ -190,10 +203,11 @@ def load_policy(path: str | Path) -> Policy:
         raise ConfigError(f"policy file {p} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read policy file {p}: {exc}") from None
-    return parse_policy(text, str(p))
+    return parse_policy(text, str(p), base_dir=p.parent)
 
 
-def parse_policy(text: str, source: str = "policy") -> Policy:
+def parse_policy(text: str, source: str = "policy", *, base_dir: Path | None = None) -> Policy:
+    """``base_dir``: where relative paths in the policy (evidence ``root-files``) are."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -202,7 +216,7 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     if unknown:
         raise ConfigError(
             f"{source}: unknown top-level entry {unknown[0]!r}; allowed: traces, "
-            f"{_WEAK}, [keys], [trust]"
+            f"{_WEAK}, [keys], [evidence.NAME], [trust]"
         )
     weak = doc.get(_WEAK, "refuse")
     if weak not in ("allow", "refuse"):
@@ -216,14 +230,22 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     if extra:
         raise ConfigError(f"{source}: [trust] has unknown entry {extra[0]!r}; only 'require'")
     trace_items, cache_items = _split_top(trust["require"], source)
-    raw_keys = doc.get("keys")
-    keys = _keys(raw_keys, source) if trace_items or raw_keys is not None else ()
+    raw_keys, raw_evidence = doc.get("keys"), doc.get("evidence")
+    evidence = parse_evidence(raw_evidence, source, base_dir) if raw_evidence is not None else ()
+    keys = (_keys(raw_keys, source) if raw_keys is not None or (trace_items and not evidence)
+            else ())
     names = {k.name for k in keys}
+    for element in evidence:
+        if element.name in names:
+            raise ConfigError(f"{source}: '{element.name}' is both a [keys] entry and an "
+                              "[evidence] element; a name in [trust] must mean one thing, "
+                              "rename one")
+    names |= {e.name for e in evidence}
     of = tuple(_model(raw, names, source, where) for where, raw in trace_items)
     require = NO_TRACES if not of else of[0] if len(of) == 1 else Threshold(1, of)
     _check_no_double_count(require, source)
     return Policy(source, traces, keys, require, _narinfo_keys(cache_items, source),
-                  weak == "allow")
+                  weak == "allow", evidence)
 
 
 _NARINFO = "narinfo-key"
@@ -287,7 +309,8 @@ def _traces(raw: Any, source: str) -> tuple[str, ...]:
 
 def _keys(raw: Any, source: str) -> tuple[PolicyKey, ...]:
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{source}: add a [keys] table naming at least one public key")
+        raise ConfigError(f"{source}: add a [keys] table naming at least one public key (or "
+                          "an [evidence.NAME] element)")
     keys: list[PolicyKey] = []
     by_material: dict[bytes, str] = {}
     by_key_name: dict[str, str] = {}
@@ -320,11 +343,8 @@ def _key(name: str, entry: Any, where: str) -> PolicyKey:
             raise ConfigError(f"{where}: unknown field {unknown[0]!r}; allowed: key, "
                               "not-after, revoked")
         text = entry.get("key")
-        not_after = _date(entry.get("not-after"), where)
-        revoked_raw = entry.get("revoked", False)
-        if not isinstance(revoked_raw, bool):
-            raise ConfigError(f"{where}: 'revoked' must be true or false")
-        revoked = revoked_raw
+        not_after = parse_date(entry.get("not-after"), where)
+        revoked = parse_revoked(entry.get("revoked", False), where)
     else:
         text = entry
     if not isinstance(text, str):
@@ -336,24 +356,6 @@ def _key(name: str, entry: Any, where: str) -> PolicyKey:
     return PolicyKey(name, public, not_after, revoked)
 
 
-def _date(raw: Any, where: str) -> dt.datetime | None:
-    if raw is None:
-        return None
-    if isinstance(raw, dt.datetime):
-        if raw.tzinfo is None:
-            raise ConfigError(
-                f"{where}: not-after {raw.isoformat()} has no time zone; add one, e.g. "
-                f"{raw.isoformat()}Z"
-            )
-        return raw
-    if isinstance(raw, dt.date):
-        return dt.datetime(raw.year, raw.month, raw.day, tzinfo=dt.timezone.utc)
-    raise ConfigError(
-        f"{where}: not-after must be a TOML date or date-time, e.g. 2027-06-01T00:00:00Z "
-        "(unquoted)"
-    )
-
-
 _FORMS = "a key name, {threshold = N, of = [...]}, {all-of = [...]} or {any-of = [...]}"
 
 
@@ -362,7 +364,7 @@ def _model(raw: Any, names: set[str], source: str, where: str) -> TrustModel:
         if raw not in names:
             known = ", ".join(sorted(names))
             raise ConfigError(f"{source}: {where} names key '{raw}', which [keys] does not "
-                              f"define (defined: {known})")
+                              f"define, nor [evidence] (defined: {known})")
         return Key(raw)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {where} must be {_FORMS}")

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from tracehook.verify.trusted import TrustedSet
+from tracehook.verify.trustedset import TrustedSet
 from tracehook.verify.walk import Graph
 
 

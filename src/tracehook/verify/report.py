@@ -5,7 +5,9 @@ input failed), with that reason: no trace; bad signature; key unknown, expired o
 threshold not met (the keys that signed, the ones missing); claims that disagree (each
 value and who said it). Paths accepted on a cache signature alone are listed loudly, with
 the number of build steps below them that were covered without traces
-(:mod:`tracehook.verify.summary` computes both).
+(:mod:`tracehook.verify.summary` computes both). Hardware evidence that was counted is named
+with what its report showed (element, measurement, chip, TCB): per step in the JSON, for
+the target and as a count over its closure in the text.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from tracehook.nix.nar import format_nar_hash
 from tracehook.nix.storepath import basename
 from tracehook.text import printable
 from tracehook.verify.cachekeys import CacheOutput
+from tracehook.verify.evidencecheck import EvidenceInfo
 from tracehook.verify.policy import Policy
-from tracehook.verify.trusted import Candidate
+from tracehook.verify.values import Candidate
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class StepReport:
     rejected: tuple[Rejected, ...]
     height: int  # 1 = no inputs; 0 = could not be placed in the graph
     cache: tuple[tuple[str, CacheOutput], ...] = ()  # outputs accepted on a cache signature
+    evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for its values
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +58,7 @@ class StepReport:
             "cache": {n: {"path": c.path, "nar_hash": format_nar_hash(c.nar_hash),
                           "keys": sorted(c.keys), "via": c.via, "source": c.source}
                       for n, c in self.cache},
+            "evidence": [e.to_json() for e in self.evidence],
         }
 
 
@@ -75,6 +80,7 @@ class TargetReport:
     covered: int = 0  # build steps below them covered without traces
     trust_summary: dict[str, Any] = field(default_factory=dict)
     trust_line: str = ""
+    evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for the outputs
     basis: str = "traces"  # what admitted the chosen value: traces, cache, fixed
 
     @property
@@ -98,6 +104,7 @@ class TargetReport:
             "cache_signed_paths": self.cache_signed_paths,
             "covered_without_traces": self.covered,
             "trust_summary": self.trust_summary,
+            "evidence": [e.to_json() for e in self.evidence],
             "trust": self.basis if self.verified else None,
         }
 
@@ -155,6 +162,7 @@ def build_target_report(
     cache_signed: tuple[StepReport, ...] = (),
     covered: int = 0,
     trust: tuple[dict[str, Any], str] = ({}, ""),
+    admitted_by: Callable[[Candidate], tuple[EvidenceInfo, ...]] = lambda c: (),
 ) -> TargetReport:
     chosen = chosen_value(candidates, want_path)
     reason = None
@@ -189,6 +197,7 @@ def build_target_report(
         covered=covered,
         trust_summary=trust[0],
         trust_line=trust[1],
+        evidence=admitted_by(chosen) if chosen else (),
         basis=chosen.basis if chosen else "traces",
     )
 
@@ -203,6 +212,17 @@ def _render_cache(report: TargetReport) -> list[str]:
             lines.append(f"    {c.path} ({step.name}; signed by {', '.join(sorted(c.keys))}, "
                          f"{c.via} from {c.source})")
     lines.append(f"  {report.covered} build step(s) below them covered without traces")
+    return lines
+
+
+def _render_evidence(report: TargetReport) -> list[str]:
+    lines = [f"  hardware evidence: {e.describe()}" for e in report.evidence]
+    attested = [s for s in report.steps if s.evidence]
+    if attested:
+        elements = sorted({e.element for s in attested for e in s.evidence})
+        built = sum(1 for s in report.steps if s.outcome not in ("fixed-output", "not-reached"))
+        lines.append(f"  hardware evidence counted at {len(attested)} of {built} build "
+                     f"step(s) ({', '.join(elements)})")
     return lines
 
 
@@ -223,6 +243,7 @@ def render_human(report: TargetReport, explain_trust: bool = False) -> str:
         who = "cache key(s)" if report.basis == "cache" else "signed by"
         lines.append(f"  {who} {', '.join(report.signers) or '-'}; "
                      f"policy needs {report.requirement}")
+        lines += _render_evidence(report)
         lines += _render_cache(report)
         for alt in report.alternatives:
             shown = ", ".join(f"{n}={p}" for n, p in sorted(alt.items()))

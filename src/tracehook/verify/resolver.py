@@ -28,7 +28,8 @@ from tracehook.verify.report import (
     step_outcome,
 )
 from tracehook.verify.summary import relied_upon, render_summary, summary
-from tracehook.verify.trusted import TrustedSet
+from tracehook.verify.trusted import Facts
+from tracehook.verify.trustedset import TrustedSet
 from tracehook.verify.walk import Loader, Target
 
 
@@ -41,10 +42,11 @@ class Resolver:
         now: dt.datetime,
         limits: Limits | None = None,
         caches: Sequence[Upstream] = (),
+        facts: Facts | None = None,
     ) -> None:
         self.policy = policy
         self.now = now
-        self.engine = Engine(policy, stores, load, now, limits, caches)
+        self.engine = Engine(policy, stores, load, now, limits, caches, facts)
 
     @property
     def faults(self) -> list[StoreFault]:
@@ -86,7 +88,8 @@ class Resolver:
                                    why, list(reliance.steps), self.policy, self.now,
                                    tuple(f"{f.url}: {f.message}" for f in self.faults),
                                    reliance.cache_signed, len(reliance.covered),
-                                   (summary(reliance), render_summary(reliance)))
+                                   (summary(reliance), render_summary(reliance)),
+                                   lambda c: trusted.admitted_by(target.drv_path, c))
 
     def _step_report(self, path: str) -> StepReport:
         graph = self.engine.graph
@@ -108,10 +111,12 @@ class Resolver:
         if outcome == "cache-signed":
             cache = tuple((n, r) for n, r in sorted(trusted.cache_results(path).items())
                           if isinstance(r, CacheOutput))
+        evidence = tuple(dict.fromkeys(
+            e for _, values in found for v in values for e in trusted.admitted_by(path, v)))
         return StepReport(path, drv.name, drv.kind, keys, signers, outcome,
                           failure.kind if failure else None,
                           failure.message if failure else None,
-                          tuple(trusted.rejected(path)), height, cache)
+                          tuple(trusted.rejected(path)), height, cache, evidence)
 
 
 def _above_fixed_outputs(engine: Engine, root: str) -> set[str]:

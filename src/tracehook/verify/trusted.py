@@ -1,20 +1,17 @@
-"""The verifier's core: verified state only, no I/O (python-tuf's trusted set, for traces).
+"""The verifier's core: the one place that mints trust (python-tuf's trusted set, for traces).
 
-The one place that mints trust: an :class:`Accepted` claim (and a :class:`Checked` result)
-is made only here, by :meth:`KeyRing.check`, which verifies the signature itself, or by
-:func:`readmit`, the one way back in for what a checker process computed with the same code.
-:class:`KeyRing` says why every other signature does not count. :class:`TrustedSet`
-records, per build step, the claims admitted for the resolutions computed from verified
-inputs, and answers which output values satisfy the trust model (docs/POLICY.md):
+An :class:`Accepted` claim (and a :class:`Checked` result) is made only here, by
+:meth:`KeyRing.check`, which verifies the signature itself, or by :func:`readmit`, the one way
+back in for what a checker process computed with the same code. :class:`KeyRing` says why
+every other signature does not count. No I/O.
 
-* evidence is aggregated per build step, over all of its resolutions (divergent input
-  histories that converge on the same outputs add up);
-* a consumer takes the outputs it references from a single claim: claims are grouped by
-  their values for exactly those outputs, and each group's distinct signers are counted
-  once each against the trust model;
-* fixed-output derivations anchor the chain: their path is in the ATerm, no claim needed;
-* a step whose outputs no trusted claim verifies may be accepted on a cache signature
-  (:mod:`tracehook.verify.cachesigs`): that ends the chain obligation below it.
+Hardware evidence too: an ``evidence`` entry that satisfies an evidence element (checked by
+:class:`~tracehook.verify.evidencecheck.EvidenceRing`) for the step being checked becomes an
+:class:`Accepted` claim whose signer is the element's name. It counts as a key does, apart
+from any key that signed the same claim, for the same value only when path and NAR hash agree.
+
+What was accepted is aggregated per build step by
+:class:`~tracehook.verify.trustedset.TrustedSet`, which reads these values and makes none.
 """
 
 from __future__ import annotations
@@ -22,13 +19,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import marshal
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Protocol
 
-from tracehook.errors import BadSignature, Failure, ParseError, Rejected
-from tracehook.nix.derivation import Derivation
-from tracehook.nix.storepath import output_path_name, path_name
+from tracehook.errors import BadSignature, ParseError, Rejected
 from tracehook.trace import crypto, jws
 from tracehook.trace.claim import (
     Claim,
@@ -39,12 +34,8 @@ from tracehook.trace.claim import (
     claim_to_plain,
     parse_claim,
 )
-from tracehook.trace.stepkey import Resolution
-from tracehook.verify.cachekeys import CacheOutput, Refused
-from tracehook.verify.policy import Policy, PolicyKey, TrustModel, TrustResult, evaluate
-
-Basis = Literal["fixed", "traces", "cache"]
-
+from tracehook.verify.evidencecheck import Admissible, EvidenceInfo, EvidenceRing, unique_entries
+from tracehook.verify.policy import Policy, PolicyKey
 
 _MINT = object()  # held by this module only: what makes an Accepted or a Checked
 
@@ -57,11 +48,13 @@ def _minted(token: object, what: str) -> None:
 
 @dataclass(frozen=True)
 class Accepted:
-    """A claim whose signature verified under a trusted policy key (``signer``)."""
+    """A claim whose signature verified under a trusted policy key (``signer``), or that
+    hardware evidence satisfying the evidence element ``signer`` binds (``evidence``)."""
 
     signer: str
     claim: Claim
     mint: object = field(default=None, repr=False, compare=False)
+    evidence: EvidenceInfo | None = None  # what the report showed, for evidence
 
     def __post_init__(self) -> None:
         _minted(self.mint, "an Accepted claim")
@@ -74,8 +67,9 @@ class Checked:
 
     accepted: tuple[Accepted, ...]
     rejected: tuple[Rejected, ...]
-    seen: int  # distinct signatures looked at
+    seen: int  # distinct signatures (and evidence entries) looked at
     mint: object = field(default=None, repr=False, compare=False)
+    evidence_seen: int = 0  # distinct evidence entries looked at (counted in seen)
 
     def __post_init__(self) -> None:
         _minted(self.mint, "a Checked result")
@@ -84,37 +78,50 @@ class Checked:
         """The same result with more rejections (e.g. a trace file that did not parse)."""
         if not extra:
             return self
-        return Checked(self.accepted, self.rejected + tuple(extra), self.seen, _MINT)
+        return Checked(self.accepted, self.rejected + tuple(extra), self.seen, _MINT,
+                       self.evidence_seen)
 
 
-#: A Checked result as plain values, for a pipe: the accepted claims' fields, the
-#: rejections, the number of signatures seen.
-Plain = tuple[tuple[tuple[str, str, PlainClaim], ...], tuple[Rejected, ...], int]
+#: A Checked result as plain values, for a pipe: per accepted claim its signer, JWS and
+#: fields (and, for evidence, what the report showed), the rejections, the signatures and
+#: evidence entries seen.
+PlainAccepted = tuple[str, str, PlainClaim, tuple[str, ...] | None]
+Plain = tuple[tuple[PlainAccepted, ...], tuple[Rejected, ...], int, int]
 
 
 def to_plain(checked: Checked) -> Plain:
-    claims = tuple((a.signer, a.claim.compact, claim_to_plain(a.claim))
+    claims = tuple((a.signer, a.claim.compact, claim_to_plain(a.claim),
+                    a.evidence.to_plain() if a.evidence is not None else None)
                    for a in checked.accepted)
-    return claims, checked.rejected, checked.seen
+    return claims, checked.rejected, checked.seen, checked.evidence_seen
 
 
 def readmit(plain: Plain, key: TraceKey, ring: KeyRing) -> Checked:
     """A result a checker process computed with :meth:`KeyRing.check` for ``key``, back as
     a Checked. The signatures were verified there; what can be checked cheaply is checked
-    again here: the signer is a current key of this policy and the claim is for ``key``."""
-    claims, rejected, seen = plain
+    again here: the signer is a current key (or evidence element) of this policy and the
+    claim is for ``key``."""
+    claims, rejected, seen, evidence_seen = plain
     accepted = []
-    for signer, compact, fields in claims:
+    for signer, compact, fields, evidence in claims:
         claim = claim_from_plain(fields, compact)
-        entry = ring.by_kid.get(claim.kid)
-        if entry is None or entry.name != signer or entry.status(ring.now) != "trusted":
+        if evidence is None:
+            entry = ring.by_kid.get(claim.kid)
+            current = (entry is not None and entry.name == signer
+                       and entry.status(ring.now) == "trusted")
+        else:
+            element = ring.elements.get(signer)
+            current = (element is not None and element.status(ring.now) == "trusted"
+                       and evidence[0] == signer)
+        if not current:
             raise ValueError(f"checker answered a claim by {signer!r} ({claim.kid}), which "
-                             "is not a current key of the policy")
+                             "is not a current key or evidence element of the policy")
         if (claim.kind, claim.key) != (key.kind, key.key):
             raise ValueError(f"checker answered a claim for {claim.kind}:{claim.key} under "
                              f"{key.kind}:{key.key}")
-        accepted.append(Accepted(signer, claim, _MINT))
-    return Checked(tuple(accepted), tuple(rejected), seen, _MINT)
+        info = EvidenceInfo.from_plain(evidence) if evidence is not None else None
+        accepted.append(Accepted(signer, claim, _MINT, info))
+    return Checked(tuple(accepted), tuple(rejected), seen, _MINT, evidence_seen)
 
 
 class Facts(Protocol):
@@ -148,8 +155,18 @@ class KeyRing:
         self.by_kid: dict[str, PolicyKey] = {k.kid: k for k in policy.keys}
         self.by_key_name: dict[str, PolicyKey] = {k.public.name: k for k in policy.keys}
         self._memo: dict[tuple[str, str], Accepted | Rejected] = {}
+        self.elements = {e.name: e for e in policy.evidence}
+        # Evidence entries are read only for a policy that has evidence elements.
+        self._evidence = EvidenceRing(policy.evidence, now, memo) if policy.evidence else None
 
-    def check(self, tokens: Iterable[str], key: TraceKey) -> Checked:
+    @property
+    def wants_evidence(self) -> bool:
+        return self._evidence is not None
+
+    def check(self, tokens: Iterable[str], key: TraceKey,
+              evidence: Iterable[Any] = ()) -> Checked:
+        """The claims of the signatures ``tokens`` and of the hardware ``evidence`` entries
+        (raw JSON values from the trace files) for the resolved step ``key``."""
         accepted: list[Accepted] = []
         rejected: list[Rejected] = []
         unique = list(dict.fromkeys(tokens))
@@ -161,7 +178,21 @@ class KeyRing:
                 if self.memo:
                     self._memo[memo_key] = result
             (accepted if isinstance(result, Accepted) else rejected).append(result)  # type: ignore[arg-type]
-        return Checked(tuple(accepted), tuple(rejected), len(unique), _MINT)
+        entries = unique_entries(evidence) if self._evidence is not None else []
+        for ident, raw in entries:
+            assert self._evidence is not None
+            admitted, refused = self._evidence.examine(ident, raw, key)
+            accepted += [self._evidence_claim(a) for a in admitted]
+            rejected += refused
+        return Checked(tuple(accepted), tuple(rejected), len(unique) + len(entries), _MINT,
+                       len(entries))
+
+    def _evidence_claim(self, admitted: Admissible) -> Accepted:
+        """The claim an entry binds, accepted as the evidence element's."""
+        bound = admitted.claim
+        outputs = {n: OutputClaim(o.path, o.nar_hash, o.references) for n, o in bound.outputs}
+        claim = Claim(bound.kind, bound.key, outputs, admitted.ident, "")
+        return Accepted(admitted.element, claim, _MINT, admitted.info)
 
     def _lookup(self, kid: str) -> PolicyKey | Rejected:
         entry = self.by_kid.get(kid)
@@ -267,234 +298,3 @@ class KeyRing:
                 return Rejected("malformed", kid, f"'{entry.name}' signed a malformed trace: "
                                 f"{exc.diagnostics()}")
         return Rejected("malformed", None, f"malformed trace: {exc.diagnostics()}")
-
-
-# ------------------------------------------------------------------------- trusted set
-
-Value = tuple[tuple[str, OutputClaim], ...]  # (output name, claim), sorted by name
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One way the referenced outputs of a step can be, with the evidence for it."""
-
-    value: Value
-    signers: frozenset[str]  # policy keys; for a cache signature, the cache keys
-    trust: TrustResult | None  # None: a fixed-output anchor or a cache signature
-    basis: Basis = "traces"
-
-    def paths(self) -> dict[str, str]:
-        return {name: oc.path for name, oc in self.value}
-
-
-@dataclass
-class _Step:
-    drv: Derivation
-    fixed: bool = False
-    keys: list[TraceKey] = field(default_factory=list)
-    accepted: list[Accepted] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
-    seen: int = 0
-    failure: Failure | None = None
-    cache: dict[str, CacheOutput | Refused] = field(default_factory=dict)
-
-
-def _show(value: Value) -> str:
-    return ", ".join(f"{name}={oc.path}" for name, oc in value)
-
-
-class TrustedSet:
-    """Verified evidence per build step. Holds no I/O and trusts nothing it did not check."""
-
-    def __init__(self, model: TrustModel) -> None:
-        self.model = model
-        self._steps: dict[str, _Step] = {}
-        self._values: dict[tuple[str, frozenset[str]], list[Candidate]] = {}
-        self._trust: dict[frozenset[str], TrustResult] = {}  # the same few signer sets
-
-    def __contains__(self, drv_path: str) -> bool:
-        return drv_path in self._steps
-
-    def add_fixed(self, drv_path: str, drv: Derivation) -> None:
-        self._steps[drv_path] = _Step(drv, fixed=True)
-
-    def add_cache(
-        self, drv_path: str, drv: Derivation, results: Mapping[str, CacheOutput | Refused]
-    ) -> None:
-        """What the caches signed for outputs of this step (checked by cache_sigs)."""
-        step = self._steps.get(drv_path)
-        if step is None:
-            step = self._steps[drv_path] = _Step(drv)
-        step.cache.update(results)
-
-    def refuse(self, drv_path: str, drv: Derivation, failure: Failure) -> None:
-        self._steps[drv_path] = _Step(drv, failure=failure)
-
-    def add_step(
-        self, drv_path: str, drv: Derivation, evidence: Sequence[tuple[Resolution, Checked]]
-    ) -> None:
-        step = _Step(drv)
-        for res, checked in evidence:
-            step.keys.append(res.key)
-            step.seen += checked.seen
-            step.rejected.extend(checked.rejected)
-            for acc in checked.accepted:
-                problem = _output_problem(drv, res, acc.claim)
-                if problem is None:
-                    step.accepted.append(acc)
-                else:
-                    step.rejected.append(Rejected("wrong-output", acc.claim.kid,
-                                                  f"'{acc.signer}' {problem}"))
-        self._steps[drv_path] = step
-
-    # queries -----------------------------------------------------------------------
-
-    def is_fixed(self, drv_path: str) -> bool:
-        return self._steps[drv_path].fixed
-
-    def keys(self, drv_path: str) -> list[TraceKey]:
-        return list(self._steps[drv_path].keys)
-
-    def rejected(self, drv_path: str) -> list[Rejected]:
-        return list(self._steps[drv_path].rejected)
-
-    def failure_of(self, drv_path: str) -> Failure | None:
-        """The step's own planning failure (it was refused before any evidence), if any."""
-        step = self._steps.get(drv_path)
-        return None if step is None else step.failure
-
-    def values(self, drv_path: str, outputs: frozenset[str]) -> list[Candidate]:
-        """The values of ``outputs`` that satisfy the trust model, most signers first; when
-        none does, the value a cache signed for them, if any."""
-        memo = self._values.get((drv_path, outputs))
-        if memo is None:
-            memo = [c for c in self._candidates(drv_path, outputs) if c.trust is None or c.trust]
-            self._values[(drv_path, outputs)] = memo
-        return memo or self._cache_value(drv_path, outputs)
-
-    def _cache_value(self, drv_path: str, outputs: frozenset[str]) -> list[Candidate]:
-        cache = self._steps[drv_path].cache
-        got = [cache.get(name) for name in sorted(outputs)]
-        if not outputs or not all(isinstance(g, CacheOutput) for g in got):
-            return []
-        accepted = [g for g in got if isinstance(g, CacheOutput)]
-        value = tuple((name, OutputClaim(g.path, g.nar_hash))
-                      for name, g in zip(sorted(outputs), accepted, strict=True))
-        keys = frozenset().union(*(g.keys for g in accepted))
-        return [Candidate(value, keys, None, "cache")]
-
-    def values_for_resolution(self, drv_path: str, outputs: frozenset[str],
-                              rdrv_path: str) -> list[Candidate]:
-        """The verified values of ``outputs`` that some accepted claim attests for the
-        resolved derivation ``rdrv_path`` (a realisation asked for by resolved id is
-        answered only with a value attested for that resolution)."""
-        step = self._steps.get(drv_path)
-        if step is None:
-            return []
-        keys = {k.key for k in step.keys if k.rdrv_path == rdrv_path}
-        attested = {tuple(sorted((n, acc.claim.outputs[n]) for n in outputs))
-                    for acc in step.accepted
-                    if acc.claim.key in keys and outputs <= acc.claim.outputs.keys()}
-        return [c for c in self.values(drv_path, outputs) if c.value in attested]
-
-    def attested_references(self, drv_path: str, output: str, value: OutputClaim
-                            ) -> tuple[tuple[str, ...] | None, bool]:
-        """The references the accepted claims of this value of ``output`` attest, and
-        whether two of them disagree: (None, False) when none attests any."""
-        found: set[tuple[str, ...]] = set()
-        for acc in self._steps[drv_path].accepted:
-            oc = acc.claim.outputs.get(output)
-            if oc is not None and oc == value and oc.references is not None:
-                found.add(oc.references)
-        if not found:
-            return None, False
-        return sorted(found)[0], len(found) > 1
-
-    def claimed_outputs(self, drv_path: str) -> set[tuple[str, str]]:
-        """(output name, path) of every output an accepted claim of the step names."""
-        step = self._steps.get(drv_path)
-        if step is None:
-            return set()
-        return {(n, oc.path) for acc in step.accepted for n, oc in acc.claim.outputs.items()}
-
-    def cache_results(self, drv_path: str) -> Mapping[str, CacheOutput | Refused]:
-        return dict(self._steps[drv_path].cache)
-
-    def _candidates(self, drv_path: str, outputs: frozenset[str]) -> list[Candidate]:
-        step = self._steps[drv_path]
-        if step.fixed:
-            value = tuple(
-                (name, OutputClaim(o.path, b"")) for name, o in sorted(step.drv.outputs.items())
-                if name in outputs
-            )
-            return [Candidate(value, frozenset(), None)]
-        groups: dict[Value, set[str]] = {}
-        for acc in step.accepted:
-            if not outputs <= acc.claim.outputs.keys():
-                continue
-            value = tuple(sorted((n, acc.claim.outputs[n]) for n in outputs))
-            groups.setdefault(value, set()).add(acc.signer)
-        found = [
-            Candidate(v, signers, self._evaluate(signers))
-            for v, signers in ((v, frozenset(s)) for v, s in groups.items())
-        ]
-        found.sort(key=lambda c: (-len(c.signers), _show(c.value)))
-        return found
-
-    def _evaluate(self, signers: frozenset[str]) -> TrustResult:
-        result = self._trust.get(signers)
-        if result is None:
-            result = self._trust[signers] = evaluate(self.model, signers)
-        return result
-
-    def explain(self, drv_path: str, outputs: frozenset[str]) -> Failure:
-        """Why no value of ``outputs`` of this step is verified."""
-        failure = self._explain_traces(drv_path, outputs)
-        cache = self._steps[drv_path].cache
-        refused = [r.reason for n in sorted(outputs)
-                   if isinstance(r := cache.get(n), Refused)]
-        if not refused:
-            return failure
-        return Failure(failure.kind, f"{failure.message}; not accepted on a cache signature: "
-                       f"{'; '.join(dict.fromkeys(refused))}", failure.cause)
-
-    def _explain_traces(self, drv_path: str, outputs: frozenset[str]) -> Failure:
-        step = self._steps[drv_path]
-        if step.failure is not None:
-            return step.failure
-        rejected = "; ".join(sorted({r.detail for r in step.rejected}))
-        if not step.accepted:
-            keys = ", ".join(f"{k.kind}:{k.key}" for k in step.keys) or "none"
-            if step.seen == 0:
-                return Failure("no-trace", f"no trace for resolved step {keys}")
-            return Failure("no-trusted-claim", f"no trusted claim for {keys}: {rejected}")
-        candidates = self._candidates(drv_path, outputs)
-        if not candidates:
-            names = ", ".join(sorted(outputs))
-            return Failure("missing-output", f"no trusted claim names output(s) {names}")
-        extra = f"; rejected: {rejected}" if rejected else ""
-        if len(candidates) > 1:
-            said = "; ".join(
-                f"{', '.join(sorted(c.signers))} say {_show(c.value)}" for c in candidates
-            )
-            need = candidates[0].trust.requirement if candidates[0].trust else ""
-            return Failure("disagree", f"claims disagree: {said}; none meets {need}{extra}")
-        trust = candidates[0].trust
-        assert trust is not None
-        return Failure("threshold", f"threshold not met: {trust.explain()}{extra}")
-
-
-
-def _output_problem(drv: Derivation, res: Resolution, claim: Claim) -> str | None:
-    """Why a claim's outputs cannot be this step's, or None."""
-    extra = sorted(set(claim.outputs) - set(drv.outputs))
-    if extra:
-        return f"claims output '{extra[0]}', which the derivation does not have"
-    for name, oc in claim.outputs.items():
-        if drv.kind in ("input-addressed", "deferred"):
-            expected = res.rdrv.outputs[name].path
-            if oc.path != expected:
-                return (f"claims {name}={oc.path}, but the derivation determines {expected}")
-        elif path_name(oc.path) != output_path_name(drv.name, name):
-            return f"claims {name}={oc.path}, which is not named after this derivation"
-    return None
