@@ -271,6 +271,22 @@ def test_module_url_schemes_are_the_packages(nix226: NixTier,
     assert schemes["cacheSchemes"] == [c for c in candidates if opens(open_upstream, c)]
 
 
+@pytest.mark.nix
+def test_module_evidence_schema_is_the_packages(nix226: NixTier,
+                                                make_nixenv: MakeNixEnv) -> None:
+    """The policy submodule's evidence vocabulary (kinds, pinned AMD roots, TCB fields,
+    measurement length) is the loader's."""
+    from tracehook.trace.sevsnp import MEASUREMENT_LEN, TCB_FIELDS
+    from tracehook.verify.evidencepolicy import AMD_ROOT_NAMES, EVIDENCE_KINDS
+
+    env = make_nixenv(nix226)
+    got = nix_eval(env, f"""
+      let t = import {REPO}/nix/module/lib.nix {{ lib = {{ }}; }};
+      in {{ inherit (t) evidenceKinds amdRoots tcbFields measurementHexDigits; }}""")
+    assert got == {"evidenceKinds": list(EVIDENCE_KINDS), "amdRoots": list(AMD_ROOT_NAMES),
+                   "tcbFields": list(TCB_FIELDS), "measurementHexDigits": 2 * MEASUREMENT_LEN}
+
+
 def test_flake_lock_matches_the_flake() -> None:
     """The committed lock pins the input flake.nix names (github:NixOS/nixpkgs/nixos-24.05)."""
     lock = json.loads((REPO / "flake.lock").read_text())

@@ -22,6 +22,7 @@ What runs, to keep the cost down (a NixOS evaluation takes seconds and most of a
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -39,7 +40,12 @@ import pytest
 from nixharness import REPO, NixEnv, get_tier
 from tracehook import cli
 from tracehook.signer import config as sign_config
-from tracehook.verify.policy import load_policy
+from tracehook.verify.policy import load_policy, parse_policy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 TREE_ENV = "NIXPKGS_TREE"
 HARNESS = REPO / "nix" / "tests" / "nixos-eval.nix"
@@ -191,6 +197,7 @@ FAILING = {
       nix.settings.require-sigs = false;
       nix.settings.binary-caches = [ "https://old.example.org" ];
       services.tracehook.gate.policy = lib.mkForce {{
+        evidence.a = {{ kind = "sev-snp"; measurements = [ "{"ab" * 48}" ]; roots = [ ]; }};
         keys.a = "{BUILDER_KEY}";
         keys.b = "{BUILDER_KEY.replace("builder.example.org-1", "again")}";
         trust.require.any-of = [
@@ -278,10 +285,34 @@ def evaluated(tree: Path, nixos_env: NixEnv) -> dict[str, Any]:
              + (" // h.whole e" if whole else "") + ";"
              for n, (_, whole) in WORKING.items()]
     parts += [f"{n} = h.brief (h.eval [ {paths[n]} ]);" for n in FAILING]
+    policies = " ".join(f'"{p.name}" = h.policy ({nix_value(tomllib.loads(p.read_text()))});'
+                        for p in EXAMPLE_POLICIES)
+    parts.append(f"policies = {{ {policies} }};")
     out: dict[str, Any] = evaluate(
         nixos_env, f"let h = {harness(tree)}; in {{ {' '.join(parts)} package = h.package; }}"
     )
     return out
+
+
+EXAMPLE_POLICIES = sorted((REPO / "examples").glob("policy-*.toml"))
+
+
+def nix_value(value: Any) -> str:
+    """A TOML value as a Nix expression, dates as RFC 3339 strings (the module's form)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return json.dumps(value).replace("${", "\\${")
+    if isinstance(value, (dt.datetime, dt.date)):
+        return json.dumps(value.isoformat())
+    if isinstance(value, list):
+        return "[ " + " ".join(f"({nix_value(v)})" for v in value) + " ]"
+    if isinstance(value, dict):
+        return "{ " + " ".join(f"{json.dumps(k)} = {nix_value(v)};"
+                               for k, v in value.items()) + " }"
+    raise TypeError(value)
 
 
 def conf_settings(text: str) -> dict[str, str]:
@@ -351,6 +382,23 @@ def test_readme_policy_renders_and_loads(evaluated: dict[str, Any], tmp_path: Pa
     assert old.not_after is not None and old.not_after.isoformat() == "2027-06-01T00:00:00+00:00"
     assert policy.describe() == "any of (mine, old)"
     assert cli.main(["policy", "check", str(path)]) == 0
+
+
+@pytest.mark.parametrize("path", EXAMPLE_POLICIES, ids=lambda p: p.name)
+def test_policy_examples_round_trip(evaluated: dict[str, Any], path: Path) -> None:
+    """Every example policy, written as the module's attribute set, renders to a file the
+    loader reads as the very same policy: the typed submodule mirrors the schema exactly."""
+    rendered = evaluated["policies"][path.name]
+    assert rendered["problems"] == []
+    ours = parse_policy(rendered["text"], "rendered", base_dir=path.parent)
+    theirs = load_policy(path)
+    assert ours.traces == theirs.traces
+    # Nix sorts attribute names; order in [keys] and [evidence] carries no meaning.
+    assert sorted(ours.keys, key=str) == sorted(theirs.keys, key=str)
+    assert ours.narinfo_keys == theirs.narinfo_keys
+    assert ours.require == theirs.require
+    assert sorted(ours.evidence, key=str) == sorted(theirs.evidence, key=str)
+    assert ours.weak_fixed_output_hashes == theirs.weak_fixed_output_hashes
 
 
 def test_readme_sign_toml_loads(evaluated: dict[str, Any], tmp_path: Path) -> None:
@@ -557,7 +605,7 @@ REQUIRE = f"{POLICY}.trust.require"
     ("mistakes", f"{REQUIRE}.any-of[0].threshold = 3 is out of range: with 2 entries in `of` "
                  "it must be 1 to 2"),
     ("mistakes", f'{REQUIRE}.any-of[1].all-of[1] names key "ghost", which keys does not '
-                 "define (defined: a, b)"),
+                 "define, nor evidence (defined: a, b)"),
     ("mistakes", f'{REQUIRE}.any-of[1]: key "a" appears in two entries of a threshold of 3'),
     ("mistakes", f"{REQUIRE}.any-of[2].all-of[1]: a narinfo-key is allowed only as the whole "
                  "trust.require"),
@@ -565,6 +613,9 @@ REQUIRE = f"{POLICY}.trust.require"
     ("mistakes", f"{REQUIRE}.any-of[4]: `any-of` takes no threshold"),
     ("mistakes", f"{POLICY}.keys.b: the same public key is already used by keys.a"),
     ("mistakes", f"{POLICY}.traces is empty"),
+    ("mistakes", f'{POLICY}: "a" is both in keys and in evidence'),
+    ("mistakes", f"{POLICY}.evidence.a: no allowed root; list roots (default: amd-milan, "
+                 "amd-genoa, amd-turin) or root-files"),
     ("more-mistakes", "services.tracehook.gate.secretKeyFile = /nix/store/"),
     ("more-mistakes", "services.tracehook.gate.secretKeyFile is set without "
                       "services.tracehook.gate.signingPublicKey"),

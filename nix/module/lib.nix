@@ -52,6 +52,23 @@ rec {
     "https"
   ];
 
+  # Hardware evidence in a policy (verify/evidencepolicy.py; tests/test_nix_files.py
+  # compares these with the package's own lists).
+  evidenceKinds = [ "sev-snp" ];
+  amdRoots = [
+    "amd-milan"
+    "amd-genoa"
+    "amd-turin"
+  ];
+  tcbFields = [
+    "bootloader"
+    "tee"
+    "snp"
+    "microcode"
+    "fmc"
+  ];
+  measurementHexDigits = 96;
+
   validUrl =
     schemes: s:
     let

@@ -71,8 +71,49 @@ let
     };
   };
 
+  tcbTable = types.submodule {
+    options = lib.genAttrs t.tcbFields (
+      f:
+      if f == "fmc" then
+        opt types.ints.u8 "The least `fmc` version accepted (optional)."
+      else
+        mkOption {
+          type = types.ints.u8;
+          description = "The least `${f}` security version accepted.";
+        }
+    );
+  };
+
+  evidenceTable = types.submodule {
+    options = {
+      kind = mkOption {
+        type = types.enum t.evidenceKinds;
+        description = "The kind of hardware evidence.";
+      };
+      measurements = mkOption {
+        type = types.nonEmptyListOf (types.strMatching "[0-9a-fA-F]{${toString t.measurementHexDigits}}");
+        description = "Launch measurements of the guest images accepted (hex).";
+      };
+      min-tcb = opt tcbTable "The least firmware security versions accepted.";
+      roots = opt (types.listOf (types.enum t.amdRoots)) "Pinned AMD roots accepted (default: all).";
+      root-files = opt (types.listOf (types.strMatching "/.*")) "Other roots, as PEM files (tests only).";
+      not-after = opt t.dateTime "From this date on the element counts for nothing.";
+      revoked = opt types.bool "A revoked element never counts.";
+      unsafe-allow-debug = opt types.bool "UNSAFE: accept debuggable guests.";
+    };
+  };
+
   policyModule = {
     options = {
+      weak-fixed-output-hashes = opt (types.enum [
+        "allow"
+        "refuse"
+      ]) "Whether md5- or sha1-pinned fixed outputs anchor chains (default: refuse).";
+      evidence = mkOption {
+        type = types.attrsOf evidenceTable;
+        default = { };
+        description = "Hardware evidence elements; their names count in `trust.require` as keys' do.";
+      };
       traces = mkOption {
         type = types.listOf t.traceStoreUrl;
         default = [ ];
@@ -128,9 +169,20 @@ let
     else
       k;
 
+  nonNull = filterAttrs (_: v: v != null);
+  rawEvidence =
+    e:
+    nonNull (
+      builtins.removeAttrs e [ "_module" ]
+      // {
+        min-tcb = if e.min-tcb == null then null else nonNull (builtins.removeAttrs e.min-tcb [ "_module" ]);
+      }
+    );
+
   raw = policy: {
-    inherit (policy) traces;
+    inherit (policy) traces weak-fixed-output-hashes;
     keys = mapAttrs (_: rawKey) policy.keys;
+    evidence = mapAttrs (_: rawEvidence) policy.evidence;
     require = rawNode policy.trust.require;
   };
 
@@ -201,7 +253,7 @@ let
     names: where: n:
     if !(isNode n) then
       optional (!(builtins.elem n names)) "${where} names key \"${n}\", which ${
-        if names == [ ] then "is not defined: keys is empty" else "keys does not define (defined: ${lib.concatStringsSep ", " names})"
+        if names == [ ] then "is not defined: keys is empty" else "keys does not define, nor evidence (defined: ${lib.concatStringsSep ", " names})"
       }"
     else if n ? narinfo-key then
       [ "${where}: ${placement}" ]
@@ -303,12 +355,22 @@ in
     let
       r = raw policy;
       top = splitTop "${where}.trust.require" r.require;
-      names = builtins.attrNames r.keys;
+      keyNames = builtins.attrNames r.keys;
+      evidenceNames = builtins.attrNames r.evidence;
+      names = lib.sort lib.lessThan (lib.unique (keyNames ++ evidenceNames));
     in
     concatMap (e: nodeProblems names e.where e.node) top.trace
     ++ cacheProblems top.cache
     ++ keyProblems "${where}.keys" r.keys
-    ++ optional (top.trace != [ ] && r.keys == { }) "${where}.keys is empty: the trust requirement names keys, define them here"
+    ++ map (n: "${where}: \"${n}\" is both in keys and in evidence; a name in trust.require must mean one thing, rename one") (
+      lib.intersectLists keyNames evidenceNames
+    )
+    ++ concatMap (
+      n:
+      optional ((r.evidence.${n}.roots or [ "default" ]) == [ ] && (r.evidence.${n}.root-files or [ ]) == [ ])
+        "${where}.evidence.${n}: no allowed root; list roots (default: ${lib.concatStringsSep ", " t.amdRoots}) or root-files"
+    ) evidenceNames
+    ++ optional (top.trace != [ ] && r.keys == { } && r.evidence == { }) "${where}.keys is empty: the trust requirement names keys, define them here"
     ++ optional (top.trace != [ ] && r.traces == [ ]) "${where}.traces is empty: the gate would find no trace to verify and refuse everything; list the trace stores to read";
 
   render =
@@ -325,9 +387,10 @@ in
           v;
     in
     t.toTOML (
-      filterAttrs (_: v: v != [ ] && v != { }) {
-        inherit (r) traces;
+      filterAttrs (_: v: v != [ ] && v != { } && v != null) {
+        inherit (r) traces weak-fixed-output-hashes;
         keys = mapAttrs (_: dates) r.keys;
+        evidence = mapAttrs (_: dates) r.evidence;
       }
       // {
         trust.require = dates r.require;

@@ -93,6 +93,30 @@ in
       };
     };
 
+  # A policy attribute set as the module types, checks and renders it (no NixOS needed).
+  policy =
+    value:
+    let
+      lib = import (nixpkgs + "/lib");
+      p = import ../module/policy.nix {
+        inherit lib;
+        t = import ../module/lib.nix { inherit lib; };
+      };
+      checked =
+        (lib.evalModules {
+          modules = [
+            {
+              options.policy = lib.mkOption { type = p.type; };
+              config.policy = value;
+            }
+          ];
+        }).config.policy;
+    in
+    {
+      text = p.render checked;
+      problems = p.problems "policy" checked;
+    };
+
   # The package as the module builds it from this repository, with the tree's packages.
   package =
     let
