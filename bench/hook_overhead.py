@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from nixharness import NixEnv, get_tier  # noqa: E402
+from tracehook.signer import config  # noqa: E402
 from tracehook.signer.agent import SigningAgent  # noqa: E402
 from tracehook.trace import crypto  # noqa: E402
 
@@ -56,6 +57,7 @@ def make_env(base: Path, tier_name: str, hooked: bool, agent: Path | None = None
             f'secret-key-file = "{base / "key.sec"}"\n'
             f'publish-to = ["file://{base / "traces"}"]\n'
             f'spool-dir = "{base / "spool"}"\nlog-file = "{base / "sign.log"}"\n'
+            f'store-root = "{env.root}"\n'  # the agent never sees NIX_CONFIG's store
         )
         env.configure(post_build_hook=str(REPO / "hooks" / "post-build"))
         env.extra_env["TRACEHOOK_CONFIG"] = str(config)
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             "hook + agent": make_env(root / "agent", args.tier, hooked=True, agent=sock),
             "hook, in process": make_env(root / "cold", args.tier, hooked=True),
         }
-        agent = SigningAgent(sock, {"TRACEHOOK_CONFIG": str(root / "agent" / "sign.toml")})
+        agent = SigningAgent(sock, config.load(root / "agent" / "sign.toml", environ={}),
+                             envs["hook + agent"].env())
         agent.start()
         try:
             for env in envs.values():  # warm-up: evaluation, busybox in the store, .pyc files

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from nixharness import REPO, NixEnv
 from testkeys import public_text, secret
@@ -175,13 +175,14 @@ def running_gate(
     policy: Path, upstreams: Sequence[str], store_root: str | None, log_file: Path,
     signing_key: Path | None = None, cache: CacheConfig | None = None,
     http: HttpLimits | None = None, upstream_timeout: float = 2.0,
-    stderr: TextIO | None = None,
+    stderr: TextIO | None = None, **config: Any,
 ) -> Iterator[RunningGate]:
-    """``stderr``: where the human log lines go (default: nowhere)."""
+    """``stderr``: where the human log lines go (default: nowhere); ``config``: more
+    GateConfig fields (``verify_deadline``, ``cache_dir``, ...)."""
     cfg = GateConfig(policy=policy, upstreams=tuple(upstreams), port=0,
                      signing_key=signing_key, store_root=store_root, log_file=log_file,
                      cache=cache or CacheConfig(), http=http or HttpLimits(),
-                     upstream_timeout=upstream_timeout)
+                     upstream_timeout=upstream_timeout, **config)
     server = build_server(cfg, EventLog(log_file, prefix="tracehook-gate", stderr=stderr))
     serve_in_thread(server)
     try:

@@ -17,12 +17,11 @@ from tracehook.stores.eventlog import EventLog, parse_record, read_events
 def test_emit_writes_both(tmp_path: Path) -> None:
     err = io.StringIO()
     log = EventLog(tmp_path / "sub" / "x.log", stderr=err)
-    record = log.emit("sign", "ok", "signed it", drv="/nix/store/x.drv", outputs={"out": "/p"},
-                      spool_file=tmp_path / "s.json")
+    log.emit("sign", "ok", "signed it", drv="/nix/store/x.drv", outputs={"out": "/p"},
+             spool_file=tmp_path / "s.json")
     assert err.getvalue() == "tracehook: signed it\n"
     (line,) = (tmp_path / "sub" / "x.log").read_text().splitlines()
     obj = json.loads(line)
-    assert obj == record
     assert list(obj)[:4] == ["time", "event", "outcome", "reason"]
     assert obj["event"] == "sign" and obj["outcome"] == "ok" and obj["reason"] is None
     assert obj["spool_file"] == str(tmp_path / "s.json")
@@ -31,7 +30,8 @@ def test_emit_writes_both(tmp_path: Path) -> None:
 
 def test_reserved_fields_cannot_be_overridden(tmp_path: Path) -> None:
     log = EventLog(tmp_path / "x.log", stderr=None)
-    record = log.emit("sign", "failed", "h", reason="why", time="forged")
+    log.emit("sign", "failed", "h", reason="why", time="forged")
+    record = json.loads((tmp_path / "x.log").read_text())
     assert record["reason"] == "why" and record["time"] != "forged"
 
 
@@ -100,9 +100,9 @@ class RecordingStream(io.StringIO):
 def test_journal_line_carries_the_file_record(tmp_path: Path) -> None:
     err = io.StringIO()
     log = EventLog(tmp_path / "gate.log", prefix="tracehook-gate", stderr=err, journal=True)
-    record = log.emit("gate", "refused", "refused narinfo x: no trace", reason="no trace",
-                      name="hello")
+    log.emit("gate", "refused", "refused narinfo x: no trace", reason="no trace", name="hello")
     line = err.getvalue()
+    record = json.loads((tmp_path / "gate.log").read_text())
     assert line.startswith("tracehook-gate: refused narinfo x: no trace\t{")
     assert line.endswith("}\n") and line.count("\n") == 1 and line.count("\t") == 1
     assert parse_record(line) == record

@@ -119,15 +119,3 @@ def test_store_root(case: str, nix_config: str, root: str | None) -> None:
 def test_store_root_rejects_remote() -> None:
     with pytest.raises(ConfigError):
         examine.store_root({"store": "s3://bucket"})
-
-
-@pytest.mark.parametrize(
-    ("case", "exe", "expected"),
-    named(
-        ("nix in store", "/nix/store/" + "a" * 32 + "-nix-2.26.3/bin/nix", ("nix", "2.26.3")),
-        ("lix in store", "/nix/store/" + "b" * 32 + "-lix-2.91.1/bin/nix", ("lix", "2.91.1")),
-        ("debian", "/usr/bin/nix", ("nix", "unknown")),
-    ),
-)
-def test_nix_from_exe(case: str, exe: str, expected: tuple[str, str]) -> None:
-    assert examine.nix_from_exe(exe) == expected

@@ -9,6 +9,9 @@ NAR hashes).
 from __future__ import annotations
 
 import json
+import signal
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,9 @@ from nixharness import REPO, NixEnv, NixTier
 from tracehook import cli
 from tracehook.nix.nar import parse_nar_hash
 from tracehook.nix.storepath import hash_part
+from tracehook.signer import config
 from tracehook.signer.agent import SigningAgent
+from tracehook.stores import proc
 from tracehook.trace import crypto, jws
 from tracehook.trace.claim import Claim, parse_claim
 
@@ -61,7 +66,7 @@ class Signer:
         return [json.loads(line) for line in self.log.read_text().splitlines()]
 
 
-def make_signer(env: NixEnv, tmp: Path) -> Signer:
+def make_signer(env: NixEnv, tmp: Path, extra: str = "") -> Signer:
     sk = crypto.generate_secret_key("test-builder-1")
     crypto.write_key_files(sk, tmp / "key.sec", tmp / "key.pub")
     traces, spool, log = tmp / "trace-store", tmp / "spool", tmp / "sign.log"
@@ -71,7 +76,8 @@ def make_signer(env: NixEnv, tmp: Path) -> Signer:
         f'publish-to = ["file://{traces}"]\n'
         f'spool-dir = "{spool}"\n'
         f'log-file = "{log}"\n'
-        "strict = true\n"
+        f'store-root = "{env.root}"\n'  # the agent never sees NIX_CONFIG's store
+        "strict = true\n" + extra
     )
     env.configure(post_build_hook=str(HOOK))
     env.extra_env["TRACEHOOK_CONFIG"] = str(config)
@@ -88,7 +94,8 @@ def mode(request: pytest.FixtureRequest) -> str:
 def use_mode(signer: Signer, mode: str, tmp: Path) -> SigningAgent | None:
     if mode == "in-process":
         return None
-    agent = SigningAgent(tmp / "agent.sock", {"TRACEHOOK_CONFIG": str(signer.config)})
+    agent = SigningAgent(tmp / "agent.sock", config.load(signer.config, environ={}),
+                         signer.env.env())
     signer.env.extra_env["TRACEHOOK_AGENT_SOCKET"] = str(agent.path)
     agent.start()
     return agent
@@ -160,7 +167,15 @@ def test_hook_signs_every_step_once(nixenv: NixEnv, tmp_path: Path, mode: str) -
     events = [e for e in signer.events() if e["event"] == "sign"]
     assert {e["via"] for e in events} == {"agent" if mode == "agent" else "hook"}
     assert sum(e["outcome"] == "ok" for e in events) == 11
-    assert all(e["outcome"] in ("ok", "duplicate", "skipped") for e in events), events
+    assert all(e["outcome"] in ("ok", "already-signed", "skipped") for e in events), events
+    # Nix's second call for a resolved step reads as what it is, once per resolved step,
+    # and never as a "duplicate" (issue 12, item 12).
+    second = sorted(Path(e["drv"]).name[33:] for e in events if e["outcome"] == "already-signed")
+    assert second == ["ca-b.drv", "ca-c.drv", "ca-on-fod.drv", "ia-on-ca.drv"]
+
+    # Every trace names the Nix that built it (it said "unknown").
+    versions = {c[0].token.payload["builder"]["nix_version"] for c in claims.values()}
+    assert versions == {nixenv.tier.version}
     skipped = [e for e in events if e["outcome"] == "skipped"]
     assert any("fixed-output" in e["reason"] for e in skipped)
     assert any("resolved copy" in e["reason"] and "use-multi" in e["drv"] for e in skipped)
@@ -207,7 +222,8 @@ def test_nix_build_rebuild_adds_nothing(nix226: NixTier, make_nixenv: MakeNixEnv
     assert after == before
     reruns = [e for e in signer.events() if e["event"] == "sign" and e["outcome"] != "ok"]
     assert reruns, "the hook did not run for the rebuilt steps"
-    assert all(e["outcome"] in ("duplicate", "skipped") for e in reruns)
+    assert all(e["outcome"] in ("duplicate", "already-signed", "skipped") for e in reruns)
+    assert any(e["outcome"] == "duplicate" for e in reruns)  # the --rebuild repeats
 
 
 def test_sign_by_hand_matches_hook(
@@ -240,3 +256,108 @@ def test_sign_by_hand_matches_hook(
     assert cli.main(["sign", fod, "--store", str(nixenv.root),
                      "--key", str(tmp_path / "key.sec")]) == 0
     assert "fixed-output" in capsys.readouterr().err
+
+
+def test_resolved_multi_output_step_asked_for_one_output(
+    nixenv: NixEnv, tmp_path: Path, mode: str
+) -> None:
+    """Issue 12.8: Nix 2.8 names (and records) only the outputs asked for on its second call
+    for a resolved step; the hook said "could not sign ... cannot tell which paths"."""
+    signer = make_signer(nixenv, tmp_path)
+    agent = use_mode(signer, mode, tmp_path)
+    try:
+        res = nixenv.build("multiOnCaLib", salt="partial")
+    finally:
+        if agent is not None:
+            agent.stop()
+    assert len(res.out_paths) == 1 and res.out_paths[0].endswith("-multi-on-ca-lib")
+    events = [e for e in signer.events() if e["event"] == "sign"]
+    assert [e for e in events if e["outcome"] == "failed"] == []
+    multi = [e for e in events if e["drv"].endswith("-multi-on-ca.drv")]
+    assert [e["outcome"] for e in multi] == ["ok", "already-signed"]
+    signer.publish()
+    (claim,) = next(c for c in signer.claims().values()
+                    if c[0].token.payload["in"]["debug"]["drv_name"] == "multi-on-ca")
+    assert sorted(claim.outputs) == ["dev", "lib", "out"]
+    assert claim.outputs["lib"].path == res.out_paths[0]
+    for out in claim.outputs.values():
+        assert out.nar_hash == nar_hash(nixenv, out.path)
+
+
+CHAINED = """#!/bin/sh
+# Records what a chained hook sees: its environment, and whether the build was signed first.
+{{
+  echo "DRV_PATH=$DRV_PATH"
+  echo "OUT_PATHS=$OUT_PATHS"
+  printf '%s\\n' "$NIX_CONFIG" | grep -c '^store = ' | sed 's/^/NIX_CONFIG_STORE_LINES=/'
+  echo "SPOOLED=$(ls {spool}/pending | wc -l)"
+  echo ---
+}} >> {calls}
+"""
+
+
+def test_chain_hooks_run_after_signing_with_nix_environment(
+    nixenv: NixEnv, tmp_path: Path, mode: str
+) -> None:
+    """Issue 16: services.tracehook.sign.chainHooks; the hook runs them after signing."""
+    calls = tmp_path / "calls"
+    script = tmp_path / "upload-to-cache.sh"
+    script.write_text(CHAINED.format(spool=tmp_path / "spool", calls=calls))
+    script.chmod(0o755)
+    failing = tmp_path / "broken-pusher.sh"
+    failing.write_text("#!/bin/sh\nexit 7\n")
+    failing.chmod(0o755)
+    signer = make_signer(nixenv, tmp_path, f'chain-hooks = ["{failing}", "{script}"]\n')
+    agent = use_mode(signer, mode, tmp_path)
+    try:
+        nixenv.build("caB", salt="chain")  # strict = true: a chain failure must not matter
+    finally:
+        if agent is not None:
+            agent.stop()
+    records = [dict(line.split("=", 1) for line in block.strip().splitlines())
+               for block in calls.read_text().split("---\n") if block.strip()]
+    drvs = [Path(r["DRV_PATH"]).name[33:] for r in records]
+    assert sorted(drvs) == ["ca-a.drv", "ca-b.drv", "ca-b.drv"]  # every hook call, in order
+    assert all(r["NIX_CONFIG_STORE_LINES"] == "1" for r in records)  # Nix's NIX_CONFIG
+    assert [int(r["SPOOLED"]) for r in records] == [1, 2, 2]  # signed before the chain ran
+    events = signer.events()
+    chained = [e for e in events if e["event"] == "chain"]
+    assert len(chained) == 3 and {e["reason"] for e in chained} == {"exit code 7"}
+    assert sum(e["event"] == "sign" and e["outcome"] == "ok" for e in events) == 2
+
+
+def test_daemon_agent_signs_with_the_config_it_was_given(
+    nixenv: NixEnv, tmp_path: Path
+) -> None:
+    """Issue 12.4: `publish --daemon --config F`: the agent read $TRACEHOOK_CONFIG or the
+    default instead, so builds went unsigned or were signed with another key."""
+    signer = make_signer(nixenv, tmp_path)
+    decoy_dir = tmp_path / "decoy"
+    decoy_dir.mkdir()
+    decoy = make_signer(nixenv, decoy_dir)  # another key, spool and log
+    sock = tmp_path / "run" / "agent.sock"
+    nixenv.extra_env["TRACEHOOK_CONFIG"] = str(signer.config)
+    nixenv.extra_env["TRACEHOOK_AGENT_SOCKET"] = str(sock)
+    daemon = proc.spawn(
+        [sys.executable, "-m", "tracehook", "publish", "--daemon", "--interval", "0.2",
+         "--config", str(signer.config), "--agent-socket", str(sock)],
+        env=nixenv.env() | {"TRACEHOOK_CONFIG": str(decoy.config)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        nixenv.build("caB", salt="daemon")
+        deadline = time.monotonic() + 30
+        while list((signer.spool / "pending").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    assert daemon.returncode == 0
+    events = [e for e in signer.events() if e["event"] == "sign"]
+    assert {e["via"] for e in events} == {"agent"}
+    assert sum(e["outcome"] == "ok" for e in events) == 2
+    claims = signer.claims()  # delivered by the daemon, each verified with --config's key
+    assert len(claims) == 2
+    assert not decoy.log.exists() and not decoy.spool.exists()

@@ -254,8 +254,9 @@ def test_render_trace_file_matches_laut(trace_file: Path) -> None:
         ("list", b"[]", "object"),
         ("no_signatures", b'{"sigs": []}', "signatures"),
         ("signatures_string", b'{"signatures": "a.b.c"}', "not a list"),
-        ("entry_not_string", b'{"signatures": ["a.b.c", 1]}', "signatures[1]"),
-        ("duplicate_key", b'{"signatures": [], "signatures": ["x"]}', "duplicate"),
+        ("no_list_among_duplicates", b'{"signatures": 1, "signatures": "x"}', "not a list"),
+        ("nan", b'{"signatures": ["a", NaN]}', "JSON"),
+        ("bom_then_garbage", b"\xef\xbb\xbf\x00", "JSON"),
     ),
 )
 def test_parse_trace_file_errors(case: str, data: bytes, needle: str) -> None:
@@ -266,6 +267,29 @@ def test_parse_trace_file_errors(case: str, data: bytes, needle: str) -> None:
 
 def test_parse_trace_file_keeps_malformed_entries_for_the_caller() -> None:
     assert jws.parse_trace_file(b'{"signatures": ["junk", "a.b.c"], "x": 1}') == ["junk", "a.b.c"]
+
+
+@pytest.mark.parametrize(
+    ("case", "data", "signatures", "skipped"),
+    named(
+        # Each row once hid the valid entry beside the malformed one (issue 13.5).
+        ("non_string_entry_beside_valid", b'{"signatures": [1, "a.b.c", {"x": 2}]}',
+         ["a.b.c"], 2),
+        ("utf8_bom", b'\xef\xbb\xbf{"signatures": ["a.b.c"]}', ["a.b.c"], 0),
+        ("duplicate_signatures_key", b'{"signatures": ["a.b.c"], "signatures": ["d.e.f"]}',
+         ["a.b.c", "d.e.f"], 0),
+        ("duplicate_key_one_not_a_list", b'{"signatures": 7, "signatures": ["a.b.c"]}',
+         ["a.b.c"], 1),
+        ("duplicate_other_key", b'{"x": 1, "x": 2, "signatures": ["a.b.c"]}', ["a.b.c"], 0),
+        ("nested_entry", b'{"signatures": [["a.b.c"], "d.e.f"]}', ["d.e.f"], 1),
+    ),
+)
+def test_trace_file_entries_are_read_one_by_one(
+    case: str, data: bytes, signatures: list[str], skipped: int
+) -> None:
+    read = jws.read_trace_file(data, "trace file x")
+    assert (list(read.signatures), read.skipped) == (signatures, skipped)
+    assert jws.parse_trace_file(data) == signatures
 
 
 @pytest.mark.parametrize(

@@ -73,3 +73,27 @@ def test_our_trace_matches_lauts(conformance: Path) -> None:
         laut_claim.kind, laut_claim.key, laut_claim.kid
     )
     assert ours_claim.outputs == laut_claim.outputs
+
+
+def test_references_extension_is_ignored_by_a_laut_shaped_reader() -> None:
+    """A claim with the references extension is still what laut reads: out.nix.<o> has
+    path, hash, hashAlgo and method as laut writes them; the extra field is only extra."""
+    import base64
+    import json
+
+    from tracehook.trace.claim import BuilderInfo, OutputClaim, TraceKey, sign_trace
+
+    key = TraceKey("ca", "0" * 31 + "1", "/nix/store/" + "0" * 31 + "1-x.drv")
+    ref = "/nix/store/" + "d" * 32 + "-dep"
+    out = OutputClaim("/nix/store/" + "a" * 32 + "-x", b"\1" * 32, (ref,))
+    token = sign_trace(crypto.SecretKey("builderA", b"\2" * 32), key, {"out": out},
+                       BuilderInfo(1, "/nix/store", "nix", "2.26.3"), "x")
+    payload = token.split(".")[1]
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    entry = body["out"]["nix"]["out"]
+    assert {k: entry[k] for k in ("hashAlgo", "method", "path")} == {
+        "hashAlgo": "sha256", "method": "nar", "path": out.path}
+    assert entry["hash"].startswith("sha256:") and entry["references"] == [ref]
+    claim = parse_claim(jws.parse_compact(token))
+    assert claim.outputs["out"].references == (ref,)
+    assert claim.outputs["out"] == OutputClaim(out.path, out.nar_hash)  # same value either way

@@ -574,7 +574,7 @@ def test_gate_unit_matches_cli_and_nix_conf() -> None:
     unit = unit_file(EXAMPLES / "systemd" / "tracehook-gate.service")
     argv = exec_argv(unit)
     assert argv[0].endswith("/tracehook")
-    args = cli.build_parser().parse_args(argv[1:])
+    args = cli.build_parser(argv[1:]).parse_args(argv[1:])
     assert args.command == "gate"
     assert args.policy == "/etc/tracehook/policy.toml"
     assert args.signing_key == "/run/credentials/x/signing-key"
@@ -588,7 +588,7 @@ def test_gate_unit_matches_cli_and_nix_conf() -> None:
 def test_publish_unit_matches_cli_and_sign_toml() -> None:
     unit = unit_file(EXAMPLES / "systemd" / "tracehook-publish.service")
     argv = exec_argv(unit)
-    args = cli.build_parser().parse_args(argv[1:])
+    args = cli.build_parser(argv[1:]).parse_args(argv[1:])
     assert args.command == "publish" and args.daemon is True
     cfg = config.load(EXAMPLES / "sign.toml", environ={})
     writable = " ".join(unit["Service"]["ReadWritePaths"]).split()

@@ -422,7 +422,7 @@ def test_gate_command_line_parses(evaluated: dict[str, Any]) -> None:
     words = re.findall(r"'([^']*)'|(\S+)", line)
     argv = [a or b for a, b in words]
     assert argv[0] == "exec" and argv[1].endswith("/bin/tracehook")
-    args = cli.build_parser().parse_args(argv[2:])
+    args = cli.build_parser(argv[2:]).parse_args(argv[2:])
     assert args.command == "gate"
     assert args.policy == "/etc/tracehook/policy.toml"
     assert args.listen == "127.0.0.1:37515"
@@ -467,7 +467,7 @@ def test_publisher_unit_is_unprivileged(evaluated: dict[str, Any]) -> None:
     assert 'TRACEHOOK_SECRET_KEY_FILE="$CREDENTIALS_DIRECTORY/secret-key"' in start
     assert "publish --daemon --config /etc/tracehook/sign.toml" in start
     argv = start.split("exec ", 1)[1].replace("\\\n", " ").split()
-    args = cli.build_parser().parse_args(argv[1:])
+    args = cli.build_parser(argv[1:]).parse_args(argv[1:])
     assert args.daemon and str(args.config) == "/etc/tracehook/sign.toml"
     assert service["RuntimeDirectory"] == ["tracehook"]
     assert service["RuntimeDirectoryMode"] == ["0750"], "the hook refuses a writable directory"

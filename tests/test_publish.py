@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,8 +21,8 @@ from tracehook.signer import agent_client
 from tracehook.signer.publish import Publisher, holds_claim
 from tracehook.stores import tracestore
 from tracehook.stores.eventlog import EventLog
-from tracehook.stores.spool import Spool, SpooledItem
-from tracehook.trace import jws
+from tracehook.stores.spool import Spool, SpooledItem, SpoolEntry
+from tracehook.trace import crypto, jws
 from traceserver import serve_traces
 
 
@@ -70,7 +73,9 @@ def test_store_down_keeps_entries_then_delivers(tmp_path: Path) -> None:
         assert len(spool.pending()) == 3  # nothing lost
         assert file_store.get(make_entry(0).key) == [make_entry(0).jws]  # the up store has it
         requests = len(server.state.requests)
-        assert requests == 1  # one failure stops the round for that store: no retry storm
+        # Two keys failing in a row stop the round for that store: no retry storm (one
+        # failure alone could be that key's own problem, see the poisoned-store tests).
+        assert requests == 2
 
         # Backing off: the next round does not touch the down store.
         pub.drain()
@@ -131,6 +136,166 @@ def test_bad_entry_is_quarantined_others_delivered(tmp_path: Path) -> None:
     assert (spool.root / "bad" / "broken.json").exists()
 
 
+def _entry_with(n: int, key: str | None = None, kind: str | None = None,
+                jws: str | None = None) -> SpoolEntry:
+    entry = make_entry(n)
+    return dataclasses.replace(entry, key=key or entry.key, kind=kind or entry.kind,
+                               jws=jws or entry.jws)
+
+
+@pytest.mark.parametrize(
+    ("case", "entry", "reason"),
+    [
+        pytest.param("invalid trace key", _entry_with(1, key="not-a-key"),
+                     "not 32 nix-base32", id="invalid key"),
+        pytest.param("key with a path", _entry_with(1, key="../../../../etc/passwd"),
+                     "not 32 nix-base32", id="traversal key"),
+        pytest.param("unknown kind", _entry_with(1, kind="xx"), "neither 'ca' nor 'ia'",
+                     id="unknown kind"),
+        pytest.param("jws not parsing", _entry_with(1, jws="a.b"), "2 dot-separated",
+                     id="malformed jws"),
+        pytest.param("trace for another key", _entry_with(1, key=make_entry(2).key),
+                     "its trace claims ca key", id="key mismatch"),
+    ],
+)
+def test_entry_that_can_never_be_published_goes_to_bad(
+    case: str, entry: SpoolEntry, reason: str, tmp_path: Path
+) -> None:
+    """Issue 13.4: one spool entry with an invalid key stopped every later delivery."""
+    spool = Spool(tmp_path / "spool")
+    for i in range(3, 33):
+        spool.add(make_entry(i))
+    poisoned = spool.pending_dir / "poisoned.json"  # as a broken or older signer left it
+    poisoned.write_bytes(entry.to_json())
+    store = tracestore.open_store(f"file://{tmp_path}/ts")
+    report = Publisher(spool, [store], quiet(tmp_path)).drain()
+    assert report.bad == [poisoned.name]
+    assert len(report.delivered) == 30 and report.complete
+    assert (spool.bad_dir / poisoned.name).read_bytes() == entry.to_json()
+    bad = [json.loads(line) for line in (tmp_path / "publish.log").read_text().splitlines()
+           if '"outcome":"bad"' in line]
+    assert len(bad) == 1 and reason in bad[0]["reason"]
+
+
+def _poison_file(store_dir: Path, key: str, data: bytes) -> Path:
+    path = store_dir / "traces" / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _thirty_one(tmp: Path) -> Spool:
+    spool = Spool(tmp / "spool")
+    for i in range(31):  # entry 0's key is the poisoned one
+        spool.add(make_entry(i))
+    return spool
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [pytest.param(b"\x00\x01 not json", id="binary garbage"),
+     pytest.param(b'{"signatures": "a.b.c"}', id="signatures not a list"),
+     pytest.param(b"[]", id="a list"),
+     pytest.param(b'{"signatures": [', id="truncated")],
+)
+def test_poisoned_file_in_file_store_does_not_stall_the_others(
+    poison: bytes, tmp_path: Path
+) -> None:
+    """Issue 13.4: one malformed trace file in a store: 0 of 29 other traces delivered."""
+    spool = _thirty_one(tmp_path)
+    store_dir = tmp_path / "ts"
+    poisoned = _poison_file(store_dir, make_entry(0).key, poison)
+    clock = Clock()
+    pub = Publisher(spool, [tracestore.open_store(f"file://{store_dir}")], quiet(tmp_path),
+                    clock=clock, base_backoff=10.0)
+    report = pub.drain()
+    assert len(report.delivered) == 30 and report.kept == [spool.pending()[0].path.name]
+    assert not report.errors  # the store is not "down"
+    assert poisoned.read_bytes() == poison  # never overwritten
+    (key_error,) = report.key_errors.values()
+    assert "malformed trace file" in key_error and make_entry(0).key in key_error
+    # That key alone backs off; the next round leaves it alone until its retry is due.
+    assert pub.drain().kept == report.kept
+    assert pub.next_wakeup(60.0) == pytest.approx(10.0)
+    poisoned.unlink()  # a person removed it
+    clock.now += 10.0
+    assert pub.drain().complete and spool.pending() == []
+
+
+def test_poisoned_file_in_http_store_does_not_stall_the_others(tmp_path: Path) -> None:
+    spool = _thirty_one(tmp_path)
+    with serve_traces() as server:
+        server.state.files[make_entry(0).key] = b"\xff\xfe garbage"
+        report = Publisher(spool, [tracestore.open_store(server.url)], quiet(tmp_path)).drain()
+        assert len(report.delivered) == 30 and len(report.kept) == 1
+        assert not report.errors
+        assert server.state.files[make_entry(0).key] == b"\xff\xfe garbage"
+        assert len(server.state.files) == 31
+
+
+def test_unreadable_path_for_one_key_does_not_stall_the_others(tmp_path: Path) -> None:
+    """An environment error for one key only (here a directory where the file belongs) is
+    that key's problem once the next key goes through: the store is not backed off."""
+    spool = _thirty_one(tmp_path)
+    store_dir = tmp_path / "ts"
+    (store_dir / "traces" / make_entry(0).key).mkdir(parents=True)
+    report = Publisher(spool, [tracestore.open_store(f"file://{store_dir}")],
+                       quiet(tmp_path)).drain()
+    assert len(report.delivered) == 30 and len(report.kept) == 1 and not report.errors
+
+
+@pytest.mark.parametrize(
+    ("case", "existing", "kept"),
+    [
+        pytest.param("non-string entries", b'{"signatures": [7, "someone.else.x", {"a": 1}]}',
+                     ["someone.else.x"], id="non-string entries"),
+        pytest.param("utf-8 bom", b'\xef\xbb\xbf{"signatures": ["someone.else.x"]}',
+                     ["someone.else.x"], id="bom"),
+        pytest.param("duplicate key", b'{"signatures": ["a.b.c"], "signatures": ["d.e.f"]}',
+                     ["a.b.c", "d.e.f"], id="duplicate signatures key"),
+    ],
+)
+def test_partly_malformed_file_is_merged_around(case: str, existing: bytes, kept: list[str],
+                                               tmp_path: Path) -> None:
+    """Valid entries beside a malformed one are kept; entries that are not strings are
+    dropped on rewrite (docs/FORMAT.md, section 5)."""
+    spool = _thirty_one(tmp_path)
+    store_dir = tmp_path / "ts"
+    _poison_file(store_dir, make_entry(0).key, existing)
+    store = tracestore.open_store(f"file://{store_dir}")
+    report = Publisher(spool, [store], quiet(tmp_path)).drain()
+    assert report.complete and len(report.delivered) == 31
+    assert store.get(make_entry(0).key) == [*kept, make_entry(0).jws]
+
+
+def test_prune_sent_wired_and_rate_limited(tmp_path: Path) -> None:
+    """Issue 11.7: sent/ grew without bound; prune_sent existed but nothing called it."""
+    spool = filled_spool(tmp_path, 2)
+    clock = Clock()
+    pub = Publisher(spool, [tracestore.open_store(f"file://{tmp_path}/ts")], quiet(tmp_path),
+                    clock=clock, keep_sent=0.0, prune_every=600.0)
+    assert len(pub.drain().delivered) == 2
+    assert len(spool.sent()) == 2
+    spool.add(make_entry(5))
+    clock.now += 599.0
+    report = pub.drain()  # delivered, but no look at sent/ yet
+    assert report.pruned == 0 and len(spool.sent()) == 3
+    clock.now += 1.0
+    time.sleep(0.01)  # ctime granularity
+    report = pub.drain()
+    assert report.pruned == 3 and spool.sent() == []
+    assert any('"outcome":"pruned"' in line
+               for line in (tmp_path / "publish.log").read_text().splitlines())
+
+
+def test_default_keep_sent_keeps_fresh_entries(tmp_path: Path) -> None:
+    spool = filled_spool(tmp_path, 2)
+    config = write_config(tmp_path, f"file://{tmp_path}/ts")
+    assert cli.main(["publish", "--config", str(config)]) == 0
+    assert cli.main(["publish", "--config", str(config)]) == 0
+    assert len(spool.sent()) == 2
+
+
 def test_daemon_rounds_until_store_is_back(tmp_path: Path) -> None:
     spool = filled_spool(tmp_path, 2)
     with serve_traces() as server:
@@ -155,14 +320,21 @@ def test_daemon_rounds_until_store_is_back(tmp_path: Path) -> None:
         assert len(server.state.files) == 2
 
 
-def write_config(tmp: Path, *urls: str) -> Path:
-    config = tmp / "sign.toml"
+def write_config(tmp: Path, *urls: str, extra: str = "", name: str = "sign.toml") -> Path:
+    config = tmp / name
     listed = ", ".join(f'"{u}"' for u in urls)
     config.write_text(
         f"publish-to = [{listed}]\n"
-        f'spool-dir = "{tmp / "spool"}"\nlog-file = "{tmp / "publish.log"}"\n'
+        f'spool-dir = "{tmp / "spool"}"\nlog-file = "{tmp / "publish.log"}"\n{extra}'
     )
     return config
+
+
+def key_file(tmp: Path, name: str = "builder-1") -> Path:
+    path = tmp / f"{name}.sec"
+    if not path.exists():
+        crypto.write_key_files(crypto.generate_secret_key(name), path, tmp / f"{name}.pub")
+    return path
 
 
 def test_cli_publish_exit_codes_and_dry_run(
@@ -176,7 +348,11 @@ def test_cli_publish_exit_codes_and_dry_run(
         assert server.state.requests == []
 
         assert cli.main(["spool", "--config", str(config)]) == 0
-        assert capsys.readouterr().out.count("\n") == 2
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 3 and out[-1].startswith("2 pending, 0 sent, 0 unreadable")
+        assert cli.main(["spool", "--config", str(config), "--json"]) == 0
+        assert [json.loads(line)["kind"] for line in capsys.readouterr().out.splitlines()] == [
+            "ca", "ca"]
 
         server.state.down = True
         assert cli.main(["publish", "--config", str(config)]) == 3
@@ -215,14 +391,19 @@ def _wait_for(cond: Callable[[], bool], seconds: float = 20.0) -> bool:
 @pytest.mark.parametrize("agent_ok", [True, False], ids=["with agent", "agent cannot start"])
 def test_cli_daemon_serves_agent_and_stops_on_sigterm(tmp_path: Path, agent_ok: bool) -> None:
     filled_spool(tmp_path, 2)
-    config = write_config(tmp_path, f"file://{tmp_path}/ts")
+    config = write_config(tmp_path, f"file://{tmp_path}/ts",
+                          extra=f'secret-key-file = "{key_file(tmp_path)}"\n')
+    # The environment names another configuration; the agent must sign with --config's.
+    (tmp_path / "decoy").mkdir()
+    decoy = write_config(tmp_path / "decoy", f"file://{tmp_path}/decoy-ts", name="decoy.toml",
+                         extra=f'secret-key-file = "{key_file(tmp_path, "other-1")}"\n')
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     sock = tmp_path / "agent.sock" if agent_ok else blocker / "agent.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tracehook", "publish", "--daemon", "--interval", "0.1",
          "--config", str(config), "--agent-socket", str(sock)],
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, env=os.environ | {"TRACEHOOK_CONFIG": str(decoy)},
     )
     try:
         assert _wait_for(lambda: not list((tmp_path / "spool" / "pending").iterdir()))
@@ -230,6 +411,12 @@ def test_cli_daemon_serves_agent_and_stops_on_sigterm(tmp_path: Path, agent_ok: 
             assert _wait_for(sock.exists)
             reply = agent_client.ask_agent(str(sock), agent_client.request({"DRV_PATH": "x"}))
             assert reply is not None and reply.startswith(b"0\n")
+            signed = [json.loads(line) for line in
+                      (tmp_path / "publish.log").read_text().splitlines()
+                      if '"event":"sign"' in line]
+            assert [e["via"] for e in signed] == ["agent"]  # --config's log, not the decoy's
+            assert "no signing key" not in signed[0]["reason"]  # its key loaded
+            assert not (tmp_path / "decoy" / "publish.log").exists()
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
@@ -237,3 +424,100 @@ def test_cli_daemon_serves_agent_and_stops_on_sigterm(tmp_path: Path, agent_ok: 
     assert not sock.exists()
     if not agent_ok:
         assert "signing agent not started" in err
+
+
+def _run_daemon(args: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tracehook", "publish", "--daemon",
+                           "--interval", "0.1", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _wrong_key(tmp: Path) -> str:
+    return f'secret-key-file = "{tmp / "missing.sec"}"\n'
+
+
+def _public_as_secret(tmp: Path) -> str:
+    key_file(tmp)
+    return f'secret-key-file = "{tmp / "builder-1.pub"}"\n'
+
+
+def _garbage_key(tmp: Path) -> str:
+    (tmp / "garbage.sec").write_text("builder-1:not base64 !!\n")
+    return f'secret-key-file = "{tmp / "garbage.sec"}"\n'
+
+
+def _unwritable_log(tmp: Path) -> str:
+    (tmp / "logdir").write_text("a file where the log directory belongs")
+    return (f'secret-key-file = "{key_file(tmp)}"\n'
+            f'log-file = "{tmp / "logdir" / "sign.log"}"\n')
+
+
+@pytest.mark.parametrize(
+    ("case", "extra", "message"),
+    [
+        pytest.param("key path wrong", _wrong_key, "cannot read key file", id="key missing"),
+        pytest.param("public key given", _public_as_secret, "public key", id="public key"),
+        pytest.param("key garbage", _garbage_key, "secret-key-file", id="key garbage"),
+        pytest.param("log not writable", _unwritable_log, "not writable", id="log"),
+    ],
+)
+def test_daemon_checks_key_and_log_at_start(case: str, extra: Callable[[Path], str],
+                                            message: str, tmp_path: Path) -> None:
+    """Issue 12.4/12.12: a wrong key path failed only per build, after start."""
+    text = extra(tmp_path)
+    config = tmp_path / "sign.toml"
+    log = "" if "log-file" in text else f'log-file = "{tmp_path / "publish.log"}"\n'
+    config.write_text(f'publish-to = ["file://{tmp_path}/ts"]\n'
+                      f'spool-dir = "{tmp_path / "spool"}"\n{log}{text}')
+    proc = _run_daemon(["--config", str(config), "--agent-socket", str(tmp_path / "a.sock")])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "a.sock").exists()
+
+
+@pytest.mark.parametrize("flags", [["--no-agent"], []], ids=["--no-agent", "agent wanted"])
+def test_daemon_without_key_publishes_and_serves_no_agent(flags: list[str],
+                                                          tmp_path: Path) -> None:
+    """Without secret-key-file the agent could not sign (it never sees nix.conf's
+    secret-key-files): the daemon publishes, starts no agent and says why; the hook then
+    signs in process with nix.conf's key, as before."""
+    filled_spool(tmp_path, 2)
+    config = write_config(tmp_path, f"file://{tmp_path}/ts")
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracehook", "publish", "--daemon", "--interval", "0.1",
+         "--config", str(config), "--agent-socket", str(sock), *flags],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: not list((tmp_path / "spool" / "pending").iterdir()))
+        assert proc.poll() is None and not sock.exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    if flags:
+        assert "signing agent" not in err
+    else:
+        assert "signing agent not started: no secret-key-file" in err
+
+
+@pytest.mark.parametrize("kind", ["regular file", "directory", "symlink"])
+def test_daemon_refuses_what_is_not_a_socket_at_its_path(kind: str, tmp_path: Path) -> None:
+    """Issue 13.11a: publish --daemon deleted a regular file at --agent-socket."""
+    path = tmp_path / "agent.sock"
+    if kind == "regular file":
+        path.write_text("precious")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        (tmp_path / "elsewhere").write_text("precious")
+        path.symlink_to(tmp_path / "elsewhere")
+    config = write_config(tmp_path, f"file://{tmp_path}/ts",
+                          extra=f'secret-key-file = "{key_file(tmp_path)}"\n')
+    proc = _run_daemon(["--config", str(config), "--agent-socket", str(path)])
+    assert proc.returncode == 2, proc.stderr
+    assert str(path) in proc.stderr and kind in proc.stderr
+    assert path.is_symlink() or path.exists()
+    if kind == "regular file":
+        assert path.read_text() == "precious"

@@ -24,6 +24,11 @@ strict = true
 store-root = "/mnt/store"
 nix-flavor = "lix"
 nix-version = "2.91.1"
+keep-sent = "12h"
+agent-socket = "/run/th/agent.sock"
+agent-user = "tracehook"
+agent-timeout = 2.5
+chain-hooks = ["/etc/nix/upload-to-cache.sh", "/usr/local/bin/notify"]
 """
 
 
@@ -42,6 +47,10 @@ def test_full_file(tmp_path: Path) -> None:
     assert cfg.strict is True
     assert cfg.store_root == "/mnt/store"
     assert (cfg.nix_flavor, cfg.nix_version) == ("lix", "2.91.1")
+    assert cfg.keep_sent == 12 * 3600
+    assert cfg.agent_socket == Path("/run/th/agent.sock")
+    assert (cfg.agent_user, cfg.agent_timeout) == ("tracehook", 2.5)
+    assert cfg.chain_hooks == ("/etc/nix/upload-to-cache.sh", "/usr/local/bin/notify")
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -51,6 +60,30 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.spool_dir == config.DEFAULT_SPOOL
     assert cfg.log_file == config.DEFAULT_LOG
     assert cfg.strict is False
+    assert cfg.keep_sent == 7 * 86400
+    assert cfg.agent_socket == Path("/run/tracehook/agent.sock")
+    assert (cfg.agent_user, cfg.agent_timeout, cfg.chain_hooks) == ("root", 5.0, ())
+
+
+@pytest.mark.parametrize(
+    ("case", "value", "seconds"),
+    named(("seconds int", 90, 90.0), ("seconds float", 1.5, 1.5), ("zero", 0, 0.0),
+          ("string seconds", '"90"', 90.0), ("minutes", '"90m"', 5400.0),
+          ("days", '"7d"', 604800.0), ("weeks", '"2w"', 1209600.0),
+          ("spaces", '" 3h "', 10800.0)),
+)
+def test_keep_sent(case: str, value: object, seconds: float, tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, f"keep-sent = {value}\n"), environ={})
+    assert cfg.keep_sent == seconds
+
+
+def test_agent_socket_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, 'agent-socket = "/run/a.sock"\n')
+    cfg = config.load(path, environ={"TRACEHOOK_AGENT_SOCKET": "/run/b.sock"})
+    assert cfg.agent_socket == Path("/run/b.sock")
+    assert config.load(path, environ={"TRACEHOOK_AGENT_SOCKET": "off"}).agent_socket is None
+    assert config.load(path, environ={"TRACEHOOK_AGENT_SOCKET": ""}).agent_socket == Path(
+        "/run/a.sock")
 
 
 def test_path_from_environment(tmp_path: Path) -> None:
@@ -100,6 +133,18 @@ def test_missing_file_allowed_when_not_required(tmp_path: Path) -> None:
         ("publish-to with number", "publish-to = [1]", "publish-to must list"),
         ("publish-to with empty url", 'publish-to = [""]', "publish-to must list"),
         ("not utf-8", b"strict = \xff", "not UTF-8"),
+        ("keep-sent unit", 'keep-sent = "7 days"', "unit s, m, h, d or w"),
+        ("keep-sent negative", "keep-sent = -1", "non-negative"),
+        ("keep-sent bool", "keep-sent = true", "keep-sent must be"),
+        ("keep-sent nan", "keep-sent = nan", "finite"),
+        ("agent-timeout zero", "agent-timeout = 0", "above 0"),
+        ("agent-timeout huge", "agent-timeout = 86400", "at most 3600"),
+        ("agent-timeout string", 'agent-timeout = "5"', "agent-timeout must be"),
+        ("agent-user empty", 'agent-user = ""', "agent-user must name"),
+        ("agent-socket relative", 'agent-socket = "run/a.sock"', "absolute"),
+        ("chain-hooks relative", 'chain-hooks = ["upload.sh"]', "absolute paths"),
+        ("chain-hooks string", 'chain-hooks = "/a"', "chain-hooks must be a list"),
+        ("chain-hooks number", "chain-hooks = [1]", "absolute paths"),
     ),
 )
 def test_malformed(case: str, text: str | bytes, message: str, tmp_path: Path) -> None:

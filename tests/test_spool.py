@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -76,9 +78,9 @@ def test_bad_entries_are_reported_and_quarantined(case: str, data: bytes, tmp_pa
     spool.add(make_entry(1))
     bad = tmp_path / "pending" / "zzz.json"
     bad.write_bytes(data)
-    items, problems = spool.scan()
-    assert len(items) == 1
-    assert [p for p, _ in problems] == [bad]
+    scan = spool.scan()
+    assert len(scan.items) == 1 and scan.locked == []
+    assert [p for p, _ in scan.bad] == [bad]
     moved = spool.quarantine(bad)
     assert moved.read_bytes() == data and not bad.exists()
 
@@ -90,10 +92,55 @@ def test_unwritable_spool_is_environment_fault(tmp_path: Path) -> None:
         Spool(blocker / "spool").add(make_entry(1))
 
 
-def test_prune_sent(tmp_path: Path) -> None:
+def test_prune_sent_counts_from_delivery(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.add(make_entry(1))
-    spool.mark_sent(spool.pending()[0])
+    spool.add(make_entry(2))
+    (old, _) = spool.pending()
+    os.utime(old.path, (1000.0, 1000.0))  # written long ago (a long outage)...
+    spool.mark_sent(old)  # ...but delivered just now: it stays for keep-sent
     assert spool.prune_sent(3600) == 0
-    assert spool.prune_sent(0, now=10**12) == 1
-    assert spool.sent() == []
+    assert len(spool.sent()) == 1 and len(spool.pending()) == 1  # pending is never pruned
+    assert spool.prune_sent(3600, now=time.time() + 3601) == 1
+    assert spool.sent() == [] and len(spool.pending()) == 1
+
+
+def test_find(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    entry = make_entry(1)
+    assert spool.find(entry.name) is None
+    spool.add(entry)
+    assert spool.find(entry.name) == entry
+    spool.mark_sent(spool.pending()[0])
+    assert spool.find(entry.name) == entry
+
+
+def test_shared_spool_gives_entries_its_group(tmp_path: Path) -> None:
+    """A setgid spool directory is shared with its group (an unprivileged publisher)."""
+    root = tmp_path / "spool"
+    root.mkdir()
+    os.chown(root, -1, 4321)
+    os.chmod(root, 0o2770)
+    old = os.umask(0o077)  # the nix-daemon's umask must not matter
+    try:
+        spool = Spool(root)
+        path = spool.add(make_entry(1))
+        assert path is not None
+        spool.quarantine(path)
+    finally:
+        os.umask(old)
+    for d in ("tmp", "pending", "sent", "bad"):
+        st = os.stat(root / d)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o2770, 4321), d
+    st = os.stat(root / "bad" / path.name)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, 4321)
+
+
+def test_existing_private_subdirectory_is_shared_once_the_spool_is(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.add(make_entry(1))  # private: created 0700 by an earlier version or setup
+    os.chown(spool.root, -1, 4321)
+    os.chmod(spool.root, 0o2770)
+    spool.add(make_entry(2))
+    st = os.stat(spool.pending_dir)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o2770, 4321)

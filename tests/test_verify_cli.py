@@ -89,3 +89,26 @@ def test_unreachable_trace_store_is_an_environment_error(
                      str(CONFORMANCE / "store"), "--traces", "http://127.0.0.1:9/")
     assert res.rc == 3
     assert "unreachable" in res.out + res.err
+
+
+def test_version_and_help_import_no_subcommand() -> None:
+    """``tracehook --version`` and ``--help`` import no subcommand module (fast start);
+    a subcommand imports its own module only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tracehook.cli as c\n"
+            "try:\n    c.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('tracehook.') "
+            "and m not in ('tracehook.cli',)), file=sys.stderr)")
+    allowed: set[str] = set()
+    for argv in (["--version"], ["--help"]):
+        run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                             text=True, check=False)
+        loaded = set(eval(run.stderr.strip().splitlines()[-1]))
+        assert loaded <= allowed, loaded
+    run = subprocess.run([sys.executable, "-c", code, "keygen", "--help"],
+                         capture_output=True, text=True, check=False)
+    loaded = set(eval(run.stderr.strip().splitlines()[-1]))
+    assert "tracehook.cli.keygen" in loaded and "tracehook.cli.gate" not in loaded
+    assert "tracehook.gate.service" not in loaded and "tracehook.verify.engine" not in loaded

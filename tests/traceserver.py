@@ -34,6 +34,7 @@ class TraceServerState:
     conflicts: int = 0
     send_etag: bool = True
     requests: list[tuple[str, str]] = field(default_factory=list)
+    hang: dict[str, threading.Event] = field(default_factory=dict)  # key -> answer when set
 
 
 def etag_of(data: bytes) -> str:
@@ -73,6 +74,9 @@ class _Handler(BaseHTTPRequestHandler):
         key = self._key()
         if key is None:
             return
+        release = self.server.state.hang.get(key)
+        if release is not None:
+            release.wait(60)  # a store that does not answer this key (until released)
         with self.server.state.lock:
             data = self.server.state.files.get(key)
         if data is None:

@@ -82,6 +82,15 @@ let
     dev = multiIa.dev;
   } // ca // sh "busybox cat $lib $dev > $out");
 
+  # Multi-output content-addressed with a content-addressed input: Nix resolves it, and a
+  # consumer may ask for one output only (`multiOnCaLib`).
+  multiOnCa = derivation ({
+    name = "multi-on-ca";
+    inherit system salt;
+    dep = caA;
+    outputs = [ "out" "lib" "dev" ];
+  } // ca // sh "busybox cat $dep/name > $out; echo lib > $lib; echo dev > $dev");
+
   # Input-addressed on top of content-addressed (its output path is deferred until the
   # inputs are built, then computed from the resolved derivation).
   iaOnCa = derivation ({
@@ -102,6 +111,8 @@ let
 in
 {
   inherit caA caB caC iaA iaB iaC fodFlat fodRec caOnFod multiIa multiCa useMulti iaOnCa weirdEnv;
+  inherit multiOnCa;
+  multiOnCaLib = multiOnCa.lib;
   # Everything at once, for tests that walk the whole set.
   all = [ caC iaC caOnFod useMulti iaOnCa weirdEnv ];
 }

@@ -66,12 +66,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-size", type=int, default=50_000, metavar="N",
                    help="decisions kept (default %(default)s)")
     p.add_argument("--upstream-timeout", type=float, default=10.0, metavar="S",
-                   help="seconds to wait for an upstream (default %(default)s)")
+                   help="seconds to wait for a binary cache or trace store to answer each "
+                        "read (a whole answer: 3 times that; default %(default)s)")
     p.add_argument("--cache-dir", default=env("TRACEHOOK_CACHE_DIR"), metavar="DIR",
                    help="persistent verification cache (facts that never change: parsed "
                         ".drv files, signature checks, resolutions); env TRACEHOOK_CACHE_DIR")
     p.add_argument("--verify-deadline", type=float, default=30.0, metavar="S",
                    help="seconds one verification may take; then 502 (default %(default)s)")
+    p.add_argument("--fail-on-tamper", action="store_true",
+                   help="refuse a path when tamper evidence is seen in its chain, even when "
+                        "it verifies another way (always logged as 'tampered')")
     p.add_argument("--quiet", action="store_true", help="no human lines on stderr")
 
 
@@ -90,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
         cache=CacheConfig(max_entries=args.cache_size, ttl=args.cache_ttl),
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         verify_deadline=args.verify_deadline,
+        fail_on_tamper=args.fail_on_tamper,
     )
 
 

@@ -9,6 +9,16 @@ nothing. The daemon also serves the post-build hook's signing agent on a Unix so
 (``--agent-socket``; ``--no-agent`` to turn it off), so that the hook, which Nix waits for
 after every build, does not start a cold signer each time. ``tracehook spool`` lists
 pending entries (``--json`` for one JSON object a line).
+
+Configuration: ``--config FILE``, else ``$TRACEHOOK_CONFIG``, else /etc/tracehook/sign.toml;
+the daemon's signing agent signs with that same file (its ``secret-key-file``,
+``store-root``, ``strict``, ``log-file``). At start the daemon checks what every build would
+otherwise trip over: the secret key (readable, a Nix secret key), the log file (writable) and
+the agent's socket path (only a stale socket there is replaced). Each failure is one line and
+exit 2. Without ``secret-key-file`` no agent is started (it never sees nix.conf's
+``secret-key-files``; the hook then signs in its own process), and the daemon says so.
+Delivered entries older than ``keep-sent`` (default 7 days) are deleted from the spool's
+``sent/`` ledger.
 """
 
 from __future__ import annotations
@@ -22,14 +32,20 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from tracehook.errors import EXIT_ENVIRONMENT, EXIT_OK, ConfigError, EnvironmentFault
+from tracehook.errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_OK,
+    ConfigError,
+    EnvironmentFault,
+    TracehookError,
+)
 from tracehook.signer import config
 from tracehook.signer.agent import SigningAgent
-from tracehook.signer.agent_client import DEFAULT_SOCKET
 from tracehook.signer.publish import Publisher
 from tracehook.stores.eventlog import EventLog
 from tracehook.stores.spool import Spool
 from tracehook.stores.tracestore import open_store
+from tracehook.trace import crypto
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="longest wait before retrying a failed store, seconds")
     p.add_argument("--agent-socket", type=Path, metavar="PATH",
                    help="with --daemon: serve the post-build hook's signing agent here "
-                   "(default $TRACEHOOK_AGENT_SOCKET or /run/tracehook/agent.sock)")
+                   "(default $TRACEHOOK_AGENT_SOCKET, else agent-socket in the "
+                   "configuration, else /run/tracehook/agent.sock)")
     p.add_argument("--no-agent", action="store_true",
                    help="with --daemon: do not serve the signing agent")
     p.set_defaults(func=main_publish)
@@ -76,8 +93,8 @@ def _load(args: argparse.Namespace) -> tuple[config.SignConfig, Spool]:
 
 def main_spool(args: argparse.Namespace) -> int:
     _, spool = _load(args)
-    items, bad = spool.scan()
-    for it in items:
+    scan = spool.scan()
+    for it in scan.items:
         e = it.entry
         if args.json:
             print(json.dumps({"file": str(it.path), "kind": e.kind, "key": e.key, "kid": e.kid,
@@ -85,12 +102,47 @@ def main_spool(args: argparse.Namespace) -> int:
         else:
             outs = " ".join(o["path"] for o in e.outputs.values())
             print(f"{e.kind} {e.key} {e.kid} {e.drv_path} -> {outs}")
-    for path, why in bad:
-        print(f"unreadable: {path}: {why}", file=sys.stderr)
+    problems = [*scan.bad, *scan.locked]
+    for path, why in problems:
+        print(f"unreadable: {path}: {why}", file=sys.stderr if args.json else sys.stdout)
     if not args.json:
-        print(f"{len(items)} pending, {len(spool.sent())} sent, {len(bad)} unreadable "
-              f"({spool.root})", file=sys.stderr)
+        print(f"{len(scan.items)} pending, {len(spool.sent())} sent, {len(problems)} "
+              f"unreadable ({spool.root})")
     return EXIT_OK
+
+
+def check_daemon_start(cfg: config.SignConfig) -> None:
+    """What every build would trip over, found at start: ConfigError (exit 2), one line."""
+    where = cfg.source or "the signer configuration"
+    if cfg.secret_key_file is not None:
+        try:
+            crypto.read_secret_key_file(cfg.secret_key_file)
+        except TracehookError as exc:
+            raise ConfigError(f"secret-key-file in {where}: {exc.diagnostics()}") from None
+    if cfg.log_file is not None:
+        try:
+            cfg.log_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(cfg.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.close(fd)
+        except OSError as exc:
+            raise ConfigError(
+                f"log file {cfg.log_file} (log-file in {where}) is not writable by uid "
+                f"{os.getuid()}: {exc.strerror or exc}"
+            ) from None
+
+
+def _start_agent(cfg: config.SignConfig, path: Path, events: EventLog) -> SigningAgent | None:
+    agent = SigningAgent(path, cfg)
+    try:
+        agent.start()  # ConfigError (something else at the path) ends the daemon: exit 2
+    except EnvironmentFault as exc:  # the hook then signs in its own process
+        events.emit("agent", "failed", f"signing agent not started: {exc.diagnostics()}"
+                    " (the post-build hook signs in process, slower)",
+                    reason=exc.diagnostics(), socket=str(agent.path))
+        return None
+    events.emit("agent", "ok", f"signing agent listening on {agent.path}",
+                socket=str(agent.path))
+    return agent
 
 
 def main_publish(args: argparse.Namespace) -> int:
@@ -109,37 +161,35 @@ def main_publish(args: argparse.Namespace) -> int:
         print(f"{len(items)} pending trace(s), {len(urls)} store(s); nothing sent",
               file=sys.stderr)
         return EXIT_OK
-    events = EventLog(cfg.log_file, journal=args.daemon)  # a daemon's stderr is the journal
-    publisher = Publisher(spool, stores, events, max_backoff=args.max_backoff)
+    socket_path = args.agent_socket or cfg.agent_socket
+    serve_agent = args.daemon and not args.no_agent and socket_path is not None
     if args.daemon:
-        stop = threading.Event()
+        check_daemon_start(cfg)
+    events = EventLog(cfg.log_file, journal=args.daemon)  # a daemon's stderr is the journal
+    if serve_agent and cfg.secret_key_file is None:
+        why = (f"no secret-key-file in {cfg.source or 'the signer configuration'}: the agent "
+               "signs with it and never sees nix.conf's secret-key-files")
+        events.emit("agent", "failed", f"signing agent not started: {why} (the post-build "
+                    "hook signs in process, slower)", reason=why, socket=str(socket_path))
+        serve_agent = False
+    publisher = Publisher(spool, stores, events, max_backoff=args.max_backoff,
+                          keep_sent=cfg.keep_sent)
+    if not args.daemon:
+        report = publisher.drain()
+        print(f"published {len(report.delivered)}, kept {len(report.kept)} pending, "
+              f"{len(report.bad)} moved to bad/", file=sys.stderr)
+        return EXIT_OK if report.complete else EXIT_ENVIRONMENT
+    stop = threading.Event()
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            stop.set()
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        agent = None
-        if not args.no_agent:
-            default = os.environ.get("TRACEHOOK_AGENT_SOCKET") or DEFAULT_SOCKET
-            agent = SigningAgent(args.agent_socket or Path(default))
-            try:
-                agent.start()
-            except EnvironmentFault as exc:  # the hook then signs in its own process
-                events.emit("agent", "failed", f"signing agent not started: {exc.diagnostics()}"
-                            " (the post-build hook signs in process, slower)",
-                            reason=exc.diagnostics(), socket=str(agent.path))
-                agent = None
-            else:
-                events.emit("agent", "ok", f"signing agent listening on {agent.path}",
-                            socket=str(agent.path))
-        try:
-            publisher.run(args.interval, stop)
-        finally:
-            if agent is not None:
-                agent.stop()
-        return EXIT_OK
-    report = publisher.drain()
-    print(f"published {len(report.delivered)}, kept {len(report.kept)} pending, "
-          f"{len(report.bad)} unreadable", file=sys.stderr)
-    return EXIT_OK if report.complete else EXIT_ENVIRONMENT
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent = _start_agent(cfg, socket_path, events) if serve_agent and socket_path else None
+    try:
+        publisher.run(args.interval, stop)
+    finally:
+        if agent is not None:
+            agent.stop()
+    return EXIT_OK

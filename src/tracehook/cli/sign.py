@@ -2,7 +2,8 @@
 
 Computes the step's key and outputs exactly as the post-build hook does (from the store's
 files and database; ``--store ROOT`` for a chroot store, ``--out-paths`` when the outputs
-are known), signs with ``--key`` (or the configured key) and prints the JWS, or appends it
+are known), signs with ``--key`` (or the configured key; the trace names the Nix version
+of the ``nix`` on PATH, or ``nix-version`` of the configuration) and prints the JWS, or appends it
 to the trace stores given with ``--to`` (repeatable) directly, bypassing the spool.
 Exit 0 signed (or skipped with the reason on stderr), 2 configuration, 3 store unreadable.
 """
@@ -10,11 +11,12 @@ Exit 0 signed (or skipped with the reason on stderr), 2 configuration, 3 store u
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from tracehook.errors import EXIT_OK, ConfigError
-from tracehook.signer import config, examine
+from tracehook.signer import config, examine, nixversion
 from tracehook.stores.tracestore import open_store
 from tracehook.trace import crypto
 
@@ -49,7 +51,8 @@ def main(args: argparse.Namespace) -> int:
     if isinstance(step, examine.Skipped):
         print(f"tracehook: not signing {args.drv}: {step.reason}", file=sys.stderr)
         return EXIT_OK
-    flavor, version = cfg.nix_flavor or "nix", cfg.nix_version or "unknown"
+    flavor, version = nixversion.detect(cfg.nix_flavor, cfg.nix_version, None, os.environ,
+                                        nixversion.VersionCache())
     token = examine.sign(step, sk, examine.builder_info(flavor, version))
     key = step.resolution.key
     if not args.to:

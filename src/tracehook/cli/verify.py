@@ -67,6 +67,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="check traces in N worker processes instead (0: never; default: "
                    f"one per core, for closures of {Limits.process_from} or more "
                    "derivations)")
+    p.add_argument("--fail-on-tamper", action="store_true",
+                   help="refuse a target when tamper evidence (a forged signature, a forged "
+                   "cache signature, contradicting claims) is seen anywhere in its closure, "
+                   "even if it verifies another way")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="persistent verification cache (facts that never change: parsed "
                    ".drv files, signature checks, resolutions; default $TRACEHOOK_CACHE_DIR, "
@@ -125,7 +129,8 @@ def main(args: argparse.Namespace) -> int:
     if args.processes is not None and args.processes < 0:
         raise ConfigError(f"--processes {args.processes}: give 0 or more")
     limits = Limits(args.max_depth, args.max_resolutions, args.jobs, args.processes)
-    resolver = Resolver(policy, stores, reader.read_derivation, now, limits, caches, facts)
+    resolver = Resolver(policy, stores, reader.read_derivation, now, limits, caches, facts,
+                        args.fail_on_tamper)
     try:
         reports = resolver.verify(targets)
     finally:

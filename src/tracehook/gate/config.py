@@ -25,6 +25,7 @@ from tracehook.stores.eventlog import EventLog
 from tracehook.stores.factcache import FactCache
 from tracehook.stores.http import DEFAULT_TIMEOUT
 from tracehook.stores.nixstore import StoreReader
+from tracehook.stores.tracestore import open_store
 from tracehook.trace import crypto
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class GateConfig:
     verify_deadline: float = 30.0  # seconds a verification may take before it is a fault
     policy_interval: float = 2.0  # seconds between checks of the policy file
     cache_dir: Path | None = None  # the persistent verification cache
+    fail_on_tamper: bool = False  # tamper evidence in a chain refuses the path
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -83,10 +85,13 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
     index = DrvIndex(reader)
     index.check_readable()  # a gate does not start on a store it cannot read (exit 3)
     verifier = GateVerifier(policies.current, reader, max_age=cfg.generation_max_age,
-                            caches=upstreams, deadline=cfg.verify_deadline, facts=facts)
+                            caches=upstreams, deadline=cfg.verify_deadline, facts=facts,
+                            stores=lambda p: [open_store(u, cfg.upstream_timeout)
+                                              for u in p.traces])
     service = GateService(
         index, verifier, upstreams, key, events, DecisionCache[Answer](cfg.cache),
-        cfg.priority, weak_hashes=lambda: policies.current()[0].weak_fixed_output_hashes)
+        cfg.priority, weak_hashes=lambda: policies.current()[0].weak_fixed_output_hashes,
+        fail_on_tamper=cfg.fail_on_tamper)
     try:
         server = GateHTTPServer((cfg.host, cfg.port), service, cfg.http)
     except OSError as exc:

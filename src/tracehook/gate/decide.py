@@ -32,6 +32,7 @@ from tracehook.nix import nixbase32
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.nar import format_nar_hash, parse_nar_hash
 from tracehook.nix.narinfo import NarInfo
+from tracehook.nix.refscan import Scanned
 from tracehook.nix.storepath import STORE_DIR
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
@@ -189,3 +190,19 @@ def check_realisations(path: str, output: str, theirs: Sequence[tuple[str, str |
                            f"{store_dir}/{out_path}, but the trusted traces attest {path}",
                            step)
     return None
+
+
+def scanned_problem(url: str, listed: frozenset[str], scanned: Scanned, nar_hash: bytes,
+                    direct: frozenset[str]) -> str | None:
+    """For a path whose claims attest no references (laut's traces): what is wrong with a
+    narinfo's ``References`` against what its NAR names. Every listed reference must occur
+    in the NAR (nothing added), and every direct input or own output that occurs in it must
+    be listed (nothing dropped); the NAR scanned must be the attested one."""
+    if scanned.nar_sha256 != nar_hash:
+        return (f"{url} serves a NAR whose hash is {format_nar_hash(scanned.nar_sha256)}, "
+                f"the trusted traces attest {format_nar_hash(nar_hash)}")
+    added = sorted(listed - scanned.found)
+    dropped = sorted((scanned.found & direct) - listed)
+    parts = ([f"adds {', '.join(added)}, which its content does not name"] if added else []) \
+        + ([f"drops {', '.join(dropped)}, which its content names"] if dropped else [])
+    return f"{url} serves References that {' and '.join(parts)}" if parts else None

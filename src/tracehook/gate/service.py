@@ -36,10 +36,11 @@ from tracehook.gate.decide import (
     Serve,
     check_realisations,
     choose_narinfo,
+    scanned_problem,
 )
 from tracehook.gate.index import DrvIndex
 from tracehook.gate.memo import DecisionCache
-from tracehook.gate.upstreams import fetch_narinfos, fetch_realisations
+from tracehook.gate.upstreams import fetch_narinfos, fetch_realisations, scan_nar
 from tracehook.gate.verdicts import GateVerifier, Value, Verdict
 from tracehook.lru import Lru
 from tracehook.nix import narinfo, realisation
@@ -89,7 +90,10 @@ class GateService:
         memo: DecisionCache[Answer],
         priority: int = 30,
         weak_hashes: Callable[[], bool] = lambda: False,
+        fail_on_tamper: bool = False,
     ) -> None:
+        """``fail_on_tamper``: refuse a path when tamper evidence is seen in its chain,
+        even when it verifies another way (it is always logged as ``tampered``)."""
         self.index = index
         self.verifier = verifier
         self.upstreams = list(upstreams)
@@ -99,6 +103,7 @@ class GateService:
         self.memo = memo
         self.priority = priority
         self.weak_hashes = weak_hashes
+        self.fail_on_tamper = fail_on_tamper
         self.store_dir = index.store_dir
         self._nar_routes: Lru[str, int] = Lru(ROUTES_MAX)  # NAR URL -> upstream index
 
@@ -160,6 +165,7 @@ class GateService:
                 return self._fault("realisation", request, drv_path, verdict.fault)
             if not verdict.values:
                 raise _refusal(verdict, output)
+            self._tamper_check("realisation", request, verdict)
             chosen = self._serve_for(verdict, verdict.values)
             if isinstance(chosen, Fault):
                 return self._fault("realisation", request, drv_path, chosen.message)
@@ -194,8 +200,7 @@ class GateService:
                     f"{value.path}: the trusted claims attest different references",
                     verdict.drv_path)
                 continue
-            decision = choose_narinfo(expected, fetch_narinfos(self.upstreams, value.path),
-                                      self.urls, self.store_dir)
+            decision = self._choose(expected, verdict)
             if isinstance(decision, Serve):
                 return value, decision
             if isinstance(decision, Fault):
@@ -207,6 +212,29 @@ class GateService:
                            verdict.drv_path)
         assert fault is not None
         return fault
+
+    def _choose(self, expected: Expected, verdict: Verdict | None) -> Serve | Refusal | Fault:
+        """The upstream narinfo to serve for ``expected``; for a path whose claims attest no
+        references, its NAR is scanned (once per NAR hash) and its References checked."""
+        decision = choose_narinfo(expected, fetch_narinfos(self.upstreams, expected.path),
+                                  self.urls, self.store_dir)
+        if (not isinstance(decision, Serve) or expected.kind != "verified"
+                or expected.references is not None or verdict is None):
+            return decision
+        ni = decision.narinfo
+        listed = frozenset(f"{self.store_dir}/{r}" for r in ni.references)
+        direct = verdict.inputs | {v.path for v in verdict.values}
+        assert expected.nar_hash is not None and ni.url is not None
+        try:
+            scanned = scan_nar(self.upstreams[decision.upstream], ni.url, ni.compression,
+                               listed | direct, expected.nar_hash, self.verifier.facts)
+        except ParseError as exc:
+            return Refusal(f"{expected.path}: {self.urls[decision.upstream]}: "
+                           f"{exc.diagnostics()}", expected.step)
+        problem = scanned_problem(self.urls[decision.upstream], listed, scanned,
+                                  expected.nar_hash, direct)
+        return decision if problem is None else Refusal(f"{expected.path}: {problem}",
+                                                        expected.step)
 
     def _render_realisation(
         self, drv_path: str, output: str, rid: str | None, path: str
@@ -242,8 +270,9 @@ class GateService:
                 raise found
             expected, verdict = found
             subject = expected.step
-            decision = choose_narinfo(expected, fetch_narinfos(self.upstreams, expected.path),
-                                      self.urls, self.store_dir)
+            if verdict is not None:
+                self._tamper_check("narinfo", request, verdict)
+            decision = self._choose(expected, verdict)
             if isinstance(decision, Fault):
                 return self._fault("narinfo", request, subject, decision.message)
             if isinstance(decision, Refusal):
@@ -373,6 +402,22 @@ class GateService:
             target=subject,
         )
         return Answer(404, b"refused by tracehook gate\n", reason=exc.reason)
+
+    def _tamper_check(self, kind: str, request: str, verdict: Verdict) -> None:
+        """Tamper evidence in the chain is logged as its own event, even when the path is
+        admitted another way; with ``fail_on_tamper`` it is a refusal."""
+        for step, what in verdict.tampered:
+            self.events.emit(
+                "gate", "tampered",
+                f"tamper evidence at {printable(step)} (treat as an incident): "
+                f"{printable(what)}" + (" (refused: --fail-on-tamper)"
+                                       if self.fail_on_tamper else
+                                       f"; {kind} {request} admitted another way"),
+                reason=what, request=kind, id=request, drv=verdict.drv_path, name=step)
+        if verdict.tampered and self.fail_on_tamper:
+            step, what = verdict.tampered[0]
+            raise Refusal(f"tamper evidence at {step} (--fail-on-tamper): {what}",
+                          verdict.drv_path, verdict.name)
 
     def _refuse_uncached(self, kind: str, request: str, reason: str) -> Answer:
         self.events.emit("gate", "refused", f"refused {kind} {request}: {reason}",

@@ -6,13 +6,18 @@ answer, a fault) for :mod:`tracehook.gate.decide` to judge. Nothing here decides
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import marshal
 from collections.abc import Sequence
 
 from tracehook.errors import ParseError, UpstreamFault
 from tracehook.gate.decide import Fetched
 from tracehook.nix import realisation
+from tracehook.nix.refscan import Scanned, scan
 from tracehook.nix.storepath import basename
 from tracehook.stores.binarycache import Upstream, fetch_narinfo
+from tracehook.stores.factcache import FactCache
 
 
 def fetch_narinfos(upstreams: Sequence[Upstream], path: str) -> list[Fetched]:
@@ -50,3 +55,27 @@ def fetch_realisations(
             continue
         found.append((up.url, theirs.out_path, None))
     return found
+
+
+def scan_nar(upstream: Upstream, url: str, compression: str | None,
+             candidates: frozenset[str], nar_hash: bytes, facts: FactCache | None) -> Scanned:
+    """The NAR at ``url`` scanned for ``candidates`` (remembered in the persistent cache by
+    NAR hash and candidates: the same bytes name the same paths). ParseError when it cannot
+    be read as a NAR here."""
+    fact = hashlib.sha256(nar_hash + "\n".join(sorted(candidates)).encode()).digest()
+    if facts is not None:
+        data = facts.get("refs", fact)
+        if data is not None:
+            with contextlib.suppress(ValueError, TypeError, EOFError):
+                found, size = marshal.loads(data)
+                return Scanned(frozenset(found), nar_hash, size)
+    body = upstream.open(url)
+    if body is None:
+        raise ParseError("NAR", f"{url} is not in the binary cache")
+    try:
+        scanned = scan(body.chunks(), compression, candidates)
+    finally:
+        body.close()
+    if facts is not None and scanned.nar_sha256 == nar_hash:
+        facts.put("refs", fact, marshal.dumps((tuple(sorted(scanned.found)), scanned.nar_size)))
+    return scanned

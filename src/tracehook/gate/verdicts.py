@@ -82,6 +82,8 @@ class Verdict:
     fault: str | None = None  # could not decide: answered 502, never cached
     generation: tuple[str, int] = ("", 0)
     rejected: tuple[str, ...] = field(default=())  # signatures that did not count, why
+    inputs: frozenset[str] = frozenset()  # the paths the step was built from (direct)
+    tampered: tuple[tuple[str, str], ...] = ()  # (step name, what): tamper evidence seen
     evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for the first value
 
     @property
@@ -272,7 +274,7 @@ def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
     if rdrv_path and trusted.values(step, want):
         reason = (f"no verified value of {output} is attested for the resolved derivation "
                   f"{rdrv_path}")
-    failed = engine.failed_below(step)
+    failed = engine.reading.failed_below(step)
     if failed != step:
         reason = trusted.explain(failed, _wanted(engine, failed)).message
     return Verdict(step, drv.name, drv.kind, reason=reason, failed_step=failed,
@@ -280,8 +282,19 @@ def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
                    rejected=tuple(r.detail for r in trusted.rejected(step)))
 
 
+def _inputs(engine: Engine, step: str) -> frozenset[str]:
+    """What the step was built from: its sources and every verified value of the input
+    outputs it references (a superset of one resolution's inputs)."""
+    drv = engine.graph.drvs[step]
+    paths = set(drv.input_srcs)
+    for inp, outputs in drv.input_drvs.items():
+        for cand in engine.trusted.values(inp, frozenset(outputs)):
+            paths.update(oc.path for _, oc in cand.value)
+    return frozenset(paths)
+
+
 def _relied(engine: Engine, step: str) -> tuple[tuple[str, ...], int]:
-    boundary, covered = engine.reliance(step)
+    boundary, covered = engine.reading.reliance(step)
     paths = sorted(r.path for b in boundary
                    for r in engine.trusted.cache_results(b).values()
                    if isinstance(r, CacheOutput))

@@ -13,13 +13,15 @@ Which calls produce a trace (docs/FORMAT.md, "Which derivations are signed"):
   derivation built from an input-addressed input; Nix also calls the hook for the original
   derivation, and that call signs the step under the ``ia`` key, which pins that input;
 * anything else: one trace. Nix's two calls for a resolved step (the resolved copy, then the
-  original) give the same key and the same claim, which the spool keeps once.
+  original) give the same key and the same claim, which the spool keeps once (the hook logs
+  the second call as ``already-signed``). Nix 2.8.0 names and records only the outputs that
+  were asked for on the original's call: the others come from the resolved derivation's
+  realisations, so both calls claim every output.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import urllib.parse
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -34,8 +36,6 @@ from tracehook.stores.nixstore import StoreReader
 from tracehook.trace import claim, crypto
 from tracehook.trace.claim import BuilderInfo, OutputClaim
 from tracehook.trace.stepkey import InputOutput, Resolution, producer_is_content_addressed, step_key
-
-_NIX_EXE = re.compile(r"/[0-9a-z]{32}-(nix|lix)-(\d[0-9A-Za-z.+_-]*)/")
 
 
 def parse_nix_config(text: str) -> dict[str, str]:
@@ -68,26 +68,6 @@ def store_root(settings: Mapping[str, str]) -> str | None:
 
 def secret_key_files(settings: Mapping[str, str]) -> list[str]:
     return settings.get("secret-key-files", "").split()
-
-
-def detect_nix(ppid: int | None = None) -> tuple[str, str]:
-    """(flavor, version) of the Nix that ran us, from its executable's store path.
-
-    One readlink, no process: a Nix installed in /nix/store (``...-nix-2.26.3/bin/nix``,
-    ``...-lix-2.91.1/bin/nix``) names itself; anything else gives ("nix", "unknown").
-    Set ``nix-flavor``/``nix-version`` in the configuration to be exact.
-    """
-    pid = os.getppid() if ppid is None else ppid
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return "nix", "unknown"
-    return nix_from_exe(exe)
-
-
-def nix_from_exe(exe: str) -> tuple[str, str]:
-    m = _NIX_EXE.search(exe)
-    return (m.group(1), m.group(2)) if m else ("nix", "unknown")
 
 
 def builder_info(flavor: str, version: str) -> BuilderInfo:
@@ -124,10 +104,19 @@ class LocalStore:
         self.db.close()
 
     def nar_hash(self, path: str) -> bytes:
+        return self.output_claim(path).nar_hash
+
+    def output_claim(self, path: str) -> OutputClaim:
+        """What the store recorded for a built output: its NAR hash and its references
+        (the references extension of docs/FORMAT.md: attested, so a gate can refuse a
+        narinfo that drops or adds one)."""
         info = self.db.path_info(path)
         if info is None:
             raise EnvironmentFault(f"{path} is not a valid path in the store (garbage collected?)")
-        return parse_nar_hash(info.nar_hash, f"NAR hash of {path} in the store database")
+        return OutputClaim(path,
+                           parse_nar_hash(info.nar_hash, f"NAR hash of {path} in the store "
+                                          "database"),
+                           tuple(sorted(info.references)))
 
     def is_content_addressed(self, path: str) -> bool:
         info = self.db.path_info(path)
@@ -149,8 +138,16 @@ class LocalStore:
 
 
 def _claimed_paths(
-    store: LocalStore, drv_path: str, drv: Derivation, out_paths: Sequence[str]
+    store: LocalStore, drv_path: str, drv: Derivation, out_paths: Sequence[str],
+    resolution: Resolution,
 ) -> dict[str, str]:
+    """Output name -> path of every output of the step.
+
+    From ``OUT_PATHS``, else Nix's records for ``drv_path``, else (for an original
+    derivation that Nix resolved) Nix's records for the resolved derivation: Nix 2.8.0 passes
+    an empty ``OUT_PATHS`` and, on its second call for a resolved step, names and records
+    only the outputs that were asked for, although the resolved build made them all.
+    """
     by_name = {output_path_name(drv.name, name): name for name in drv.outputs}
     paths: dict[str, str] = {}
     for p in out_paths:
@@ -159,6 +156,11 @@ def _claimed_paths(
             paths[name] = p
     if len(paths) < len(drv.outputs):  # Nix 2.8.0 passes none; --rebuild in 2.30 none
         recorded = store.recorded_outputs(drv_path, drv)
+        for name in drv.outputs:
+            if name not in paths and name in recorded:
+                paths[name] = recorded[name]
+    if len(paths) < len(drv.outputs) and resolution.rdrv_path != drv_path:
+        recorded = store.recorded_outputs(resolution.rdrv_path, resolution.rdrv)
         for name in drv.outputs:
             if name not in paths and name in recorded:
                 paths[name] = recorded[name]
@@ -204,8 +206,8 @@ def examine(store: LocalStore, drv_path: str, out_paths: Sequence[str] = ()) -> 
                     "original derivation signs this step (tracehook-ia-v1, pinned)"
                 )
     resolution = step_key(drv, _inputs(store, drv))
-    paths = _claimed_paths(store, drv_path, drv, out_paths)
-    outputs = {name: OutputClaim(p, store.nar_hash(p)) for name, p in sorted(paths.items())}
+    paths = _claimed_paths(store, drv_path, drv, out_paths, resolution)
+    outputs = {name: store.output_claim(p) for name, p in sorted(paths.items())}
     return BuildStep(drv_path, drv, resolution, outputs)
 
 

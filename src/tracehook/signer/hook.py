@@ -10,6 +10,8 @@ with ``--keep-going``). So the hook
 * logs one human line on stderr (Nix shows it as ``post-build-hook: tracehook: ...``) and
   one JSON line in the log file: derivation, outputs, key id, trace key, spool file,
   duration, outcome;
+* runs the executables of ``chain-hooks`` afterwards, from its entry point
+  (:mod:`tracehook.signer.agent_client`, which has Nix's environment for them);
 * exits 0, also when it fails, unless ``strict = true`` (or ``TRACEHOOK_STRICT=1``): then a
   failure exits with the error's code (1 refused, 2 configuration, 3 environment), which
   makes Nix stop building. Use strict mode only where an unsigned build must not go on.
@@ -25,12 +27,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from tracehook.errors import EXIT_OK, EXIT_REFUSED, ConfigError, TracehookError
 from tracehook.nix.nar import format_nar_hash
-from tracehook.signer import config, examine
+from tracehook.signer import config, examine, nixversion
 from tracehook.stores.eventlog import EventLog
 from tracehook.stores.spool import Spool, SpoolEntry
 from tracehook.trace import crypto
@@ -51,11 +53,6 @@ def load_key(cfg: config.SignConfig, settings: Mapping[str, str]) -> crypto.Secr
     )
 
 
-def _nix_identity(cfg: config.SignConfig) -> tuple[str, str]:
-    flavor, version = examine.detect_nix()
-    return cfg.nix_flavor or flavor, cfg.nix_version or version
-
-
 def sign_build(
     cfg: config.SignConfig,
     drv_path: str,
@@ -64,8 +61,11 @@ def sign_build(
     log: EventLog,
     started: float,
     via: str = "hook",
+    identify: Callable[[], tuple[str, str]] = lambda: nixversion.UNKNOWN,
 ) -> int:
-    """Examine, sign and spool one build step; report it. Raises TracehookError on failure."""
+    """Examine, sign and spool one build step; report it. Raises TracehookError on failure.
+
+    ``identify`` gives the (flavor, version) of the Nix that built, for the trace."""
     sk = load_key(cfg, settings)  # first: a broken key is a configuration error every time
     root = cfg.store_root if cfg.store_root is not None else examine.store_root(settings)
     store = examine.LocalStore(root)
@@ -80,8 +80,7 @@ def sign_build(
             duration_ms=_ms(started), via=via,
         )
         return EXIT_OK
-    flavor, version = _nix_identity(cfg)
-    token = examine.sign(step, sk, examine.builder_info(flavor, version))
+    token = examine.sign(step, sk, examine.builder_info(*identify()))
     key = step.resolution.key
     kid = f"{sk.name}:{crypto.thumbprint16(sk.public)}"
     outputs = {
@@ -92,7 +91,8 @@ def sign_build(
         key.kind, key.key, kid, drv_path, outputs, token, time.time(),
         crypto.format_public_key(sk.public),
     )
-    spooled = Spool(cfg.spool_dir).add(entry)
+    spool = Spool(cfg.spool_dir)
+    spooled = spool.add(entry)
     fields: dict[str, Any] = {
         "drv": drv_path,
         "outputs": {n: o["path"] for n, o in outputs.items()},
@@ -102,19 +102,31 @@ def sign_build(
         "rdrv": key.rdrv_path,
         "via": via,
     }
-    if spooled is None:
-        log.emit(
-            EVENT, "duplicate",
-            f"{drv_path}: claim for {key.kind} key {key.key} by {kid} already spooled",
-            reason="the same claim (key, signer, outputs) is already pending or published",
-            spool_file=None, duration_ms=_ms(started), **fields,
-        )
-    else:
+    if spooled is not None:
         log.emit(
             EVENT, "ok",
             f"signed {drv_path} ({key.kind} key {key.key}, {kid}) -> {spooled}",
             spool_file=str(spooled), duration_ms=_ms(started), **fields,
         )
+        return EXIT_OK
+    first = spool.find(entry.name)
+    if first is not None and first.drv_path == key.rdrv_path != drv_path:
+        # Nix's second call for a resolved step: the call for the resolved copy signed it.
+        log.emit(
+            EVENT, "already-signed",
+            f"{drv_path}: signed as its resolved derivation {key.rdrv_path} "
+            f"({key.kind} key {key.key}, {kid})",
+            reason="Nix runs the hook for the resolved derivation, then for the original: "
+            "one step, one claim",
+            spool_file=None, duration_ms=_ms(started), **fields,
+        )
+        return EXIT_OK
+    log.emit(
+        EVENT, "duplicate",
+        f"{drv_path}: claim for {key.kind} key {key.key} by {kid} already spooled",
+        reason="the same claim (key, signer, outputs) is already pending or published",
+        spool_file=None, duration_ms=_ms(started), **fields,
+    )
     return EXIT_OK
 
 
@@ -126,11 +138,17 @@ def main(
     environ: Mapping[str, str] | None = None,
     stderr: TextIO | None = None,
     via: str = "hook",
+    cfg: config.SignConfig | None = None,
+    nix_pid: int | None = None,
+    versions: nixversion.VersionCache | None = None,
 ) -> int:
     """One hook call. Returns the exit code for Nix (0 unless strict and failed).
 
     ``via`` says who ran it (``hook``: the hook's own process; ``agent``: the signing
-    agent) and is logged with every event.
+    agent) and is logged with every event. ``cfg``: the configuration to use (the agent's,
+    loaded once by the publisher), else read from ``$TRACEHOOK_CONFIG`` or the default.
+    ``nix_pid``: the process that ran the hook (default: this process's parent);
+    ``versions``: where Nix versions are remembered (default: a file in the spool).
     """
     started = time.monotonic()
     env = os.environ if environ is None else environ
@@ -140,13 +158,21 @@ def main(
     drv_path = env.get("DRV_PATH", "")
     out_paths = env.get("OUT_PATHS", "").split()
     try:
-        cfg = config.load(None, env)
+        if cfg is None:
+            cfg = config.load(None, env)
         strict = cfg.strict
         log = EventLog(cfg.log_file, stderr=err)
         if not drv_path:
             raise ConfigError("DRV_PATH is not set: run by Nix as post-build-hook, not by hand")
         settings = examine.parse_nix_config(env.get("NIX_CONFIG", ""))
-        return sign_build(cfg, drv_path, out_paths, settings, log, started, via)
+        known = cfg
+        cache = versions or nixversion.VersionCache(cfg.spool_dir / "nix-version.json")
+        pid = os.getppid() if nix_pid is None else nix_pid
+
+        def identify() -> tuple[str, str]:
+            return nixversion.detect(known.nix_flavor, known.nix_version, pid, env, cache)
+
+        return sign_build(cfg, drv_path, out_paths, settings, log, started, via, identify)
     except TracehookError as exc:
         code = exc.exit_code
         reason = exc.diagnostics()

@@ -125,16 +125,16 @@ class EventLog:
         *,
         reason: str | None = None,
         **fields: Any,
-    ) -> dict[str, Any]:
-        """Report one event; returns the JSON record written (also when the file failed)."""
+    ) -> None:
+        """Report one event (nothing is rendered when it goes nowhere)."""
+        if self.stderr is None and self.path is None:
+            return
         line = render(event, outcome, reason, fields)
         if self.stderr is not None:
             write_line(self.stderr, human_line(self.prefix, human,
                                                line if self.journal else None))
         if self.path is not None:
             self._append(line)
-        record: dict[str, Any] = json.loads(line)
-        return record
 
     def _append(self, line: str) -> None:
         assert self.path is not None

@@ -7,23 +7,35 @@ publish`` delivers it later. Layout under the spool directory::
     pending/<name>.json  signed, not yet in every configured trace store
     sent/<name>.json     delivered everywhere; kept as the ledger that dedupes repeats
 
+    bad/<name>.json      entries that can never be published, kept for a person to look at
+
 ``<name>`` is ``<trace key>-<kid thumbprint>-<claim digest>``: the claim digest covers the
 key, the signer and the claimed outputs (not the random ``rebuild_id``), so the second hook
 call Nix makes for one build step, and a ``--check`` rebuild that reproduced the outputs,
 find the entry already there and add nothing. An entry appears in ``pending/`` whole or not
 at all (written in ``tmp/``, fsynced, hard-linked into place), and moves to ``sent/`` by one
 rename, so a crash at any point loses nothing and duplicates nothing.
+
+Sharing with an unprivileged publisher: the hook runs as root (in the nix-daemon), the
+publisher and its signing agent may run as their own user. A spool directory with the
+setgid bit (``install -d -m 2770 -o tracehook -g tracehook DIR``) is shared with its group:
+subdirectories are made ``2770`` with that group, entries ``0640`` with that group, so the
+publisher can read every entry and move it (renames need only the directory's write bit).
+A spool directory without the setgid bit is private: ``0700`` directories, ``0600`` entries
+(the default, for a publisher running as the same user as the hook).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +114,23 @@ class SpooledItem:
     entry: SpoolEntry
 
 
+@dataclass
+class Scan:
+    """What ``pending/`` holds: readable entries (oldest first), malformed ones (which
+    belong in ``bad/``), and entries this process may not read (a permission problem, never
+    moved: another user may read them)."""
+
+    items: list[SpooledItem] = field(default_factory=list)
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+    locked: list[tuple[Path, str]] = field(default_factory=list)
+
+
+PRIVATE_DIR, SHARED_DIR = 0o700, 0o2770
+PRIVATE_FILE, SHARED_FILE = 0o600, 0o640
+
+
 class Spool:
-    """A spool directory (created on first write, with mode 0700)."""
+    """A spool directory (created on first write, mode 0700 unless it exists already)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -111,15 +138,54 @@ class Spool:
         self.sent_dir = self.root / "sent"
         self.tmp_dir = self.root / "tmp"
         self.bad_dir = self.root / "bad"
+        self._group: int | None = None  # the spool's group when shared (setgid root)
 
-    def _ensure(self) -> None:
+    def _ensure(self, *dirs: Path) -> None:
         try:
-            for d in (self.root, self.tmp_dir, self.pending_dir, self.sent_dir):
-                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+            st = os.stat(self.root)
+            self._group = st.st_gid if st.st_mode & stat.S_ISGID else None
+            for d in dirs or (self.tmp_dir, self.pending_dir, self.sent_dir):
+                self._subdir(d)
         except OSError as exc:
             raise EnvironmentFault(
                 f"cannot create spool directory {self.root}: {exc.strerror or exc}"
             ) from exc
+
+    def _subdir(self, d: Path) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, PRIVATE_DIR)
+        if self._group is None:
+            return
+        st = os.stat(d)
+        if stat.S_IMODE(st.st_mode) == SHARED_DIR and st.st_gid == self._group:
+            return
+        # Shared spool: group rwx and setgid, whatever the umask; only the owner may change
+        # it, and a directory someone else made is theirs to get right.
+        with contextlib.suppress(PermissionError):
+            if st.st_gid != self._group:
+                os.chown(d, -1, self._group)
+            os.chmod(d, SHARED_DIR)
+
+    def _share(self, fd: int) -> None:
+        """Give a new file the spool's mode (and group, when shared)."""
+        if self._group is None:
+            os.fchmod(fd, PRIVATE_FILE)
+            return
+        if os.fstat(fd).st_gid != self._group:
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, -1, self._group)
+        os.fchmod(fd, SHARED_FILE)
+
+    def find(self, name: str) -> SpoolEntry | None:
+        """The pending or delivered entry named ``name``, if there is one and it reads."""
+        for d in (self.pending_dir, self.sent_dir):
+            path = d / f"{name}.json"
+            try:
+                return SpoolEntry.from_json(path.read_bytes(), f"spool entry {path}")
+            except (OSError, ParseError):
+                continue
+        return None
 
     def known(self, name: str) -> bool:
         """Whether a claim with this name is pending or was already delivered."""
@@ -140,10 +206,10 @@ class Spool:
             raise EnvironmentFault(f"cannot write to spool {self.root}: {exc.strerror}") from exc
         try:
             with os.fdopen(fd, "wb") as f:
+                self._share(f.fileno())
                 f.write(entry.to_json())
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
             try:
                 os.link(tmp, target)  # never replaces: a concurrent identical claim wins once
             except FileExistsError:
@@ -161,41 +227,41 @@ class Spool:
         _fsync_dir(self.pending_dir)
         return target
 
-    def scan(self) -> tuple[list[SpooledItem], list[tuple[Path, str]]]:
-        """Pending entries (oldest first), and the unreadable ones with what is wrong."""
-        items: list[SpooledItem] = []
-        bad: list[tuple[Path, str]] = []
+    def scan(self) -> Scan:
+        """Pending entries (oldest first), the malformed ones and the ones we may not read."""
+        found = Scan()
         for path in self._list(self.pending_dir):
             try:
                 data = path.read_bytes()
             except FileNotFoundError:  # delivered by a concurrent publisher meanwhile
                 continue
             except OSError as exc:
-                bad.append((path, f"cannot read: {exc.strerror}"))
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    found.locked.append((path, _locked_reason(path, exc)))
+                else:
+                    found.bad.append((path, f"cannot read: {exc.strerror}"))
                 continue
             try:
-                items.append(SpooledItem(path, SpoolEntry.from_json(data, f"spool entry {path}")))
+                found.items.append(
+                    SpooledItem(path, SpoolEntry.from_json(data, f"spool entry {path}")))
             except ParseError as exc:
-                bad.append((path, exc.diagnostics()))
-        items.sort(key=lambda it: (it.entry.created, it.path.name))
-        return items, bad
+                found.bad.append((path, exc.diagnostics()))
+        found.items.sort(key=lambda it: (it.entry.created, it.path.name))
+        return found
 
     def pending(self) -> list[SpooledItem]:
         """Readable pending entries, oldest first."""
-        return self.scan()[0]
+        return self.scan().items
 
     def quarantine(self, path: Path) -> Path:
-        """Move an unreadable entry to ``bad/`` (kept for a person to look at)."""
-        self.bad_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Move an entry that can never be published to ``bad/`` (kept for a person)."""
+        self._ensure(self.bad_dir)
         target = self.bad_dir / path.name
         try:
             os.rename(path, target)
         except OSError as exc:
             raise EnvironmentFault(f"cannot move {path} to {target}: {exc.strerror}") from exc
         return target
-
-    def pending_paths(self) -> list[Path]:
-        return self._list(self.pending_dir)
 
     def sent(self) -> list[Path]:
         return self._list(self.sent_dir)
@@ -221,15 +287,30 @@ class Spool:
             raise EnvironmentFault(f"cannot update spool {self.root}: {exc.strerror}") from exc
 
     def prune_sent(self, older_than_seconds: float, now: float | None = None) -> int:
-        """Forget delivered entries older than the given age; returns how many."""
+        """Forget entries delivered longer ago than the given age; returns how many.
+
+        The age counts from the move into ``sent/`` (the rename sets the file's ctime).
+        The ledger only dedupes repeats of a claim; one that comes back after pruning is
+        spooled again and the publisher finds it already in the stores (nothing doubles)."""
         cutoff = (time.time() if now is None else now) - older_than_seconds
         removed = 0
         for path in self.sent():
             with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
+                if path.stat().st_ctime < cutoff:
                     path.unlink()
                     removed += 1
         return removed
+
+
+def _locked_reason(path: Path, exc: OSError) -> str:
+    try:
+        st = os.stat(path)
+        owner = f"owned by uid {st.st_uid}, gid {st.st_gid}, mode {stat.S_IMODE(st.st_mode):o}"
+    except OSError:
+        owner = "owner unknown"
+    return (f"cannot read: {exc.strerror} ({owner}; this process runs as uid {os.getuid()}): "
+            "give the spool directory the publisher's group and the setgid bit "
+            "(docs/OPERATIONS.md)")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -232,23 +232,85 @@ def split_kid(kid: str) -> tuple[str, str]:
 # --- trace-store files --------------------------------------------------------------------
 
 
-def parse_trace_file(data: bytes, what: str = "trace file") -> list[str]:
-    """``{"signatures": [jws, ...]}`` -> the JWS strings, unparsed and in order.
+@dataclass(frozen=True)
+class TraceFile:
+    """A trace-store file as read: its string entries in order, and how many were skipped."""
 
-    Each entry is only checked to be a string: one malformed entry must not hide the
-    others, so callers parse entries one by one. Other top-level keys are ignored.
+    signatures: tuple[str, ...]
+    skipped: int  # entries that are not strings (never a trace); writers drop them
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _collect_signatures(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Object hook: every ``signatures`` list of an object, concatenated in file order."""
+    obj: dict[str, Any] = {}
+    lists: list[Any] = []
+    for key, value in pairs:
+        if key == "signatures":
+            lists.append(value)
+        else:
+            obj[key] = value
+    if lists:
+        obj["signatures"] = _Duplicates(lists) if len(lists) > 1 else lists[0]
+    return obj
+
+
+class _Duplicates(list[Any]):
+    """The values of a key that appears more than once in one object."""
+
+
+_TRACE_JSON = json.JSONDecoder(object_pairs_hook=_collect_signatures,
+                               parse_constant=_reject_constant)
+
+
+def read_trace_file(data: bytes, what: str = "trace file") -> TraceFile:
+    """``{"signatures": [jws, ...]}`` -> the string entries, unparsed and in order.
+
+    One malformed entry must not hide the others (docs/FORMAT.md, section 5):
+
+    * an entry that is not a string is skipped and counted (``skipped``); a string entry is
+      returned whatever it holds, for the caller to parse one by one;
+    * one leading UTF-8 byte order mark is ignored;
+    * a ``signatures`` key given more than once: the entries of every occurrence that is a
+      list, in file order (an occurrence that is not a list counts as one skipped entry);
+    * other top-level keys are ignored.
+
+    ParseError ("malformed trace file ...") when the file is not UTF-8 JSON, not an object,
+    or has no ``signatures`` list.
     """
-    obj = loads_object(data, what)
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+    try:
+        obj = _TRACE_JSON.decode(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ParseError(what, "not UTF-8") from None
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise ParseError(what, f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ParseError(what, f"JSON {type(obj).__name__} where an object belongs")
     if "signatures" not in obj:
         raise ParseError(what, "no 'signatures' key; expected {\"signatures\": [...]}")
-    sigs = obj["signatures"]
-    if not isinstance(sigs, list):
-        raise ParseError(what, f"'signatures' is a JSON {type(sigs).__name__}, not a list")
-    for i, entry in enumerate(sigs):
-        if not isinstance(entry, str):
-            kind = type(entry).__name__
-            raise ParseError(what, f"signatures[{i}] is a JSON {kind}, not a string")
-    return list(sigs)
+    value = obj["signatures"]
+    occurrences = list(value) if isinstance(value, _Duplicates) else [value]
+    lists = [v for v in occurrences if isinstance(v, list)]
+    if not lists:
+        raise ParseError(what, f"'signatures' is a JSON {type(value).__name__}, not a list")
+    skipped = len(occurrences) - len(lists)
+    signatures: list[str] = []
+    for entries in lists:
+        for entry in entries:
+            if isinstance(entry, str):
+                signatures.append(entry)
+            else:
+                skipped += 1
+    return TraceFile(tuple(signatures), skipped)
+
+
+def parse_trace_file(data: bytes, what: str = "trace file") -> list[str]:
+    """The string entries of a trace-store file (:func:`read_trace_file`, count dropped)."""
+    return list(read_trace_file(data, what).signatures)
 
 
 def render_trace_file(signatures: Iterable[str]) -> bytes:

@@ -54,7 +54,7 @@ from tracehook.verify.cachekeys import CacheKeys, CacheOutput, Refused
 from tracehook.verify.cachesigs import CacheSigs
 from tracehook.verify.decide import PlanLimits, StepInput, cache_lookups, plan_step
 from tracehook.verify.policy import Policy
-from tracehook.verify.reliance import failed_below, reliance
+from tracehook.verify.reliance import Reading
 from tracehook.verify.remembered import remembered
 from tracehook.verify.trusted import Checked, Facts, KeyRing
 from tracehook.verify.trustedset import TrustedSet
@@ -104,6 +104,7 @@ class Engine:
         self.plan_limits = PlanLimits(self.limits.max_resolutions,
                                       policy.weak_fixed_output_hashes)
         self.faults: list[StoreFault] = []
+        self.tampered: set[str] = set()  # steps where tamper evidence was seen
         self.tainted: set[str] = set()  # steps decided on incomplete evidence
         self.graph_failures: dict[str, GraphError] = {}  # by target spec
         self._fetched: dict[str, Checked] = {}
@@ -111,7 +112,9 @@ class Engine:
         self._drv_hashes: dict[str, DrvHash] = {}
         self._known_paths: dict[str, dict[str, str]] = {}  # one resolution's output paths
         self._asked: dict[str, set[str]] = {}  # outputs already looked up in the caches
-        self._reliance: dict[str, tuple[frozenset[str], int]] = {}
+        #: what verified steps rest on: reliance, tamper sightings, failed steps (memoized)
+        self.reading = Reading(self.graph, self.trusted, self.cache_sigs is not None,
+                               self.tampered)
         # the schedule
         self._events: queue.SimpleQueue[tuple[str, Any, Future[Any] | None]] = (
             queue.SimpleQueue())
@@ -435,6 +438,8 @@ class Engine:
         if len(resolutions) == 1 and drv.kind == "deferred":
             outs = resolutions[0].rdrv.outputs
             self._known_paths[path] = {n: o.path for n, o in outs.items()}
+        if self.trusted.sightings(path):
+            self.tampered.add(path)
         if self.on_recorded is not None:
             self.on_recorded(self, path)
         self._recorded(path)
@@ -469,6 +474,8 @@ class Engine:
                 self.faults.append(StoreFault("cache", got.reason))
                 self.tainted.add(path)
         self.trusted.add_cache(path, self.graph.drvs[path], results)
+        if self.trusted.sightings(path):
+            self.tampered.add(path)
         self._done_with(path)
 
     def _done_with(self, path: str) -> None:
@@ -481,16 +488,3 @@ class Engine:
             if not fut.done():
                 fut.set_result(None)
 
-    # ------------------------------------------------------------------------- reading
-
-    def reliance(self, path: str) -> tuple[frozenset[str], int]:
-        """See :func:`tracehook.verify.reliance.reliance` (memoized per engine)."""
-        if self.cache_sigs is None:
-            return frozenset(), 0
-        memo = self._reliance.get(path)
-        if memo is None:
-            memo = self._reliance[path] = reliance(self.graph, self.trusted, path)
-        return memo
-
-    def failed_below(self, path: str) -> str:
-        return failed_below(self.trusted, path)

@@ -33,6 +33,7 @@ is either a key or an evidence element, never both.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 _TOP_LEVEL = {"traces", "keys", "evidence", "trust", "weak-fixed-output-hashes"}
 _WEAK = "weak-fixed-output-hashes"
+MAX_DEPTH = 32  # levels of nested thresholds in [trust] require
 _KEY_FIELDS = {"key", "not-after", "revoked"}
 
 
@@ -212,6 +214,9 @@ def parse_policy(text: str, source: str = "policy", *, base_dir: Path | None = N
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested more than Python can read; a trust requirement "
+                          f"may be nested at most {MAX_DEPTH} levels deep") from None
     unknown = sorted(set(doc) - _TOP_LEVEL)
     if unknown:
         raise ConfigError(
@@ -224,11 +229,14 @@ def parse_policy(text: str, source: str = "policy", *, base_dir: Path | None = N
                           f"not {weak!r}")
     traces = _traces(doc.get("traces", []), source)
     trust = doc.get("trust")
+    extra = sorted(set(trust) - {"require"}) if isinstance(trust, dict) else []
+    if extra:
+        hint = " (did you mean 'require'?)" if difflib.get_close_matches(
+            extra[0], ["require"], cutoff=0.6) else ""
+        raise ConfigError(f"{source}: [trust] has unknown entry {extra[0]!r}{hint}; "
+                          "only 'require'")
     if not isinstance(trust, dict) or "require" not in trust:
         raise ConfigError(f"{source}: add a [trust] table with 'require = ...' (e.g. a key name)")
-    extra = sorted(set(trust) - {"require"})
-    if extra:
-        raise ConfigError(f"{source}: [trust] has unknown entry {extra[0]!r}; only 'require'")
     trace_items, cache_items = _split_top(trust["require"], source)
     raw_keys, raw_evidence = doc.get("keys"), doc.get("evidence")
     evidence = parse_evidence(raw_evidence, source, base_dir) if raw_evidence is not None else ()
@@ -359,7 +367,10 @@ def _key(name: str, entry: Any, where: str) -> PolicyKey:
 _FORMS = "a key name, {threshold = N, of = [...]}, {all-of = [...]} or {any-of = [...]}"
 
 
-def _model(raw: Any, names: set[str], source: str, where: str) -> TrustModel:
+def _model(raw: Any, names: set[str], source: str, where: str, depth: int = 1) -> TrustModel:
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{source}: {where.split('.', 1)[0]} is nested more than "
+                          f"{MAX_DEPTH} levels deep")
     if isinstance(raw, str):
         if raw not in names:
             known = ", ".join(sorted(names))
@@ -380,7 +391,8 @@ def _model(raw: Any, names: set[str], source: str, where: str) -> TrustModel:
             f"{source}: {where}: '{form}' must be a non-empty list (an empty list would "
             "trust nothing, or everything)"
         )
-    of = tuple(_model(m, names, source, f"{where}.{form}[{i}]") for i, m in enumerate(items))
+    of = tuple(_model(m, names, source, f"{where}.{form}[{i}]", depth + 1)
+               for i, m in enumerate(items))
     if form == "of":
         t = raw.get("threshold")
         if not isinstance(t, int) or isinstance(t, bool):

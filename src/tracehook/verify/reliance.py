@@ -71,3 +71,54 @@ def failed_below(trusted: TrustedSet, path: str) -> str:
             return step
         step = failure.cause
     return step
+
+
+def sightings_below(graph: Graph, trusted: TrustedSet, tampered: set[str],
+                    path: str) -> tuple[tuple[str, str], ...]:
+    """Tamper evidence seen at ``path`` or below it: (step, what), lowest first."""
+    found: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    todo = [path]
+    while todo:
+        step = todo.pop()
+        if step in seen or step not in graph.drvs:
+            continue
+        seen.add(step)
+        if step in tampered:
+            found += [(step, what) for what in trusted.sightings(step)]
+        todo.extend(graph.drvs[step].input_drvs)
+    return tuple(sorted(found, key=lambda s: (graph.heights.get(s[0], 0), s)))
+
+
+class Reading:
+    """The readings above for one engine's state, each memoized per step (a step's
+    evidence never changes once it is done)."""
+
+    def __init__(self, graph: Graph, trusted: TrustedSet, caches: bool,
+                 tampered: set[str]) -> None:
+        self.graph = graph
+        self.trusted = trusted
+        self.caches = caches  # whether the policy trusts cache keys at all
+        self.tampered = tampered  # the engine's steps with tamper evidence, as it grows
+        self._reliance: dict[str, tuple[frozenset[str], int]] = {}
+        self._sightings: dict[str, tuple[tuple[str, str], ...]] = {}
+
+    def reliance(self, path: str) -> tuple[frozenset[str], int]:
+        if not self.caches:
+            return frozenset(), 0
+        memo = self._reliance.get(path)
+        if memo is None:
+            memo = self._reliance[path] = reliance(self.graph, self.trusted, path)
+        return memo
+
+    def sightings_below(self, path: str) -> tuple[tuple[str, str], ...]:
+        if not self.tampered:
+            return ()
+        memo = self._sightings.get(path)
+        if memo is None:
+            memo = self._sightings[path] = sightings_below(self.graph, self.trusted,
+                                                           self.tampered, path)
+        return memo
+
+    def failed_below(self, path: str) -> str:
+        return failed_below(self.trusted, path)

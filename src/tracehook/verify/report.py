@@ -82,6 +82,7 @@ class TargetReport:
     trust_line: str = ""
     evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for the outputs
     basis: str = "traces"  # what admitted the chosen value: traces, cache, fixed
+    tampered: tuple[tuple[str, str], ...] = ()  # (step name, what): tamper evidence seen
 
     @property
     def cache_signed_paths(self) -> list[str]:
@@ -106,6 +107,7 @@ class TargetReport:
             "trust_summary": self.trust_summary,
             "evidence": [e.to_json() for e in self.evidence],
             "trust": self.basis if self.verified else None,
+            "tampered": [{"step": s, "seen": what} for s, what in self.tampered],
         }
 
 
@@ -163,11 +165,19 @@ def build_target_report(
     covered: int = 0,
     trust: tuple[dict[str, Any], str] = ({}, ""),
     admitted_by: Callable[[Candidate], tuple[EvidenceInfo, ...]] = lambda c: (),
+    tampered: tuple[tuple[str, str], ...] = (),
+    fail_on_tamper: bool = False,
 ) -> TargetReport:
+    """``tampered``: tamper evidence seen in the closure (reported even when the target
+    verifies another way); ``fail_on_tamper``: any such sighting refuses the target."""
     chosen = chosen_value(candidates, want_path)
     reason = None
     failed: StepReport | None = None
-    if chosen is None:
+    if chosen is not None and tampered and fail_on_tamper:
+        reason = (f"tamper evidence seen (--fail-on-tamper): {tampered[0][0]}: "
+                  f"{tampered[0][1]}")
+        candidates, chosen = [], None
+    elif chosen is None:
         own = [s for s in steps if s.outcome == "refused" and s.failure != "input"]
         failed = min(own, key=lambda s: s.height) if own else None
         if candidates and want_path is not None:
@@ -199,6 +209,7 @@ def build_target_report(
         trust_line=trust[1],
         evidence=admitted_by(chosen) if chosen else (),
         basis=chosen.basis if chosen else "traces",
+        tampered=tampered,
     )
 
 
@@ -263,6 +274,8 @@ def render_human(report: TargetReport, explain_trust: bool = False) -> str:
             if above:
                 lines.append(f"  not verified because of it: {', '.join(above)}")
         lines.append(f"  policy needs {report.requirement}")
+    for name, what in report.tampered:
+        lines.append(f"  TAMPER EVIDENCE at {name} (treat as an incident): {what}")
     lines.append(f"  steps: {summary or 'none'}; reference time {report.reference_time}")
     if explain_trust and report.trust_line:
         lines.append(report.trust_line)

@@ -43,9 +43,13 @@ class Resolver:
         limits: Limits | None = None,
         caches: Sequence[Upstream] = (),
         facts: Facts | None = None,
+        fail_on_tamper: bool = False,
     ) -> None:
+        """``fail_on_tamper``: tamper evidence anywhere in a target's closure refuses it
+        (it is always reported)."""
         self.policy = policy
         self.now = now
+        self.fail_on_tamper = fail_on_tamper
         self.engine = Engine(policy, stores, load, now, limits, caches, facts)
 
     @property
@@ -89,7 +93,15 @@ class Resolver:
                                    tuple(f"{f.url}: {f.message}" for f in self.faults),
                                    reliance.cache_signed, len(reliance.covered),
                                    (summary(reliance), render_summary(reliance)),
-                                   lambda c: trusted.admitted_by(target.drv_path, c))
+                                   lambda c: trusted.admitted_by(target.drv_path, c),
+                                   self._tampered(target.drv_path, needed),
+                                   self.fail_on_tamper)
+
+    def _tampered(self, root: str, needed: set[str]) -> tuple[tuple[str, str], ...]:
+        graph = self.engine.graph
+        return tuple((graph.drvs[step].name, what)
+                     for step, what in self.engine.reading.sightings_below(root)
+                     if step in needed)
 
     def _step_report(self, path: str) -> StepReport:
         graph = self.engine.graph

@@ -31,6 +31,9 @@ from tracehook.verify.policy import TrustModel, TrustResult, evaluate
 from tracehook.verify.trusted import Accepted, Checked
 from tracehook.verify.values import Candidate, Value, show_value
 
+#: Rejections that mean someone forged or altered something (not merely "not trusted").
+TAMPER_KINDS = frozenset({"bad-signature", "wrong-output"})
+
 
 @dataclass
 class _Step:
@@ -102,6 +105,25 @@ class TrustedSet:
 
     def rejected(self, drv_path: str) -> list[Rejected]:
         return list(self._steps[drv_path].rejected)
+
+    def sightings(self, drv_path: str) -> tuple[str, ...]:
+        """Tamper evidence seen at this step, whether or not it verified another way: a
+        signature by a policy key that does not verify, a claim whose outputs cannot be the
+        step's, one signer claiming two different values for one resolved step, and a
+        cache signature that does not verify (a forged narinfo or realisation)."""
+        step = self._steps.get(drv_path)
+        if step is None:
+            return ()
+        seen = [r.detail for r in step.rejected if r.kind in TAMPER_KINDS]
+        by_signer: dict[tuple[str, str], set[tuple[tuple[str, str, bytes], ...]]] = {}
+        for acc in step.accepted:
+            value = tuple(sorted((n, o.path, o.nar_hash) for n, o in acc.claim.outputs.items()))
+            by_signer.setdefault((acc.signer, acc.claim.key), set()).add(value)
+        seen += [f"'{signer}' signed {len(values)} different claims for step {key}"
+                 for (signer, key), values in sorted(by_signer.items()) if len(values) > 1]
+        seen += [r.reason for r in step.cache.values()
+                 if isinstance(r, Refused) and "bad signature" in r.reason]
+        return tuple(dict.fromkeys(seen))
 
     def failure_of(self, drv_path: str) -> Failure | None:
         """The step's own planning failure (it was refused before any evidence), if any."""

@@ -1,0 +1,187 @@
+"""The persistent verification cache: crash safety, damage detection, two writers, bounds,
+and the never-wrong rule (a warm cache never answers a question the policy or the trace
+stores have changed)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tracehook import cli
+from tracehook.stores.factcache import FactCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from synth import SIGNERS, Closure, generate, policy_text, secret
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from tracehook.stores.factcache import FactCache
+    cache = FactCache(Path(sys.argv[1]))
+    tag = sys.argv[2].encode()
+    for i in range(int(sys.argv[3])):
+        key = tag + b"%d" % i
+        cache.put("test", key, b"value-" + key * 20)
+    cache.close()
+    print("done", flush=True)
+""")
+
+
+def _all_rows(directory: Path) -> list[tuple[str, bytes]]:
+    with sqlite3.connect(directory / "facts.sqlite") as db:
+        return [(ns, bytes(k)) for ns, k in db.execute("SELECT ns, key FROM facts")]
+
+
+def test_killed_mid_write_leaves_a_cache_that_reads_right(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "k", "10000000"])
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cache = FactCache(tmp_path)
+    rows = _all_rows(tmp_path)
+    assert rows, "nothing was written before the kill"
+    for ns, key in rows[:500]:
+        value = cache.get(ns, key)
+        assert value == b"value-" + key * 20  # every surviving row is whole and right
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_file_is_discarded_and_rebuilt(tmp_path: Path, damage: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    cache = FactCache(tmp_path)
+    for i in range(3000):
+        cache.put("test", b"%d" % i, b"x" * 200)
+    cache.close()
+    db = tmp_path / "facts.sqlite"
+    for extra in ("-wal", "-shm"):
+        Path(f"{db}{extra}").unlink(missing_ok=True)
+    data = db.read_bytes()
+    db.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x07" * 4096,
+                    "empty": b""}[damage])
+    with caplog.at_level(logging.WARNING):
+        again = FactCache(tmp_path)
+        for i in range(0, 3000, 7):
+            assert again.get("test", b"%d" % i) in (None, b"x" * 200)  # never another value
+        again.put("test", b"new", b"fact")
+        again.flush()
+        assert again.get("test", b"new") == b"fact"
+    warned = any("unusable" in r.getMessage() for r in caplog.records)
+    if damage == "garbage":
+        assert warned  # not a database: moved aside, rebuilt, said so
+    if damage == "empty":
+        assert not warned  # an empty file is just an empty cache
+
+
+def test_a_damaged_row_is_dropped_not_believed(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    cache = FactCache(tmp_path)
+    cache.put("sig", b"key", b"the signature is valid")
+    cache.close()
+    with sqlite3.connect(tmp_path / "facts.sqlite") as db:
+        db.execute("UPDATE facts SET value = ? WHERE key = ?", (b"forged", b"key"))
+    with caplog.at_level(logging.WARNING):
+        assert FactCache(tmp_path).get("sig", b"key") is None
+    assert any("damaged entry" in r.getMessage() for r in caplog.records)
+    assert _all_rows(tmp_path) == []
+
+
+def test_two_writers_at_once_lose_nothing(tmp_path: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), tag, "3000"],
+                              stdout=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0 and "done" in out
+    cache = FactCache(tmp_path)
+    for tag in (b"a", b"b"):
+        for i in range(0, 3000, 13):
+            key = tag + b"%d" % i
+            # a writer that found the database busy may skip a fact; a fact there is right
+            got = cache.get("test", key)
+            assert got in (None, b"value-" + key * 20)
+    assert len(_all_rows(tmp_path)) > 5000
+
+
+def test_bounded_in_size_least_recently_used_out(tmp_path: Path) -> None:
+    cache = FactCache(tmp_path, max_bytes=200_000)
+    for i in range(2000):
+        cache.put("test", b"%06d" % i, b"v" * 300)
+    cache.flush()
+    cache.evict()
+    assert cache.size() <= 200_000
+    assert cache.get("test", b"%06d" % 1999) == b"v" * 300  # the newest stay
+
+
+# ----------------------------------------------------------------- never wrong, warm
+
+
+def _verify(capsys: pytest.CaptureFixture[str], c: Closure, policy: Path, cache: Path,
+            *extra: str) -> int:
+    capsys.readouterr()
+    return cli.main(["verify", c.target, "--policy", str(policy), "--store", str(c.root),
+                     "--cache-dir", str(cache), *extra])
+
+
+def _tamper(c: Closure) -> None:
+    """Change one byte of a claimed hash in the middle of the closure's first trace."""
+    import base64
+    import json
+
+    trace = sorted((c.traces / "traces").iterdir())[0]
+    doc = json.loads(trace.read_text())
+    header, payload, sig = doc["signatures"][0].split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    for out in body["out"]["nix"].values():
+        out["hash"] = out["hash"][:-1] + ("0" if out["hash"][-1] != "0" else "1")
+    raw = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+    doc["signatures"][0] = f"{header}.{raw}.{sig}"
+    trace.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("change", ["revoked-key", "expired-key", "tampered-trace",
+                                    "changed-policy", "trace-removed"])
+def test_a_warm_cache_never_answers_what_changed(tmp_path: Path, change: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    c = generate(tmp_path, 40)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_text(c.traces))
+    cache = tmp_path / "cache"
+    assert _verify(capsys, c, policy, cache) == 0  # cold: fills the cache
+    assert _verify(capsys, c, policy, cache) == 0  # warm: the same answer
+    assert {ns for ns, _ in _all_rows(cache)} >= {"drv", "sig", "resolve"}
+    extra: list[str] = []
+    if change == "revoked-key":
+        text = policy.read_text()
+        name = SIGNERS[0]
+        key = text.split(f'{name} = "', 1)[1].split('"', 1)[0]
+        policy.write_text(text.replace(f'{name} = "{key}"',
+                                       f'{name} = {{ key = "{key}", revoked = true }}'))
+    elif change == "expired-key":
+        text = policy.read_text()
+        name = SIGNERS[1]
+        key = text.split(f'{name} = "', 1)[1].split('"', 1)[0]
+        policy.write_text(text.replace(
+            f'{name} = "{key}"', f'{name} = {{ key = "{key}", not-after = 2030-01-01 }}'))
+        extra = ["--at", "2031-01-01T00:00:00Z"]
+    elif change == "tampered-trace":
+        _tamper(c)
+    elif change == "changed-policy":
+        policy.write_text(policy_text(c.traces, require='{ all-of = ["builderA", '
+                                      '"builderB", "builderC"] }').replace(
+            "[trust]", f'builderC = "{_public("builderC")}"\n\n[trust]'))
+    else:
+        sorted((c.traces / "traces").iterdir())[0].unlink()
+    assert _verify(capsys, c, policy, cache, *extra) == 1, capsys.readouterr().out
+
+
+def _public(name: str) -> str:
+    from tracehook.trace import crypto
+
+    return crypto.format_public_key(secret(name).public)

@@ -1,0 +1,217 @@
+"""The gate at scale: no head-of-line blocking, overall deadlines, slow clients, junk .drv
+files, and a whole closure served once per step (issue: the gate at NixOS scale)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from gatekit import Synthetic, make_synthetic, running_gate, write_policy
+from test_gate_http import get
+from tracehook.gate.front import HttpLimits
+from tracehook.nix.storepath import hash_part
+from tracehook.trace.stepkey import step_key
+from traceserver import serve_traces
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from synth import generate, policy_text
+
+
+@pytest.fixture
+def syn(tmp_path: Path) -> Synthetic:
+    return make_synthetic(tmp_path / "syn")
+
+
+def _policy(path: Path, traces_url: str) -> Path:
+    """builderA's policy reading traces from ``traces_url``."""
+    write_policy(path, Path("/unused"), '"builderA"', ["builderA"])
+    lines = path.read_text().splitlines()
+    lines[0] = f'traces = ["{traces_url}"]'
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _http_traces(syn: Synthetic, server_files: dict[str, bytes]) -> None:
+    for f in (syn.traces / "traces").iterdir():
+        if not f.name.startswith("."):
+            server_files[f.name] = f.read_bytes()
+
+
+def _key_of(syn: Synthetic, drv_path: str) -> str:
+    from tracehook.stores.nixstore import StoreReader
+
+    drv = StoreReader(str(syn.root)).read_derivation(drv_path)
+    return step_key(drv, {}).key.key
+
+
+def test_a_store_that_never_answers_one_key_does_not_delay_another_path(
+        syn: Synthetic, tmp_path: Path) -> None:
+    """The trace store hangs on one step's key: that request waits (then 502 at the
+    deadline, not cached); an unrelated path is answered at once meanwhile."""
+    with serve_traces() as server:
+        _http_traces(syn, server.state.files)
+        stuck = threading.Event()
+        server.state.hang[_key_of(syn, syn.ca_drv)] = stuck
+        policy = _policy(tmp_path / "policy.toml", server.url)
+        with running_gate(policy, [f"file://{syn.cache}"], str(syn.root),
+                          tmp_path / "gate.log", verify_deadline=2.0) as gate, \
+                ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(get, gate.url, f"/realisations/{syn.ca_id}.doi")
+            time.sleep(0.3)  # the hanging verification is under way
+            started = time.monotonic()
+            assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 200
+            assert time.monotonic() - started < 0.5
+            status, body = slow.result(timeout=10)
+            assert status == 502 and b"not decided within 2 s" in body, body
+            # a fault is never cached: once the store answers, the same request verifies
+            stuck.set()
+            deadline = time.monotonic() + 10
+            while get(gate.url, f"/realisations/{syn.ca_id}.doi")[0] != 200:
+                assert time.monotonic() < deadline, "never recovered"
+                time.sleep(0.2)
+            refused = [e for e in gate.events() if e["outcome"] == "refused"]
+            assert refused == []
+
+
+def test_a_store_that_trickles_is_a_fault_not_no_trace(syn: Synthetic, tmp_path: Path) -> None:
+    """A trace store that sends its answer a byte at a time is cut off at its overall
+    deadline: 502 (a fault), never 'no trace' (404)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            threading.Thread(target=_trickle_one, args=(conn, stop), daemon=True).start()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+        policy = _policy(tmp_path / "policy.toml", url)
+        with running_gate(policy, [f"file://{syn.cache}"], str(syn.root),
+                          tmp_path / "gate.log", upstream_timeout=0.5) as gate:
+            started = time.monotonic()
+            status, _ = get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")
+            assert status == 502
+            assert time.monotonic() - started < 5  # 3 x the 0.5 s timeout, not per byte
+    finally:
+        stop.set()
+        srv.close()
+
+
+def _trickle_one(conn: socket.socket, stop: threading.Event) -> None:
+    with conn:
+        try:
+            conn.recv(4096)
+            for b in b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"{" * 1000:
+                if stop.is_set():
+                    return
+                conn.sendall(bytes([b]))
+                time.sleep(0.2)
+        except OSError:
+            return
+
+
+def test_520_trickling_connections_do_not_keep_a_client_out(syn: Synthetic,
+                                                           tmp_path: Path) -> None:
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log", http=HttpLimits(header_timeout=30)) as gate:
+        host, port = gate.url.removeprefix("http://").split(":")
+        flood = []
+        for i in range(520):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"GET /nix-cache-info HTTP/1.1\r\n" if i % 2 else b"G")
+            flood.append(s)
+        try:
+            time.sleep(0.5)
+            for _ in range(3):
+                started = time.monotonic()
+                assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 200
+                assert time.monotonic() - started < 1.0
+        finally:
+            for s in flood:
+                s.close()
+
+
+def test_junk_drv_files_are_read_once(syn: Synthetic, tmp_path: Path) -> None:
+    """Junk .drv files in the store (a failed nix-store --add leaves one) are remembered,
+    not reread and reparsed on every request for an unknown path."""
+    store = syn.root / "nix" / "store"
+    for i in range(200):
+        (store / f"{i:032d}-junk.drv".replace("0", "a", 1)).write_text("Derive([junk")
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        index = gate.server.service.index
+        assert get(gate.url, "/realisations/sha256:" + "ab" * 32 + "!out.doi")[0] == 404
+        assert len(index.skipped) >= 200
+        reads = {"n": 0}
+        reader = index.reader
+        original = reader.read_derivation
+
+        def counting(path: str) -> object:
+            reads["n"] += 1
+            return original(path)
+
+        reader.read_derivation = counting  # type: ignore[method-assign,assignment]
+        os.utime(store)  # the directory "changed": a rescan, but no junk is reread
+        for i in range(20):
+            assert get(gate.url, f"/realisations/sha256:{i:064x}!out.doi")[0] == 404
+        assert reads["n"] == 0
+
+
+def test_a_whole_closure_in_nix_order_decides_each_step_once(tmp_path: Path) -> None:
+    """300 steps requested as Nix does (realisation then narinfo, random order, 8 clients at
+    once): every answer 200, and every step planned once for all of them."""
+    closure = generate(tmp_path, 300)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_text(closure.traces))
+    work = closure.requests()
+    random.Random(7).shuffle(work)
+    lock = threading.Lock()
+    statuses: list[int] = []
+    with running_gate(policy, [f"file://{closure.cache}"], str(closure.root),
+                      tmp_path / "gate.log") as gate:
+        host, port = gate.url.removeprefix("http://").split(":")
+
+        def client() -> None:
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            while True:
+                with lock:
+                    if not work:
+                        return
+                    pair = work.pop()
+                for path in pair:
+                    if path:
+                        conn.request("GET", path)
+                        resp = conn.getresponse()
+                        resp.read()
+                        statuses.append(resp.status)
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        verifier = gate.server.service.verifier
+        engine = verifier._engine
+        assert engine is not None
+        assert set(statuses) == {200}
+        assert verifier.steps_planned == len(engine.graph.heights)
+        allowed = [e for e in gate.events() if e["outcome"] == "allowed"]
+        assert json.dumps(allowed)  # the log is well-formed
