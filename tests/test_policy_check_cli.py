@@ -56,7 +56,7 @@ def test_expired_key_is_counted(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 @pytest.mark.parametrize(("text", "error"), [
     (f'[keys]\nmine = "{BUILDER}"\n[trust]\nrequre = "mine"\n',
-     "add a [trust] table with 'require = ...'"),
+     "[trust] has unknown entry 'requre' (did you mean 'require'?)"),
     (f'[keys]\nmine = "{BUILDER}"\n[trust]\nrequire = {{ threshold = 2, of = ["mine"] }}\n',
      "threshold 2 is out of range; with 1 entries in 'of' it must be 1 to 1"),
     ('[keys]\nmine = ":abc"\n[trust]\nrequire = "mine"\n', "[keys] mine: malformed public key"),
