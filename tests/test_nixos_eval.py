@@ -1,8 +1,8 @@
 """The NixOS module inside real NixOS evaluations (issue 16), with real Nix 2.26.
 
-Needs a nixpkgs tree: ``NIXPKGS_TREE=DIR`` (on the project's machines,
-``../shared/nixos-eval/setup.sh`` prepares a NixOS 24.05 tree from a fetched snapshot; this
-repository holds none). Without it every test here is reported as not run: a warning and a
+Needs a nixpkgs tree: ``NIXPKGS_TREE=DIR`` (on the project's machines, the shared
+``nixos-eval/setup.sh`` beside the clone prepares a NixOS 24.05 tree from a fetched snapshot;
+this repository holds none and reads nothing beside itself). Without it every test here is reported as not run: a warning and a
 skip reason that name ``NIXPKGS_TREE``; none fails for lack of it.
 
 What runs, to keep the cost down (a NixOS evaluation takes seconds and most of a GB):
@@ -67,7 +67,7 @@ def tree() -> Path:
         why = (
             f"not run: {TREE_ENV} does not name a nixpkgs tree, so nix/module.nix was not "
             f"evaluated inside a real NixOS system (set {TREE_ENV}=DIR; "
-            "../shared/nixos-eval/setup.sh prepares one)"
+            "the project's nixos-eval/setup.sh prepares one)"
         )
         warnings.warn(why, stacklevel=1)
         pytest.skip(why)
