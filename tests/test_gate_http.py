@@ -163,6 +163,7 @@ def test_trace_store_change_is_seen_without_restart(syn: Synthetic, tmp_path: Pa
         assert get(gate.url, path)[0] == 404
         for f in saved.iterdir():
             f.rename(syn.traces / "traces" / f.name)
+        time.sleep(0.3)  # the gate looks at the trace stores' state at most every 0.25 s
         assert get(gate.url, path)[0] == 200  # the trace store's state changed: re-decided
 
 

@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 from tracehook.errors import EnvironmentFault, GraphError
@@ -106,9 +105,11 @@ class GateVerifier:
         wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
         stores: Callable[[Policy], list[TraceStore]] | None = None,
         facts: FactCache | None = None,
+        recheck: float = 0.25,
     ) -> None:
         """``policy()`` gives the current policy and its digest (raising ConfigError while
-        the policy file is broken); ``stores(policy)`` opens its trace stores."""
+        the policy file is broken); ``stores(policy)`` opens its trace stores; a file trace
+        store's change is noticed within ``recheck`` seconds."""
         self.policy = policy
         self.reader = reader
         self.max_age = max_age
@@ -126,6 +127,9 @@ class GateVerifier:
         self._ends_at = 0.0
         self._serial = 0
         self._stores: list[TraceStore] = []
+        self._watched: list[str] = []  # file trace stores' traces/ directories
+        self.recheck = recheck  # seconds between looks at the trace stores' state
+        self._recheck_at = 0.0
         self._retired: list[tuple[float, Engine]] = []
         # hash part of an output path -> (step, output) that claims made it
         self.path_hints: Lru[str, tuple[tuple[str, str], ...]] = Lru(HINTS_MAX)
@@ -133,14 +137,13 @@ class GateVerifier:
 
     # ---------------------------------------------------------------------- generations
 
-    def _trace_state(self, stores: Sequence[TraceStore]) -> tuple[int, ...]:
+    def _trace_state(self) -> tuple[int, ...]:
         marks: list[int] = []
-        for store in stores:
-            if isinstance(store, FileTraceStore):
-                try:
-                    marks.append(os.stat(Path(store.root) / "traces").st_mtime_ns)
-                except OSError:
-                    marks.append(-1)
+        for path in self._watched:
+            try:
+                marks.append(os.stat(path).st_mtime_ns)
+            except OSError:
+                marks.append(-1)
         return tuple(marks)
 
     def generation(self) -> tuple[str, int]:
@@ -150,15 +153,22 @@ class GateVerifier:
 
     def _current(self) -> tuple[Engine, tuple[str, int]]:
         policy, digest = self.policy()  # ConfigError while the policy file is broken
+        now = self.clock()
+        engine = self._engine
+        if (engine is not None and now < self._recheck_at and digest == self._engine_key[0]
+                and not engine.faults):
+            return engine, (digest, self._serial)  # checked a moment ago: no stat, no lock
         with self._lock:
-            now = self.clock()
             engine = self._engine
             if engine is None or self._engine_key[0] != digest:
                 self._stores = self.open_stores(policy)
-            key = (digest, self._trace_state(self._stores))
+                self._watched = [os.path.join(s.root, "traces") for s in self._stores
+                                 if isinstance(s, FileTraceStore)]
+            key = (digest, self._trace_state())
             if (engine is None or key != self._engine_key or now >= self._ends_at
                     or engine.faults):
                 engine = self._new_engine(policy, key, now)
+            self._recheck_at = min(now + self.recheck, self._ends_at)
             self._close_retired(now)
             return engine, (digest, self._serial)
 

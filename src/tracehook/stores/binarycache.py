@@ -87,8 +87,8 @@ class FileUpstream:
     url: str
     root: Path
 
-    def _path(self, rel: str) -> Path:
-        return self.root / check_relative(rel)
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{check_relative(rel)}"  # a string: this runs for every request
 
     def get(self, rel: str) -> bytes | None:
         try:

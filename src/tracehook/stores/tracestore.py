@@ -84,14 +84,15 @@ class FileTraceStore:
         return list(self.read(key).signatures)
 
     def read(self, key: str) -> TraceDocument:
-        path = self._path(key)
+        traces = f"{self.root}/traces"  # strings, not Paths: this runs for every step
+        path = f"{traces}/{check_key(key)}"
         try:
             data = read_bounded(path, MAX_TRACE_FILE, "trace file")
         except EnvironmentFault as exc:
             raise TraceStoreFault(f"trace store {self.url}: {exc.diagnostics()}") from None
         if data is None:
-            if not self.create and not path.parent.is_dir():  # missing: a fault, not "no trace"
-                raise TraceStoreFault(f"trace store {self.url}: {path.parent} is not a "
+            if not self.create and not os.path.isdir(traces):  # missing: a fault, not "no trace"
+                raise TraceStoreFault(f"trace store {self.url}: {traces} is not a "
                                       "directory (missing or unreadable)")
             return TraceDocument()
         return read_trace_document(data, f"trace file {path}")
