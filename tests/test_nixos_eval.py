@@ -2,8 +2,9 @@
 
 Needs a nixpkgs tree: ``NIXPKGS_TREE=DIR`` (on the project's machines, the shared
 ``nixos-eval/setup.sh`` beside the clone prepares a NixOS 24.05 tree from a fetched snapshot;
-this repository holds none and reads nothing beside itself). Without it every test here is reported as not run: a warning and a
-skip reason that name ``NIXPKGS_TREE``; none fails for lack of it.
+this repository holds none and reads nothing beside itself). Without it every test here is
+reported as not run: a warning and a skip reason that name ``NIXPKGS_TREE``; none fails for
+lack of it.
 
 What runs, to keep the cost down (a NixOS evaluation takes seconds and most of a GB):
 
