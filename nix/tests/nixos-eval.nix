@@ -1,6 +1,6 @@
 # The module inside real NixOS evaluations (nixos/lib/eval-config.nix of a nixpkgs tree),
-# for tests/test_nixos_eval.py: it returns what a NixOS system would contain, as data, and
-# the Python side asserts on it (nothing is built).
+# for tests/nixoseval.py (test_nixos_eval.py, test_nixos_whole.py): it returns what a NixOS
+# system would contain, as data, and the Python side asserts on it (nothing is built).
 #
 #   let h = import nix/tests/nixos-eval.nix { nixpkgs = /path/to/nixpkgs; }; in
 #   h.facts (h.eval [ ./my-configuration.nix ])
