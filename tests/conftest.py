@@ -72,7 +72,6 @@ def conformance() -> Path:
 
 from seaweed import anonymous_env, seaweed  # noqa: E402, F401  (fixtures: SeaweedFS, S3)
 
-
 # ---------------------------------------------------------------- real NixOS evaluations
 # tests/nixoseval.py; session-wide, so that the batch evaluation runs once for
 # tests/test_nixos_eval.py and tests/test_nixos_whole.py.
