@@ -45,11 +45,13 @@ rec {
     "file"
     "http"
     "https"
+    "s3"
   ];
   cacheSchemes = [
     "file"
     "http"
     "https"
+    "s3"
   ];
 
   # Hardware evidence in a policy (verify/evidencepolicy.py; tests/test_nix_files.py
