@@ -10,9 +10,10 @@
 - ``cache/``: a file binary cache with a narinfo for every output (NAR hash as attested)
   and for every source (with its ``CA`` pin), as ``nix copy`` writes them (NARs absent).
 
-``changed_leaf=i`` changes the ``i``-th leaf build step (one whose inputs are all sources):
-its derivation and every step above it get new paths, the rest stay as they are. Keys are
-fixed test keys (never real secrets).
+``changed="pkg-N"`` changes that build step (its name, so its derivation): it and every
+step above it get new paths, the rest stay as they are (the last ordinary step,
+``pkg-<steps - steps // 50 - 1>``, has only the aggregates above it). Keys are fixed test
+keys (never real secrets).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Closure:
         return out + [("", f"/{hash_part(o)}.narinfo") for _, o in self.sources]
 
 
-def generate(tmp: Path, steps: int, seed: int = 1, changed_leaf: int | None = None,
+def generate(tmp: Path, steps: int, seed: int = 1, changed: str | None = None,
              store: Path | None = None) -> Closure:
     rng = random.Random(seed)
     root = store or tmp / "store"
@@ -85,7 +86,6 @@ def generate(tmp: Path, steps: int, seed: int = 1, changed_leaf: int | None = No
     drvs: dict[str, Derivation] = {}
     hashes: dict[str, DrvHash] = {}
     closure = Closure(root, traces_dir, cache, "")
-    leaves = 0
 
     def write(drv: Derivation) -> str:
         path = derivation_path(drv)
@@ -102,12 +102,9 @@ def generate(tmp: Path, steps: int, seed: int = 1, changed_leaf: int | None = No
         (cache / f"{hash_part(out)}.narinfo").write_text("\n".join(lines) + "\n")
 
     def step(name: str, picks: list[tuple[str, str]]) -> tuple[str, str]:
-        nonlocal leaves
         picks = sorted(set(picks))
-        if all(p in source_drvs for p, _ in picks):
-            leaves += 1
-            if changed_leaf is not None and leaves - 1 == changed_leaf:
-                name += "-changed"
+        if name == changed:
+            name += "-changed"
         deps = " ".join(upstream_placeholder(p, "out") for p, _ in picks)
         env = {"buildInputs": deps, "name": name, "out": "", "src": sources[0][1],
                "configureFlags": "--enable-shared --disable-static", "system": "x86_64-linux"}
@@ -138,7 +135,6 @@ def generate(tmp: Path, steps: int, seed: int = 1, changed_leaf: int | None = No
         sources.append((write(drv), out))
         narinfo(out, hashlib.sha256(out.encode()).digest(),
                 f"fixed:sha256:{nixbase32.encode(digest)}")
-    source_drvs = {d for d, _ in sources}
     closure.sources = sources
     made: list[tuple[str, str]] = []
     used: set[str] = set()

@@ -66,3 +66,6 @@ def conformance() -> Path:
     if not CONFORMANCE.is_dir():
         raise RuntimeError(f"laut's conformance data is missing from {CONFORMANCE}")
     return CONFORMANCE
+
+
+from seaweed import anonymous_env, seaweed  # noqa: E402, F401  (fixtures: SeaweedFS, S3)

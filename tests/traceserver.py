@@ -4,7 +4,10 @@
 must be conditional: ``If-None-Match: *`` creates (412 if the file exists), ``If-Match:
 <etag>`` replaces (412 if the file changed or is absent); an unconditional PUT gets 428.
 Check and write happen under one lock, as a real server's would be atomic. Tests can make
-it fail (``down``: every request 503), slow (``delay``), or answer a bad body.
+it fail (``down``: every request 503), slow (``delay``), answer a bad body, or behave like
+nginx WebDAV (``ignore_preconditions``: every PUT is applied, conditions or not). The
+writers' precondition probe (``/traces/.tracehook-probe``) is served too, kept apart
+(``probe_file``, ``probes``), not in ``files``, ``puts`` or ``conflicts``.
 
     with serve_traces() as server:
         store = open_store(server.url)
@@ -21,7 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-_KEY = re.compile(r"/traces/([0-9a-df-np-sv-z]{32})")
+_KEY = re.compile(r"/traces/([0-9a-df-np-sv-z]{32}|\.tracehook-probe)")
+PROBE = ".tracehook-probe"
 
 
 @dataclass
@@ -33,6 +37,9 @@ class TraceServerState:
     puts: int = 0
     conflicts: int = 0
     send_etag: bool = True
+    ignore_preconditions: bool = False
+    probes: int = 0
+    probe_file: bytes | None = None
     requests: list[tuple[str, str]] = field(default_factory=list)
     hang: dict[str, threading.Event] = field(default_factory=dict)  # key -> answer when set
 
@@ -74,11 +81,12 @@ class _Handler(BaseHTTPRequestHandler):
         key = self._key()
         if key is None:
             return
-        release = self.server.state.hang.get(key)
+        state = self.server.state
+        release = state.hang.get(key)
         if release is not None:
             release.wait(60)  # a store that does not answer this key (until released)
-        with self.server.state.lock:
-            data = self.server.state.files.get(key)
+        with state.lock:
+            data = state.probe_file if key == PROBE else state.files.get(key)
         if data is None:
             self._reply(404)
         else:
@@ -92,21 +100,30 @@ class _Handler(BaseHTTPRequestHandler):
             return
         state = self.server.state
         if_none, if_match = self.headers.get("If-None-Match"), self.headers.get("If-Match")
+        probe = key == PROBE
         with state.lock:
-            current = state.files.get(key)
-            if if_none == "*":
+            current = state.probe_file if probe else state.files.get(key)
+            if state.ignore_preconditions:
+                ok = True
+            elif if_none == "*":
                 ok = current is None
             elif if_match is not None:
                 ok = current is not None and etag_of(current) == if_match
             else:
                 self._reply(428, b"conditional PUT required\n")
                 return
+            if probe:
+                state.probes += 1
             if not ok:
-                state.conflicts += 1
+                if not probe:
+                    state.conflicts += 1
                 self._reply(412)
                 return
-            state.files[key] = body
-            state.puts += 1
+            if probe:
+                state.probe_file = body
+            else:
+                state.files[key] = body
+                state.puts += 1
         self._reply(201 if current is None else 204, etag=etag_of(body))
 
 

@@ -95,6 +95,15 @@ class TraceStoreFault(EnvironmentFault):
     """A trace store could not be read or written."""
 
 
+class CredentialsRejected(EnvironmentFault):
+    """An object store refused the credentials themselves (a wrong secret, an unknown
+    access key, an expired token). To whatever reads, a fault like any other (never
+    'absent', never an allow: 502 in the gate, exit 3 from verify); a command that stops on
+    it exits 2, since the fix is in the configuration."""
+
+    exit_code = EXIT_USAGE
+
+
 # ------------------------------------------------------------------------- "no" (exit 1)
 
 

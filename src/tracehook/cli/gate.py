@@ -50,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=env("TRACEHOOK_GATE_POLICY"), metavar="FILE",
                    help="trust policy (TOML); env TRACEHOOK_GATE_POLICY")
     p.add_argument("--upstream", action="append", default=[], metavar="URL",
-                   help="binary cache to front: file:///DIR or http(s)://... (repeatable, "
+                   help="binary cache to front: file:///DIR, http(s)://... or "
+                        "s3://BUCKET?endpoint=HOST:PORT&region=R (credentials from the "
+                        "AWS environment or profile=P; anonymous without) (repeatable, "
                         "tried in order)")
     p.add_argument("--listen", default=env("TRACEHOOK_GATE_LISTEN", "127.0.0.1:37515"),
                    metavar="HOST:PORT", help="where to serve (default %(default)s)")

@@ -44,7 +44,7 @@ from tracehook.signer.agent import SigningAgent
 from tracehook.signer.publish import Publisher
 from tracehook.stores.eventlog import EventLog
 from tracehook.stores.spool import Spool
-from tracehook.stores.tracestore import open_store
+from tracehook.stores.tracestore import check_for_writing, open_store
 from tracehook.trace import crypto
 
 
@@ -166,6 +166,10 @@ def main_publish(args: argparse.Namespace) -> int:
     if args.daemon:
         check_daemon_start(cfg)
     events = EventLog(cfg.log_file, journal=args.daemon)  # a daemon's stderr is the journal
+    for store in stores:  # refuses a store that ignores conditional PUTs (exit 2)
+        note = check_for_writing(store)
+        if note is not None:
+            events.emit("publish", "unchecked", note, reason=note, store=store.url)
     if serve_agent and cfg.secret_key_file is None:
         why = (f"no secret-key-file in {cfg.source or 'the signer configuration'}: the agent "
                "signs with it and never sees nix.conf's secret-key-files")

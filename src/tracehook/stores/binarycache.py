@@ -1,4 +1,5 @@
-"""Binary caches the gate reads from: ``file://DIR`` and ``http(s)://`` behind one interface.
+"""Binary caches the gate reads from: ``file://DIR``, ``http(s)://`` and ``s3://`` (in
+:mod:`tracehook.stores.s3`) behind one interface.
 
 Two kinds of read:
 
@@ -188,10 +189,15 @@ def fetch_narinfo(up: Upstream, path: str) -> NarInfo | None:
 
 
 def open_upstream(url: str, timeout: float = DEFAULT_TIMEOUT) -> Upstream:
-    """An upstream from its URL: ``file:///dir`` or ``http(s)://...``."""
+    """An upstream from its URL: ``file:///dir``, ``http(s)://...`` or
+    ``s3://BUCKET[/PREFIX]?endpoint=...`` (:mod:`tracehook.stores.s3`, imported only then)."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme in ("http", "https"):
         return HttpUpstream(url, timeout)
+    if parsed.scheme == "s3":
+        from tracehook.stores.s3 import S3Upstream
+
+        return S3Upstream(url, timeout)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"upstream {url!r}: file URLs name no host (file:///dir)")
@@ -199,4 +205,5 @@ def open_upstream(url: str, timeout: float = DEFAULT_TIMEOUT) -> Upstream:
         if not root.is_dir():
             raise ConfigError(f"upstream {url!r}: {root} is not a directory")
         return FileUpstream(url, root)
-    raise ConfigError(f"upstream {url!r}: use file:///DIR, http:// or https://")
+    raise ConfigError(f"upstream {url!r}: use file:///DIR, http(s)://HOST/PATH or "
+                      "s3://BUCKET?endpoint=HOST:PORT")

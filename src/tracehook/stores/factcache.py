@@ -17,6 +17,11 @@ Decisions are never cached: which traces a store holds, which keys the policy tr
 what satisfies the trust model are read and evaluated anew on every run, so a revoked key,
 an expired key or a changed trace is never answered from here.
 
+A namespace is read into memory in one query the first time it is asked for (when it holds
+at most :data:`MEMORY_BOUND` bytes; a bigger one is read a row at a time): one query instead
+of one per fact is what makes a warm run fast. Facts another process writes meanwhile are
+not seen by that snapshot; they are computed again, which is never wrong.
+
 One SQLite database (``facts.sqlite``, WAL mode) that a gate and several CLI runs may share:
 SQLite serialises writers; a writer that waits longer than ``busy_timeout`` simply does not
 cache. Every row carries a BLAKE2b digest of its key and value, checked on every read: a
@@ -39,11 +44,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the row check hashes ns, key length, key, value
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _TOUCH_EVERY = 24 * 3600  # seconds before a read refreshes a row's last use
 _CHECK_EVERY = 1000  # writes between size checks
 _FLUSH_ROWS = 256  # facts written in one transaction
+MEMORY_BOUND = 64 * 1024 * 1024  # bytes of one namespace read into memory at once
 _FLUSH_SECONDS = 1.0
 
 
@@ -54,7 +60,11 @@ def default_dir() -> Path:
 
 
 def _check(ns: str, key: bytes, value: bytes) -> bytes:
-    return hashlib.blake2b(b"%s\0%b\0%b" % (ns.encode(), key, value), digest_size=8).digest()
+    h = hashlib.blake2b(ns.encode(), digest_size=8)
+    h.update(b"\0%d\0" % len(key))
+    h.update(key)
+    h.update(value)
+    return h.digest()
 
 
 class FactCache:
@@ -71,6 +81,8 @@ class FactCache:
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, bytes], bytes] = {}
         self._flushed = time.monotonic()
+        self._loaded: dict[str, dict[bytes, tuple[bytes, bytes, int]] | None] = {}
+        self._touched: set[tuple[str, bytes]] = set()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._open_checked()
 
@@ -86,6 +98,8 @@ class FactCache:
         self._lock = threading.Lock()
         self._pending = {}
         self._flushed = time.monotonic()
+        self._loaded = {}
+        self._touched = set()
 
     # ------------------------------------------------------------------ opening
 
@@ -155,6 +169,12 @@ class FactCache:
         pending = self._pending.get((ns, key))
         if pending is not None:
             return pending
+        loaded = self._namespace(ns)
+        if loaded is not None:
+            got = loaded.get(key)
+            if got is None:
+                return None
+            return self._checked(ns, key, *got)
         try:
             row = self._conn().execute(
                 "SELECT value, check_, used FROM facts WHERE ns = ? AND key = ?",
@@ -166,21 +186,52 @@ class FactCache:
             return None
         if row is None:
             return None
-        value, check, used = bytes(row[0]), bytes(row[1]), int(row[2])
+        return self._checked(ns, key, bytes(row[0]), bytes(row[1]), int(row[2]))
+
+    def _checked(self, ns: str, key: bytes, value: bytes, check: bytes, used: int
+                 ) -> bytes | None:
         if check != _check(ns, key, value):
             log.warning("verification cache %s: a damaged entry was dropped", self.path)
+            loaded = self._loaded.get(ns)
+            if loaded is not None:
+                loaded.pop(key, None)
             self._delete(ns, key)
             return None
-        now = int(time.time())
-        if now - used > _TOUCH_EVERY:
-            self._execute("UPDATE facts SET used = ? WHERE ns = ? AND key = ?", (now, ns, key))
+        if int(time.time()) - used > _TOUCH_EVERY:
+            with self._lock:
+                self._touched.add((ns, key))  # its last use is written with the next flush
         return value
+
+    def _namespace(self, ns: str) -> dict[bytes, tuple[bytes, bytes, int]] | None:
+        """Every fact of ``ns`` in memory (read in one query), or None when it is larger
+        than :data:`MEMORY_BOUND` (then it is read a row at a time)."""
+        if ns in self._loaded:
+            return self._loaded[ns]
+        rows: dict[bytes, tuple[bytes, bytes, int]] | None = None
+        try:
+            conn = self._conn()
+            size = int(conn.execute("SELECT coalesce(sum(size), 0) FROM facts WHERE ns = ?",
+                                    (ns,)).fetchone()[0])
+            if size <= MEMORY_BOUND:
+                rows = {bytes(k): (bytes(v), bytes(c), int(u)) for k, v, c, u in conn.execute(
+                    "SELECT key, value, check_, used FROM facts WHERE ns = ?", (ns,))}
+        except sqlite3.OperationalError:
+            return None  # busy: read row by row
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return None
+        with self._lock:
+            self._loaded.setdefault(ns, rows)
+        return self._loaded[ns]
 
     def put(self, ns: str, key: bytes, value: bytes) -> None:
         """Remember a fact; written with others in one transaction (at most a second or
         256 facts later, and at :meth:`flush`)."""
         with self._lock:
             self._pending[(ns, key)] = value
+            loaded = self._loaded.get(ns)
+            if loaded is not None:
+                loaded[key] = (value, _check(ns, key, value), int(time.time()))
             due = (len(self._pending) >= _FLUSH_ROWS
                    or time.monotonic() - self._flushed >= _FLUSH_SECONDS)
         if due:
@@ -189,7 +240,13 @@ class FactCache:
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+            touched, self._touched = self._touched, set()
             self._flushed = time.monotonic()
+        if touched:
+            now = int(time.time())
+            with contextlib.suppress(sqlite3.Error):
+                self._conn().executemany("UPDATE facts SET used = ? WHERE ns = ? AND key = ?",
+                                         [(now, ns, key) for ns, key in touched])
         by_ns: dict[str, list[tuple[bytes, bytes]]] = {}
         for (ns, key), value in pending.items():
             by_ns.setdefault(ns, []).append((key, value))

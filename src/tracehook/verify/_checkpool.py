@@ -262,7 +262,9 @@ def start_pool(policy: Policy, now: dt.datetime, stores: Sequence[TraceStore],
     """Checker processes: ``wanted`` of them (None: one per core, if there is more than
     one); None when they are not wanted or cannot start (then threads do the checks)."""
     workers = wanted or default_workers()
-    if wanted is None and workers < 2:
+    if wanted is None and (workers < 2 or not all(s.url.startswith("file://") for s in stores)):
+        # Processes pay off where checking is CPU-bound: traces read from local files.
+        # Remote stores are bound by the network, and threads waiting on it are cheaper.
         return None
     try:
         return CheckPool(policy, now, stores, workers, facts)

@@ -70,7 +70,8 @@ class Limits:
     workers: int = 8  # threads fetching and checking traces
     # Worker processes checking traces instead (libsodium releases the GIL, JSON parsing
     # does not): None starts one per core once the walk has read ``process_from``
-    # derivations, if there is more than one core; 0 never; N > 0 starts N at once.
+    # derivations, if there is more than one core and every trace store is local (file://);
+    # 0 never; N > 0 starts N at once.
     processes: int | None = None
     process_from: int = 500
 
