@@ -6,7 +6,6 @@ a listener that runs as another user, and a subprocess whose peak memory is meas
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -176,33 +175,48 @@ def listener_of_uid(path: Path, uid: int) -> Iterator[OtherUser]:
 
 # ------------------------------------------------------- a subprocess's peak memory
 
+# Forks and execs the command from a small process, so that the peak it reports (ru_maxrss,
+# which counts the pages a child shares with its parent between fork and exec) is the
+# command's own, not the test process's.
+_MEASURE = r"""
+import os, signal, sys, time
+report, timeout, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+pid = os.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+deadline = time.monotonic() + timeout
+while True:
+    got, status, usage = os.wait4(pid, os.WNOHANG)
+    if got:
+        rc = os.waitstatus_to_exitcode(status)
+        break
+    if time.monotonic() > deadline:
+        os.kill(pid, signal.SIGKILL)
+        _, _, usage = os.wait4(pid, 0)
+        rc = "killed"
+        break
+    time.sleep(0.01)
+with open(report, "w") as f:
+    f.write(f"{rc} {usage.ru_maxrss}")
+"""
+
 
 @dataclass(frozen=True)
 class Measured:
     rc: int | None  # None: killed at the deadline
     out: str
     err: str
-    peak_mib: float  # the process's peak resident set (ru_maxrss)
+    peak_mib: float  # the command's peak resident set (ru_maxrss)
     seconds: float
 
 
 def run_measured(argv: Sequence[str], tmp: Path, timeout: float = 60) -> Measured:
     """Run ``argv`` to its end (killed after ``timeout`` s) and measure its peak memory."""
-    out, err = tmp / "measured.out", tmp / "measured.err"
+    report = tmp / "measured.report"
     started = time.monotonic()
-    with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=o, stderr=e)
-    rc: int | None = None
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            rc = os.waitstatus_to_exitcode(status)
-            break
-        if time.monotonic() - started > timeout:
-            proc.kill()
-            _, _, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.02)
-    proc.returncode = rc if rc is not None else -9  # reaped here, not by Popen
-    return Measured(rc, out.read_text(), err.read_text(), usage.ru_maxrss / 1024,
-                    time.monotonic() - started)
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(report), str(timeout),
+                           *argv], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout + 30, check=True)
+    rc, peak = report.read_text().split()
+    return Measured(None if rc == "killed" else int(rc), done.stdout, done.stderr,
+                    int(peak) / 1024, time.monotonic() - started)

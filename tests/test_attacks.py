@@ -7,6 +7,31 @@ copies the cache and the trace store, plays the attacker on the copy, then a fre
 store that can only substitute through the gate (``--max-jobs 0``) asks for the path. The
 others run in process against hand-made stores (tests/gatekit.py ``make_synthetic``).
 
+The items of the issue and their rows:
+
+==  ======================================================  ====================================
+ 1  references re-signed; the narinfo served not the one    test_cache_drops_a_reference,
+    checked                                                 test_cache_adds_a_reference_to_an_
+                                                            unverified_path, test_unsigned_
+                                                            mirror_first_serves_cut_references,
+                                                            test_laut_claim_without_references
+ 2  an absolute ``URL:`` passed through                     test_absolute_nar_url*
+ 3  ``file://`` stores unbounded, following symlinks        test_file_trace_store_reads_only_*,
+                                                            test_store_reader_reads_only_*
+ 4  one bad item stops the publisher                        test_publisher_one_poisoned_file_*
+ 5  one malformed entry hides the valid ones                test_one_malformed_entry_beside_*
+ 6  a resolution answered with another's value              test_realisation_of_one_resolution_*
+ 7  md5 and sha1 fixed outputs as anchors                   test_weak_fixed_output_hash_*
+ 8  a wedged agent adds 120 s to every build                test_signing_agent[wedged]
+ 9  the hook does not authenticate the agent                test_signing_agent[run-by-another-
+                                                            uid] (and NIX_CONFIG in both)
+10  log injection through a ``kid``                         test_kid_with_a_line_break_*
+11  the socket path deleted; a policy nested 3,000 deep     test_publisher_never_removes_*,
+                                                            test_policy_nested_too_deep
+12  tamper evidence hidden behind another alternative       test_tampered_mine_trace_beside_*,
+                                                            test_forged_narinfo_below_*
+==  ======================================================  ====================================
+
 Each row says, in its docstring, what the code before the fix did, so why the row failed
 then. Rows marked "held" are attacks that already failed in that review and must keep
 failing; the other held attacks are covered elsewhere: HTTP front (tests/test_gate_http.py),
@@ -72,6 +97,7 @@ from tracehook.nix.storepath import (
     make_fixed_output_path,
 )
 from tracehook.stores.eventlog import parse_record
+from tracehook.stores.http import USER_AGENT
 from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.spool import Spool
 from tracehook.trace import crypto, jws
@@ -265,9 +291,10 @@ def test_absolute_nar_url(nix226: NixTier, site: Site, tmp_path: Path, url: str)
 def test_absolute_nar_url_on_the_upstream_itself_is_made_relative(
     nix226: NixTier, site: Site, tmp_path: Path
 ) -> None:
-    """Item 2, real Nix: an HTTP upstream whose narinfo names its own NAR by an absolute URL
-    is served with that URL made relative: Nix fetches the NAR from the gate, which reads it
-    from that upstream."""
+    """Item 2, real Nix: an HTTP upstream whose narinfos name their own NARs by absolute
+    URLs are served with those URLs made relative: Nix fetches each NAR from the gate, and
+    the upstream sees only the gate's requests. Before the fix the URL was passed through
+    and Nix fetched the NARs from the upstream itself."""
     sc = scene(site, tmp_path)
     lib, app = sc.out("refLib"), sc.out("refApp")
     with serve_cache(sc.cache) as upstream:
@@ -276,9 +303,10 @@ def test_absolute_nar_url_on_the_upstream_itself_is_made_relative(
             edit_narinfo(sc.cache, path, url=f"{upstream.url}/{rel}",
                          sigs=read_narinfo(sc.cache, path).sigs)
         out = consume(nix226, sc, ("refApp",), sc.policy(), [upstream.url])
-        nars = [r for r in upstream.state.requests if r.startswith("/nar/")]
+        nars = [agent for r, agent in zip(upstream.state.requests, upstream.state.agents,
+                                          strict=True) if r.startswith("/nar/")]
     assert out.got == {"refApp": True}, out.stderr
-    assert len(nars) == 2, nars  # the gate's reads; Nix asked the gate
+    assert nars == [USER_AGENT] * 2, nars  # the gate's reads only: Nix asked the gate
 
 
 # ================================================ 1. claims without references (laut)
@@ -291,7 +319,9 @@ def test_laut_claim_without_references(nix226: NixTier, site: Site, tmp_path: Pa
     scans the NAR of ca-ref-app (whose content names ca-ref-lib, its direct input) and
     refuses a narinfo that drops that input or lists a path its content does not name.
     Before the fix the gate re-signed whatever References the cache gave (and, until this
-    table, the scan looked only for the step's own outputs, so a dropped input passed)."""
+    table, the scan looked only for the step's own outputs, so a dropped input passed: Nix
+    2.26 then warned that the path "claims to be content-addressed but isn't" and aborted
+    on an assertion in copyStorePath)."""
     sc = scene(site, tmp_path, laut=True)
     lib, app, evil = sc.out("caRefLib"), sc.out("caRefApp"), sc.out("refEvil")
     refs = read_narinfo(sc.cache, app).references
@@ -365,6 +395,33 @@ def test_tampered_mine_trace_beside_a_cache_signature(
     out = consume(nix226, sc, ("refApp",), policy, fail_on_tamper=True)
     assert out.got == {"refApp": False}
     assert "tamper evidence at ref-app (--fail-on-tamper)" in out.reasons(), out.events
+
+
+def test_forged_narinfo_below_a_cache_signed_step(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 12: no traces at all, ref-app accepted on the cache's signature, and below it
+    ref-lib's narinfo carries a forged ``Sig:`` by the cache key. Verify admits ref-app on
+    the cache signature and reports the forgery at ref-lib as tamper evidence (human and
+    JSON); ``--fail-on-tamper`` refuses. Before the fix ref-lib showed only as
+    ``covered``."""
+    sc = scene(site, tmp_path)
+    for step in ("ref-app", "ref-lib"):
+        (sc.traces / "traces" / site.signed.key_of(step)).unlink()
+    lib = sc.out("refLib")
+    (sig,) = read_narinfo(sc.cache, lib).sigs
+    name, b64 = sig.split(":", 1)
+    forged = f"{name}:{b64[:10]}{'A' if b64[10] != 'A' else 'B'}{b64[11:]}"
+    edit_narinfo(sc.cache, lib, sigs=(forged,))
+    args = [site.drvs["refApp"], "--policy", str(sc.policy(MINE_OR_CACHE)), "--store",
+            str(site.builder.root), "--narinfo-from", f"file://{sc.cache}"]
+    report = run_verify(capsys, *args, "--json").json()
+    assert report["verified"] is True and report["trust"] == "cache"
+    assert [t["step"] for t in report["tampered"]] == ["ref-lib"], report["tampered"]
+    assert "bad signature" in report["tampered"][0]["seen"]
+    human = run_verify(capsys, *args)
+    assert human.rc == 0 and "TAMPER EVIDENCE at ref-lib" in human.out, human.out
+    assert run_verify(capsys, *args, "--fail-on-tamper").rc == 1
 
 
 # ========================================================= 7. weak fixed-output hashes
@@ -843,33 +900,6 @@ def test_held_malleable_signature_is_a_bad_signature(
     res = run_verify(capsys, *_verify_argv(syn))
     assert res.rc == 1 and "bad signature" in res.out, res.out
     assert "TAMPER EVIDENCE at hello" in res.out
-
-
-def test_forged_narinfo_below_a_cache_signed_step(
-    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Item 12: no traces at all, ref-app accepted on the cache's signature, and below it
-    ref-lib's narinfo carries a forged ``Sig:`` by the cache key. Verify admits ref-app on
-    the cache signature and reports the forgery at ref-lib as tamper evidence (human and
-    JSON); ``--fail-on-tamper`` refuses. Before the fix ref-lib showed only as
-    ``covered``."""
-    sc = scene(site, tmp_path)
-    for step in ("ref-app", "ref-lib"):
-        (sc.traces / "traces" / site.signed.key_of(step)).unlink()
-    lib = sc.out("refLib")
-    (sig,) = read_narinfo(sc.cache, lib).sigs
-    name, b64 = sig.split(":", 1)
-    forged = f"{name}:{b64[:10]}{'A' if b64[10] != 'A' else 'B'}{b64[11:]}"
-    edit_narinfo(sc.cache, lib, sigs=(forged,))
-    args = [site.drvs["refApp"], "--policy", str(sc.policy(MINE_OR_CACHE)), "--store",
-            str(site.builder.root), "--narinfo-from", f"file://{sc.cache}"]
-    report = run_verify(capsys, *args, "--json").json()
-    assert report["verified"] is True and report["trust"] == "cache"
-    assert [t["step"] for t in report["tampered"]] == ["ref-lib"], report["tampered"]
-    assert "bad signature" in report["tampered"][0]["seen"]
-    human = run_verify(capsys, *args)
-    assert human.rc == 0 and "TAMPER EVIDENCE at ref-lib" in human.out, human.out
-    assert run_verify(capsys, *args, "--fail-on-tamper").rc == 1
 
 
 def test_held_chain_10000_steps_deep(tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -299,6 +299,8 @@ def _inputs(engine: Engine, step: str) -> frozenset[str]:
     drv = engine.graph.drvs[step]
     paths = set(drv.input_srcs)
     for inp, outputs in drv.input_drvs.items():
+        if inp not in engine.trusted:  # not decided (below a cache signature): no value
+            continue
         for cand in engine.trusted.values(inp, frozenset(outputs)):
             paths.update(oc.path for _, oc in cand.value)
     return frozenset(paths)
