@@ -1,7 +1,9 @@
 {
   description = "tracehook: signed, chained build traces for Nix, enforced inline";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+  # The NixOS release the module is evaluated against (tests/test_nixos_eval.py); follow your
+  # own with `inputs.tracehook.inputs.nixpkgs.follows = "nixpkgs"`.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.05";
 
   outputs =
     { self, nixpkgs }:
@@ -43,7 +45,7 @@
       );
 
       # The module builds the package from this repository unless `pkgs.tracehook` exists
-      # (the overlay) or `services.tracehook.{sign,gate}.package` is set.
+      # (the overlay) or `services.tracehook.package` is set.
       nixosModules.default = ./nix/module.nix;
       nixosModules.tracehook = ./nix/module.nix;
 
@@ -52,6 +54,20 @@
         let
           pkg = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
           evaluated = import ./nix/tests/eval-module.nix { inherit lib pkgs; };
+          system = pkgs.stdenv.hostPlatform.system;
+          example = nixpkgs.lib.nixosSystem {
+            modules = [
+              self.nixosModules.default
+              ./nix/tests/nixos-base.nix
+              ./examples/nixos/configuration.nix
+              {
+                nixpkgs.hostPlatform = system;
+                nixpkgs.overlays = [ self.overlays.default ];
+              }
+            ];
+          };
+          etc = example.config.environment.etc;
+          unit = name: example.config.systemd.units.${name}.unit;
         in
         {
           package = pkg;
@@ -61,6 +77,16 @@
             passAsFile = [ "result" ];
             result = builtins.toJSON evaluated;
           } ''cp "$resultPath" "$out"'';
+          # The example configuration inside a real NixOS system: its nix.conf (which NixOS
+          # has Nix itself check at build time), sign.toml, the policy (checked by
+          # `tracehook policy check`) and both units.
+          nixos-example = pkgs.linkFarm "tracehook-nixos-example" {
+            "nix.conf" = etc."nix/nix.conf".source;
+            "sign.toml" = etc."tracehook/sign.toml".source;
+            "policy.toml" = etc."tracehook/policy.toml".source;
+            "tracehook-gate.service" = unit "tracehook-gate.service";
+            "tracehook-publish.service" = unit "tracehook-publish.service";
+          };
           # The NixOS VM test (builder, cache, consumer); needs KVM.
           vm = import ./nix/tests/vm.nix {
             inherit pkgs;

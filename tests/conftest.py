@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,3 +71,38 @@ def conformance() -> Path:
 
 
 from seaweed import anonymous_env, seaweed  # noqa: E402, F401  (fixtures: SeaweedFS, S3)
+
+# ---------------------------------------------------------------- real NixOS evaluations
+# tests/nixoseval.py; session-wide, so that the batch evaluation runs once for
+# tests/test_nixos_eval.py and tests/test_nixos_whole.py.
+
+
+@pytest.fixture(scope="session")
+def nixos_tree() -> Path:
+    """``$NIXPKGS_TREE``; without it, a warning and a skip that name it."""
+    import nixoseval
+
+    return nixoseval.tree_or_skip()
+
+
+@pytest.fixture(scope="session")
+def nixos_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NixEnv]:
+    """A throwaway Nix 2.26 store for the NixOS evaluations (removed afterwards: the
+    evaluations write hundreds of MB of derivations)."""
+    env = NixEnv(get_tier("2.26"), tmp_path_factory.mktemp("nixos"))
+    yield env
+    shutil.rmtree(env.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def nixos_facts(nixos_tree: Path, nixos_env: NixEnv) -> dict[str, Any]:
+    import nixoseval
+
+    return nixoseval.evaluate_all(nixos_tree, nixos_env)
+
+
+@pytest.fixture(scope="session")
+def nixos_type_errors(nixos_tree: Path, nixos_env: NixEnv) -> dict[str, str]:
+    import nixoseval
+
+    return nixoseval.evaluate_type_errors(nixos_tree, nixos_env)

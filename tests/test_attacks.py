@@ -829,10 +829,10 @@ def test_publisher_never_removes_what_is_not_a_socket(tmp_path: Path, thing: str
 @pytest.mark.parametrize("depth", [33, 3000])
 def test_policy_nested_too_deep(syn: Synthetic, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str], depth: int) -> None:
-    """Item 11: a trust requirement nested 33 or 3,000 levels deep. ``tracehook verify``
-    and ``tracehook gate`` exit 2 with one line naming the limit (32 levels), and a running
-    gate whose policy file becomes this deep refuses everything (503) until it is fixed.
-    Before the fix 3,000 levels crashed with a traceback and exit 1."""
+    """Item 11: a trust requirement nested 33 or 3,000 levels deep. ``tracehook policy
+    check``, ``verify`` and ``gate`` exit 2 with one line naming the limit (32 levels), and
+    a running gate whose policy file becomes this deep refuses everything (503) until it is
+    fixed. Before the fix 3,000 levels crashed with a traceback and exit 1."""
     require = '"builderA"'
     for _ in range(depth):
         require = f"{{ any-of = [{require}] }}"
@@ -840,7 +840,7 @@ def test_policy_nested_too_deep(syn: Synthetic, tmp_path: Path,
     gate_argv = ["gate", "--policy", str(deep), "--upstream", f"file://{syn.cache}",
                  "--store", str(syn.root), "--listen", "127.0.0.1:0"]
     verify_argv = ["verify", syn.ia_drv, "--policy", str(deep), "--store", str(syn.root)]
-    for argv in (verify_argv, gate_argv):
+    for argv in (["policy", "check", str(deep)], verify_argv, gate_argv):
         capsys.readouterr()
         assert cli.main(argv) == 2
         err = capsys.readouterr().err

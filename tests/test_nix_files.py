@@ -4,9 +4,12 @@ What runs here, with real Nix 2.26 and 2.8 (no nixpkgs is available offline):
 
 - every ``.nix`` file in the repository passes ``nix-instantiate --parse``;
 - ``nix/tests/eval-module.nix`` evaluates the module under nixpkgs' ``lib.evalModules``
-  when ``<nixpkgs/lib>`` resolves on ``NIX_PATH`` (the flake's ``checks.module-eval`` runs it
-  with the flake's nixpkgs); without it, that test checks what it can without a ``lib``
-  and says so with a warning in the pytest summary;
+  with the ``lib`` of ``NIXPKGS_TREE`` or of ``<nixpkgs/lib>`` on ``NIX_PATH`` (the flake's
+  ``checks.module-eval`` runs it with the flake's nixpkgs); without either, that test checks
+  what it can without a ``lib`` and says so with a warning in the pytest summary
+  (tests/test_nixos_eval.py evaluates the module inside real NixOS systems);
+- ``flake.lock`` is what real Nix accepts for ``flake.nix`` offline, without relocking;
+- the module's trace-store and cache URL schemes are the ones the package opens;
 - ``flake.nix`` is evaluated against a stand-in nixpkgs (the one ``lib`` function it calls,
   ``genAttrs``, and stub packages): its outputs, apps and checks are wired as documented;
 - the VM test is evaluated the same way: its test script passes the pyflakes rules the
@@ -95,7 +98,10 @@ def nix_eval(env: NixEnv, expr: str, *args: str, nix_path: str | None = None) ->
 
 
 def nixpkgs_lib(env: NixEnv) -> str | None:
-    """``<nixpkgs/lib>`` as the caller's NIX_PATH resolves it, or None."""
+    """The ``lib`` of ``$NIXPKGS_TREE``, else ``<nixpkgs/lib>`` as NIX_PATH resolves it."""
+    tree = os.environ.get("NIXPKGS_TREE", "")
+    if tree and (Path(tree) / "lib" / "default.nix").is_file():
+        return str(Path(tree).resolve() / "lib")
     nix_path = os.environ.get("NIX_PATH", "")
     if not nix_path:
         return None
@@ -108,9 +114,12 @@ def nixpkgs_lib(env: NixEnv) -> str | None:
 
 EVAL_SCENARIOS = {
     "nothing-enabled", "sign", "sign-key-from-nix-settings", "sign-strict-and-settings",
-    "gate-exclusive", "gate-shared", "example-configuration", "gate-without-policy",
-    "sign-without-key", "exclusive-gate-without-upstreams", "signing-key-without-public-key",
-    "gate-listening-beyond-loopback",
+    "gate-exclusive", "gate-shared", "exclusive-drops-extra-substituters",
+    "exclusive-gate-trusting-no-key",
+    "example-configuration", "gate-without-policy", "sign-without-key",
+    "sign-beside-another-hook",
+    "exclusive-gate-without-upstreams", "signing-key-without-public-key",
+    "public-key-without-signing-key", "secret-in-store", "policy-mistakes", "type-errors",
 }
 
 
@@ -118,8 +127,8 @@ EVAL_SCENARIOS = {
 def test_module_evaluates_with_nixpkgs_lib(nix_tier: NixTier, make_nixenv: MakeNixEnv) -> None:
     """nix/module.nix under nixpkgs' ``lib.evalModules``, every scenario of eval-module.nix.
 
-    Needs ``<nixpkgs/lib>`` on NIX_PATH (e.g. ``NIX_PATH=nixpkgs=/path/to/nixpkgs``, or a
-    checkout of nixpkgs' ``lib`` alone); these machines have none. Without it, this test
+    Needs a nixpkgs ``lib``: ``NIXPKGS_TREE=DIR`` or ``<nixpkgs/lib>`` on NIX_PATH (e.g.
+    ``NIX_PATH=nixpkgs=/path/to/nixpkgs``); CI machines have none. Without it, this test
     cannot evaluate the module (re-implementing the module system is not reasonable): it
     checks that the harness parses and is wired into the flake's checks (evaluated in
     ``test_flake_outputs``), and warns, so the gap shows in the pytest summary.
@@ -132,14 +141,12 @@ def test_module_evaluates_with_nixpkgs_lib(nix_tier: NixTier, make_nixenv: MakeN
         flake = (REPO / "flake.nix").read_text()
         assert "import ./nix/tests/eval-module.nix" in flake
         warnings.warn(
-            "no <nixpkgs/lib> on NIX_PATH: nix/module.nix was not evaluated under "
-            "lib.evalModules here (the flake's checks.module-eval does that)",
+            "neither NIXPKGS_TREE nor <nixpkgs/lib> on NIX_PATH: nix/module.nix was not "
+            "evaluated under lib.evalModules here (the flake's checks.module-eval does that)",
             stacklevel=1,
         )
         return
-    result = nix_eval(
-        env, f"import {harness} {{ lib = import {lib}; }}", nix_path=os.environ["NIX_PATH"]
-    )
+    result = nix_eval(env, f"import {harness} {{ lib = import {lib}; }}")
     assert result["stubbed"] is True
     assert set(result["scenarios"]) == EVAL_SCENARIOS
     assert all(v is True for v in result["scenarios"].values())
@@ -155,6 +162,7 @@ let
     callPackage = _f: _args: drv "tracehook";
     runCommand = name: _env: _script: drv name;
     writeScriptBin = name: text: drv name // { inherit text; };
+    writeShellScript = name: text: drv name // { inherit text; };
     python3.interpreter = "@STORE@-python3/bin/python3";
     busybox-sandbox-shell = drv "busybox";
     nixfmt-rfc-style = drv "nixfmt";
@@ -200,7 +208,7 @@ def test_flake_outputs(nix226: NixTier, make_nixenv: MakeNixEnv) -> None:
       overlaid =
         (self.overlays.default stub.nixpkgs.legacyPackages.x86_64-linux { }).tracehook.name;
     }"""))
-    assert out["inputs"] == {"nixpkgs": {"url": "github:NixOS/nixpkgs/nixos-unstable"}}
+    assert out["inputs"] == {"nixpkgs": {"url": "github:NixOS/nixpkgs/nixos-24.05"}}
     assert out["systems"] == ["aarch64-linux", "x86_64-linux"]
     assert out["packages"] == ["default", "tracehook"]
     pkg = f"{STUB_STORE}-tracehook"
@@ -210,7 +218,7 @@ def test_flake_outputs(nix226: NixTier, make_nixenv: MakeNixEnv) -> None:
         "tracehook-gate": {"type": "app", "program": f"{pkg}/bin/tracehook-gate"},
         "tracehook-post-build": {"type": "app", "program": f"{pkg}/bin/tracehook-post-build"},
     }
-    assert out["checks"] == ["module-eval", "package", "vm"]
+    assert out["checks"] == ["module-eval", "nixos-example", "package", "vm"]
     assert out["vm"] == "tracehook"
     assert out["module"] == str(REPO / "nix" / "module.nix")
     assert out["overlay"] is True
@@ -221,9 +229,92 @@ def test_apps_are_console_scripts() -> None:
     """The flake's apps and the module's commands name executables the package installs."""
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert {"tracehook", "tracehook-gate", "tracehook-post-build"} <= set(scripts)
-    module = (REPO / "nix" / "module.nix").read_text()
-    assert "/bin/tracehook-post-build" in module
-    assert "/bin/tracehook publish --daemon" in module
+    sign = (REPO / "nix" / "module" / "sign.nix").read_text()
+    assert "/bin/tracehook-post-build" in sign
+    assert "/bin/tracehook publish --daemon" in sign
+    gate = (REPO / "nix" / "module" / "gate.nix").read_text()
+    assert "/bin/tracehook policy check" in gate and "/bin/tracehook gate" in gate
+
+
+def test_module_parts_stay_small() -> None:
+    """STYLE.md: modules of at most about 500 lines; the module is split by job."""
+    parts = [REPO / "nix" / "module.nix", *sorted((REPO / "nix" / "module").glob("*.nix"))]
+    assert len(parts) >= 5
+    for part in parts:
+        assert len(part.read_text().splitlines()) <= 500, part
+
+
+@pytest.mark.nix
+def test_module_url_schemes_are_the_packages(nix226: NixTier,
+                                             make_nixenv: MakeNixEnv) -> None:
+    """nix/module/lib.nix accepts exactly the trace-store and cache schemes the package opens
+    (s3 joins both lists when the package supports it)."""
+    from tracehook.errors import ConfigError
+    from tracehook.stores.binarycache import open_upstream
+    from tracehook.stores.tracestore import open_store
+
+    env = make_nixenv(nix226)
+    schemes = nix_eval(env, f"""
+      let t = import {REPO}/nix/module/lib.nix {{ lib = {{ }}; }};
+      in {{ inherit (t) traceStoreSchemes cacheSchemes; }}""")
+    candidates = ["file", "http", "https", "s3", "ftp", "ssh", "gs"]
+
+    def opens(opener: Any, scheme: str) -> bool:
+        url = "file:///" if scheme == "file" else f"{scheme}://bucket.example.org/x"
+        try:
+            opener(url)
+        except ConfigError:
+            return False
+        return True
+
+    assert schemes["traceStoreSchemes"] == [c for c in candidates if opens(open_store, c)]
+    assert schemes["cacheSchemes"] == [c for c in candidates if opens(open_upstream, c)]
+
+
+@pytest.mark.nix
+def test_module_evidence_schema_is_the_packages(nix226: NixTier,
+                                                make_nixenv: MakeNixEnv) -> None:
+    """The policy submodule's evidence vocabulary (kinds, pinned AMD roots, TCB fields,
+    measurement length) is the loader's."""
+    from tracehook.trace.sevsnp import MEASUREMENT_LEN, TCB_FIELDS
+    from tracehook.verify.evidencepolicy import AMD_ROOT_NAMES, EVIDENCE_KINDS
+
+    env = make_nixenv(nix226)
+    got = nix_eval(env, f"""
+      let t = import {REPO}/nix/module/lib.nix {{ lib = {{ }}; }};
+      in {{ inherit (t) evidenceKinds amdRoots tcbFields measurementHexDigits; }}""")
+    assert got == {"evidenceKinds": list(EVIDENCE_KINDS), "amdRoots": list(AMD_ROOT_NAMES),
+                   "tcbFields": list(TCB_FIELDS), "measurementHexDigits": 2 * MEASUREMENT_LEN}
+
+
+def test_flake_lock_matches_the_flake() -> None:
+    """The committed lock pins the input flake.nix names (github:NixOS/nixpkgs/nixos-24.05)."""
+    lock = json.loads((REPO / "flake.lock").read_text())
+    assert lock["version"] == 7 and lock["root"] == "root"
+    assert lock["nodes"]["root"] == {"inputs": {"nixpkgs": "nixpkgs"}}
+    node = lock["nodes"]["nixpkgs"]
+    assert node["original"] == {"owner": "NixOS", "ref": "nixos-24.05", "repo": "nixpkgs",
+                                "type": "github"}
+    locked = node["locked"]
+    assert locked["type"] == "github" and locked["owner"] == "NixOS"
+    assert len(locked["rev"]) == 40 and locked["narHash"].startswith("sha256-")
+    assert 'inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.05";' in (
+        REPO / "flake.nix").read_text()
+
+
+@pytest.mark.nix
+def test_nix_accepts_flake_lock_offline(nix226: NixTier, make_nixenv: MakeNixEnv) -> None:
+    """Real Nix 2.26 reads flake.lock as up to date for flake.nix: no relocking, no network."""
+    env = make_nixenv(nix226)
+    flake = env.base / "flake"
+    flake.mkdir()
+    for name in ("flake.nix", "flake.lock"):
+        shutil.copy2(REPO / name, flake / name)
+    res = env.run("nix", "--extra-experimental-features", "nix-command flakes", "flake",
+                  "metadata", "--offline", "--no-update-lock-file", "--json", f"path:{flake}")
+    meta = json.loads(res.stdout)
+    lock = json.loads((REPO / "flake.lock").read_text())
+    assert meta["locks"]["nodes"]["nixpkgs"] == lock["nodes"]["nixpkgs"]
 
 
 # ------------------------------------------------------------------ the VM test
@@ -284,6 +375,8 @@ def test_vm_test_structure(vm_test: dict[str, Any]) -> None:
     sign = vm_test["builder"]["sign"]
     assert sign["enable"] is True
     assert sign["publishTo"] == gate["policy"]["traces"]
+    assert [str(h) for h in sign["chainHooks"]] == [f"{STUB_STORE}-record-build"]
+    assert "/var/log/chained-hook.log" in vm_test["testScript"]
 
 
 @pytest.mark.nix

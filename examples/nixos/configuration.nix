@@ -19,6 +19,10 @@
       "https://traces.example.org"
     ];
     # strict = true;   # a hook that cannot sign stops the build loop
+    # Nix takes one post-build-hook: a cache pusher runs after signing instead.
+    # chainHooks = [ "/etc/nix/upload-to-cache.sh" ];
+    # Secrets for the publisher (trace-store credentials), outside the store:
+    # environmentFile = "/run/secrets/tracehook-publish.env";
   };
 
   services.tracehook.gate = {
@@ -26,8 +30,10 @@
     # The caches the gate fronts; with exclusive = true (the default) they are reached only
     # through it, and cache.nixos.org is no longer a substituter.
     upstreams = [ "https://cache.example.org" ];
-    # The trust policy (docs/POLICY.md): my builder AND one of two rebuilders. A policy
-    # with key expiry (`not-after`, a TOML date) must be a file: policy = ./policy.toml;
+    # The trust policy (docs/POLICY.md): my builder AND one of two rebuilders. The same
+    # schema as the TOML file, checked when the system is built; expiry is an RFC 3339
+    # string (`keys.x = { key = "..."; not-after = "2027-06-01T00:00:00Z"; };`). Or a file:
+    # policy = ./policy.toml;
     policy = {
       traces = [
         "file:///var/lib/tracehook/traces"
@@ -49,7 +55,7 @@
         }
       ];
     };
-    signingKeyFile = "/var/lib/secrets/gate.sec";
+    secretKeyFile = "/var/lib/secrets/gate.sec";
     signingPublicKey = "gate.example.org-1:CKG4BAT8XnE2/uKXZNO+aGufgPgspiw5BFZD/fK0PqA=";
     # Reach nothing but loopback and these (IP literals of the upstream and trace stores):
     # allowedIPs = [ "192.0.2.10" "192.0.2.11" ];

@@ -1,15 +1,14 @@
 # Evaluates nix/module.nix with nixpkgs' `lib.evalModules`, without NixOS: stand-in
-# declarations of the few options the module sets (nix.settings, systemd.services,
-# systemd.tmpfiles, environment.*, assertions, warnings), typed like NixOS's, and a table of
-# named scenarios with the expected outcome. Any broken expectation aborts the evaluation
-# with the scenario's name.
+# declarations of the options the module sets (nix.*, systemd.*, users.*, environment.*,
+# assertions, warnings), typed like NixOS's, and a table of named scenarios with the
+# expected outcome. Any broken expectation aborts the evaluation with the scenario's name.
 #
 #   nix-instantiate --eval --strict --json nix/tests/eval-module.nix \
 #     --arg lib 'import <nixpkgs/lib>'
 #
 # The flake's `checks.<system>.module-eval` runs it with the flake's nixpkgs and real `pkgs`;
-# without `pkgs` (as here) a stand-in gives `formats.toml`, `writeShellScript` and a package,
-# and the rendered files can be read back, so the checks go further.
+# without `pkgs` (as in tests/test_nix_files.py) a stand-in gives what the module calls.
+# tests/test_nixos_eval.py goes further: the module inside a real NixOS evaluation.
 {
   lib,
   pkgs ? null,
@@ -26,15 +25,33 @@ let
     name = "tracehook-0.0.0";
     outPath = "/nix/store/00000000000000000000000000000000-tracehook-0.0.0";
   };
+  stubNix = {
+    type = "derivation";
+    name = "nix-2.18.2";
+    pname = "nix";
+    version = "2.18.2";
+    outPath = "/nix/store/11111111111111111111111111111111-nix-2.18.2";
+  };
+
+  textFile = name: text: {
+    type = "derivation";
+    inherit name text;
+    outPath = builtins.toFile name text;
+  };
 
   stubPkgs = {
     tracehook = stubPackage;
-    formats.toml = _: {
-      type = types.attrsOf types.anything;
-      # JSON is a TOML stand-in good enough to read the rendered settings back.
-      generate = name: value: builtins.toFile name (builtins.toJSON value);
+    coreutils = textFile "coreutils" "";
+    formats.toml = _: { type = types.attrsOf types.anything; };
+    writeText = textFile;
+    writeShellScript = textFile;
+    runCommand =
+      name: env: _script:
+      textFile name (env.text or "") // env.passthru or { };
+    stdenv = {
+      buildPlatform.canExecute = _: true;
+      hostPlatform = { };
     };
-    writeShellScript = name: text: builtins.toFile name text;
   };
 
   # ------------------------------------------------------------------ stand-in NixOS options
@@ -56,26 +73,20 @@ let
     types.path
     types.package
   ];
+  list = type: mkOption {
+    type = types.listOf type;
+    default = [ ];
+  };
 
   serviceType = types.submodule {
     options = {
       description = mkOption { type = types.str; };
-      wantedBy = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      wants = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      after = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      before = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
+      wantedBy = list types.str;
+      wants = list types.str;
+      after = list types.str;
+      path = list types.package;
+      restartTriggers = list types.unspecified;
+      reloadTriggers = list types.unspecified;
       environment = mkOption {
         type = types.attrsOf (types.either types.str types.path);
         default = { };
@@ -91,37 +102,37 @@ let
     { lib, ... }:
     {
       options = {
-        assertions = mkOption {
-          type = types.listOf (
-            types.submodule {
-              options.assertion = mkOption { type = types.bool; };
-              options.message = mkOption { type = types.str; };
-            }
-          );
-          default = [ ];
-        };
-        warnings = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-        };
-        environment.systemPackages = mkOption {
-          type = types.listOf types.package;
-          default = [ ];
-        };
+        assertions = list (
+          types.submodule {
+            options.assertion = mkOption { type = types.bool; };
+            options.message = mkOption { type = types.str; };
+          }
+        );
+        warnings = list types.str;
+        environment.systemPackages = list types.package;
         environment.etc = mkOption {
           type = types.attrsOf (types.submodule { options.source = mkOption { type = types.path; }; });
           default = { };
+        };
+        nix.package = mkOption {
+          type = types.package;
+          default = stubNix;
+        };
+        nix.extraOptions = mkOption {
+          type = types.lines;
+          default = "";
         };
         nix.settings = mkOption {
           type = types.submodule {
             freeformType = types.attrsOf (types.either confAtom (types.listOf confAtom));
             options = {
               substituters = mkOption { type = types.listOf types.str; };
-              trusted-substituters = mkOption {
-                type = types.listOf types.str;
-                default = [ ];
-              };
+              trusted-substituters = list types.str;
               trusted-public-keys = mkOption { type = types.listOf types.str; };
+              trusted-users = mkOption {
+                type = types.listOf types.str;
+                default = [ "root" ];
+              };
             };
           };
           default = { };
@@ -130,9 +141,14 @@ let
           type = types.attrsOf serviceType;
           default = { };
         };
-        systemd.tmpfiles.rules = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
+        systemd.tmpfiles.rules = list types.str;
+        users.users = mkOption {
+          type = types.attrsOf types.attrs;
+          default = { };
+        };
+        users.groups = mkOption {
+          type = types.attrsOf types.attrs;
+          default = { };
         };
       };
       # What NixOS itself puts there (nixos/modules/config/nix.nix).
@@ -168,7 +184,7 @@ let
   # hasInfix refuses a needle that refers to a store path; only the text matters here.
   contains = needle: text: lib.hasInfix (builtins.unsafeDiscardStringContext needle) text;
 
-  readJSON = path: builtins.fromJSON (builtins.readFile path);
+  fails = value: !(builtins.tryEval (builtins.deepSeq value true)).success;
 
   gateKey = "vm-gate-1:mI8foXpQ/M0gMJvJHNr2XZPOyrR1QSZfMyGSiOfPbo8=";
   builderKey = "vm-builder-1:tZygNnstFeq8DRl4vzjgHJ/5qdFzbJTHXaJlrBtcntY=";
@@ -176,6 +192,15 @@ let
     traces = [ "https://traces.example.org" ];
     keys.builder = builderKey;
     trust.require = "builder";
+  };
+  gate = extra: {
+    services.tracehook.gate = {
+      enable = true;
+      upstreams = [ "https://cache.example.org" ];
+      inherit policy;
+      secretKeyFile = "/var/lib/secrets/gate.sec";
+      signingPublicKey = gateKey;
+    } // extra;
   };
 
   # ------------------------------------------------------------------ scenarios
@@ -212,12 +237,15 @@ let
             secretKeyFile = "/etc/nix/builder.sec";
             publishTo = [
               "file:///var/lib/tracehook/traces"
+              "file://localhost/srv/traces"
               "https://traces.example.org"
             ];
+            chainHooks = [ "/etc/nix/upload-to-cache.sh" ];
           };
         };
         svc = c.systemd.services.tracehook-publish;
-        hook = toString c.nix.settings.post-build-hook;
+        sc = svc.serviceConfig;
+        hook = c.nix.settings.post-build-hook;
         conf = c.services.tracehook.sign.configFile;
       in
       checkAll "sign" [
@@ -226,32 +254,32 @@ let
           "no assertion may fail: ${toString (failing c)}"
         ]
         [
-          (lib.hasPrefix builtins.storeDir hook)
+          (lib.hasPrefix builtins.storeDir (toString hook))
           "post-build-hook is a store path"
         ]
         [
-          (svc.serviceConfig.ExecStart == "${c.services.tracehook.sign.package}/bin/tracehook publish --daemon")
-          "publisher runs `tracehook publish --daemon`"
+          (sc.User == "tracehook" && sc.Group == "tracehook" && c.users.users ? tracehook && sc.RuntimeDirectory == "tracehook")
+          "publisher runs as its own user, the agent's socket in its RuntimeDirectory"
         ]
         [
-          (svc.environment.TRACEHOOK_CONFIG == toString conf)
-          "publisher gets TRACEHOOK_CONFIG"
+          (sc.LoadCredential == [ "secret-key:/etc/nix/builder.sec" ])
+          "the secret key reaches the publisher as a credential"
         ]
         [
-          (builtins.elem "-/var/lib/tracehook/traces" svc.serviceConfig.ReadWritePaths)
-          "publisher may write the file:// trace store"
+          (builtins.elem "/var/lib/tracehook/traces" sc.ReadWritePaths && builtins.elem "/var/lib/tracehook/spool" sc.ReadWritePaths)
+          "publisher may write the spool and the file:// trace store"
         ]
         [
-          (builtins.elem "/var/lib/tracehook/spool" svc.serviceConfig.ReadWritePaths)
-          "publisher may write the spool"
+          (builtins.elem "d /var/lib/tracehook/spool 2770 tracehook tracehook -" c.systemd.tmpfiles.rules)
+          "spool created 2770, owned by the publisher"
         ]
         [
-          (svc.serviceConfig.ProtectSystem == "strict")
-          "publisher is hardened"
+          (builtins.elem "d /var/lib/tracehook/traces 0755 tracehook tracehook -" c.systemd.tmpfiles.rules)
+          "file:// trace store created"
         ]
         [
-          (builtins.elem "d /var/lib/tracehook/spool 0700 root root -" c.systemd.tmpfiles.rules)
-          "spool created 0700"
+          (builtins.elem "d /srv/traces 0755 tracehook tracehook -" c.systemd.tmpfiles.rules && builtins.elem "/srv/traces" sc.ReadWritePaths)
+          "file://localhost/DIR names DIR"
         ]
         [
           (c.environment.etc."tracehook/sign.toml".source == conf)
@@ -263,16 +291,19 @@ let
         ]
         [
           (
-            !stubbed
-            || readJSON conf == {
+            builtins.fromTOML conf.text == {
               secret-key-file = "/etc/nix/builder.sec";
               publish-to = [
                 "file:///var/lib/tracehook/traces"
+                "file://localhost/srv/traces"
                 "https://traces.example.org"
               ];
               spool-dir = "/var/lib/tracehook/spool";
               log-file = "/var/log/tracehook/sign.log";
               strict = false;
+              chain-hooks = [ "/etc/nix/upload-to-cache.sh" ];
+              agent-user = "tracehook";
+              agent-socket = "/run/tracehook/agent.sock";
             }
           )
           "sign.toml holds the options under the signer's key names"
@@ -281,11 +312,12 @@ let
           (
             !stubbed
             || (
-              contains "export TRACEHOOK_CONFIG=${toString conf}" (builtins.readFile hook)
-              && contains "exec ${stubPackage}/bin/tracehook-post-build" (builtins.readFile hook)
+              contains "export TRACEHOOK_CONFIG=/etc/tracehook/sign.toml" hook.text
+              && contains "export PATH=${c.nix.package}/bin" hook.text
+              && contains "exec ${stubPackage}/bin/tracehook-post-build" hook.text
             )
           )
-          "hook wrapper exports TRACEHOOK_CONFIG and execs tracehook-post-build"
+          "hook wrapper: config path, the system's Nix first on PATH, tracehook-post-build"
         ]
       ];
 
@@ -303,8 +335,12 @@ let
           "secret-key-files is an accepted key source"
         ]
         [
-          (!stubbed || !(readJSON c.services.tracehook.sign.configFile ? secret-key-file))
+          (!(builtins.fromTOML c.services.tracehook.sign.configFile.text ? secret-key-file))
           "no secret-key-file written"
+        ]
+        [
+          (c.systemd.services.tracehook-publish.serviceConfig.LoadCredential == [ "secret-key:/etc/nix/builder.sec" ])
+          "the agent gets nix.conf's key as a credential"
         ]
       ];
 
@@ -316,9 +352,10 @@ let
             secretKeyFile = "/k";
             strict = true;
             settings.nix-flavor = "lix";
+            settings.agent-timeout = 5;
           };
         };
-        conf = c.services.tracehook.sign.configFile;
+        conf = builtins.fromTOML c.services.tracehook.sign.configFile.text;
       in
       checkAll "sign-strict-and-settings" [
         [
@@ -326,25 +363,17 @@ let
           "empty publishTo warns"
         ]
         [
-          (!stubbed || (readJSON conf).strict && (readJSON conf).nix-flavor == "lix")
-          "strict and extra settings rendered"
+          (conf.strict && conf.nix-flavor == "lix" && conf.agent-timeout == 5)
+          "strict and freeform settings rendered"
         ]
       ];
 
     gate-exclusive =
       let
-        c = evalWith {
-          services.tracehook.gate = {
-            enable = true;
-            upstreams = [ "https://cache.example.org" ];
-            inherit policy;
-            signingKeyFile = "/var/lib/secrets/gate.sec";
-            signingPublicKey = gateKey;
-          };
-        };
-        svc = c.systemd.services.tracehook-gate;
-        sc = svc.serviceConfig;
-        start = toString sc.ExecStart;
+        c = evalWith (gate { });
+        sc = c.systemd.services.tracehook-gate.serviceConfig;
+        start = sc.ExecStart;
+        policyFile = c.environment.etc."tracehook/policy.toml".source;
       in
       checkAll "gate-exclusive" [
         [
@@ -360,63 +389,43 @@ let
           "only the gate's key is trusted"
         ]
         [
-          (c.nix.settings.trusted-substituters == [ ])
-          "no trusted substituters"
+          (c.nix.settings.trusted-substituters == [ ] && c.nix.settings.extra-substituters == [ ])
+          "no trusted or extra substituters"
         ]
         [
           (c.nix.settings.narinfo-cache-positive-ttl == 0 && c.nix.settings.narinfo-cache-negative-ttl == 0)
           "narinfo cache TTLs set"
         ]
         [
-          (!(c.nix.settings ? post-build-hook))
-          "the gate sets no hook"
-        ]
-        [
-          (sc.DynamicUser && sc.ProtectSystem == "strict" && sc.PrivateTmp && sc.NoNewPrivileges)
+          (sc.DynamicUser && sc.ProtectSystem == "strict" && sc.PrivateMounts && sc.DeviceAllow == "")
           "gate hardened"
         ]
         [
-          (sc.ReadOnlyPaths == [
-            "/nix/store"
-            "/nix/var/nix/db"
-          ])
-          "store read-only"
+          (!(sc ? ReadOnlyPaths))
+          "no read-only store database"
         ]
         [
           (sc.LoadCredential == [ "signing-key:/var/lib/secrets/gate.sec" ])
           "signing key as a credential"
         ]
         [
-          (sc.RestrictAddressFamilies == [
-            "AF_UNIX"
-            "AF_INET"
-            "AF_INET6"
-          ])
-          "address families restricted"
-        ]
-        [
-          (!(sc ? IPAddressDeny))
-          "no IP filter unless allowedIPs is set"
-        ]
-        [
-          (lib.hasPrefix builtins.storeDir (toString c.services.tracehook.gate.policyFile))
-          "policy rendered into the store"
-        ]
-        [
-          (!stubbed || readJSON c.services.tracehook.gate.policyFile == policy)
+          (builtins.fromTOML policyFile.text == policy)
           "policy rendered from the attribute set"
+        ]
+        [
+          (c.systemd.services.tracehook-gate.reloadTriggers == [ policyFile ])
+          "a new policy reloads the gate"
         ]
         [
           (
             !stubbed
             || (
-              let
-                text = builtins.readFile start;
-              in
-              contains "${stubPackage}/bin/tracehook gate --policy" text
-              && contains "--listen 127.0.0.1:37515 --log-file /var/log/tracehook-gate/gate.log" text
-              && contains "--upstream https://cache.example.org" text
-              && contains ''--signing-key "$CREDENTIALS_DIRECTORY/signing-key"'' text
+              contains "${stubPackage}/bin/tracehook gate" start.text
+              && contains "'--policy' '/etc/tracehook/policy.toml'" start.text
+              && contains "'--listen' '127.0.0.1:37515'" start.text
+              && contains "'--upstream' 'https://cache.example.org'" start.text
+              && contains "'--cache-dir' '/var/cache/tracehook-gate'" start.text
+              && contains "'--signing-key' '/run/credentials/tracehook-gate.service/signing-key'" start.text
             )
           )
           "gate command line"
@@ -425,19 +434,13 @@ let
 
     gate-shared =
       let
-        c = evalWith {
-          services.tracehook.gate = {
-            enable = true;
-            exclusive = false;
-            listen = "127.0.0.1:9000";
-            upstreams = [ "https://cache.example.org" ];
-            policy = "/etc/tracehook/policy.toml";
-            signingKeyFile = "/k";
-            signingPublicKey = gateKey;
-            allowedIPs = [ "192.0.2.10" ];
-            narinfoCacheTtl.positive = 600;
-          };
-        };
+        c = evalWith (gate {
+          exclusive = false;
+          listen = "127.0.0.1:9000";
+          policy = "/etc/tracehook/policy.toml";
+          allowedIPs = [ "192.0.2.10" ];
+          narinfoCacheTtl.positive = 600;
+        });
         sc = c.systemd.services.tracehook-gate.serviceConfig;
       in
       checkAll "gate-shared" [
@@ -457,8 +460,8 @@ let
           "gate key added to the others"
         ]
         [
-          (c.services.tracehook.gate.policyFile == "/etc/tracehook/policy.toml")
-          "a policy path is used as it is"
+          (c.services.tracehook.gate.policyFile == "/etc/tracehook/policy.toml" && !(c.environment.etc ? "tracehook/policy.toml"))
+          "a policy path outside the store is used as it is"
         ]
         [
           (c.nix.settings.narinfo-cache-positive-ttl == 600)
@@ -467,6 +470,48 @@ let
         [
           (sc.IPAddressDeny == "any" && sc.IPAddressAllow == [ "localhost" "192.0.2.10" ])
           "IP filter from allowedIPs"
+        ]
+      ];
+
+    exclusive-drops-extra-substituters =
+      let
+        c = evalWith (
+          lib.recursiveUpdate (gate { }) {
+            nix.settings.extra-substituters = [ "https://sneaky.example.org" ];
+            nix.settings.substituters = [ "https://mine.example.org" ];
+          }
+        );
+      in
+      checkAll "exclusive-drops-extra-substituters" [
+        [
+          (c.nix.settings.extra-substituters == [ ] && c.nix.settings.substituters == [ "http://127.0.0.1:37515" ])
+          "extra-substituters and substituters forced to the gate"
+        ]
+        [
+          (mentions "drops nix.settings.extra-substituters = [ \"https://sneaky.example.org\" ]" c.warnings)
+          "the dropped extra-substituters named in a warning"
+        ]
+        [
+          (mentions "drops nix.settings.substituters = [ \"https://mine.example.org\" ]" c.warnings)
+          "the dropped substituters named in a warning"
+        ]
+      ];
+
+    exclusive-gate-trusting-no-key =
+      let
+        c = evalWith (gate {
+          secretKeyFile = null;
+          signingPublicKey = null;
+        });
+      in
+      checkAll "exclusive-gate-trusting-no-key" [
+        [
+          (failing c == [ ] && c.nix.settings.trusted-public-keys == [ ])
+          "a gate without a key is allowed, and Nix trusts no key"
+        ]
+        [
+          (mentions "Nix trusts no key" c.warnings)
+          "warning: nothing input-addressed can come through"
         ]
       ];
 
@@ -491,17 +536,33 @@ let
 
     gate-without-policy =
       let
-        c = evalWith {
-          services.tracehook.gate = {
-            enable = true;
-            upstreams = [ "https://cache.example.org" ];
-          };
-        };
+        c = evalWith (gate { policy = null; });
       in
       checkAll "gate-without-policy" [
         [
           (mentions "without a trust policy" (failing c))
           "assertion: gate without a policy"
+        ]
+      ];
+
+    sign-beside-another-hook =
+      let
+        c = evalWith {
+          services.tracehook.sign = {
+            enable = true;
+            secretKeyFile = "/k";
+          };
+          nix.settings.post-build-hook = "/etc/nix/upload-to-cache.sh";
+        };
+      in
+      checkAll "sign-beside-another-hook" [
+        [
+          (mentions "Move that hook to services.tracehook.sign.chainHooks" (failing c))
+          "assertion: another post-build-hook"
+        ]
+        [
+          (lib.hasSuffix "tracehook-post-build-hook" (toString c.nix.settings.post-build-hook))
+          "nix.conf names the signer's hook, not a merge error"
         ]
       ];
 
@@ -518,12 +579,7 @@ let
 
     exclusive-gate-without-upstreams =
       let
-        c = evalWith {
-          services.tracehook.gate = {
-            enable = true;
-            inherit policy;
-          };
-        };
+        c = evalWith (gate { upstreams = [ ]; });
       in
       checkAll "exclusive-gate-without-upstreams" [
         [
@@ -534,39 +590,99 @@ let
 
     signing-key-without-public-key =
       let
-        c = evalWith {
-          services.tracehook.gate = {
-            enable = true;
-            upstreams = [ "https://cache.example.org" ];
-            inherit policy;
-            signingKeyFile = "/k";
-          };
-        };
+        c = evalWith (gate { signingPublicKey = null; });
       in
       checkAll "signing-key-without-public-key" [
         [
-          (mentions "without signingPublicKey" (failing c))
+          (mentions "secretKeyFile is set without" (failing c))
           "assertion: signing key without its public half"
         ]
       ];
 
-    gate-listening-beyond-loopback =
+    public-key-without-signing-key =
       let
-        c = evalWith {
-          services.tracehook.gate = {
-            enable = true;
-            listen = "0.0.0.0:80";
-            upstreams = [ "https://cache.example.org" ];
-            inherit policy;
-          };
-        };
+        c = evalWith (gate { secretKeyFile = null; });
       in
-      checkAll "gate-listening-beyond-loopback" [
+      checkAll "public-key-without-signing-key" [
         [
-          (!(builtins.tryEval (builtins.deepSeq c.services.tracehook.gate.listen true)).success)
-          "a non-loopback listen address is a type error"
+          (mentions "signingPublicKey is set without" (failing c))
+          "assertion: public key without the secret key file"
         ]
       ];
+
+    secret-in-store =
+      let
+        c = evalWith (gate { secretKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-gate.sec"; });
+      in
+      checkAll "secret-in-store" [
+        [
+          (mentions "services.tracehook.gate.secretKeyFile = ${builtins.storeDir}/" (failing c))
+          "assertion: a secret key in the store"
+        ]
+      ];
+
+    policy-mistakes =
+      let
+        c = evalWith (gate {
+          policy = {
+            keys.a = builderKey;
+            trust.require.of = [
+              "a"
+              "b"
+            ];
+            trust.require.threshold = 3;
+          };
+        });
+      in
+      checkAll "policy-mistakes" [
+        [
+          (mentions "services.tracehook.gate.policy.trust.require.threshold = 3 is out of range" (failing c))
+          "assertion: threshold beyond its members"
+        ]
+        [
+          (mentions "services.tracehook.gate.policy.trust.require.of[1] names key \"b\"" (failing c))
+          "assertion: an undefined key"
+        ]
+        [
+          (mentions "services.tracehook.gate.policy.traces is empty" (failing c))
+          "assertion: no trace store"
+        ]
+      ];
+
+    type-errors = checkAll "type-errors" [
+      [
+        (fails (evalWith (gate { listen = "0.0.0.0:80"; })).services.tracehook.gate.listen)
+        "a non-loopback listen address is a type error"
+      ]
+      [
+        (fails (evalWith (gate { listen = "127.0.0.1:99999"; })).services.tracehook.gate.listen)
+        "port 99999 is a type error"
+      ]
+      [
+        (fails (evalWith (gate { listen = "127.999.0.1:80"; })).services.tracehook.gate.listen)
+        "127.999.0.1 is a type error"
+      ]
+      [
+        (!fails (evalWith (gate { listen = "[::1]:1"; })).services.tracehook.gate.listen)
+        "[::1]:1 is a loopback address"
+      ]
+      [
+        (fails (evalWith (gate { signingPublicKey = ":mI8foXpQ/M0gMJvJHNr2XZPOyrR1QSZfMyGSiOfPbo8="; })).services.tracehook.gate.signingPublicKey)
+        "a nameless gate public key is a type error"
+      ]
+      [
+        (fails (evalWith (gate { policy = policy // { kyes = { }; }; })).services.tracehook.gate.policy)
+        "an unknown policy attribute is an error"
+      ]
+      [
+        (fails (evalWith (gate { policy = policy // { keys.builder = ":abc"; }; })).services.tracehook.gate.policy)
+        "a nameless key is a type error"
+      ]
+      [
+        (fails (evalWith { services.tracehook.sign.publishTo = [ "ftp://x" ]; }).services.tracehook.sign.publishTo)
+        "an unsupported trace store scheme is a type error"
+      ]
+    ];
   };
 in
 {

@@ -5,8 +5,9 @@
 #
 # Machines
 #   builder   services.tracehook.sign; builds nix/tests/chain.nix twice (salts "good" and
-#             "tampered"), `nix copy`s the outputs to the cache; the publisher delivers the
-#             spooled traces to the cache's trace store.
+#             "tampered"), `nix copy`s the outputs to the cache; the publisher (user
+#             tracehook) delivers the spooled traces to the cache's trace store; a chained
+#             hook records every build after it was signed.
 #   cache     nginx with WebDAV PUT: a binary cache at /cache and a trace store at /traces.
 #   consumer  services.tracehook.gate (exclusive, trusting only the builder's trace key and
 #             the gate's own narinfo key, IP filter to the cache's addresses); instantiates
@@ -78,6 +79,9 @@ let
   '';
 
   chain = ./chain.nix;
+  chained = pkgs.writeShellScript "record-build" ''
+    echo "$DRV_PATH $OUT_PATHS" >> /var/log/chained-hook.log
+  '';
   realise = salt: "nix-build /etc/tracehook-test/chain.nix --no-out-link --argstr salt ${salt} -A b";
 in
 pkgs.testers.runNixOSTest {
@@ -110,11 +114,13 @@ pkgs.testers.runNixOSTest {
       { lib, pkgs, ... }:
       {
         imports = [ ../module.nix ];
+        services.tracehook.package = tracehook;
         services.tracehook.sign = {
           enable = true;
-          package = tracehook;
           secretKeyFile = "/etc/tracehook-test/builder.sec";
           publishTo = [ traceStore ];
+          # Another post-build hook (a cache pusher, say) chained after signing.
+          chainHooks = [ chained ];
         };
         environment.etc."tracehook-test/builder.sec" = {
           text = builderKey.secret;
@@ -132,9 +138,9 @@ pkgs.testers.runNixOSTest {
       { lib, nodes, pkgs, ... }:
       {
         imports = [ ../module.nix ];
+        services.tracehook.package = tracehook;
         services.tracehook.gate = {
           enable = true;
-          package = tracehook;
           listen = "127.0.0.1:${toString gatePort}";
           upstreams = [ binaryCache ];
           policy = {
@@ -142,7 +148,7 @@ pkgs.testers.runNixOSTest {
             keys.vm-builder-1 = builderKey.public;
             trust.require = "vm-builder-1";
           };
-          signingKeyFile = "/etc/tracehook-test/gate.sec";
+          secretKeyFile = "/etc/tracehook-test/gate.sec";
           signingPublicKey = gateKey.public;
           allowedIPs = [
             nodes.cache.networking.primaryIPAddress
@@ -179,6 +185,12 @@ pkgs.testers.runNixOSTest {
         a_good, b_good = build("good", "a"), build("good", "b")
         a_bad, b_bad = build("tampered", "a"), build("tampered", "b")
         builder.succeed("grep -q tracehook-vm-b /var/log/tracehook/sign.log")
+
+    with subtest("the chained hook runs after signing, with the hook's environment"):
+        chained = builder.succeed("cat /var/log/chained-hook.log")
+        assert b_good in chained and a_bad in chained, chained
+        builder.succeed("stat -c %U /var/lib/tracehook/spool | grep -qx tracehook")
+        builder.succeed("systemctl show -p User tracehook-publish.service | grep -qx User=tracehook")
 
     with subtest("outputs and traces reach the cache"):
         builder.succeed(

@@ -32,6 +32,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gate": ("tracehook.cli.gate", "serve a verifying binary-cache front for Nix's substituters"),
     "keygen": ("tracehook.cli.keygen", "generate a signing key pair (Nix key file format)"),
     "log": ("tracehook.cli.log", "read the hook, publisher and gate logs"),
+    "policy": ("tracehook.cli.policy", "check a trust policy file"),
     "publish": ("tracehook.cli.publish", "deliver spooled traces to the trace stores"),
     "sign": ("tracehook.cli.sign", "sign a build trace for a built derivation"),
     "spool": ("tracehook.cli.publish", "list traces waiting to be published"),
