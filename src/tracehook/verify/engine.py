@@ -73,7 +73,7 @@ class Limits:
     # derivations, if there is more than one core and every trace store is local (file://);
     # 0 never; N > 0 starts N at once.
     processes: int | None = None
-    process_from: int = 500
+    process_from: int = 2000
 
 
 class Engine:
