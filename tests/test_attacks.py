@@ -712,13 +712,16 @@ def _non_string_entries(token: str) -> bytes:
     return json.dumps({"signatures": [7, None, {"alg": "none"}, ["x"], token]}).encode()
 
 
-@pytest.mark.parametrize(("attack", "make"), [
+MALFORMED = [
     ("utf8-bom", _bom),
     ("duplicate-signatures-key", _duplicate_key),
     ("non-string-entries", _non_string_entries),
     ("not-json", lambda token: b'{"signatures": ["' + token.encode()),
     ("signatures-not-a-list", lambda token: json.dumps({"signatures": token}).encode()),
-])
+]
+
+
+@pytest.mark.parametrize(("attack", "make"), MALFORMED, ids=[m[0] for m in MALFORMED])
 def test_one_malformed_entry_beside_a_valid_signature(
     syn: Synthetic, tmp_path: Path, capsys: pytest.CaptureFixture[str], attack: str,
     make: object
