@@ -245,7 +245,7 @@ class TrustedSet:
                        if self.evidence_names and step.evidence_seen == 0 else "")
         if not step.accepted:
             keys = ", ".join(f"{k.kind}:{k.key}" for k in step.keys) or "none"
-            if step.seen == 0:
+            if step.seen == 0 and not step.rejected:  # a malformed file is not "no trace"
                 return Failure("no-trace", f"no trace for resolved step {keys}{no_evidence}")
             return Failure("no-trusted-claim",
                            f"no trusted claim for {keys}: {rejected}{no_evidence}")
