@@ -115,14 +115,20 @@ class TrustedSet:
         if step is None:
             return ()
         seen = [r.detail for r in step.rejected if r.kind in TAMPER_KINDS]
-        by_signer: dict[tuple[str, str], set[tuple[tuple[str, str, bytes], ...]]] = {}
-        for acc in step.accepted:
-            value = tuple(sorted((n, o.path, o.nar_hash) for n, o in acc.claim.outputs.items()))
-            by_signer.setdefault((acc.signer, acc.claim.key), set()).add(value)
-        seen += [f"'{signer}' signed {len(values)} different claims for step {key}"
-                 for (signer, key), values in sorted(by_signer.items()) if len(values) > 1]
-        seen += [r.reason for r in step.cache.values()
-                 if isinstance(r, Refused) and "bad signature" in r.reason]
+        accepted = step.accepted
+        if len({acc.signer for acc in accepted}) < len(accepted):  # one signer, two claims?
+            by_signer: dict[tuple[str, str], set[tuple[tuple[str, str, bytes], ...]]] = {}
+            for acc in accepted:
+                value = tuple(sorted((n, o.path, o.nar_hash)
+                                     for n, o in acc.claim.outputs.items()))
+                by_signer.setdefault((acc.signer, acc.claim.key), set()).add(value)
+            seen += [f"'{signer}' signed {len(values)} different claims for step {key}"
+                     for (signer, key), values in sorted(by_signer.items()) if len(values) > 1]
+        if step.cache:
+            seen += [r.reason for r in step.cache.values()
+                     if isinstance(r, Refused) and "bad signature" in r.reason]
+        if not seen:
+            return ()
         return tuple(dict.fromkeys(seen))
 
     def failure_of(self, drv_path: str) -> Failure | None:
