@@ -127,6 +127,7 @@ def _serve(conn: Connection, policy: Policy, now: dt.datetime,
     """A checker process: batches of keys in, packed results out, until an empty message
     or the pipe closes."""
     _init_worker(policy, now, stores, facts)
+    conn.send_bytes(b"")  # ready: until now the caller checked in threads
     while True:
         try:
             message = conn.recv_bytes()
@@ -168,6 +169,7 @@ class _Worker:
         self.pending: collections.deque[Future[list[Packed]]] = collections.deque()
         self.lock = threading.Lock()
         self.lost: BaseException | None = None
+        self.ready = threading.Event()  # set when the process has started and can check
         self.reader = threading.Thread(target=self._read, name="tracehook-checker-reader",
                                        daemon=True)
         self.reader.start()
@@ -202,6 +204,9 @@ class _Worker:
             except (EOFError, OSError) as exc:
                 self._lose(exc)
                 return
+            if not self.ready.is_set():  # the first message: the process is ready
+                self.ready.set()
+                continue
             with self.lock:
                 fut = self.pending.popleft() if self.pending else None
             if fut is not None:
@@ -247,8 +252,14 @@ class CheckPool:
             self.close()
             raise
 
+    def ready(self) -> bool:
+        """Whether some process has started (until then, checks go to threads: starting
+        an interpreter takes a while, and a small closure is done before that)."""
+        return any(w.ready.is_set() for w in self._procs)
+
     def submit(self, keys: Sequence[TraceKey]) -> Future[list[Packed]]:
-        worker = min(self._procs, key=lambda w: len(w.pending))
+        ready = [w for w in self._procs if w.ready.is_set()] or self._procs
+        worker = min(ready, key=lambda w: len(w.pending))
         return worker.submit(keys)
 
     def close(self) -> None:

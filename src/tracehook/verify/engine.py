@@ -70,10 +70,11 @@ class Limits:
     workers: int = 8  # threads fetching and checking traces
     # Worker processes checking traces instead (libsodium releases the GIL, JSON parsing
     # does not): None starts one per core once the walk has read ``process_from``
-    # derivations, if there is more than one core and every trace store is local (file://);
-    # 0 never; N > 0 starts N at once.
+    # derivations, if there is more than one core and every trace store is local (file://),
+    # and uses them once one has started (threads check meanwhile); 0 never; N > 0 starts
+    # N at once and uses only them.
     processes: int | None = None
-    process_from: int = 2000
+    process_from: int = 500
 
 
 class Engine:
@@ -346,7 +347,7 @@ class Engine:
         process busy. If the processes failed since the keys were planned: to threads."""
         keys, self._batch = self._batch, []
         procs = self._procs
-        if procs is None:
+        if procs is None or (self.limits.processes is None and not procs.ready()):
             for key in keys:
                 self._submit("key", key, self._check_in_thread(key))
             return
