@@ -106,6 +106,12 @@ GATE = f"""
 """
 
 
+S3_TRACES = ("s3://traces/fleet-a?endpoint=s3.example.org:8333&scheme=http&region=eu-1"
+             "&single-writer=0")
+S3_CACHE = "s3://nix-cache?endpoint=s3.example.org:8333&scheme=http"
+STORE_AWS = "/nix/store/00000000000000000000000000000000-publish.aws"
+
+
 def gate_with(body: str, *, gate: str = GATE) -> str:
     """A module: the gate above, then ``body`` (merged, so both may set the same options)."""
     return ("{ lib, pkgs, ... }: {\n  config = lib.mkMerge [\n"
@@ -149,6 +155,27 @@ WORKING = {
       services.tracehook.gate.exclusive = false;
       nix.settings.extra-substituters = [ "https://sneaky.example.org" ];
     """), False),
+    # S3 trace stores and an S3 cache, with credentials files for both services.
+    "s3": (f"""{{ ... }}: {{
+      services.tracehook.sign = {{
+        enable = true;
+        secretKeyFile = "/etc/nix/builder.sec";
+        publishTo = [ "{S3_TRACES}" ];
+        s3CredentialsFile = "/var/lib/secrets/publish.aws";
+      }};
+      services.tracehook.gate = {{
+        enable = true;
+        upstreams = [ "{S3_CACHE}" ];
+        policy = {{
+          traces = [ "{S3_TRACES.replace("&single-writer=0", "")}" ];
+          keys.mine = "{BUILDER_KEY}";
+          trust.require = "mine";
+        }};
+        secretKeyFile = "/var/lib/secrets/gate.sec";
+        signingPublicKey = "{GATE_KEY}";
+        s3CredentialsFile = "/var/lib/secrets/gate.aws";
+      }};
+    }}""", False),
     "renamed": (gate_with(
         'services.tracehook.gate.signingKeyFile = "/var/lib/secrets/old-name.sec";',
         gate=GATE.replace('secretKeyFile = "/var/lib/secrets/gate.sec";', ""),
@@ -164,6 +191,7 @@ FAILING = {
         enable = true;
         secretKeyFile = "{STORE_SECRET}";
         environmentFile = ./publish.env;
+        s3CredentialsFile = "{STORE_AWS}";
       }};
       nix.extraOptions = ''
         extra-substituters = https://sneaky.example.org
@@ -193,6 +221,7 @@ FAILING = {
         upstreams = [ "https://cache.example.org" ];
         policy = ./policy.toml;
         secretKeyFile = "${pkgs.writeText "gate.sec" "x"}";
+        s3CredentialsFile = ./gate.aws;
       };
       services.tracehook.sign.enable = true;
     }""",
@@ -235,6 +264,11 @@ TYPE_ERRORS = {
         'secretKeyFile = "/k"; publishTo = [ "ftp://traces.example.org" ]; }; }',
         "A definition for option `services.tracehook.sign.publishTo",
     ),
+    "s3-upstream-single-writer": (
+        gate_with('services.tracehook.gate.upstreams = lib.mkForce '
+                  f'[ "{S3_CACHE}&single-writer=1" ];'),
+        "A definition for option `services.tracehook.gate.upstreams",
+    ),
     "gate-public-key-typo": (
         gate_with('services.tracehook.gate.signingPublicKey = lib.mkForce "gate-1:abc";'),
         "A definition for option `services.tracehook.gate.signingPublicKey' is not of type",
@@ -245,6 +279,7 @@ TYPE_ERRORS = {
 def write_configurations(directory: Path, configs: dict[str, str]) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "publish.env").write_text("")
+    (directory / "gate.aws").write_text("")
     shutil.copy2(REPO / "examples" / "policy-my-builder.toml", directory / "policy.toml")
     paths = {}
     for name, text in configs.items():

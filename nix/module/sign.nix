@@ -187,6 +187,8 @@ in
       '';
     };
 
+    s3CredentialsFile = t.s3CredentialsOption "the publisher" "/var/lib/secrets/tracehook-publish.aws";
+
     settings = mkOption {
       type = types.submodule {
         freeformType = (pkgs.formats.toml { }).type;
@@ -273,6 +275,7 @@ in
       }) (lib.optionals scfg.enable (
         t.secretProblems "services.tracehook.sign.secretKeyFile" scfg.secretKeyFile
         ++ t.secretProblems "services.tracehook.sign.environmentFile" scfg.environmentFile
+        ++ t.secretProblems "services.tracehook.sign.s3CredentialsFile" scfg.s3CredentialsFile
         ++ lib.optionals (settings.secret-key-file != toString scfg.secretKeyFile) (
           t.secretProblems "services.tracehook.sign.settings.secret-key-file" settings.secret-key-file
         )
@@ -347,7 +350,10 @@ in
         wants = [ "network-online.target" ];
         after = [ "network-online.target" ];
         path = [ nixPackage ];
-        environment.PYTHONUNBUFFERED = "1";
+        environment = {
+          PYTHONUNBUFFERED = "1";
+        }
+        // t.s3CredentialsEnvironment scfg.s3CredentialsFile;
         restartTriggers = [ signConfigFile ];
         serviceConfig = t.hardening // {
           ExecStart = publishStart;
@@ -355,7 +361,9 @@ in
           RestartSec = 5;
           User = scfg.user;
           Group = scfg.group;
-          LoadCredential = optional (keyFile != null) "secret-key:${keyFile}";
+          LoadCredential =
+            optional (keyFile != null) "secret-key:${keyFile}"
+            ++ t.s3LoadCredential scfg.s3CredentialsFile;
           EnvironmentFile = optional (scfg.environmentFile != null) (toString scfg.environmentFile);
           # The agent's socket: root (the hook) may connect, no one else.
           RuntimeDirectory = runtimeDirectory;
