@@ -1,15 +1,15 @@
 """The Nix side of the project: every .nix file, the NixOS module, the VM test, the examples.
 
-What runs here, with real Nix 2.26 and 2.8 (no nixpkgs is available offline):
+What runs here, with real Nix 2.26 and 2.8:
 
 - every ``.nix`` file in the repository passes ``nix-instantiate --parse``;
 - ``nix/tests/eval-module.nix`` evaluates the module under nixpkgs' ``lib.evalModules``
-  with the ``lib`` of ``NIXPKGS_TREE`` or of ``<nixpkgs/lib>`` on ``NIX_PATH`` (the flake's
-  ``checks.module-eval`` runs it with the flake's nixpkgs); without either, that test checks
-  what it can without a ``lib`` and says so with a warning in the pytest summary
-  (tests/test_nixos_eval.py evaluates the module inside real NixOS systems);
+  with the ``lib`` of ``NIXPKGS_TREE`` or of the vendored NixOS 24.05 subset
+  (tests/data/nixos-24.05-subset; the flake's ``checks.module-eval`` runs it with the
+  flake's nixpkgs; tests/test_nixos_eval.py evaluates the module inside real NixOS systems);
 - ``flake.lock`` is what real Nix accepts for ``flake.nix`` offline, without relocking;
-- the module's trace-store and cache URL schemes are the ones the package opens;
+- the module's trace-store and cache URL schemes are the ones the package opens, and its URL
+  types accept exactly the URLs the package does;
 - ``flake.nix`` is evaluated against a stand-in nixpkgs (the one ``lib`` function it calls,
   ``genAttrs``, and stub packages): its outputs, apps and checks are wired as documented;
 - the VM test is evaluated the same way: its test script passes the pyflakes rules the
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import configparser
 import json
-import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -100,21 +100,6 @@ def nix_eval(env: NixEnv, expr: str, *args: str, nix_path: str | None = None) ->
     return json.loads(out)
 
 
-def nixpkgs_lib(env: NixEnv) -> str | None:
-    """The ``lib`` of ``$NIXPKGS_TREE``, else ``<nixpkgs/lib>`` as NIX_PATH resolves it."""
-    tree = os.environ.get("NIXPKGS_TREE", "")
-    if tree and (Path(tree) / "lib" / "default.nix").is_file():
-        return str(Path(tree).resolve() / "lib")
-    nix_path = os.environ.get("NIX_PATH", "")
-    if not nix_path:
-        return None
-    res = env.run(
-        "nix-instantiate", "--find-file", "nixpkgs/lib",
-        check=False, extra_env={"NIX_PATH": nix_path},
-    )
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else None
-
-
 EVAL_SCENARIOS = {
     "nothing-enabled", "sign", "sign-key-from-nix-settings", "sign-strict-and-settings",
     "gate-exclusive", "gate-shared", "exclusive-drops-extra-substituters",
@@ -127,32 +112,70 @@ EVAL_SCENARIOS = {
 
 
 @pytest.mark.nix
-def test_module_evaluates_with_nixpkgs_lib(nix_tier: NixTier, make_nixenv: MakeNixEnv) -> None:
-    """nix/module.nix under nixpkgs' ``lib.evalModules``, every scenario of eval-module.nix.
+def test_module_evaluates_with_nixpkgs_lib(nix_tier: NixTier, make_nixenv: MakeNixEnv,
+                                           nixos_tree: Path) -> None:
+    """nix/module.nix under nixpkgs' ``lib.evalModules``, every scenario of eval-module.nix,
+    with the ``lib`` of ``NIXPKGS_TREE`` or of the vendored NixOS 24.05 subset (the flake's
+    ``checks.module-eval`` runs the same with the flake's nixpkgs)."""
+    from nixoseval import module_scenarios
 
-    Needs a nixpkgs ``lib``: ``NIXPKGS_TREE=DIR`` or ``<nixpkgs/lib>`` on NIX_PATH (e.g.
-    ``NIX_PATH=nixpkgs=/path/to/nixpkgs``); CI machines have none. Without it, this test
-    cannot evaluate the module (re-implementing the module system is not reasonable): it
-    checks that the harness parses and is wired into the flake's checks (evaluated in
-    ``test_flake_outputs``), and warns, so the gap shows in the pytest summary.
-    """
-    env = make_nixenv(nix_tier)
-    harness = REPO / "nix" / "tests" / "eval-module.nix"
-    lib = nixpkgs_lib(env)
-    if lib is None:
-        env.run("nix-instantiate", "--parse", str(harness))
-        flake = (REPO / "flake.nix").read_text()
-        assert "import ./nix/tests/eval-module.nix" in flake
-        warnings.warn(
-            "neither NIXPKGS_TREE nor <nixpkgs/lib> on NIX_PATH: nix/module.nix was not "
-            "evaluated under lib.evalModules here (the flake's checks.module-eval does that)",
-            stacklevel=1,
-        )
-        return
-    result = nix_eval(env, f"import {harness} {{ lib = import {lib}; }}")
+    result = module_scenarios(nixos_tree, make_nixenv(nix_tier))
     assert result["stubbed"] is True
     assert set(result["scenarios"]) == EVAL_SCENARIOS
     assert all(v is True for v in result["scenarios"].values())
+
+
+def hunks(patch: str) -> list[tuple[str, list[str], list[str]]]:
+    """(file, lines before, lines after) of every hunk of a unified diff."""
+    found: list[tuple[str, list[str], list[str]]] = []
+    target = ""
+    for line in patch.splitlines():
+        if line.startswith("+++ "):
+            target = line[4:].split("\t")[0]
+        elif line.startswith("@@"):
+            found.append((target, [], []))
+        elif found and line[:1] in (" ", "-", "+"):
+            _, before, after = found[-1]
+            if line[0] != "+":
+                before.append(line[1:])
+            if line[0] != "-":
+                after.append(line[1:])
+    return found
+
+
+def contains(lines: list[str], block: list[str]) -> bool:
+    return any(lines[i:i + len(block)] == block for i in range(len(lines) - len(block) + 1))
+
+
+def test_nixos_tree_has_our_patches(nixos_tree: Path) -> None:
+    """The tree the NixOS tests evaluate (the vendored subset, or ``NIXPKGS_TREE``) has both
+    of our patches applied, hunk by hunk: the vendored patch files are what the tarball
+    holds."""
+    from nixoseval import SUBSET
+
+    patches = sorted((SUBSET / "patches").glob("*.patch"))
+    assert [p.name for p in patches] == ["nix.nix-restore-upstream.patch",
+                                         "shellcheck-stub.patch"]
+    for patch in patches:
+        found = hunks(patch.read_text())
+        assert found, patch
+        for target, before, after in found:
+            lines = (nixos_tree / target).read_text().splitlines()
+            assert contains(lines, after), (patch.name, target, after)
+            assert not contains(lines, before), (patch.name, target, before)
+
+
+def test_vendored_nixos_tree_is_small_and_licensed() -> None:
+    """The subset stays well under 20 MB, and carries the tree's MIT licence."""
+    from nixoseval import SUBSET, SUBSET_TARBALL
+
+    assert SUBSET_TARBALL.stat().st_size < 20_000_000
+    licence = (SUBSET / "COPYING").read_text()
+    assert licence.startswith("Copyright (c) 2003-2024 Eelco Dolstra and the Nixpkgs/NixOS")
+    assert "Permission is hereby granted, free of charge" in licence
+    with tarfile.open(SUBSET_TARBALL, "r:xz") as archive:
+        copying = archive.extractfile("tree/COPYING")
+        assert copying is not None and copying.read().decode() == licence
 
 
 # A stand-in nixpkgs: just what flake.nix and vm.nix touch, so that their wiring evaluates.

@@ -7,8 +7,9 @@
 #              and writes the spool entry (group-readable, in a setgid directory, so the
 #              publisher can read and move it). Then runs `chain-hooks`.
 #   publisher  user `sign.user`, group `sign.group`. Reads the secret key only as the
-#              systemd credential `secret-key`; writes the spool, its log and the file://
-#              trace stores, which tmpfiles creates with these owners.
+#              systemd credential `secret-key` (and S3 keys, if any, as `aws`); writes the
+#              spool, its log and the file:// trace stores, which tmpfiles creates with
+#              these owners.
 {
   config,
   lib,
