@@ -1,7 +1,7 @@
 """End to end with real Nix 2.26: substituting a closure of N floating-CA paths through the
 gate, against the same substitution straight from the binary cache.
 
-    .venv/bin/python bench/gate_nix.py [--steps 600] [--runs 3]
+    .venv/bin/python bench/gate_nix.py [--steps 600] [--runs 3] [--workdir DIR]
 
 A builder store (``secret-key-files`` set, so Nix signs narinfos and realisations) builds a
 closure shaped like a package set: N floating content-addressed steps, each writing the
@@ -12,21 +12,29 @@ stores instantiate the closure and substitute it with ``nix-build --max-jobs 0``
 not build anything):
 
 - **direct**: the cache is the substituter, its key trusted;
+- **http**: the same cache served over HTTP on 127.0.0.1 by nginx (when it is installed;
+  else by tests/cacheserver.py), its key trusted: what Nix's own HTTP substitution costs,
+  with no check at all;
 - **gate**: a ``tracehook gate`` (a subprocess, a fresh ``--cache-dir``: every decision
   cold) is the only substituter, only its key trusted.
 
-Prints both wall times per run, the ratio, and the median and spread of the ratios.
+Every consumer runs with Nix's default narinfo-cache settings (an empty cache directory,
+so nothing is known before the run). Prints the three wall times per run, the gate's
+ratios to direct and to http, and the median and spread of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +45,27 @@ from gate_scale import free_port, wait_ready  # noqa: E402
 from gatekit import key, sign_closure, write_gate_key, write_policy  # noqa: E402
 from nixharness import NixEnv, get_tier  # noqa: E402
 from tracehook.trace import crypto  # noqa: E402
+
+# The test harness turns Nix's narinfo cache off (its stores are reused between tests); a
+# consumer runs with Nix's defaults: a narinfo it has read is kept (in a fresh, empty cache
+# directory here, so every run starts cold).
+NIX_DEFAULTS = {
+    "narinfo_cache_positive_ttl": "2592000",
+    "narinfo_cache_negative_ttl": "3600",
+}
+
+NGINX_CONF = """daemon off;
+{user}worker_processes 1;
+pid {state}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on; tcp_nodelay on; keepalive_requests 100000;
+  client_body_temp_path {state}; proxy_temp_path {state}; fastcgi_temp_path {state};
+  uwsgi_temp_path {state}; scgi_temp_path {state};
+  server {{ listen 127.0.0.1:{port}; root {root}; }}
+}}
+"""
 
 TRACEHOOK = str(Path(sys.executable).parent / "tracehook")
 
@@ -115,11 +144,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the built closure, the cache and the "
+        "traces here, and reuse them when they are there (default: a temporary "
+        "directory)",
+    )
+    ap.add_argument(
+        "--gate-prefix", default="", help="words put before the gate's command (e.g. a profiler)"
+    )
     args = ap.parse_args()
-    tier = get_tier("2.26")
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        run(args, args.workdir.resolve())
+        return
     with tempfile.TemporaryDirectory(prefix="tracehook-gate-nix-") as d:
-        tmp = Path(d)
-        cache_key = key("cache-1")
+        run(args, Path(d))
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
+    tier = get_tier("2.26")
+    cache_key = key("cache-1")
+    cache = tmp / "cache"
+    traces = tmp / "traces"
+    done = tmp / f"built-{args.steps}"
+    if not done.exists():
+        for old in (tmp / "builder", cache, traces):
+            shutil.rmtree(old, ignore_errors=True)
         sec = tmp / "cache-1.secret"
         sec.write_text(crypto.format_secret_key(cache_key))
         builder = NixEnv(tier, tmp / "builder")
@@ -129,7 +181,6 @@ def main() -> None:
         if res.returncode != 0:
             raise SystemExit(f"build failed: {res.stderr[-2000:]}")
         print(f"built {args.steps} steps in {t:.1f} s", flush=True)
-        traces = tmp / "traces"
         sign_closure(builder, [top], key("builderA"), traces)
         drvs = subprocess.run(
             [str(tier.bindir / "nix-store"), "--query", "--requisites", top],
@@ -138,7 +189,6 @@ def main() -> None:
             text=True,
             check=True,
         ).stdout.split()
-        cache = tmp / "cache"
         outs = res.stdout.split()
         builder.run(
             "nix",
@@ -149,64 +199,101 @@ def main() -> None:
             *(f"{p}^*" for p in drvs if p.endswith(".drv")),
             timeout=3600,
         )
-        policy = write_policy(tmp / "policy.toml", traces, '"builderA"', ["builderA"])
-        gate_key, gate_pub = write_gate_key(tmp)
-        ratios = []
-        print(f"{'run':>4} {'direct s':>9} {'gate s':>8} {'ratio':>6}")
-        for run in range(args.runs):
-            direct = NixEnv(tier, tmp / f"direct{run}")
-            direct.configure(
-                substituters=f"file://{cache}",
-                trusted_public_keys=crypto.format_public_key(cache_key.public),
-            )
-            instantiate_all(direct, args.steps)
-            t_direct, res = nix_build(direct, args.steps, "--max-jobs", "0")
-            if res.returncode != 0:
-                raise SystemExit(f"direct substitution failed: {res.stderr[-2000:]}")
-            consumer = NixEnv(tier, tmp / f"consumer{run}")
-            instantiate_all(consumer, args.steps)
-            port = free_port()
-            gate = subprocess.Popen(
-                [
-                    TRACEHOOK,
-                    "gate",
-                    "--policy",
-                    str(policy),
-                    "--upstream",
-                    f"file://{cache}",
-                    "--store",
-                    str(consumer.root),
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--quiet",
-                    "--signing-key",
-                    str(gate_key),
-                    "--cache-dir",
-                    str(tmp / f"gate-cache{run}"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                wait_ready(port, gate)
-                consumer.configure(
-                    substituters=f"http://127.0.0.1:{port}", trusted_public_keys=gate_pub
+        done.touch()
+    policy = write_policy(tmp / "policy.toml", traces, '"builderA"', ["builderA"])
+    gate_key, gate_pub = write_gate_key(tmp)
+    cache_pub = crypto.format_public_key(cache_key.public)
+    server = "nginx" if shutil.which("nginx") else "python"
+    times: dict[str, list[float]] = {"direct": [], "http": [], "gate": []}
+    print(f"http: the cache served by {server}")
+    print(
+        f"{'run':>4} {'direct s':>9} {'http s':>7} {'gate s':>7} {'gate/direct':>12} "
+        f"{'gate/http':>10}"
+    )
+    for n in range(args.runs):
+        for mode in times:
+            env = NixEnv(tier, tmp / f"{mode}{n}")
+            env.configure(**NIX_DEFAULTS)
+            instantiate_all(env, args.steps)
+            with substituter(mode, tmp, n, cache, policy, gate_key, env, args) as url:
+                env.configure(
+                    substituters=url,
+                    trusted_public_keys=gate_pub if mode == "gate" else cache_pub,
                 )
-                t_gate, res = nix_build(consumer, args.steps, "--max-jobs", "0")
-            finally:
-                gate.terminate()
-                gate.wait(timeout=30)
+                elapsed, res = nix_build(env, args.steps, "--max-jobs", "0")
             if res.returncode != 0:
-                raise SystemExit(f"substitution through the gate failed: {res.stderr[-2000:]}")
-            ratios.append(t_gate / t_direct)
-            print(f"{run:>4} {t_direct:>9.2f} {t_gate:>8.2f} {t_gate / t_direct:>6.2f}", flush=True)
-            shutil.rmtree(direct.base, ignore_errors=True)
-            shutil.rmtree(consumer.base, ignore_errors=True)
+                raise SystemExit(f"substitution ({mode}) failed: {res.stderr[-2000:]}")
+            times[mode].append(elapsed)
+            shutil.rmtree(env.base, ignore_errors=True)
+        d, h, g = (times[m][-1] for m in ("direct", "http", "gate"))
+        print(f"{n:>4} {d:>9.2f} {h:>7.2f} {g:>7.2f} {g / d:>12.2f} {g / h:>10.2f}", flush=True)
+    for base in ("direct", "http"):
+        ratios = [g / b for g, b in zip(times["gate"], times[base], strict=True)]
         print(
-            f"ratio gate/direct: median {statistics.median(ratios):.2f} "
+            f"ratio gate/{base}: median {statistics.median(ratios):.2f} "
             f"(min {min(ratios):.2f}, max {max(ratios):.2f}) over {len(ratios)} runs of "
             f"{args.steps + 1} paths"
         )
+    ratios = [h / d for h, d in zip(times["http"], times["direct"], strict=True)]
+    print(
+        f"ratio http/direct (Nix's own HTTP cost): median {statistics.median(ratios):.2f} "
+        f"(min {min(ratios):.2f}, max {max(ratios):.2f})"
+    )
+
+
+@contextlib.contextmanager
+def substituter(
+    mode: str,
+    tmp: Path,
+    n: int,
+    cache: Path,
+    policy: Path,
+    gate_key: Path,
+    env: NixEnv,
+    args: argparse.Namespace,
+) -> Iterator[str]:
+    """The substituter URL for ``mode``, with its server running meanwhile."""
+    if mode == "direct":
+        yield f"file://{cache}"
+        return
+    port = free_port()
+    state = tmp / f"{mode}-state{n}"
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir()
+    if mode == "gate":
+        argv = [
+            *args.gate_prefix.split(),
+            TRACEHOOK,
+            "gate",
+            "--policy",
+            str(policy),
+            "--upstream",
+            f"file://{cache}",
+            "--store",
+            str(env.root),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--quiet",
+            "--signing-key",
+            str(gate_key),
+            "--cache-dir",
+            str(state / "cache"),
+        ]
+    elif shutil.which("nginx"):
+        conf = state / "nginx.conf"
+        user = "user root;\n" if os.geteuid() == 0 else ""  # the work dir may be 0700
+        conf.write_text(NGINX_CONF.format(user=user, state=state, port=port, root=cache))
+        argv = ["nginx", "-c", str(conf), "-e", str(state / "error.log")]
+    else:
+        argv = [sys.executable, str(REPO / "tests" / "cacheserver.py"), str(cache), str(port)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

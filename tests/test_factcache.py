@@ -109,6 +109,42 @@ def test_two_writers_at_once_lose_nothing(tmp_path: Path) -> None:
     assert len(_all_rows(tmp_path)) > 5000
 
 
+def test_a_database_locked_by_another_process_is_left_alone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Busy is not damage: a cache another process holds locked is neither renamed nor
+    rebuilt (that would pull the file from under the other process); this one goes on
+    without a cache, and the other's rows are intact afterwards."""
+    first = FactCache(tmp_path)
+    first.put_many("test", [(b"k", b"v")])
+    first.close()
+    holder = sqlite3.connect(tmp_path / "facts.sqlite", isolation_level=None)
+    holder.execute("PRAGMA journal_mode=DELETE")
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT OR REPLACE INTO meta VALUES ('held', '1')")
+    with caplog.at_level(logging.WARNING):
+        second = FactCache(tmp_path, busy_timeout=0.05)
+    assert "going on without it" in caplog.text and "rebuilt" not in caplog.text
+    assert second.get("test", b"k") is None  # no cache, not a wrong answer
+    second.put("test", b"other", b"x")
+    second.flush()
+    holder.execute("COMMIT")
+    holder.close()
+    assert sorted(tmp_path.glob("facts.broken-*")) == []
+    assert FactCache(tmp_path).get("test", b"k") == b"v"
+
+
+def test_an_unusable_directory_means_no_cache_not_an_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "file").write_text("")
+    with caplog.at_level(logging.WARNING):
+        cache = FactCache(tmp_path / "file" / "sub")
+    assert "going on without it" in caplog.text
+    cache.put("test", b"k", b"v")
+    cache.flush()
+    assert cache.get("test", b"k") is None
+
+
 def test_bounded_in_size_least_recently_used_out(tmp_path: Path) -> None:
     cache = FactCache(tmp_path, max_bytes=200_000)
     for i in range(2000):

@@ -9,6 +9,7 @@ cache), and for each chain whether Nix substitutes it, and which step the gate n
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from gatekit import (
     write_gate_key,
     write_policy,
 )
+from gateproc import gate_argv, gate_process, get, wait_for
 from nixharness import NixEnv, NixTier
 from tracehook import cli
 from tracehook.nix import realisation
@@ -276,3 +278,37 @@ def test_old_nix_consumer(nix28: NixTier, built: Built, scenario: Scenario, case
     assert out.substituted == case.substituted, out.stderr
     for step, why in case.named.items():
         assert why in refused_steps(out.gate).get(step, ""), out.gate.refusals()
+
+
+def test_revocation_reaches_a_running_gate_between_two_consumers(
+    nix226: NixTier, built: Built, scenario: Scenario
+) -> None:
+    """A real ``tracehook gate`` process: a consumer substitutes the chains; the policy
+    file then revokes the builder's key (SIGHUP, as ``systemctl reload`` sends); a second
+    consumer, asking the same gate, is refused and Nix fails (--max-jobs 0)."""
+    first = NixEnv(nix226, scenario.tmp / "first")
+    second = NixEnv(nix226, scenario.tmp / "second")
+    for consumer in (first, second):  # the same expressions: the same .drv paths
+        for attr in CHAINS:
+            consumer.instantiate(attr, salt=SALT)
+    argv = gate_argv(scenario.policy, [f"file://{scenario.cache}"], first.root,
+                     scenario.tmp / "gate.log", "--signing-key", str(scenario.gate_key))
+    with gate_process(argv) as gate:
+        for consumer in (first, second):
+            consumer.configure(substituters=gate.url, trusted_public_keys=scenario.gate_pub)
+        for attr in CHAINS:
+            res = first.build(attr, "--max-jobs", "0", salt=SALT)
+            assert res.out_paths == (built.outs[attr],), res.stderr
+        write_policy(scenario.policy, scenario.traces, '"builderA"',
+                     {"builderA": "revoked = true"})
+        gate.proc.send_signal(signal.SIGHUP)
+        top = built.outs["iaC"].split("/")[-1].split("-")[0]
+        wait_for(lambda: get(f"{gate.url}/{top}.narinfo")[0] == 404, timeout=5.0)
+        for attr in CHAINS:
+            res = second.build(attr, "--max-jobs", "0", salt=SALT, check=False)
+            assert not res.out_paths and not second.real(built.outs[attr]).exists(), \
+                res.stderr
+    assert [r["outcome"] for r in gate.events("policy-reload")] == ["ok"]
+    refused = gate.events("gate", "refused")
+    assert refused and all("revoked" in str(r["reason"]) for r in refused)
+    assert {"ca-a", "ia-a"} <= {str(r["name"]) for r in refused}

@@ -14,19 +14,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from gatekit import Synthetic, make_synthetic, write_policy
+from gateproc import EXE, GateProcess, gate_argv, gate_process
+from gateproc import get as fetch
 from spoolhelp import make_entry
 from tracehook.nix.storepath import hash_part
 from tracehook.stores.eventlog import parse_record
@@ -35,61 +32,17 @@ from tracehook.stores.spool import Spool
 from tracehook.trace.stepkey import step_key
 from verifyhelp import run_verify
 
-EXE = str(Path(sys.executable).with_name("tracehook"))
 FORGED = "tracehook-gate: allowed /nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-hello (verified)"
 
 
-@dataclass
-class GateProcess:
-    proc: subprocess.Popen[str]
-    url: str = ""
-    lines: list[str] = field(default_factory=list)
-    started: threading.Event = field(default_factory=threading.Event)
-
-    def read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            record = parse_record(line)
-            if record is not None and record["event"] == "gate-start":
-                self.url = f"http://{record['listen']}"
-                self.started.set()
-        self.started.set()
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
-
-
 @contextlib.contextmanager
-def gate_process(syn: Synthetic, policy: Path, log_file: Path) -> Iterator[GateProcess]:
-    argv = [EXE, "gate", "--policy", str(policy), "--upstream", f"file://{syn.cache}",
-            "--store", str(syn.root), "--listen", "127.0.0.1:0", "--log-file", str(log_file)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    gate = GateProcess(proc)
-    reader = threading.Thread(target=gate.read, daemon=True)
-    reader.start()
-    try:
-        assert gate.started.wait(30) and gate.url, gate.stderr
+def synthetic_gate(syn: Synthetic, policy: Path, log_file: Path) -> Iterator[GateProcess]:
+    with gate_process(gate_argv(policy, [f"file://{syn.cache}"], syn.root, log_file)) as gate:
         yield gate
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=10)
 
 
 def get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            resp.read()
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+    return fetch(url)[0]
 
 
 def tracehook_log(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -107,7 +60,7 @@ def test_journal_pipe_shows_a_refusal(synthetic: Synthetic, tmp_path: Path) -> N
     the policy trusts builderB, the traces are builderA's."""
     policy = write_policy(tmp_path / "policy.toml", synthetic.traces, '"builderB"',
                           ["builderB"])
-    with gate_process(synthetic, policy, tmp_path / "gate.log") as gate:
+    with synthetic_gate(synthetic, policy, tmp_path / "gate.log") as gate:
         assert get(f"{gate.url}/{hash_part(synthetic.ia_out)}.narinfo") == 404
         assert get(f"{gate.url}/realisations/{synthetic.ca_id}.doi") == 404
     journal = gate.stderr
@@ -131,7 +84,7 @@ def test_lines_stay_whole_under_concurrent_requests(synthetic: Synthetic, tmp_pa
     """Many clients at once, each request refused and logged: every stderr line is one
     whole event (they used to run together: "...is revokedtracehook-gate: refused ...")."""
     requests = 16 * 25
-    with gate_process(synthetic, synthetic.policy, tmp_path / "gate.log") as gate:
+    with synthetic_gate(synthetic, synthetic.policy, tmp_path / "gate.log") as gate:
         ids = [f"sha256:{os.urandom(32).hex()}!out" for _ in range(requests)]
         with ThreadPoolExecutor(16) as pool:
             codes = list(pool.map(lambda i: get(f"{gate.url}/realisations/{i}.doi"), ids))
@@ -168,21 +121,23 @@ def test_a_kid_cannot_forge_a_log_line(
     kid = f"evil{sep}{FORGED}:0123456789abcdef"
     _inject_kid(synthetic, kid)
     log_file = tmp_path / "gate.log"
-    with gate_process(synthetic, synthetic.policy, log_file) as gate:
+    with synthetic_gate(synthetic, synthetic.policy, log_file) as gate:
         assert get(f"{gate.url}/{hash_part(synthetic.ia_out)}.narinfo") == 404
     journal = gate.stderr
-    assert len(journal.splitlines()) == len(journal.split("\n")) - 1 == 2  # start, refusal
+    # start, the no-signing-key warning, the refusal
+    assert len(journal.splitlines()) == len(journal.split("\n")) - 1 == 3
     assert not any(line.startswith("tracehook-gate: allowed") for line in journal.splitlines())
-    refusal = parse_record(journal.splitlines()[1])
+    refusal = parse_record(journal.splitlines()[2])
     assert refusal is not None and refusal["outcome"] == "refused"
     assert "evil" + sep in str(refusal["reason"])  # kept as data, escaped on the wire
     for res in (tracehook_log("-", stdin=journal), tracehook_log(str(log_file))):
         assert res.returncode == 0 and res.stderr == ""
         lines = res.stdout.splitlines()
-        assert len(lines) == 2, res.stdout
-        assert "evil\\" in lines[1] and FORGED in lines[1]
+        assert len(lines) == 3, res.stdout
+        assert "evil\\" in lines[2] and FORGED in lines[2]
         assert lines[0].split()[2] == "gate-start"
-        assert lines[1].split()[2:5] == ["gate", "hello", "refused"]  # the fake is data
+        assert lines[1].split()[2:4] == ["gate-config", "-"]
+        assert lines[2].split()[2:5] == ["gate", "hello", "refused"]  # the fake is data
 
 
 def _strings(obj: object) -> Iterator[str]:
@@ -245,6 +200,8 @@ def test_publisher_journal_reads_back(tmp_path: Path) -> None:
     assert records and None not in records, err
     res = tracehook_log("--event", "publish", "-", stdin=err)
     assert res.returncode == 0 and res.stderr == "", res.stderr
+    sentences = [line.split("\t")[0] for line in err.splitlines() if '"kept"' in line]
+    assert sentences and all(s.count("127.0.0.1:9") == 1 for s in sentences)  # said once
     kept = [line for line in res.stdout.splitlines() if " kept " in line]
     assert len(kept) == 1 and "127.0.0.1:9" in kept[0], res.stdout  # said once, counted
     assert kept[0].endswith(f"(x{sum(1 for r in records if r and r['outcome'] == 'kept')})")

@@ -140,16 +140,27 @@ class GraphError(TracehookError):
         super().__init__(message)
 
 
+RefusalCause = Literal["trust", "upstream", "absent"]
+
+
 class Refusal(TracehookError):
-    """The gate's "no" (answered 404) for one request: why, and the step it names."""
+    """The gate's "no" (answered 404) for one request: why, and the step it names.
+
+    ``cause`` says what the answer rests on: ``trust`` (the traces and the policy: reused
+    while they stay the same), ``upstream`` (what a binary cache serves contradicts what
+    is attested) or ``absent`` (the path would be allowed, but no binary cache can serve
+    it: logged as ``unavailable``). The last two depend on what the caches hold now and
+    are never reused."""
 
     exit_code = EXIT_REFUSED
 
-    def __init__(self, reason: str, step: str | None = None, name: str | None = None) -> None:
+    def __init__(self, reason: str, step: str | None = None, name: str | None = None,
+                 cause: RefusalCause = "trust") -> None:
         super().__init__(reason)
         self.reason = reason
         self.step = step
         self.name = name
+        self.cause: RefusalCause = cause
 
 
 EvidenceReason = Literal[
@@ -180,7 +191,7 @@ RejectKind = Literal[
 ]
 FailureKind = Literal[
     "no-trace", "no-trusted-claim", "threshold", "disagree", "missing-output", "input",
-    "impure", "too-many-resolutions", "graph", "resolution", "weak-hash",
+    "impure", "too-many-resolutions", "graph", "resolution", "weak-hash", "unreadable",
 ]
 
 

@@ -21,7 +21,8 @@ from tracehook.stores.eventlog import parse_record
 from tracehook.text import printable
 
 # What --refused shows: refusals, failures, and tamper evidence (a path admitted another way).
-REFUSED_OUTCOMES = frozenset({"refused", "failed", "rejected", "denied", "tampered"})
+REFUSED_OUTCOMES = frozenset({"refused", "failed", "rejected", "denied", "tampered",
+                              "unavailable"})
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 

@@ -8,16 +8,26 @@ List it as the only substituter in nix.conf and trust only its key::
 It answers a realisation or a narinfo only when the build step's chain of signed traces
 verifies under the trust policy, and 404 otherwise (Nix then builds the step locally, or
 fails with --max-jobs 0); every refusal is logged with the step and the reason
-(``tracehook log --refused``). An upstream or trace store that cannot be read answers 502,
-never "yes".
+(``tracehook log --refused``). Nix never prints a substituter's reason for a 404 (any other
+status makes it abandon the whole build), so the gate's log is where to look. A binary cache
+or trace store that cannot be read answers 502, never "yes".
+
+The policy file is watched: a change is in force within --policy-interval seconds (at once
+on SIGHUP), logged as a ``policy-reload`` event; while the file does not parse, every
+answer is 503 naming the error, and nothing is allowed or cached.
+
+Without --signing-key the gate passes the upstreams' own narinfo signatures through and
+signs nothing: Nix then accepts an input-addressed path only if it trusts the key of the
+cache that signed it (trusted-public-keys); the gate warns at start.
 
 Exit codes: 2 for a configuration error at start (bad policy, key, flag, or a port in use);
-0 after SIGTERM/SIGINT.
+3 when the store (--store) cannot be listed; 0 after SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -26,11 +36,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from tracehook.errors import EXIT_OK, TracehookError
+from tracehook.errors import EXIT_OK, ConfigError, TracehookError
 from tracehook.gate.config import GateConfig, build_server, parse_listen
 from tracehook.gate.front import bound_port
 from tracehook.gate.memo import CacheConfig
 from tracehook.stores.eventlog import EventLog
+
+UNSIGNED_WARNING = (
+    "no --signing-key: answers carry the upstreams' own narinfo signatures and realisations "
+    "are unsigned; Nix refuses an input-addressed path unless it trusts the key of the cache "
+    "that signed it (trusted-public-keys), whatever the gate allowed")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,14 +72,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default=env("TRACEHOOK_GATE_LISTEN", "127.0.0.1:37515"),
                    metavar="HOST:PORT", help="where to serve (default %(default)s)")
     p.add_argument("--signing-key", default=env("TRACEHOOK_GATE_SIGNING_KEY"), metavar="F",
-                   help="secret key file: sign answered narinfos and realisations with it")
+                   help="secret key file: sign answered narinfos and realisations with it; "
+                        "without it the upstreams' signatures pass through and Nix rejects "
+                        "input-addressed paths whose cache key it does not trust (a warning "
+                        "at start); env TRACEHOOK_GATE_SIGNING_KEY")
     p.add_argument("--store", default=None, metavar="ROOT",
                    help="the consumer's store is chroot-style under ROOT (nix --store ROOT)")
     p.add_argument("--log-file", default=env("TRACEHOOK_GATE_LOG"), metavar="F",
                    help="append one JSON line per event here (env TRACEHOOK_GATE_LOG)")
     p.add_argument("--priority", type=int, default=30, help="nix-cache-info Priority")
-    p.add_argument("--cache-ttl", type=float, default=300.0, metavar="S",
-                   help="seconds a decision is reused (default %(default)s)")
+    p.add_argument("--cache-ttl", type=float, default=CacheConfig.ttl, metavar="S",
+                   help="seconds a decision is reused at most (default %(default)g); a "
+                        "decision is also made again when the policy or a file trace store "
+                        "changes, and at least every 60 s (key expiry, HTTP trace stores); a "
+                        "refusal because an upstream lacks the path is never reused")
     p.add_argument("--cache-size", type=int, default=50_000, metavar="N",
                    help="decisions kept (default %(default)s)")
     p.add_argument("--upstream-timeout", type=float, default=10.0, metavar="S",
@@ -73,6 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=env("TRACEHOOK_CACHE_DIR"), metavar="DIR",
                    help="persistent verification cache (facts that never change: parsed "
                         ".drv files, signature checks, resolutions); env TRACEHOOK_CACHE_DIR")
+    p.add_argument("--policy-interval", type=float, default=2.0, metavar="S",
+                   help="seconds between two looks at the policy file for a change "
+                        "(default %(default)g; SIGHUP looks at once)")
     p.add_argument("--verify-deadline", type=float, default=30.0, metavar="S",
                    help="seconds one verification may take; then 502 (default %(default)s)")
     p.add_argument("--fail-on-tamper", action="store_true",
@@ -83,6 +107,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> GateConfig:
     host, port = parse_listen(args.listen)
+    for flag in ("policy_interval", "cache_ttl", "upstream_timeout", "verify_deadline"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0 or (value == 0 and flag != "cache_ttl"):
+            raise ConfigError(f"--{flag.replace('_', '-')} {value:g}: give a number of "
+                              "seconds above 0")
     return GateConfig(
         policy=Path(args.policy),
         upstreams=tuple(args.upstream),
@@ -97,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         verify_deadline=args.verify_deadline,
         fail_on_tamper=args.fail_on_tamper,
+        policy_interval=args.policy_interval,
     )
 
 
@@ -124,6 +154,8 @@ def main(args: argparse.Namespace) -> int:
                 f"{', '.join(cfg.upstreams)}",
                 listen=f"{cfg.host}:{bound_port(server)}", upstreams=list(cfg.upstreams),
                 policy=str(cfg.policy), store=cfg.store_root)
+    if cfg.signing_key is None:
+        events.emit("gate-config", "warning", UNSIGNED_WARNING, reason=UNSIGNED_WARNING)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

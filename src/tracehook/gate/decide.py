@@ -17,7 +17,9 @@ field the gate signs comes from it):
   NAR on the same upstream (then it is made relative): Nix never fetches around the gate.
 
 An upstream that could not be read is a fault only when no upstream passed and none
-answered wrongly; a wrong answer is a refusal naming it.
+answered wrongly; a wrong answer is a refusal naming it (``cause="upstream"``), and a path
+no upstream has is ``cause="absent"``: both depend on what the caches hold now, so the gate
+never reuses them.
 """
 
 from __future__ import annotations
@@ -102,11 +104,12 @@ def choose_narinfo(expected: Expected, fetched: Sequence[Fetched],
         wrong.append(problem)
     what = "fixed output " if expected.kind == "fixed" else ""
     if wrong:
-        return Refusal(f"{what}{expected.path}: " + "; ".join(wrong), expected.step)
+        return Refusal(f"{what}{expected.path}: " + "; ".join(wrong), expected.step,
+                       cause="upstream")
     if fault is not None:
         return Fault(fault)
-    return Refusal(f"{expected.path}: the verified output is not available upstream (no "
-                   "upstream has a narinfo for it)", expected.step)
+    return Refusal(f"{what}{expected.path} is not available upstream (no binary cache has a "
+                   "narinfo for it)", expected.step, cause="absent")
 
 
 def narinfo_problem(expected: Expected, got: Fetched, store_dir: str = STORE_DIR) -> str | None:
@@ -183,12 +186,12 @@ def check_realisations(path: str, output: str, theirs: Sequence[tuple[str, str |
     disagrees with the trusted traces is not used for this step."""
     for url, out_path, problem in theirs:
         if problem is not None:
-            return Refusal(f"upstream {url} serves a malformed realisation for {output}: "
-                           f"{problem}", step)
+            return Refusal(f"binary cache {url} serves a malformed realisation for {output}: "
+                           f"{problem}", step, cause="upstream")
         if out_path is not None and f"{store_dir}/{out_path}" != path:
-            return Refusal(f"upstream {url}'s realisation of {output} points at "
+            return Refusal(f"binary cache {url}'s realisation of {output} points at "
                            f"{store_dir}/{out_path}, but the trusted traces attest {path}",
-                           step)
+                           step, cause="upstream")
     return None
 
 

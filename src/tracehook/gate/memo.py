@@ -27,7 +27,7 @@ V = TypeVar("V")
 @dataclass(frozen=True)
 class CacheConfig:
     max_entries: int = 50_000
-    ttl: float = 300.0  # seconds a positive or negative decision is reused
+    ttl: float = 60.0  # seconds a positive or negative decision is reused at most
     fault_ttl: float = 0.0  # decisions that came from a fault are not reused by default
 
 

@@ -17,9 +17,11 @@ then signs, logs and answers:
 - a NAR is streamed from the upstream whose narinfo named it.
 
 Every refusal is logged once per decision with the verifier's reason and the step; every
-allowed answer gets one line saying what admitted it. Faults (an upstream, a trace store or
-the policy file that cannot be read) answer 502 (503 for the policy) and are never cached,
-never allowed.
+allowed answer gets one line saying what admitted it (:mod:`tracehook.gate.gatelog`).
+Faults (an upstream, a trace store or the policy file that cannot be read) answer 502 (503
+for the policy) and are never cached, never allowed. A refusal that rests on what the
+binary caches hold now (a path none has, a NAR missing, a narinfo that contradicts the
+traces) is never cached either: it is decided, and logged, again at every request.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from tracehook.gate.decide import (
     choose_narinfo,
     scanned_problem,
 )
+from tracehook.gate.gatelog import GateLog
 from tracehook.gate.index import DrvIndex
 from tracehook.gate.memo import DecisionCache
 from tracehook.gate.upstreams import fetch_narinfos, fetch_realisations, scan_nar
@@ -45,9 +48,7 @@ from tracehook.gate.verdicts import GateVerifier, Value, Verdict
 from tracehook.lru import Lru
 from tracehook.nix import narinfo, realisation
 from tracehook.nix.derivation import Derivation
-from tracehook.nix.nar import format_nar_hash
-from tracehook.nix.narinfo import NarInfo
-from tracehook.nix.storepath import basename, hash_part, path_name
+from tracehook.nix.storepath import basename, hash_part
 from tracehook.stores.binarycache import Body, Upstream
 from tracehook.stores.eventlog import EventLog
 from tracehook.text import printable
@@ -65,10 +66,11 @@ class Answer:
     body: bytes = b""
     content_type: str = "text/plain"
     reason: str | None = None  # for refusals: why (also in the log)
+    transient: bool = False  # rests on what the binary caches hold now: never reused
 
     @property
     def cacheable(self) -> bool:
-        return self.status not in (502, 503)
+        return self.status not in (502, 503) and not self.transient
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class GateService:
         self.urls = [u.url for u in self.upstreams]
         self.signing_key = signing_key
         self.events = events
+        self.log = GateLog(events)
         self.memo = memo
         self.priority = priority
         self.weak_hashes = weak_hashes
@@ -133,7 +136,7 @@ class GateService:
         """``realisations/<id>.doi``; ``rid`` already validated by the HTTP layer."""
         found = self.index.by_realisation_id(rid)
         if found is None:
-            return self._refuse_uncached(
+            return self._refuse_unknown(
                 "realisation", rid, "no derivation in the local store has this realisation id "
                 "(instantiate it first)")
         drv_path, output = found
@@ -142,7 +145,7 @@ class GateService:
     def realisation_v2(self, drv_base: str, output: str) -> Answer:
         drv_path = f"{self.store_dir}/{drv_base}"
         if not self.index.has_drv(drv_path):
-            return self._refuse_uncached(
+            return self._refuse_unknown(
                 "realisation", f"{drv_base}^{output}",
                 "this derivation is not in the local store (instantiate it first)")
         return self._cached(("v2", drv_path, output),
@@ -185,7 +188,7 @@ class GateService:
         except TracehookError as exc:  # e.g. a local .drv that does not parse
             return self._refuse("realisation", request, drv_path, Refusal(exc.diagnostics()))
         body = self._render_realisation(drv_path, output, rid, value.path)
-        self._allow_realisation(request, drv_path, output, value, verdict)
+        self.log.allowed_realisation(request, drv_path, output, value, verdict)
         return Answer(200, body, "application/json")
 
     def _serve_for(self, verdict: Verdict, values: Sequence[Value]
@@ -208,8 +211,7 @@ class GateService:
             else:
                 refusal = refusal or decision
         if refusal is not None:
-            return Refusal(f"the verified output is not available upstream: {refusal.reason}",
-                           verdict.drv_path)
+            return Refusal(refusal.reason, verdict.drv_path, cause=refusal.cause)
         assert fault is not None
         return fault
 
@@ -225,16 +227,20 @@ class GateService:
         listed = frozenset(f"{self.store_dir}/{r}" for r in ni.references)
         direct = verdict.inputs | {v.path for v in verdict.values}
         assert expected.nar_hash is not None and ni.url is not None
+        url = self.urls[decision.upstream]
         try:
             scanned = scan_nar(self.upstreams[decision.upstream], ni.url, ni.compression,
                                listed | direct, expected.nar_hash, self.verifier.facts)
         except ParseError as exc:
-            return Refusal(f"{expected.path}: {self.urls[decision.upstream]}: "
-                           f"{exc.diagnostics()}", expected.step)
-        problem = scanned_problem(self.urls[decision.upstream], listed, scanned,
-                                  expected.nar_hash, direct)
+            return Refusal(f"{expected.path}: {url}: {exc.diagnostics()}", expected.step,
+                           cause="upstream")
+        if scanned is None:
+            return Refusal(f"{expected.path} is not available upstream: binary cache {url} "
+                           f"has no {ni.url}, the NAR its narinfo names", expected.step,
+                           cause="absent")
+        problem = scanned_problem(url, listed, scanned, expected.nar_hash, direct)
         return decision if problem is None else Refusal(f"{expected.path}: {problem}",
-                                                        expected.step)
+                                                        expected.step, cause="upstream")
 
     def _render_realisation(
         self, drv_path: str, output: str, rid: str | None, path: str
@@ -294,7 +300,8 @@ class GateService:
                     f"cannot sign the narinfo of {ni.store_path}: {exc.diagnostics()}"))
             ni = replace(ni, sigs=(sig,))
         if verdict is not None:
-            self._allow_path(request, expected, ni, verdict, self.urls[decision.upstream])
+            self.log.allowed_path(request, expected.step, ni, verdict,
+                                  self.urls[decision.upstream])
         return Answer(200, narinfo.render(ni).encode(), "text/x-nix-narinfo")
 
     def _expected_for(self, hp: str) -> tuple[Expected, Verdict | None] | Refusal | None:
@@ -387,41 +394,27 @@ class GateService:
                 return NarAnswer(body)
         if fault is not None:
             return Answer(502, f"upstream fault: {fault.diagnostics()}\n".encode())
+        self.log.nar_unavailable(rel, self.urls)
         return NOT_FOUND
 
     # ----------------------------------------------------------------------- logging
 
     def _refuse(self, kind: str, request: str, subject: str | None, exc: Refusal) -> Answer:
-        step = exc.step or subject
-        name = exc.name or (path_name(step).removesuffix(".drv") if step else None)
-        reason = printable(exc.reason)
-        self.events.emit(
-            "gate", "refused",
-            f"refused {kind} {request}: step {printable(name or '?')}: {reason}",
-            reason=exc.reason, request=kind, id=request, drv=step, name=name,
-            target=subject,
-        )
-        return Answer(404, b"refused by tracehook gate\n", reason=exc.reason)
+        self.log.refused(kind, request, subject, exc)
+        return Answer(404, f"refused by tracehook gate: {printable(exc.reason)}\n".encode(),
+                      reason=exc.reason, transient=exc.cause != "trust")
 
     def _tamper_check(self, kind: str, request: str, verdict: Verdict) -> None:
         """Tamper evidence in the chain is logged as its own event, even when the path is
         admitted another way; with ``fail_on_tamper`` it is a refusal."""
-        for step, what in verdict.tampered:
-            self.events.emit(
-                "gate", "tampered",
-                f"tamper evidence at {printable(step)} (treat as an incident): "
-                f"{printable(what)}" + (" (refused: --fail-on-tamper)"
-                                       if self.fail_on_tamper else
-                                       f"; {kind} {request} admitted another way"),
-                reason=what, request=kind, id=request, drv=verdict.drv_path, name=step)
+        self.log.tampered(kind, request, verdict, self.fail_on_tamper)
         if verdict.tampered and self.fail_on_tamper:
             step, what = verdict.tampered[0]
             raise Refusal(f"tamper evidence at {step} (--fail-on-tamper): {what}",
                           verdict.drv_path, verdict.name)
 
-    def _refuse_uncached(self, kind: str, request: str, reason: str) -> Answer:
-        self.events.emit("gate", "refused", f"refused {kind} {request}: {reason}",
-                         reason=reason, request=kind, id=request, drv=None, name=None)
+    def _refuse_unknown(self, kind: str, request: str, reason: str) -> Answer:
+        self.log.refused_unknown(kind, request, reason)
         return Answer(404, b"not found\n", reason=reason)
 
     def _refuse_quiet(self, reason: str) -> Answer:
@@ -431,40 +424,9 @@ class GateService:
         return Answer(404, b"not found\n", reason=reason)
 
     def _fault(self, kind: str, request: str, subject: str | None, message: str) -> Answer:
-        self.events.emit(
-            "gate", "failed",
-            f"cannot decide {kind} {request}: {printable(message)} (answered 502)",
-            reason=message, request=kind, id=request, drv=subject,
-            name=path_name(subject).removesuffix(".drv") if subject else None,
-        )
-        return Answer(502, f"upstream fault: {printable(message)}\n".encode(), reason=message)
-
-    def _allow_path(self, request: str, expected: Expected, ni: NarInfo, verdict: Verdict,
-                    source: str) -> None:
-        name = path_name(expected.step).removesuffix(".drv")
-        self.events.emit(
-            "gate", "allowed",
-            f"allowed {ni.store_path} (output of {printable(name)}): {_admitted(verdict)}",
-            reason=None, request="narinfo", id=request, drv=expected.step, name=name,
-            path=ni.store_path, nar_hash=ni.nar_hash, trust=verdict.basis,
-            signers=list(verdict.signers), cache_keys=list(verdict.cache_keys),
-            cache_signed=list(verdict.relied), covered_without_traces=verdict.covered,
-            upstream=source, evidence=[e.to_json() for e in verdict.evidence],
-        )
-
-    def _allow_realisation(self, request: str, drv_path: str, output: str, value: Value,
-                           verdict: Verdict) -> None:
-        self.events.emit(
-            "gate", "allowed",
-            f"allowed {printable(verdict.name)}^{output} -> {value.path}: "
-            f"{_admitted(verdict)}",
-            reason=None, request="realisation", id=request, drv=drv_path, name=verdict.name,
-            output=output, path=value.path, nar_hash=format_nar_hash(value.nar_hash),
-            trust=verdict.basis, signers=list(verdict.signers),
-            cache_keys=list(verdict.cache_keys), cache_signed=list(verdict.relied),
-            covered_without_traces=verdict.covered,
-            evidence=[e.to_json() for e in verdict.evidence],
-        )
+        self.log.failed(kind, request, subject, message)
+        return Answer(502, f"tracehook gate cannot decide: {printable(message)}\n".encode(),
+                      reason=message)
 
 
 def _expected(verdict: Verdict, value: Value) -> Expected:
@@ -479,22 +441,3 @@ def _refusal(verdict: Verdict, output: str) -> Refusal:
         return Refusal(f"output {output!r} of {verdict.drv_path} has no verified value",
                        verdict.drv_path)
     return Refusal(verdict.reason, verdict.failed_step or verdict.drv_path, verdict.failed_name)
-
-
-def _admitted(verdict: Verdict) -> str:
-    """What admitted a path, in words: never calls a cache signature 'verified'."""
-    if verdict.basis == "cache":
-        return (f"accepted on a cache signature alone by {', '.join(verdict.cache_keys)}; "
-                f"{verdict.covered} build step(s) below it covered without traces")
-    if verdict.basis == "fixed":
-        return "fixed output, pinned by its derivation's hash"
-    elements = {e.element for e in verdict.evidence}
-    keys = [s for s in verdict.signers if s not in elements]
-    parts = [f"traces signed by {', '.join(keys)}"] if keys else []
-    parts += [f"hardware evidence {e.describe()}" for e in verdict.evidence]
-    said = f"verified by {' and '.join(parts or ['traces'])}"
-    if verdict.relied:
-        said += (f"; relies on {len(verdict.relied)} path(s) below accepted on a cache "
-                 f"signature alone ({', '.join(verdict.relied)}), {verdict.covered} build "
-                 "step(s) below them covered without traces")
-    return said

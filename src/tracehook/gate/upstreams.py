@@ -58,10 +58,11 @@ def fetch_realisations(
 
 
 def scan_nar(upstream: Upstream, url: str, compression: str | None,
-             candidates: frozenset[str], nar_hash: bytes, facts: FactCache | None) -> Scanned:
+             candidates: frozenset[str], nar_hash: bytes, facts: FactCache | None
+             ) -> Scanned | None:
     """The NAR at ``url`` scanned for ``candidates`` (remembered in the persistent cache by
-    NAR hash and candidates: the same bytes name the same paths). ParseError when it cannot
-    be read as a NAR here."""
+    NAR hash and candidates: the same bytes name the same paths); None when the upstream
+    does not have it. ParseError when it cannot be read as a NAR here."""
     fact = hashlib.sha256(nar_hash + "\n".join(sorted(candidates)).encode()).digest()
     if facts is not None:
         data = facts.get("refs", fact)
@@ -71,7 +72,7 @@ def scan_nar(upstream: Upstream, url: str, compression: str | None,
                 return Scanned(frozenset(found), nar_hash, size)
     body = upstream.open(url)
     if body is None:
-        raise ParseError("NAR", f"{url} is not in the binary cache")
+        return None
     try:
         scanned = scan(body.chunks(), compression, candidates)
     finally:

@@ -250,7 +250,7 @@ def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
              gen: tuple[str, int]) -> Verdict:
     drv = engine.graph.drvs[step]
     if engine.is_tainted(step):
-        faults = "; ".join(dict.fromkeys(f"{f.url}: {f.message}" for f in engine.faults))
+        faults = "; ".join(dict.fromkeys(f.message for f in engine.faults))
         return Verdict(step, drv.name, drv.kind, generation=gen,
                        fault=f"evidence incomplete: {faults or 'a store could not be read'}")
     trusted = engine.trusted

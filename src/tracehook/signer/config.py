@@ -15,8 +15,12 @@ The file is ``$TRACEHOOK_CONFIG``, else ``/etc/tracehook/sign.toml``::
     agent-user = "root"                        # default shown: who must run the agent
     agent-timeout = 5                          # default shown: seconds the hook waits for it
     chain-hooks = ["/etc/nix/upload-to-cache.sh"]  # run by the hook after signing, in order
+    evidence-command = ["/usr/local/bin/snp-evidence"]  # optional: hardware evidence per claim
+    evidence-timeout = 10                      # default shown: seconds it may take
 
-Relative paths are relative to the file's directory (``chain-hooks`` must be absolute).
+Relative paths are relative to the file's directory (``chain-hooks`` must be absolute;
+``evidence-command`` is an argument list run without a shell, docs/FORMAT.md 9.4, its
+program found on ``PATH`` when not a path).
 Unknown keys are errors (a typo must not silently disable something). Environment variables
 override the file: ``TRACEHOOK_SECRET_KEY_FILE``, ``TRACEHOOK_SPOOL_DIR``,
 ``TRACEHOOK_LOG_FILE``, ``TRACEHOOK_STRICT`` (``1``/``0``, ``true``/``false``),
@@ -51,6 +55,7 @@ DEFAULT_SPOOL = Path("/var/lib/tracehook/spool")
 DEFAULT_LOG = Path("/var/log/tracehook/sign.log")
 CONFIG_ENV = fastconf.CONFIG_ENV
 DEFAULT_KEEP_SENT = 7 * 86400.0
+DEFAULT_EVIDENCE_TIMEOUT = 10.0  # tracehook.stores.provider.DEFAULT_TIMEOUT (not imported)
 
 _KEYS: dict[str, type | tuple[type, ...]] = {
     "secret-key-file": str,
@@ -66,6 +71,8 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "agent-user": str,
     "agent-timeout": (int, float),
     "chain-hooks": list,
+    "evidence-command": list,
+    "evidence-timeout": (int, float),
 }
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
@@ -88,6 +95,8 @@ class SignConfig:
     agent_user: str = fastconf.DEFAULT_USER  # a user name or a numeric uid
     agent_timeout: float = fastconf.DEFAULT_TIMEOUT
     chain_hooks: tuple[str, ...] = ()
+    evidence_command: tuple[str, ...] = ()  # empty: no hardware evidence is asked for
+    evidence_timeout: float = DEFAULT_EVIDENCE_TIMEOUT
 
 
 def config_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -175,6 +184,15 @@ def _check_types(raw: Mapping[str, Any], path: Path) -> None:
         if not isinstance(hook, str) or not hook.startswith("/"):
             raise ConfigError(f"{path}: chain-hooks must list absolute paths of executables, "
                               f"not {hook!r}")
+    command = raw.get("evidence-command")
+    if command is not None and (not command or not all(
+            isinstance(a, str) and a and "\0" not in a for a in command)):
+        raise ConfigError(f"{path}: evidence-command must list the program and its arguments "
+                          "as non-empty strings (docs/FORMAT.md 9.4)")
+    evidence_timeout = raw.get("evidence-timeout", 1)
+    if not math.isfinite(evidence_timeout) or not 0 < evidence_timeout <= 3600:
+        raise ConfigError(f"{path}: evidence-timeout = {evidence_timeout!r}: seconds, above 0, "
+                          "at most 3600")
     timeout = raw.get("agent-timeout", 1)
     if not math.isfinite(timeout) or not 0 < timeout <= 3600:
         raise ConfigError(f"{path}: agent-timeout = {timeout!r}: seconds, above 0, at most 3600")
@@ -267,4 +285,6 @@ def load(
         agent_user=raw.get("agent-user", fastconf.DEFAULT_USER),
         agent_timeout=float(raw.get("agent-timeout", fastconf.DEFAULT_TIMEOUT)),
         chain_hooks=tuple(raw.get("chain-hooks", ())),
+        evidence_command=tuple(raw.get("evidence-command", ())),
+        evidence_timeout=float(raw.get("evidence-timeout", DEFAULT_EVIDENCE_TIMEOUT)),
     )

@@ -6,7 +6,11 @@ whole build loop stops while it runs, and a non-zero exit stops every further bu
 with ``--keep-going``). So the hook
 
 * reads the derivation and the store database directly (no Nix process, no network);
-* writes the signed trace into the local spool (``tracehook publish`` delivers it);
+* writes the signed trace into the local spool (``tracehook publish`` delivers it), with
+  hardware evidence for the claim when sign.toml sets ``evidence-command`` (asked once per
+  claim, before the claim is spooled, with this environment minus ``NIX_CONFIG``;
+  docs/FORMAT.md 9.4): a provider that fails is logged (``evidence`` ``failed``) and the
+  signature is spooled without it; strict mode then fails the build;
 * logs one human line on stderr (Nix shows it as ``post-build-hook: tracehook: ...``) and
   one JSON line in the log file: derivation, outputs, key id, trace key, spool file,
   duration, outcome;
@@ -28,9 +32,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, TextIO
 
-from tracehook.errors import EXIT_OK, EXIT_REFUSED, ConfigError, TracehookError
+from tracehook.errors import EXIT_OK, EXIT_REFUSED, ConfigError, ParseError, TracehookError
 from tracehook.nix.nar import format_nar_hash
 from tracehook.signer import config, examine, nixversion
 from tracehook.stores.eventlog import EventLog
@@ -62,10 +67,12 @@ def sign_build(
     started: float,
     via: str = "hook",
     identify: Callable[[], tuple[str, str]] = lambda: nixversion.UNKNOWN,
+    environ: Mapping[str, str] | None = None,
 ) -> int:
     """Examine, sign and spool one build step; report it. Raises TracehookError on failure.
 
-    ``identify`` gives the (flavor, version) of the Nix that built, for the trace."""
+    ``identify`` gives the (flavor, version) of the Nix that built, for the trace;
+    ``environ``: what an evidence-command runs with (default: ours; never NIX_CONFIG)."""
     sk = load_key(cfg, settings)  # first: a broken key is a configuration error every time
     root = cfg.store_root if cfg.store_root is not None else examine.store_root(settings)
     store = examine.LocalStore(root)
@@ -92,6 +99,12 @@ def sign_build(
         crypto.format_public_key(sk.public),
     )
     spool = Spool(cfg.spool_dir)
+    missing: TracehookError | None = None
+    if cfg.evidence_command and not spool.known(entry.name):
+        try:
+            entry = replace(entry, evidence=(ask_evidence(cfg, step, environ),))
+        except TracehookError as exc:
+            missing = exc
     spooled = spool.add(entry)
     fields: dict[str, Any] = {
         "drv": drv_path,
@@ -103,11 +116,15 @@ def sign_build(
         "via": via,
     }
     if spooled is not None:
+        with_evidence = " with hardware evidence" if entry.evidence else ""
         log.emit(
             EVENT, "ok",
-            f"signed {drv_path} ({key.kind} key {key.key}, {kid}) -> {spooled}",
-            spool_file=str(spooled), duration_ms=_ms(started), **fields,
+            f"signed {drv_path} ({key.kind} key {key.key}, {kid}){with_evidence} -> {spooled}",
+            spool_file=str(spooled), duration_ms=_ms(started), evidence=len(entry.evidence),
+            **fields,
         )
+        if missing is not None:
+            return _no_evidence(cfg, log, missing, started, fields)
         return EXIT_OK
     first = spool.find(entry.name)
     if first is not None and first.drv_path == key.rdrv_path != drv_path:
@@ -128,6 +145,36 @@ def sign_build(
         spool_file=None, duration_ms=_ms(started), **fields,
     )
     return EXIT_OK
+
+
+def ask_evidence(cfg: config.SignConfig, step: examine.BuildStep,
+                 environ: Mapping[str, str] | None) -> dict[str, Any]:
+    """The evidence-command's entry for the step's claim (docs/FORMAT.md 9.4), as JSON.
+    Imported here: a hook without evidence-command never loads the provider's code."""
+    from tracehook.stores.provider import request_evidence
+    from tracehook.trace.evidence import BoundClaim, BoundOutput
+
+    key = step.resolution.key
+    try:
+        claim = BoundClaim.of(key.kind, key.key, {
+            name: BoundOutput(o.path, o.nar_hash, tuple(o.references or ()))
+            for name, o in step.outputs.items()})
+    except ValueError as exc:
+        raise ParseError("claim", f"cannot be bound to evidence: {exc}") from None
+    entry = request_evidence(cfg.evidence_command, claim, cfg.evidence_timeout, environ)
+    return entry.to_json()
+
+
+def _no_evidence(cfg: config.SignConfig, log: EventLog, exc: TracehookError, started: float,
+                 fields: Mapping[str, Any]) -> int:
+    reason = exc.diagnostics()
+    verdict = "failing the build (strict mode)" if cfg.strict else "build continues"
+    log.emit(
+        "evidence", "failed",
+        f"no hardware evidence for {fields['drv']} ({fields['key_kind']} key "
+        f"{fields['trace_key']}): {reason}; the signature is spooled without it ({verdict})",
+        reason=reason, strict=cfg.strict, duration_ms=_ms(started), **fields)
+    return exc.exit_code if cfg.strict else EXIT_OK
 
 
 def _ms(started: float) -> float:
@@ -172,7 +219,8 @@ def main(
         def identify() -> tuple[str, str]:
             return nixversion.detect(known.nix_flavor, known.nix_version, pid, env, cache)
 
-        return sign_build(cfg, drv_path, out_paths, settings, log, started, via, identify)
+        return sign_build(cfg, drv_path, out_paths, settings, log, started, via, identify,
+                          env)
     except TracehookError as exc:
         code = exc.exit_code
         reason = exc.diagnostics()

@@ -4,8 +4,10 @@ An entry leaves ``pending/`` only when every configured store has it; a store th
 (down, refusing, serving a corrupt file) keeps the entry pending and is retried with
 exponential backoff (per store, so one dead store does not slow the others). Delivery is
 idempotent: a store that already holds the same claim by the same signer (same key, same
-outputs; checked by verifying that stored signature, the ``rebuild_id`` may differ) gets
-nothing new, so re-delivering after a crash or to a store that was up last time is harmless.
+outputs; checked by verifying that stored signature, the ``rebuild_id`` may differ) and
+every hardware-evidence entry the spool entry carries (docs/FORMAT.md 9.2, equal as JSON)
+gets nothing new; one that holds the claim but lacks evidence gets the evidence only. So
+re-delivering after a crash or to a store that was up last time is harmless.
 
 One item never stalls the others:
 
@@ -29,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tracehook.errors import EnvironmentFault, ParseError, TracehookError
 from tracehook.nix.nar import parse_nar_hash
@@ -37,6 +40,7 @@ from tracehook.stores.spool import Spool, SpooledItem
 from tracehook.stores.tracestore import FileTraceStore, TraceStore, check_key
 from tracehook.trace import crypto, jws
 from tracehook.trace.claim import parse_claim
+from tracehook.trace.tracefile import evidence_id
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,35 @@ def unpublishable(item: SpooledItem) -> str | None:
     if (claim.kind, claim.key) != (entry.kind, entry.key):
         return (f"its trace claims {claim.kind} key {claim.key}, the entry says "
                 f"{entry.kind} key {entry.key}")
+    return _bad_evidence(item) if entry.evidence else None
+
+
+def _bad_evidence(item: SpooledItem) -> str | None:
+    """Why an entry's evidence can never be published: malformed, or for another claim."""
+    from tracehook.trace.evidence import parse_evidence_entry  # only when there is some
+
+    entry = item.entry
+    for i, value in enumerate(entry.evidence):
+        try:
+            parsed = parse_evidence_entry(value, f"its evidence[{i}]")
+        except ParseError as exc:
+            return exc.diagnostics()
+        if (parsed.claim.kind, parsed.claim.key) != (entry.kind, entry.key):
+            return (f"its evidence[{i}] binds {parsed.claim.kind} key {parsed.claim.key}, the "
+                    f"entry says {entry.kind} key {entry.key}")
     return None
+
+
+def _naming(store: TraceStore, message: str | None) -> str:
+    """``message`` naming the store once (the stores' own errors name it already)."""
+    text = message or "failed"
+    return text if store.url in text else f"trace store {store.url}: {text}"
+
+
+def holds_evidence(existing: Sequence[Any], item: SpooledItem) -> bool:
+    """Whether every evidence entry of this spool entry is in ``existing`` (equal as JSON)."""
+    there = {evidence_id(e) for e in existing}
+    return all(evidence_id(e) in there for e in item.entry.evidence)
 
 
 def holds_claim(existing: Sequence[str], item: SpooledItem) -> bool:
@@ -148,9 +180,12 @@ class Publisher:
         self._locked_seen: set[str] = set()
 
     def _deliver(self, store: TraceStore, item: SpooledItem) -> None:
-        if holds_claim(store.get(item.entry.key), item):
+        entry = item.entry
+        doc = store.read(entry.key)
+        claimed = holds_claim(doc.signatures, item)
+        if claimed and holds_evidence(doc.evidence, item):
             return
-        store.append(item.entry.key, [item.entry.jws])
+        store.append(entry.key, [] if claimed else [entry.jws], entry.evidence)
 
     def _backoff(self, state: StoreState, exc: TracehookError) -> float:
         state.failures += 1
@@ -164,8 +199,8 @@ class Publisher:
         delay = self._backoff(state, exc)
         self.events.emit(
             EVENT, "kept",
-            f"trace store {store.url} failed ({state.last_error}); {pending} trace(s) stay "
-            f"in the spool, retry in {delay:g} s",
+            f"{_naming(store, state.last_error)}; {pending} trace(s) stay in the spool, "
+            f"retry in {delay:g} s",
             reason=state.last_error, store=store.url, pending=pending, retry_in_s=delay,
             failures=state.failures,
         )
@@ -179,9 +214,9 @@ class Publisher:
         report.key_errors[f"{store.url} {entry.key}"] = state.last_error or ""
         self.events.emit(
             EVENT, "kept",
-            f"trace store {store.url}: {entry.kind} trace {entry.key} not delivered "
-            f"({state.last_error}); it stays in the spool, retry in {delay:g} s; other "
-            "traces go on",
+            f"{entry.kind} trace {entry.key} not delivered: "
+            f"{_naming(store, state.last_error)}; it stays in the spool, retry in "
+            f"{delay:g} s; other traces go on",
             reason=state.last_error, store=store.url, trace_key=entry.key,
             drv=entry.drv_path, spool_file=item.path.name, retry_in_s=delay,
             failures=state.failures,
@@ -300,12 +335,15 @@ class Publisher:
             if delivered[name] >= wanted:
                 self.spool.mark_sent(item)
                 report.delivered.append(name)
+                with_evidence = (f" with {len(item.entry.evidence)} hardware evidence "
+                                 "entr" + ("y" if len(item.entry.evidence) == 1 else "ies")
+                                 if item.entry.evidence else "")
                 self.events.emit(
                     EVENT, "ok",
-                    f"published {item.entry.kind} trace {item.entry.key} for "
+                    f"published {item.entry.kind} trace {item.entry.key}{with_evidence} for "
                     f"{item.entry.drv_path} to {len(wanted)} store(s)",
                     drv=item.entry.drv_path, trace_key=item.entry.key, kid=item.entry.kid,
-                    stores=sorted(wanted), spool_file=name,
+                    stores=sorted(wanted), spool_file=name, evidence=len(item.entry.evidence),
                 )
             else:
                 report.kept.append(name)

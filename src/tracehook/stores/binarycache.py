@@ -68,13 +68,15 @@ class Upstream(Protocol):
 class _FileBody:
     f: BinaryIO
     size: int | None
+    where: str = "binary cache"  # "binary cache URL: REL", for errors
 
     def chunks(self) -> Iterator[bytes]:
         while True:
             try:
                 block = self.f.read(CHUNK)
             except OSError as exc:
-                raise UpstreamFault(f"reading NAR: {exc}") from exc
+                raise UpstreamFault(f"{self.where}: reading broke off: "
+                                    f"{exc.strerror or exc}") from exc
             if not block:
                 return
             yield block
@@ -115,7 +117,7 @@ class FileUpstream:
         except BaseException:
             f.close()
             raise
-        return _FileBody(f, st.st_size)
+        return _FileBody(f, st.st_size, f"binary cache {self.url}: {rel}")
 
 
 class _HttpBody:
@@ -200,10 +202,17 @@ def open_upstream(url: str, timeout: float = DEFAULT_TIMEOUT) -> Upstream:
         return S3Upstream(url, timeout)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise ConfigError(f"upstream {url!r}: file URLs name no host (file:///dir)")
+            raise ConfigError(f"binary cache {url!r}: file URLs name no host (file:///dir)")
         root = Path(urllib.parse.unquote(parsed.path))
-        if not root.is_dir():
-            raise ConfigError(f"upstream {url!r}: {root} is not a directory")
+        try:
+            is_dir = stat.S_ISDIR(os.stat(root).st_mode)
+        except FileNotFoundError:
+            is_dir = False
+        except OSError as exc:
+            raise ConfigError(f"binary cache {url}: cannot read {root}: "
+                              f"{exc.strerror or exc}") from None
+        if not is_dir:
+            raise ConfigError(f"binary cache {url}: {root} is not a directory")
         return FileUpstream(url, root)
     raise ConfigError(f"upstream {url!r}: use file:///DIR, http(s)://HOST/PATH or "
                       "s3://BUCKET?endpoint=HOST:PORT")

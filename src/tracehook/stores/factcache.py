@@ -49,6 +49,7 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _TOUCH_EVERY = 24 * 3600  # seconds before a read refreshes a row's last use
 _CHECK_EVERY = 1000  # writes between size checks
 _FLUSH_ROWS = 256  # facts written in one transaction
+_OPEN_ATTEMPTS = 5  # tries to open a database another process holds locked
 MEMORY_BOUND = 64 * 1024 * 1024  # bytes of one namespace read into memory at once
 _FLUSH_SECONDS = 1.0
 
@@ -83,7 +84,14 @@ class FactCache:
         self._flushed = time.monotonic()
         self._loaded: dict[str, dict[bytes, tuple[bytes, bytes, int]] | None] = {}
         self._touched: set[tuple[str, bytes]] = set()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._off = False  # set when the database cannot be used: then nothing is cached
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("verification cache %s cannot be used (%s): going on without it",
+                        self.directory, exc.strerror or exc)
+            self._off = True
+            return
         self._open_checked()
 
     def __getstate__(self) -> dict[str, object]:
@@ -100,6 +108,7 @@ class FactCache:
         self._flushed = time.monotonic()
         self._loaded = {}
         self._touched = set()
+        self._off = False
 
     # ------------------------------------------------------------------ opening
 
@@ -116,24 +125,46 @@ class FactCache:
             conn = self._local.conn = self._connect()
         return conn
 
-    def _open_checked(self) -> None:
-        """Create the schema, or rebuild a file that is not a usable cache."""
-        try:
-            conn = self._conn()
-            conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS facts (ns TEXT NOT NULL, key BLOB NOT NULL, "
-                "value BLOB NOT NULL, check_ BLOB NOT NULL, size INTEGER NOT NULL, "
-                "used INTEGER NOT NULL, PRIMARY KEY (ns, key)) WITHOUT ROWID")
-            conn.execute("CREATE INDEX IF NOT EXISTS facts_used ON facts (used)")
-            row = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-            if row is None:
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
-            elif row[0] != str(SCHEMA):
-                raise sqlite3.DatabaseError(f"schema {row[0]}, expected {SCHEMA}")
-            conn.execute("SELECT count(*) FROM facts WHERE ns = 'x'").fetchone()
-        except sqlite3.DatabaseError as exc:
-            self._rebuild(exc)
+    def _open_checked(self, rebuilt: bool = False) -> None:
+        """Create the schema, or rebuild a file that is not a usable cache. A database
+        another process holds locked for longer than we wait is not damage: it is left
+        alone, and this process goes without the cache (never a wrong answer, only work
+        done again)."""
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                self._create_schema()
+                return
+            except sqlite3.OperationalError as exc:  # busy, locked, cannot open
+                self._close_conn()
+                if attempt + 1 == _OPEN_ATTEMPTS:
+                    log.warning("verification cache %s cannot be used now (%s): going on "
+                                "without it", self.path, exc)
+                    self._off = True
+                    return
+                time.sleep(0.05 * (attempt + 1))
+            except sqlite3.DatabaseError as exc:
+                if rebuilt:
+                    log.warning("verification cache %s is unusable even after a rebuild "
+                                "(%s): going on without it", self.path, exc)
+                    self._off = True
+                    return
+                self._rebuild(exc)
+                return
+
+    def _create_schema(self) -> None:
+        conn = self._conn()
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS facts (ns TEXT NOT NULL, key BLOB NOT NULL, "
+            "value BLOB NOT NULL, check_ BLOB NOT NULL, size INTEGER NOT NULL, "
+            "used INTEGER NOT NULL, PRIMARY KEY (ns, key)) WITHOUT ROWID")
+        conn.execute("CREATE INDEX IF NOT EXISTS facts_used ON facts (used)")
+        row = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        if row is None:
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
+        elif row[0] != str(SCHEMA):
+            raise sqlite3.DatabaseError(f"schema {row[0]}, expected {SCHEMA}")
+        conn.execute("SELECT count(*) FROM facts WHERE ns = 'x'").fetchone()
 
     def _rebuild(self, exc: BaseException) -> None:
         log.warning("verification cache %s is unusable (%s): discarded and rebuilt",
@@ -147,7 +178,7 @@ class FactCache:
                     old.unlink()
                 else:
                     old.replace(old.with_name(f"facts.broken-{stamp}-{os.getpid()}.sqlite"))
-        self._open_checked()
+        self._open_checked(rebuilt=True)
 
     def close(self) -> None:
         """Write what is pending and close this thread's connection."""
@@ -166,6 +197,8 @@ class FactCache:
 
     def get(self, ns: str, key: bytes) -> bytes | None:
         """The value stored for ``key``, or None (absent, unreadable or damaged)."""
+        if self._off:
+            return None
         pending = self._pending.get((ns, key))
         if pending is not None:
             return pending
@@ -227,6 +260,8 @@ class FactCache:
     def put(self, ns: str, key: bytes, value: bytes) -> None:
         """Remember a fact; written with others in one transaction (at most a second or
         256 facts later, and at :meth:`flush`)."""
+        if self._off:
+            return
         with self._lock:
             self._pending[(ns, key)] = value
             loaded = self._loaded.get(ns)
@@ -254,6 +289,8 @@ class FactCache:
             self.put_many(ns, items)
 
     def put_many(self, ns: str, items: Iterable[tuple[bytes, bytes]]) -> None:
+        if self._off:
+            return
         now = int(time.time())
         rows = [(ns, k, v, _check(ns, k, v), len(k) + len(v) + 40, now) for k, v in items]
         if not rows:

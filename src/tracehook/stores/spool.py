@@ -10,9 +10,10 @@ publish`` delivers it later. Layout under the spool directory::
     bad/<name>.json      entries that can never be published, kept for a person to look at
 
 ``<name>`` is ``<trace key>-<kid thumbprint>-<claim digest>``: the claim digest covers the
-key, the signer and the claimed outputs (not the random ``rebuild_id``), so the second hook
-call Nix makes for one build step, and a ``--check`` rebuild that reproduced the outputs,
-find the entry already there and add nothing. An entry appears in ``pending/`` whole or not
+key, the signer and the claimed outputs (not the random ``rebuild_id``, nor the hardware
+evidence an entry may carry), so the second hook call Nix makes for one build step, and a
+``--check`` rebuild that reproduced the outputs, find the entry already there and add
+nothing. An entry appears in ``pending/`` whole or not
 at all (written in ``tmp/``, fsynced, hard-linked into place), and moves to ``sent/`` by one
 rename, so a crash at any point loses nothing and duplicates nothing.
 
@@ -64,6 +65,9 @@ class SpoolEntry:
     jws: str
     created: float
     public_key: str = ""  # the signer's Nix public key, to recognise its claims in a store
+    # Hardware evidence for the claim (docs/FORMAT.md 9.2 entries, as JSON values), published
+    # with the signature; absent in entries written before it existed.
+    evidence: tuple[dict[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
@@ -82,6 +86,8 @@ class SpoolEntry:
             "jws": self.jws,
             "public_key": self.public_key,
         }
+        if self.evidence:
+            obj["evidence"] = list(self.evidence)
         return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8")
 
     @classmethod
@@ -102,10 +108,17 @@ class SpoolEntry:
                 jws=str(obj["jws"]),
                 created=float(obj["created"]),
                 public_key=str(obj.get("public_key", "")),
+                evidence=_evidence(obj.get("evidence", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ParseError(what, f"missing or malformed field: {exc}") from None
         return entry
+
+
+def _evidence(value: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise TypeError("'evidence' is not a list of objects")
+    return tuple(value)
 
 
 @dataclass(frozen=True)

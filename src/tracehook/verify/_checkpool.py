@@ -65,7 +65,7 @@ def fetch_and_check(
                 bad_files += [Rejected("malformed", None, f"{store.url}: {problem}")
                               for problem in doc.problems]
         except EnvironmentFault as exc:
-            log.warning("%s", exc.diagnostics())  # names the store
+            log.debug("%s", exc.diagnostics())  # reported once, by the caller (names the store)
             faults.append(StoreFault(store.url, exc.diagnostics()))
         except ParseError as exc:
             bad_files.append(Rejected("malformed", None, f"{store.url} serves a malformed "

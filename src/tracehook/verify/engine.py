@@ -73,7 +73,7 @@ class Limits:
     # derivations, if there is more than one core and every trace store is local (file://);
     # 0 never; N > 0 starts N at once.
     processes: int | None = None
-    process_from: int = 500
+    process_from: int = 2000
 
 
 class Engine:
@@ -109,7 +109,7 @@ class Engine:
         self.tainted: set[str] = set()  # steps decided on incomplete evidence
         self.graph_failures: dict[str, GraphError] = {}  # by target spec
         self._fetched: dict[str, Checked] = {}
-        self._faulted_keys: set[str] = set()
+        self.key_faults: dict[str, list[StoreFault]] = {}  # trace key -> stores unread
         self._drv_hashes: dict[str, DrvHash] = {}
         self._known_paths: dict[str, dict[str, str]] = {}  # one resolution's output paths
         self._asked: dict[str, set[str]] = {}  # outputs already looked up in the caches
@@ -338,7 +338,7 @@ class Engine:
     def _faults_in(self, key: TraceKey, faults: Sequence[StoreFault]) -> None:
         if faults:
             self.faults.extend(faults)
-            self._faulted_keys.add(key.key)
+            self.key_faults.setdefault(key.key, []).extend(faults)
 
     def _flush(self) -> None:
         """Hand the keys planned so far to the checker processes: in batches, so that a
@@ -433,7 +433,7 @@ class Engine:
     def _record(self, path: str, resolutions: list[Resolution]) -> None:
         drv = self.graph.drvs[path]
         evidence = [(r, self._fetched[r.key.key]) for r in resolutions]
-        if any(r.key.key in self._faulted_keys for r in resolutions):
+        if any(r.key.key in self.key_faults for r in resolutions):
             self.tainted.add(path)
         self.trusted.add_step(path, drv, evidence)
         if len(resolutions) == 1 and drv.kind == "deferred":
@@ -471,7 +471,7 @@ class Engine:
     def _caches_answered(self, path: str, results: dict[str, CacheOutput | Refused]) -> None:
         for got in results.values():
             if isinstance(got, Refused) and got.fault:
-                log.warning("cache: %s", got.reason)
+                log.debug("cache: %s", got.reason)  # reported once, by the caller
                 self.faults.append(StoreFault("cache", got.reason))
                 self.tainted.add(path)
         self.trusted.add_cache(path, self.graph.drvs[path], results)

@@ -75,7 +75,7 @@ class TargetReport:
     steps: tuple[StepReport, ...]
     requirement: str
     reference_time: str
-    faults: tuple[str, ...]  # trace stores that could not be read
+    faults: tuple[str, ...]  # trace stores and binary caches that could not be read
     cache_signed: tuple[StepReport, ...] = ()  # relied on: accepted on a cache signature
     covered: int = 0  # build steps below them covered without traces
     trust_summary: dict[str, Any] = field(default_factory=dict)
@@ -279,7 +279,7 @@ def render_human(report: TargetReport, explain_trust: bool = False) -> str:
     lines.append(f"  steps: {summary or 'none'}; reference time {report.reference_time}")
     if explain_trust and report.trust_line:
         lines.append(report.trust_line)
-    for fault in report.faults:
-        lines.append(f"  warning: trace store unreadable: {fault}")
+    for fault in report.faults:  # each names its store: trace store or binary cache
+        lines.append(f"  could not read: {fault}")
     # Reasons quote what signers and stores wrote (a kid, a path, an error): one line each.
     return "\n".join(printable(line) for line in lines)

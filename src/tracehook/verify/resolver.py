@@ -14,6 +14,7 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import replace
 
+from tracehook.errors import Failure
 from tracehook.stores.binarycache import Upstream
 from tracehook.stores.tracestore import TraceStore
 from tracehook.verify._checkpool import StoreFault
@@ -90,7 +91,7 @@ class Resolver:
         reliance = relied_upon(target.drv_path, steps, inputs)
         return build_target_report(target.spec, target.drv_path, target.path, candidates,
                                    why, list(reliance.steps), self.policy, self.now,
-                                   tuple(f"{f.url}: {f.message}" for f in self.faults),
+                                   tuple(dict.fromkeys(f.message for f in self.faults)),
                                    reliance.cache_signed, len(reliance.covered),
                                    (summary(reliance), render_summary(reliance)),
                                    lambda c: trusted.admitted_by(target.drv_path, c),
@@ -119,6 +120,8 @@ class Resolver:
         found = [(want, trusted.values(path, want)) for want in requests]
         outcome, signers, failure = step_outcome(
             found, lambda want: trusted.explain(path, want))
+        if failure is not None and failure.kind != "input":
+            failure = self._unread(path, failure)
         cache: tuple[tuple[str, CacheOutput], ...] = ()
         if outcome == "cache-signed":
             cache = tuple((n, r) for n, r in sorted(trusted.cache_results(path).items())
@@ -129,6 +132,20 @@ class Resolver:
                           failure.kind if failure else None,
                           failure.message if failure else None,
                           tuple(trusted.rejected(path)), height, cache, evidence)
+
+
+    def _unread(self, path: str, failure: Failure) -> Failure:
+        """A refusal of a step whose traces could not all be read names the stores that
+        could not be read, never only what the others held ("no trace")."""
+        faults = [f for k in self.engine.trusted.keys(path)
+                  for f in self.engine.key_faults.get(k.key, ())]
+        if not faults:
+            return failure
+        keys = ", ".join(f"{k.kind}:{k.key}" for k in self.engine.trusted.keys(path))
+        unread = "; ".join(dict.fromkeys(f.message for f in faults))
+        answered = len(self.engine.stores) - len({f.url for f in faults})
+        rest = f" (the other trace store(s): {failure.message})" if answered > 0 else ""
+        return Failure("unreadable", f"could not check {keys}: {unread}{rest}")
 
 
 def _above_fixed_outputs(engine: Engine, root: str) -> set[str]:
