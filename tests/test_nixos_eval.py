@@ -4,13 +4,14 @@ Real Nix 2.26 evaluates, once per session (tests/nixoseval.py, ``nix/tests/nixos
 every configuration that must work or must fail an assertion: the README's configuration
 (toplevel instantiated, nix.conf, sign.toml, the policy, both units, the hook, the option
 docs), the example configuration, Lix as ``nix.package``, the exclusive-mode holes, the
-renamed options, every assertion, and every example policy as an attribute set; and, one
-evaluation each, the type errors (a policy typo, an unknown policy attribute, a nameless
-key, port 99999, ``require = 5``, a bad ``not-after``, an unknown trace-store scheme, a bad
-gate public key). tests/test_nixos_whole.py runs what was rendered.
+renamed options, S3 trace stores and caches with their credentials files (issue 15), every
+assertion, and every example policy as an attribute set; and, one evaluation each, the type
+errors (a policy typo, an unknown policy attribute, a nameless key, port 99999,
+``require = 5``, a bad ``not-after``, an unknown trace-store scheme, ``single-writer`` on an
+S3 cache, a bad gate public key). tests/test_nixos_whole.py runs what was rendered.
 
-Needs ``NIXPKGS_TREE``; without it every test here is reported as not run (a warning and a
-skip reason naming it), never failed.
+Evaluates against ``NIXPKGS_TREE`` when set, else against the vendored subset of a NixOS
+24.05 tree (tests/data/nixos-24.05-subset): every test here runs on any machine.
 """
 
 from __future__ import annotations

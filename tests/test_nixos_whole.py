@@ -3,8 +3,8 @@ read by real Nix, tmpfiles rules applied, the rendered hook and sign.toml run by
 its post-build-hook, the package's source, the VM test and the flake's checks instantiated,
 and Nix 2.8 rendering the README system as Nix 2.26 does.
 
-Needs ``NIXPKGS_TREE`` (see tests/nixoseval.py); without it every test here is reported as
-not run (a warning and a skip reason naming it), never failed.
+Evaluates against ``NIXPKGS_TREE`` when set, else against the vendored subset of a NixOS
+24.05 tree (see tests/nixoseval.py): every test here runs on any machine.
 """
 
 from __future__ import annotations
