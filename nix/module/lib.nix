@@ -89,17 +89,24 @@ rec {
     && lib.unique names == names
     && (!has "scheme" || elem (value "scheme") [ "http" "https" ])
     && (!has "endpoint" || matches "(https?://)?[^/?#]*" (value "endpoint"))
-    && (!has "single-writer" || elem (lib.toLower (value "single-writer")) (if traceStore then booleans else falses));
+    && (
+      !has "single-writer"
+      || elem (lib.toLower (value "single-writer")) (if traceStore then booleans else falses)
+    );
 
   # s3://BUCKET[/PREFIX][?PARAMETERS], as S3Location.parse reads it.
   validS3 =
     traceStore: rest:
     let
-      m = builtins.match "([A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9])(/[A-Za-z0-9._+=:@/-]*)?(\\?(.*))?" rest;
+      m =
+        builtins.match "([A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9])(/[A-Za-z0-9._+=:@/-]*)?(\\?(.*))?"
+          rest;
       bucket = builtins.elemAt m 0;
       prefix = builtins.elemAt m 1;
       query = builtins.elemAt m 3;
-      segments = lib.filter (s: s != "") (lib.splitString "/" (if prefix == null then "" else prefix));
+      segments = lib.filter (s: s != "") (
+        lib.splitString "/" (if prefix == null then "" else prefix)
+      );
     in
     m != null
     && !(lib.hasInfix "#" rest)
@@ -282,9 +289,11 @@ rec {
       '';
     };
   s3CredentialName = "aws";
-  s3CredentialsEnvironment = file: lib.optionalAttrs (file != null) {
-    AWS_SHARED_CREDENTIALS_FILE = "%d/${s3CredentialName}";
-  };
+  s3CredentialsEnvironment =
+    file:
+    lib.optionalAttrs (file != null) {
+      AWS_SHARED_CREDENTIALS_FILE = "%d/${s3CredentialName}";
+    };
   s3LoadCredential = file: lib.optional (file != null) "${s3CredentialName}:${toString file}";
 
   # ------------------------------------------------------------------ other modules' settings
