@@ -24,6 +24,7 @@ class CacheState:
     status: int | None = None
     break_after: int | None = None
     requests: list[str] = field(default_factory=list)
+    agents: list[str] = field(default_factory=list)  # each request's User-Agent
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -43,6 +44,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self, head: bool = False) -> None:
         state = self.server.state
         state.requests.append(self.path)
+        state.agents.append(self.headers.get("User-Agent", ""))
         if state.delay:
             time.sleep(state.delay)
         if state.status is not None:

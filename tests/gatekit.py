@@ -175,15 +175,17 @@ def running_gate(
     policy: Path, upstreams: Sequence[str], store_root: str | None, log_file: Path,
     signing_key: Path | None = None, cache: CacheConfig | None = None,
     http: HttpLimits | None = None, upstream_timeout: float = 2.0,
-    stderr: TextIO | None = None, **config: Any,
+    stderr: TextIO | None = None, journal: bool = False, **config: Any,
 ) -> Iterator[RunningGate]:
-    """``stderr``: where the human log lines go (default: nowhere); ``config``: more
-    GateConfig fields (``verify_deadline``, ``cache_dir``, ...)."""
+    """``stderr``: where the human log lines go (default: nowhere), each followed by a TAB
+    and the JSON record with ``journal`` (as ``tracehook gate`` writes them); ``config``:
+    more GateConfig fields (``verify_deadline``, ``cache_dir``, ...)."""
     cfg = GateConfig(policy=policy, upstreams=tuple(upstreams), port=0,
                      signing_key=signing_key, store_root=store_root, log_file=log_file,
                      cache=cache or CacheConfig(), http=http or HttpLimits(),
                      upstream_timeout=upstream_timeout, **config)
-    server = build_server(cfg, EventLog(log_file, prefix="tracehook-gate", stderr=stderr))
+    server = build_server(cfg, EventLog(log_file, prefix="tracehook-gate", stderr=stderr,
+                                        journal=journal))
     serve_in_thread(server)
     try:
         yield RunningGate(server, f"http://127.0.0.1:{bound_port(server)}", log_file)

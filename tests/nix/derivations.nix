@@ -108,10 +108,48 @@ let
     dollar = "\${not-interpolated} $HOME";
     empty = "";
   } // sh ''printf '%s|%s|%s' "$quoted" "$unicode" "$dollar" > $out'');
+
+  # For the attack table (tests/test_attacks.py). Outputs that refer to their inputs (Nix
+  # finds the path in the output and records it as a reference):
+  refLib = derivation ({ name = "ref-lib"; inherit system salt; } // sh "echo lib > $out");
+  refApp = derivation ({
+    name = "ref-app";
+    inherit system salt;
+    lib = refLib;
+  } // sh "echo $lib > $out");
+  refEvil = derivation ({ name = "ref-evil"; inherit system salt; } // sh "echo evil > $out");
+  caRefLib = derivation ({ name = "ca-ref-lib"; inherit system salt; } // ca // sh "echo lib > $out");
+  caRefApp = derivation ({
+    name = "ca-ref-app";
+    inherit system salt;
+    lib = caRefLib;
+  } // ca // sh "echo $lib > $out");
+  # Fixed outputs pinned by weak hashes (md5, sha1 of "hello\n"), and steps built on them.
+  weakFod = algo: hash: derivation ({
+    name = "fod-${algo}.txt";
+    inherit system;
+    outputHashMode = "flat";
+    outputHashAlgo = algo;
+    outputHash = hash;
+  } // sh "echo hello > $out");
+  fodMd5 = weakFod "md5" "b1946ac92492d2347c6235b4d2611184";
+  fodSha1 = weakFod "sha1" "f572d396fae9206628714fb2ce00f72e94f2258f";
+  caOnMd5 = derivation ({ name = "ca-on-md5"; inherit system salt; src = fodMd5; }
+    // ca // sh "busybox cat $src > $out");
+  caOnSha1 = derivation ({ name = "ca-on-sha1"; inherit system salt; src = fodSha1; }
+    // ca // sh "busybox cat $src > $out");
+  # Not reproducible: two builders get different outputs, and so different resolutions of
+  # the step above it.
+  caRandom = derivation ({ name = "ca-random"; inherit system salt; }
+    // ca // sh "busybox head -c 16 /dev/urandom | busybox od -x > $out");
+  caOnRandom = derivation ({ name = "ca-on-random"; inherit system salt; dep = caRandom; }
+    // ca // sh "busybox cat $dep > $out");
 in
 {
   inherit caA caB caC iaA iaB iaC fodFlat fodRec caOnFod multiIa multiCa useMulti iaOnCa weirdEnv;
   inherit multiOnCa;
+  inherit refLib refApp refEvil caRefLib caRefApp fodMd5 fodSha1 caOnMd5 caOnSha1;
+  inherit caRandom caOnRandom;
   multiOnCaLib = multiOnCa.lib;
   # Everything at once, for tests that walk the whole set.
   all = [ caC iaC caOnFod useMulti iaOnCa weirdEnv ];

@@ -7,13 +7,13 @@ place that turns a :class:`~tracehook.errors.TracehookError` into a message and 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not typing's: importing typing (and re) costs ``--version`` 10 ms
 if TYPE_CHECKING:  # only for annotations: the start-up of every command pays for imports
+    import argparse
     from collections.abc import Callable, Sequence
 
 EPILOG = """\
@@ -41,15 +41,20 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class _Version(argparse.Action):
-    """``--version``, the version looked up only when asked for."""
+def _version_action() -> type[argparse.Action]:
+    import argparse
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: object, option_string: str | None = None) -> None:
-        from tracehook import __version__
+    class _Version(argparse.Action):
+        """``--version``, the version looked up only when asked for."""
 
-        print(f"tracehook {__version__}")
-        parser.exit()
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                     values: object, option_string: str | None = None) -> None:
+            from tracehook import __version__
+
+            print(f"tracehook {__version__}")
+            parser.exit()
+
+    return _Version
 
 
 def _command(argv: Sequence[str]) -> str | None:
@@ -65,13 +70,16 @@ def _command(argv: Sequence[str]) -> str | None:
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser, with the full arguments of the subcommand ``argv`` names (imported now)
     and one line of help for each of the others."""
+    import argparse  # here: ``tracehook --version`` alone need not pay for it (nor for re)
+
     parser = argparse.ArgumentParser(
         prog="tracehook",
         description="Signed, chained build traces for Nix, enforced inline.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
+    parser.add_argument("--version", action=_version_action(), nargs=0,
+                        help="show the version and exit")
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (repeatable)"
     )
@@ -94,6 +102,11 @@ def _configure_logging(verbosity: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list == ["--version"]:  # without argparse (and re): what scripts ask most
+        from tracehook import __version__
+
+        print(f"tracehook {__version__}")
+        return 0
     parser = build_parser(args_list)
     try:
         args = parser.parse_args(args_list)

@@ -278,6 +278,7 @@ def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
                        tuple(sorted(first.signers)) if basis == "traces" else (),
                        basis, tuple(sorted(first.signers)) if basis == "cache" else (),
                        *_relied(engine, step), generation=gen,
+                       inputs=_inputs(engine, step), tampered=_tampered(engine, step),
                        evidence=trusted.admitted_by(step, first))
     failure = trusted.explain(step, want)
     reason = failure.message
@@ -298,9 +299,18 @@ def _inputs(engine: Engine, step: str) -> frozenset[str]:
     drv = engine.graph.drvs[step]
     paths = set(drv.input_srcs)
     for inp, outputs in drv.input_drvs.items():
+        if inp not in engine.trusted:  # not decided (below a cache signature): no value
+            continue
         for cand in engine.trusted.values(inp, frozenset(outputs)):
             paths.update(oc.path for _, oc in cand.value)
     return frozenset(paths)
+
+
+def _tampered(engine: Engine, step: str) -> tuple[tuple[str, str], ...]:
+    """Tamper evidence seen at the step or below it (step name, what), as verify reports
+    it: logged by the gate even when the step verifies another way."""
+    drvs = engine.graph.drvs
+    return tuple((drvs[s].name, what) for s, what in engine.reading.sightings_below(step))
 
 
 def _relied(engine: Engine, step: str) -> tuple[tuple[str, ...], int]:

@@ -49,7 +49,8 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _TOUCH_EVERY = 24 * 3600  # seconds before a read refreshes a row's last use
 _CHECK_EVERY = 1000  # writes between size checks
 _FLUSH_ROWS = 256  # facts written in one transaction
-_OPEN_ATTEMPTS = 5  # tries to open a database another process holds locked
+_OPEN_ATTEMPTS = 5  # tries to open (or, closing, to write to) a database held by another
+_MAX_PENDING = 4 * _FLUSH_ROWS  # facts kept for a later write while the database is busy
 MEMORY_BOUND = 64 * 1024 * 1024  # bytes of one namespace read into memory at once
 _FLUSH_SECONDS = 1.0
 
@@ -181,8 +182,13 @@ class FactCache:
         self._open_checked(rebuilt=True)
 
     def close(self) -> None:
-        """Write what is pending and close this thread's connection."""
-        if self._pending:
+        """Write what is pending (a few tries while another writer is busy) and close
+        this thread's connection."""
+        for attempt in range(_OPEN_ATTEMPTS):
+            if not self._pending:
+                break
+            if attempt:
+                time.sleep(0.05 * attempt)
             with contextlib.suppress(sqlite3.Error):
                 self.flush()
         self._close_conn()
@@ -286,15 +292,22 @@ class FactCache:
         for (ns, key), value in pending.items():
             by_ns.setdefault(ns, []).append((key, value))
         for ns, items in by_ns.items():
-            self.put_many(ns, items)
+            if not self.put_many(ns, items):
+                # Busy (another writer held the database longer than we wait): kept for
+                # the next flush, unless newer facts have piled up meanwhile.
+                with self._lock:
+                    if len(self._pending) < _MAX_PENDING:
+                        for key, value in items:
+                            self._pending.setdefault((ns, key), value)
 
-    def put_many(self, ns: str, items: Iterable[tuple[bytes, bytes]]) -> None:
+    def put_many(self, ns: str, items: Iterable[tuple[bytes, bytes]]) -> bool:
+        """Write facts in one transaction; False when the database was busy."""
         if self._off:
-            return
+            return True
         now = int(time.time())
         rows = [(ns, k, v, _check(ns, k, v), len(k) + len(v) + 40, now) for k, v in items]
         if not rows:
-            return
+            return True
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -306,10 +319,10 @@ class FactCache:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError:
-            return  # busy: another writer; this fact is simply not cached now
+            return False  # busy: another writer
         except sqlite3.DatabaseError as exc:
             self._rebuild(exc)
-            return
+            return True
         with self._lock:
             self._writes += len(rows)
             due = self._writes >= _CHECK_EVERY
@@ -317,6 +330,7 @@ class FactCache:
                 self._writes = 0
         if due:
             self.evict()
+        return True
 
     def _delete(self, ns: str, key: bytes) -> None:
         self._execute("DELETE FROM facts WHERE ns = ? AND key = ?", (ns, key))

@@ -75,7 +75,9 @@ def failed_below(trusted: TrustedSet, path: str) -> str:
 
 def sightings_below(graph: Graph, trusted: TrustedSet, tampered: set[str],
                     path: str) -> tuple[tuple[str, str], ...]:
-    """Tamper evidence seen at ``path`` or below it: (step, what), lowest first."""
+    """Tamper evidence seen at ``path`` or below it: (step, what), lowest first. Steps only
+    below fixed-output steps are left out: a fixed output is pinned by its hash, so how its
+    inputs came to be does not matter (and the reports call them not needed)."""
     found: list[tuple[str, str]] = []
     seen: set[str] = set()
     todo = [path]
@@ -86,7 +88,8 @@ def sightings_below(graph: Graph, trusted: TrustedSet, tampered: set[str],
         seen.add(step)
         if step in tampered:
             found += [(step, what) for what in trusted.sightings(step)]
-        todo.extend(graph.drvs[step].input_drvs)
+        if graph.drvs[step].kind != "fixed":
+            todo.extend(graph.drvs[step].input_drvs)
     return tuple(sorted(found, key=lambda s: (graph.heights.get(s[0], 0), s)))
 
 

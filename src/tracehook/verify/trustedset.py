@@ -115,14 +115,20 @@ class TrustedSet:
         if step is None:
             return ()
         seen = [r.detail for r in step.rejected if r.kind in TAMPER_KINDS]
-        by_signer: dict[tuple[str, str], set[tuple[tuple[str, str, bytes], ...]]] = {}
-        for acc in step.accepted:
-            value = tuple(sorted((n, o.path, o.nar_hash) for n, o in acc.claim.outputs.items()))
-            by_signer.setdefault((acc.signer, acc.claim.key), set()).add(value)
-        seen += [f"'{signer}' signed {len(values)} different claims for step {key}"
-                 for (signer, key), values in sorted(by_signer.items()) if len(values) > 1]
-        seen += [r.reason for r in step.cache.values()
-                 if isinstance(r, Refused) and "bad signature" in r.reason]
+        accepted = step.accepted
+        if len({acc.signer for acc in accepted}) < len(accepted):  # one signer, two claims?
+            by_signer: dict[tuple[str, str], set[tuple[tuple[str, str, bytes], ...]]] = {}
+            for acc in accepted:
+                value = tuple(sorted((n, o.path, o.nar_hash)
+                                     for n, o in acc.claim.outputs.items()))
+                by_signer.setdefault((acc.signer, acc.claim.key), set()).add(value)
+            seen += [f"'{signer}' signed {len(values)} different claims for step {key}"
+                     for (signer, key), values in sorted(by_signer.items()) if len(values) > 1]
+        if step.cache:
+            seen += [r.reason for r in step.cache.values()
+                     if isinstance(r, Refused) and "bad signature" in r.reason]
+        if not seen:
+            return ()
         return tuple(dict.fromkeys(seen))
 
     def failure_of(self, drv_path: str) -> Failure | None:
@@ -245,7 +251,7 @@ class TrustedSet:
                        if self.evidence_names and step.evidence_seen == 0 else "")
         if not step.accepted:
             keys = ", ".join(f"{k.kind}:{k.key}" for k in step.keys) or "none"
-            if step.seen == 0:
+            if step.seen == 0 and not step.rejected:  # a malformed file is not "no trace"
                 return Failure("no-trace", f"no trace for resolved step {keys}{no_evidence}")
             return Failure("no-trusted-claim",
                            f"no trusted claim for {keys}: {rejected}{no_evidence}")
