@@ -9,7 +9,8 @@
 #   module/policy.nix     the policy schema (types, checks, TOML rendering)
 #   module/lib.nix        shared option types, the TOML renderer, systemd hardening
 # nix/tests/eval-module.nix evaluates it against stand-ins of the NixOS options it sets;
-# tests/test_nixos_eval.py inside a real NixOS evaluation (NIXPKGS_TREE).
+# tests/test_nixos_eval.py inside real NixOS evaluations (NIXPKGS_TREE, or the vendored
+# tests/data/nixos-24.05-subset).
 {
   config,
   lib,

@@ -46,8 +46,12 @@ python3Packages.buildPythonApplication {
 
   build-system = [ python3Packages.setuptools ];
 
+  # pyproject.toml's dependencies and its `s3` extra, so that every URL the module accepts
+  # opens (tests/test_nixos_whole.py compares the two).
   dependencies = [
     python3Packages.pynacl
+    python3Packages.cryptography # hardware evidence (X.509, ECDSA)
+    python3Packages.botocore # the `s3` extra: s3:// trace stores and binary caches
   ] ++ lib.optionals (python3Packages.pythonOlder "3.11") [ python3Packages.tomli ];
 
   makeWrapperArgs = [

@@ -78,11 +78,14 @@ from seaweed import anonymous_env, seaweed  # noqa: E402, F401  (fixtures: Seawe
 
 
 @pytest.fixture(scope="session")
-def nixos_tree() -> Path:
-    """``$NIXPKGS_TREE``; without it, a warning and a skip that name it."""
+def nixos_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``$NIXPKGS_TREE``; without it, the vendored subset of the NixOS 24.05 tree, extracted
+    once for the session (and removed afterwards)."""
     import nixoseval
 
-    return nixoseval.tree_or_skip()
+    scratch = tmp_path_factory.mktemp("nixpkgs")
+    yield nixoseval.nixpkgs_tree(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

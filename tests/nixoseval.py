@@ -2,15 +2,17 @@
 
 The configurations (each a NixOS module text, written to a temp directory so warnings can
 name their file), the one batch evaluation that renders them all
-(``nix/tests/nixos-eval.nix``), the evaluations that must fail with a type error, and small
+(``nix/tests/nixos-eval.nix``), the evaluations that must fail with a type error, the other
+evaluations that need nixpkgs (the VM test, the flake's checks, eval-module.nix), and small
 readers for what they render (nix.conf, unit files). tests/conftest.py turns these into
 session fixtures (``nixos_tree``, ``nixos_env``, ``nixos_facts``, ``nixos_type_errors``), so the
 batch runs once per session.
 
-Needs ``NIXPKGS_TREE=DIR`` (on the project's machines, the shared ``nixos-eval/setup.sh``
-beside the clone prepares a NixOS 24.05 tree from a fetched snapshot; this repository holds
-none and reads nothing beside itself). Without it the tests are reported as not run: a
-warning and a skip reason that name ``NIXPKGS_TREE``; none fails for lack of it.
+The nixpkgs tree: ``NIXPKGS_TREE=DIR`` when set (a whole tree; on the project's machines the
+shared ``nixos-eval/setup.sh`` beside the clone prepares one), else the subset of that tree
+these evaluations read, vendored in tests/data/nixos-24.05-subset/ (its README says where it
+comes from and how ``scripts/nixos-subset.sh`` regenerates it), extracted once per session.
+So the tests always run; nothing outside the clone is read.
 """
 
 from __future__ import annotations
@@ -20,12 +22,10 @@ import json
 import os
 import shutil
 import sys
-import warnings
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from nixharness import REPO, NixEnv
 
@@ -45,18 +45,47 @@ OTHER_KEY = "rebuilder-x.example.org-1:Dwxy6SpfvApt2NHfA8luc1Lj6sobZoX99epUTo3im
 STORE_SECRET = "/nix/store/00000000000000000000000000000000-builder.sec"
 
 
-def tree_or_skip() -> Path:
-    """``$NIXPKGS_TREE``, or a warning and a skip that name it (never a failure)."""
+SUBSET = REPO / "tests" / "data" / "nixos-24.05-subset"
+SUBSET_TARBALL = SUBSET / "tree.tar.xz"
+
+
+def is_tree(path: Path) -> bool:
+    return (path / "nixos" / "lib" / "eval-config.nix").is_file() and \
+        (path / "lib" / "default.nix").is_file()
+
+
+def given_tree() -> Path | None:
+    """``$NIXPKGS_TREE`` (resolved), None when unset; set to anything but a nixpkgs tree is
+    a mistake, not a reason to evaluate something else."""
     value = os.environ.get(TREE_ENV, "")
-    if not value or not (Path(value) / "nixos" / "lib" / "eval-config.nix").is_file():
-        why = (
-            f"not run: {TREE_ENV} does not name a nixpkgs tree, so nix/module.nix was not "
-            f"evaluated inside a real NixOS system (set {TREE_ENV}=DIR; "
-            "the project's nixos-eval/setup.sh prepares one)"
-        )
-        warnings.warn(why, stacklevel=1)
-        pytest.skip(why)
+    if not value:
+        return None
+    if not is_tree(Path(value)):
+        raise RuntimeError(f"{TREE_ENV}={value} is not a nixpkgs tree (no nixos/lib/"
+                           "eval-config.nix or lib/default.nix): unset it to use the vendored "
+                           f"subset ({SUBSET.relative_to(REPO)})")
     return Path(value).resolve()
+
+
+def extract_subset(dest: Path, tarball: Path = SUBSET_TARBALL) -> Path:
+    """The vendored subset of the NixOS 24.05 tree, extracted into ``dest`` (which must not
+    exist yet); returns the tree's root."""
+    dest.mkdir(parents=True)
+    with tarfile.open(tarball, "r:xz") as archive:
+        data_filter = getattr(tarfile, "data_filter", None)
+        if data_filter is not None:  # Python 3.10.12 and later
+            archive.extractall(dest, filter=data_filter)
+        else:  # pragma: no cover - older Python 3.10
+            archive.extractall(dest)  # our own tarball
+    root = dest / "tree"
+    if not is_tree(root):
+        raise RuntimeError(f"{tarball} does not hold a nixpkgs tree under tree/")
+    return root
+
+
+def nixpkgs_tree(scratch: Path) -> Path:
+    """``$NIXPKGS_TREE``, else the vendored subset extracted under ``scratch``."""
+    return given_tree() or extract_subset(scratch / "subset")
 
 
 def evaluate(env: NixEnv, expr: str, *, read_write: bool = False) -> Any:
@@ -76,6 +105,52 @@ def evaluation_error(env: NixEnv, expr: str) -> str:
 
 def harness(tree: Path) -> str:
     return f"import {HARNESS} {{ nixpkgs = {tree}; }}"
+
+
+def vm_test_facts(tree: Path, env: NixEnv) -> Any:
+    """nix/tests/vm.nix with the tree's packages: the test driver, the machines' warnings,
+    the SeaweedFS it runs."""
+    return evaluate(env, f"""
+      let
+        pkgs = import {tree} {{ system = "x86_64-linux"; }};
+        test = import {REPO}/nix/tests/vm.nix {{ inherit pkgs; }};
+        weed = builtins.head (builtins.filter (p: (p.pname or p.name) == "seaweedfs-4.48")
+          test.nodes.cache.environment.systemPackages);
+      in {{
+        driver = test.driver.drvPath;
+        warnings = builtins.mapAttrs (_: node: node.warnings) test.nodes;
+        weed = weed.drvPath;
+      }}""")
+
+
+def flake_check_facts(tree: Path, env: NixEnv) -> Any:
+    """flake.nix with the tree standing in for its nixpkgs input: its package and checks."""
+    return evaluate(env, f"""
+      let
+        lib = (import {tree}/lib).extend (final: _: {{
+          nixosSystem = args: import {tree}/nixos/lib/eval-config.nix (
+            {{ lib = final; system = null; }} // args);
+        }});
+        nixpkgs = {{
+          inherit lib;
+          legacyPackages = lib.genAttrs [ "x86_64-linux" "aarch64-linux" ]
+            (system: import {tree} {{ inherit system; }});
+        }};
+        flake = import {REPO}/flake.nix;
+        self = flake.outputs {{ inherit self nixpkgs; }};
+        checks = self.checks.x86_64-linux;
+      in {{
+        package = self.packages.x86_64-linux.default.drvPath;
+        module-eval = checks.module-eval.drvPath;
+        nixos-example = checks.nixos-example.drvPath;
+        example-files = builtins.mapAttrs (_: toString) checks.nixos-example.entries;
+      }}""")
+
+
+def module_scenarios(tree: Path, env: NixEnv) -> Any:
+    """nix/tests/eval-module.nix under the tree's ``lib.evalModules``: every scenario."""
+    return evaluate(env, f"import {REPO}/nix/tests/eval-module.nix "
+                         f"{{ lib = import {tree}/lib; }}", read_write=True)
 
 
 # ------------------------------------------------------------------ configurations
@@ -104,6 +179,12 @@ GATE = f"""
     signingPublicKey = "{GATE_KEY}";
   }};
 """
+
+
+S3_TRACES = ("s3://traces/fleet-a?endpoint=s3.example.org:8333&scheme=http&region=eu-1"
+             "&single-writer=0")
+S3_CACHE = "s3://nix-cache?endpoint=s3.example.org:8333&scheme=http"
+STORE_AWS = "/nix/store/00000000000000000000000000000000-publish.aws"
 
 
 def gate_with(body: str, *, gate: str = GATE) -> str:
@@ -149,6 +230,27 @@ WORKING = {
       services.tracehook.gate.exclusive = false;
       nix.settings.extra-substituters = [ "https://sneaky.example.org" ];
     """), False),
+    # S3 trace stores and an S3 cache, with credentials files for both services.
+    "s3": (f"""{{ ... }}: {{
+      services.tracehook.sign = {{
+        enable = true;
+        secretKeyFile = "/etc/nix/builder.sec";
+        publishTo = [ "{S3_TRACES}" ];
+        s3CredentialsFile = "/var/lib/secrets/publish.aws";
+      }};
+      services.tracehook.gate = {{
+        enable = true;
+        upstreams = [ "{S3_CACHE}" ];
+        policy = {{
+          traces = [ "{S3_TRACES.replace("&single-writer=0", "")}" ];
+          keys.mine = "{BUILDER_KEY}";
+          trust.require = "mine";
+        }};
+        secretKeyFile = "/var/lib/secrets/gate.sec";
+        signingPublicKey = "{GATE_KEY}";
+        s3CredentialsFile = "/var/lib/secrets/gate.aws";
+      }};
+    }}""", False),
     "renamed": (gate_with(
         'services.tracehook.gate.signingKeyFile = "/var/lib/secrets/old-name.sec";',
         gate=GATE.replace('secretKeyFile = "/var/lib/secrets/gate.sec";', ""),
@@ -164,6 +266,7 @@ FAILING = {
         enable = true;
         secretKeyFile = "{STORE_SECRET}";
         environmentFile = ./publish.env;
+        s3CredentialsFile = "{STORE_AWS}";
       }};
       nix.extraOptions = ''
         extra-substituters = https://sneaky.example.org
@@ -193,6 +296,7 @@ FAILING = {
         upstreams = [ "https://cache.example.org" ];
         policy = ./policy.toml;
         secretKeyFile = "${pkgs.writeText "gate.sec" "x"}";
+        s3CredentialsFile = ./gate.aws;
       };
       services.tracehook.sign.enable = true;
     }""",
@@ -235,6 +339,11 @@ TYPE_ERRORS = {
         'secretKeyFile = "/k"; publishTo = [ "ftp://traces.example.org" ]; }; }',
         "A definition for option `services.tracehook.sign.publishTo",
     ),
+    "s3-upstream-single-writer": (
+        gate_with('services.tracehook.gate.upstreams = lib.mkForce '
+                  f'[ "{S3_CACHE}&single-writer=1" ];'),
+        "A definition for option `services.tracehook.gate.upstreams",
+    ),
     "gate-public-key-typo": (
         gate_with('services.tracehook.gate.signingPublicKey = lib.mkForce "gate-1:abc";'),
         "A definition for option `services.tracehook.gate.signingPublicKey' is not of type",
@@ -245,6 +354,7 @@ TYPE_ERRORS = {
 def write_configurations(directory: Path, configs: dict[str, str]) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "publish.env").write_text("")
+    (directory / "gate.aws").write_text("")
     shutil.copy2(REPO / "examples" / "policy-my-builder.toml", directory / "policy.toml")
     paths = {}
     for name, text in configs.items():

@@ -1,15 +1,15 @@
 """The Nix side of the project: every .nix file, the NixOS module, the VM test, the examples.
 
-What runs here, with real Nix 2.26 and 2.8 (no nixpkgs is available offline):
+What runs here, with real Nix 2.26 and 2.8:
 
 - every ``.nix`` file in the repository passes ``nix-instantiate --parse``;
 - ``nix/tests/eval-module.nix`` evaluates the module under nixpkgs' ``lib.evalModules``
-  with the ``lib`` of ``NIXPKGS_TREE`` or of ``<nixpkgs/lib>`` on ``NIX_PATH`` (the flake's
-  ``checks.module-eval`` runs it with the flake's nixpkgs); without either, that test checks
-  what it can without a ``lib`` and says so with a warning in the pytest summary
-  (tests/test_nixos_eval.py evaluates the module inside real NixOS systems);
+  with the ``lib`` of ``NIXPKGS_TREE`` or of the vendored NixOS 24.05 subset
+  (tests/data/nixos-24.05-subset; the flake's ``checks.module-eval`` runs it with the
+  flake's nixpkgs; tests/test_nixos_eval.py evaluates the module inside real NixOS systems);
 - ``flake.lock`` is what real Nix accepts for ``flake.nix`` offline, without relocking;
-- the module's trace-store and cache URL schemes are the ones the package opens;
+- the module's trace-store and cache URL schemes are the ones the package opens, and its URL
+  types accept exactly the URLs the package does;
 - ``flake.nix`` is evaluated against a stand-in nixpkgs (the one ``lib`` function it calls,
   ``genAttrs``, and stub packages): its outputs, apps and checks are wired as documented;
 - the VM test is evaluated the same way: its test script passes the pyflakes rules the
@@ -22,12 +22,13 @@ What runs here, with real Nix 2.26 and 2.8 (no nixpkgs is available offline):
 
 from __future__ import annotations
 
+import configparser
 import json
-import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,11 @@ import pytest
 
 from conftest import MakeNixEnv
 from nixharness import REPO, NixEnv, NixTier
+from seaweed import Seaweed
 from tracehook import cli
 from tracehook.errors import BadSignature
 from tracehook.signer import config
+from tracehook.stores.s3 import S3Client, S3Location, describe
 from tracehook.trace import crypto, jws
 from tracehook.verify.policy import Policy, load_policy, parse_policy
 
@@ -97,21 +100,6 @@ def nix_eval(env: NixEnv, expr: str, *args: str, nix_path: str | None = None) ->
     return json.loads(out)
 
 
-def nixpkgs_lib(env: NixEnv) -> str | None:
-    """The ``lib`` of ``$NIXPKGS_TREE``, else ``<nixpkgs/lib>`` as NIX_PATH resolves it."""
-    tree = os.environ.get("NIXPKGS_TREE", "")
-    if tree and (Path(tree) / "lib" / "default.nix").is_file():
-        return str(Path(tree).resolve() / "lib")
-    nix_path = os.environ.get("NIX_PATH", "")
-    if not nix_path:
-        return None
-    res = env.run(
-        "nix-instantiate", "--find-file", "nixpkgs/lib",
-        check=False, extra_env={"NIX_PATH": nix_path},
-    )
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else None
-
-
 EVAL_SCENARIOS = {
     "nothing-enabled", "sign", "sign-key-from-nix-settings", "sign-strict-and-settings",
     "gate-exclusive", "gate-shared", "exclusive-drops-extra-substituters",
@@ -124,32 +112,70 @@ EVAL_SCENARIOS = {
 
 
 @pytest.mark.nix
-def test_module_evaluates_with_nixpkgs_lib(nix_tier: NixTier, make_nixenv: MakeNixEnv) -> None:
-    """nix/module.nix under nixpkgs' ``lib.evalModules``, every scenario of eval-module.nix.
+def test_module_evaluates_with_nixpkgs_lib(nix_tier: NixTier, make_nixenv: MakeNixEnv,
+                                           nixos_tree: Path) -> None:
+    """nix/module.nix under nixpkgs' ``lib.evalModules``, every scenario of eval-module.nix,
+    with the ``lib`` of ``NIXPKGS_TREE`` or of the vendored NixOS 24.05 subset (the flake's
+    ``checks.module-eval`` runs the same with the flake's nixpkgs)."""
+    from nixoseval import module_scenarios
 
-    Needs a nixpkgs ``lib``: ``NIXPKGS_TREE=DIR`` or ``<nixpkgs/lib>`` on NIX_PATH (e.g.
-    ``NIX_PATH=nixpkgs=/path/to/nixpkgs``); CI machines have none. Without it, this test
-    cannot evaluate the module (re-implementing the module system is not reasonable): it
-    checks that the harness parses and is wired into the flake's checks (evaluated in
-    ``test_flake_outputs``), and warns, so the gap shows in the pytest summary.
-    """
-    env = make_nixenv(nix_tier)
-    harness = REPO / "nix" / "tests" / "eval-module.nix"
-    lib = nixpkgs_lib(env)
-    if lib is None:
-        env.run("nix-instantiate", "--parse", str(harness))
-        flake = (REPO / "flake.nix").read_text()
-        assert "import ./nix/tests/eval-module.nix" in flake
-        warnings.warn(
-            "neither NIXPKGS_TREE nor <nixpkgs/lib> on NIX_PATH: nix/module.nix was not "
-            "evaluated under lib.evalModules here (the flake's checks.module-eval does that)",
-            stacklevel=1,
-        )
-        return
-    result = nix_eval(env, f"import {harness} {{ lib = import {lib}; }}")
+    result = module_scenarios(nixos_tree, make_nixenv(nix_tier))
     assert result["stubbed"] is True
     assert set(result["scenarios"]) == EVAL_SCENARIOS
     assert all(v is True for v in result["scenarios"].values())
+
+
+def hunks(patch: str) -> list[tuple[str, list[str], list[str]]]:
+    """(file, lines before, lines after) of every hunk of a unified diff."""
+    found: list[tuple[str, list[str], list[str]]] = []
+    target = ""
+    for line in patch.splitlines():
+        if line.startswith("+++ "):
+            target = line[4:].split("\t")[0]
+        elif line.startswith("@@"):
+            found.append((target, [], []))
+        elif found and line[:1] in (" ", "-", "+"):
+            _, before, after = found[-1]
+            if line[0] != "+":
+                before.append(line[1:])
+            if line[0] != "-":
+                after.append(line[1:])
+    return found
+
+
+def contains(lines: list[str], block: list[str]) -> bool:
+    return any(lines[i:i + len(block)] == block for i in range(len(lines) - len(block) + 1))
+
+
+def test_nixos_tree_has_our_patches(nixos_tree: Path) -> None:
+    """The tree the NixOS tests evaluate (the vendored subset, or ``NIXPKGS_TREE``) has both
+    of our patches applied, hunk by hunk: the vendored patch files are what the tarball
+    holds."""
+    from nixoseval import SUBSET
+
+    patches = sorted((SUBSET / "patches").glob("*.patch"))
+    assert [p.name for p in patches] == ["nix.nix-restore-upstream.patch",
+                                         "shellcheck-stub.patch"]
+    for patch in patches:
+        found = hunks(patch.read_text())
+        assert found, patch
+        for target, before, after in found:
+            lines = (nixos_tree / target).read_text().splitlines()
+            assert contains(lines, after), (patch.name, target, after)
+            assert not contains(lines, before), (patch.name, target, before)
+
+
+def test_vendored_nixos_tree_is_small_and_licensed() -> None:
+    """The subset stays well under 20 MB, and carries the tree's MIT licence."""
+    from nixoseval import SUBSET, SUBSET_TARBALL
+
+    assert SUBSET_TARBALL.stat().st_size < 20_000_000
+    licence = (SUBSET / "COPYING").read_text()
+    assert licence.startswith("Copyright (c) 2003-2024 Eelco Dolstra and the Nixpkgs/NixOS")
+    assert "Permission is hereby granted, free of charge" in licence
+    with tarfile.open(SUBSET_TARBALL, "r:xz") as archive:
+        copying = archive.extractfile("tree/COPYING")
+        assert copying is not None and copying.read().decode() == licence
 
 
 # A stand-in nixpkgs: just what flake.nix and vm.nix touch, so that their wiring evaluates.
@@ -163,6 +189,9 @@ let
     runCommand = name: _env: _script: drv name;
     writeScriptBin = name: text: drv name // { inherit text; };
     writeShellScript = name: text: drv name // { inherit text; };
+    fetchurl = args: drv "fetchurl" // { inherit (args) url hash; };
+    unzip = drv "unzip";
+    curl = drv "curl";
     python3.interpreter = "@STORE@-python3/bin/python3";
     busybox-sandbox-shell = drv "busybox";
     nixfmt-rfc-style = drv "nixfmt";
@@ -172,6 +201,7 @@ let
     genAttrs = names: f: builtins.listToAttrs (map (n: { name = n; value = f n; }) names);
     optional = cond: x: if cond then [ x ] else [ ];
     mkForce = x: x;
+    escapeShellArgs = builtins.concatStringsSep " ";
   };
 in {
   inherit pkgsFor stubLib;
@@ -271,6 +301,84 @@ def test_module_url_schemes_are_the_packages(nix226: NixTier,
     assert schemes["cacheSchemes"] == [c for c in candidates if opens(open_upstream, c)]
 
 
+# URLs the module's types must judge as the package does, as trace stores and as caches.
+URL_CASES = (
+    "s3://traces",
+    "s3://traces?",
+    "s3://traces?endpoint=s3.example.org:8333&scheme=http",
+    "s3://traces/fleet-a/x?endpoint=h:1&scheme=https&region=eu-1&profile=p",
+    "s3://Traces.example_1?region=",
+    "s3://traces?endpoint=h:1&single-writer=1",
+    "s3://traces?single-writer=no",
+    "s3://traces?single-writer=maybe",
+    "s3://traces?sheme=http",
+    "s3://traces?scheme=ftp",
+    "s3://traces?region=a&region=b",
+    "s3://traces?endpoint",
+    "s3://traces?&endpoint=h",
+    "s3://traces?endpoint=http://h:1",
+    "s3://traces?endpoint=h:1/path",
+    "s3://tr",
+    "s3://-traces",
+    "s3://tra..ces",
+    "s3://traces/pre%fix",
+    "s3://traces/a b",
+    "s3://traces#fragment",
+    "s3://key:secret@traces",
+    "https://traces.example.org",
+    "https://traces.example.org/?single-writer=1",
+    "https://traces.example.org?single-writer=yes",
+    "https://traces.example.org/?x=1",
+    "https://traces.example.org/?single-writer=1&x=1",
+    "http://traces.example.org:8080/t",
+    "http://traces.example.org:99999/t",
+    "https://h/x#fragment",
+    "file:///var/lib/tracehook/traces",
+    "ftp://traces.example.org",
+)
+
+
+def package_accepts(url: str, store: bool) -> bool:
+    """Whether the package takes ``url`` as a trace store (else as a binary cache), judging
+    only the URL: an s3:// URL is parsed, not opened (opening looks up credentials)."""
+    from tracehook.errors import ConfigError
+    from tracehook.stores.binarycache import open_upstream
+    from tracehook.stores.tracestore import open_store
+
+    try:
+        if url.startswith("s3://"):
+            loc = S3Location.parse(url, "test")
+            return store or not loc.single_writer
+        if url.startswith("file://"):
+            return True  # a directory that need not exist here
+        (open_store if store else open_upstream)(url)
+    except ConfigError:
+        return False
+    return True
+
+
+@pytest.mark.nix
+def test_module_url_types_are_the_packages(nixos_tree: Path, nix226: NixTier,
+                                           make_nixenv: MakeNixEnv) -> None:
+    """The module's URL types (publishTo, the policy's traces, upstreams) accept an s3:// or
+    http(s):// URL exactly when the package does: bucket, prefix, parameters (each once,
+    known, ``single-writer`` for trace stores only), port, fragment."""
+    env = make_nixenv(nix226)
+    urls = json.dumps(URL_CASES)
+    got = nix_eval(env, f"""
+      let
+        lib = import {nixos_tree}/lib;
+        t = import {REPO}/nix/module/lib.nix {{ inherit lib; }};
+        urls = builtins.fromJSON {json.dumps(urls)};
+      in {{
+        store = map (t.validUrl true t.traceStoreSchemes) urls;
+        cache = map (t.validUrl false t.cacheSchemes) urls;
+      }}""")
+    for kind, store in (("store", True), ("cache", False)):
+        for url, nix_ok in zip(URL_CASES, got[kind], strict=True):
+            assert nix_ok == package_accepts(url, store), (url, kind)
+
+
 @pytest.mark.nix
 def test_module_evidence_schema_is_the_packages(nix226: NixTier,
                                                 make_nixenv: MakeNixEnv) -> None:
@@ -351,12 +459,16 @@ def vm_test(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
       inherit (test) name;
       nodes = builtins.attrNames test.nodes;
       testScript = test.testScript;
-      tamper = (builtins.head (node "cache").environment.systemPackages).text;
+      bucketTool = (builtins.head (node "cache").environment.systemPackages).text;
+      seaweedfs = (node "cache").systemd.services.seaweedfs.serviceConfig;
+      identities = (node "cache").environment.etc."seaweedfs/identities.json".text;
+      firewall = (node "cache").networking.firewall.allowedTCPPorts;
       consumer = (node "consumer").services.tracehook;
       builder = (node "builder").services.tracehook;
       imports = map toString ((node "consumer").imports ++ (node "builder").imports);
       secrets = {
         builder = (node "builder").environment.etc."tracehook-test/builder.sec".text;
+        aws = (node "builder").environment.etc."tracehook-test/aws-credentials".text;
         gate = (node "consumer").environment.etc."tracehook-test/gate.sec".text;
       };
     }"""))
@@ -415,30 +527,84 @@ def laut_trace(sk: crypto.SecretKey, out_path: str) -> str:
 
 
 @pytest.mark.nix
-def test_vm_tamper_script_breaks_only_its_target(vm_test: dict[str, Any], tmp_path: Path) -> None:
-    text = vm_test["tamper"]
+def test_vm_trace_store_is_seaweedfs(vm_test: dict[str, Any]) -> None:
+    """The cache's SeaweedFS serves the bucket the builder publishes to, on the port its
+    firewall opens, with the flags OPERATIONS.md gives; the builder's keys (its
+    ``s3CredentialsFile``) are an identity that may write the bucket, anonymous readers (the
+    gate) may only read; and the builder does not waive the conditional-PUT check."""
+    sign = vm_test["builder"]["sign"]
+    [url] = sign["publishTo"]
+    loc = S3Location.parse(url, "vm.nix")
+    assert loc.bucket == "traces" and loc.endpoint.host == "cache" and not loc.single_writer
+    assert sign["s3CredentialsFile"] == "/etc/tracehook-test/aws-credentials"
+    service = vm_test["seaweedfs"]
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0].endswith("/bin/weed") and argv[1] == "server" and "-s3" in argv
+    flags = dict(a[1:].split("=", 1) for a in argv[2:] if "=" in a)
+    assert flags["s3.port"] == str(loc.endpoint.port)
+    assert int(flags["s3.port"]) in vm_test["firewall"]
+    assert int(flags["filer.port"]) not in vm_test["firewall"]
+    assert flags["master.electionTimeout"] == "1s"
+    assert flags["s3.port.iceberg"] == flags["s3.port.lance"] == flags["metricsPort"] == "0"
+    assert flags["master.telemetry"] == "false"
+    assert service["TimeoutStopSec"] > 0 and service["StateDirectory"] == "seaweedfs"
+    identities = {i["name"]: i for i in json.loads(vm_test["identities"])["identities"]}
+    assert flags["s3.config"] == "/etc/seaweedfs/identities.json"
+    ini = configparser.ConfigParser()
+    ini.read_string(vm_test["secrets"]["aws"])
+    keys = ini["default"]
+    [builder] = [i for i in identities.values()
+                 if {"accessKey": keys["aws_access_key_id"],
+                     "secretKey": keys["aws_secret_access_key"]} in i.get("credentials", [])]
+    assert {"Read:traces", "Write:traces"} <= set(builder["actions"])
+    assert set(identities["anonymous"]["actions"]) == {"Read:traces", "List:traces"}
+
+
+def put_object(client: S3Client, key: str, body: bytes) -> None:
+    resp = client.request("PUT", key, body=body, retry=True, limit=1 << 16)
+    assert resp.status == 200, describe(resp)
+
+
+@pytest.mark.nix
+def test_vm_bucket_tool_breaks_only_its_target(vm_test: dict[str, Any], seaweed: Seaweed,
+                                               tmp_path: Path) -> None:
+    """The VM test's ``bucket-traces`` against a real SeaweedFS (the build the VM runs):
+    ``count`` sees the trace files but not the probe's, ``tamper`` rewrites the claims about
+    its target through the filer, so that S3 readers get a payload whose signature no longer
+    verifies, and leaves every other trace alone; a target no trace claims fails."""
+    text = vm_test["bucketTool"]
     first, _, body = text.partition("\n")
     assert first == f"#!{STUB_STORE}-python3/bin/python3"
-    script = tmp_path / "tamper.py"
+    script = tmp_path / "bucket-traces.py"
     script.write_text(body)
     sk = crypto.parse_secret_key(vm_test["secrets"]["builder"])
     target = "/nix/store/" + "a" * 32 + "-tracehook-vm-a"
     other = "/nix/store/" + "b" * 32 + "-tracehook-vm-b"
-    traces = tmp_path / "traces"
-    traces.mkdir()
-    (traces / ("1" * 32)).write_bytes(jws.render_trace_file([laut_trace(sk, target)]))
-    (traces / ("2" * 32)).write_bytes(jws.render_trace_file([laut_trace(sk, other)]))
-    (traces / ".lock").write_text("")
-    res = subprocess.run([sys.executable, str(script), str(traces), target],
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert res.returncode == 0, res.stderr
-    [tampered] = jws.parse_trace_file((traces / ("1" * 32)).read_bytes())
-    [untouched] = jws.parse_trace_file((traces / ("2" * 32)).read_bytes())
+    bucket = seaweed.bucket("vmtraces")
+    client = seaweed.client(bucket)
+    try:
+        put_object(client, "traces/" + "1" * 32, jws.render_trace_file([laut_trace(sk, target)]))
+        put_object(client, "traces/" + "2" * 32, jws.render_trace_file([laut_trace(sk, other)]))
+        put_object(client, "traces/.tracehook-probe", jws.render_trace_file([]))
+        base = f"http://127.0.0.1:{seaweed.ports[2]}/buckets/{bucket}/traces"
+
+        def tool(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                                  text=True, timeout=60, check=False)
+
+        res = tool("count", base)
+        assert (res.returncode, res.stdout.strip()) == (0, "2"), res.stderr
+        res = tool("tamper", base, target)
+        assert res.returncode == 0, res.stderr
+        got = {k: client.request("GET", f"traces/{k * 32}", retry=True).body for k in "12"}
+    finally:
+        client.close()
+    [tampered] = jws.parse_trace_file(got["1"])
+    [untouched] = jws.parse_trace_file(got["2"])
     with pytest.raises(BadSignature):
         jws.verify(jws.parse_compact(tampered), sk.public)
     jws.verify(jws.parse_compact(untouched), sk.public)
-    res = subprocess.run([sys.executable, str(script), str(traces), "/nix/store/none-x"],
-                         capture_output=True, text=True, timeout=60, check=False)
+    res = tool("tamper", base, "/nix/store/none-x")
     assert res.returncode != 0, "a target no trace claims must fail the test, not pass it"
 
 

@@ -4,13 +4,14 @@ Real Nix 2.26 evaluates, once per session (tests/nixoseval.py, ``nix/tests/nixos
 every configuration that must work or must fail an assertion: the README's configuration
 (toplevel instantiated, nix.conf, sign.toml, the policy, both units, the hook, the option
 docs), the example configuration, Lix as ``nix.package``, the exclusive-mode holes, the
-renamed options, every assertion, and every example policy as an attribute set; and, one
-evaluation each, the type errors (a policy typo, an unknown policy attribute, a nameless
-key, port 99999, ``require = 5``, a bad ``not-after``, an unknown trace-store scheme, a bad
-gate public key). tests/test_nixos_whole.py runs what was rendered.
+renamed options, S3 trace stores and caches with their credentials files (issue 15), every
+assertion, and every example policy as an attribute set; and, one evaluation each, the type
+errors (a policy typo, an unknown policy attribute, a nameless key, port 99999,
+``require = 5``, a bad ``not-after``, an unknown trace-store scheme, ``single-writer`` on an
+S3 cache, a bad gate public key). tests/test_nixos_whole.py runs what was rendered.
 
-Needs ``NIXPKGS_TREE``; without it every test here is reported as not run (a warning and a
-skip reason naming it), never failed.
+Evaluates against ``NIXPKGS_TREE`` when set, else against the vendored subset of a NixOS
+24.05 tree (tests/data/nixos-24.05-subset): every test here runs on any machine.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from nixoseval import (
     GATE_KEY,
     GATE_URL,
     OTHER_KEY,
+    S3_CACHE,
+    S3_TRACES,
+    STORE_AWS,
     STORE_SECRET,
     TYPE_ERRORS,
     conf_settings,
@@ -283,7 +287,11 @@ REQUIRE = f"{POLICY}.trust.require"
     ("mistakes", f'{POLICY}: "a" is both in keys and in evidence'),
     ("mistakes", f"{POLICY}.evidence.a: no allowed root; list roots (default: amd-milan, "
                  "amd-genoa, amd-turin) or root-files"),
+    ("mistakes", f"services.tracehook.sign.s3CredentialsFile = {STORE_AWS} is in the Nix "
+                 "store"),
     ("more-mistakes", "services.tracehook.gate.secretKeyFile = /nix/store/"),
+    ("more-mistakes", "services.tracehook.gate.s3CredentialsFile = "),
+    ("more-mistakes", "gate.aws is a Nix path literal"),
     ("more-mistakes", "services.tracehook.gate.secretKeyFile is set without "
                       "services.tracehook.gate.signingPublicKey"),
     ("more-mistakes", "services.tracehook.sign is enabled without a key"),
@@ -291,6 +299,77 @@ REQUIRE = f"{POLICY}.trust.require"
 def test_assertion_names_the_option(nixos_facts: dict[str, Any], scenario: str,
                                     expected: str) -> None:
     assert expected in " ".join(" ".join(nixos_facts[scenario]["failed"]).split())
+
+
+# ------------------------------------------------------------------ S3 stores and credentials
+
+
+def credentials(service: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """The unit's credentials and the AWS variables of its environment."""
+    env = [e for e in service.get("Environment", []) if e.startswith('"AWS_')]
+    return service.get("LoadCredential", []), env
+
+
+def test_s3_urls_reach_sign_toml_and_the_gate(nixos_facts: dict[str, Any],
+                                              tmp_path: Path) -> None:
+    s3 = nixos_facts["s3"]
+    assert s3["failed"] == [] and s3["warnings"] == []
+    path = tmp_path / "sign.toml"
+    path.write_text(s3["signToml"])
+    assert sign_config.load(path, environ={}).publish_to == (S3_TRACES,)
+    line = s3["gateStart"].strip().splitlines()[-1]
+    argv = [a or b for a, b in re.findall(r"'([^']*)'|(\S+)", line)]
+    args = cli.build_parser(argv[2:]).parse_args(argv[2:])
+    assert args.upstream == [S3_CACHE]
+    policy = tmp_path / "policy.toml"
+    policy.write_text(s3["policyToml"])
+    assert load_policy(policy).traces == (
+        "s3://traces/fleet-a?endpoint=s3.example.org:8333&scheme=http&region=eu-1",)
+
+
+def test_s3_credentials_are_systemd_credentials(nixos_facts: dict[str, Any]) -> None:
+    """``s3CredentialsFile``: the file is a credential (``aws``), and botocore's lookup is
+    pointed at it (``%d`` is the unit's credentials directory); nothing without it."""
+    for unit, key, file in (("publish", "secret-key:/etc/nix/builder.sec",
+                             "/var/lib/secrets/publish.aws"),
+                            ("gate", "signing-key:/var/lib/secrets/gate.sec",
+                             "/var/lib/secrets/gate.aws")):
+        service = unit_sections(nixos_facts["s3"]["units"][unit])["Service"]
+        assert credentials(service) == ([key, f"aws:{file}"],
+                                        ['"AWS_SHARED_CREDENTIALS_FILE=%d/aws"']), unit
+        readme = unit_sections(nixos_facts["readme"]["units"][unit])["Service"]
+        assert credentials(readme) == ([key], []), unit
+
+
+@pytest.mark.parametrize("unit", ["publish", "gate"])
+def test_s3_credentials_reach_the_store(nixos_facts: dict[str, Any], unit: str,
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the rendered unit gives the service (its credentials directory as systemd lays it
+    out, its environment with ``%d`` expanded) is where the S3 store finds its keys."""
+    from tracehook.stores.s3 import S3Location, load_credentials
+
+    service = unit_sections(nixos_facts["s3"]["units"][unit])["Service"]
+    creds_dir = tmp_path / "credentials"
+    creds_dir.mkdir()
+    for entry in service["LoadCredential"]:
+        name, _, source = entry.partition(":")
+        assert source.startswith("/var/lib/secrets/") or source == "/etc/nix/builder.sec"
+        (creds_dir / name).write_text(
+            "[default]\naws_access_key_id = AKIDEXAMPLE\n"
+            "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY\n"
+            if name == "aws" else "")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    for entry in service["Environment"]:
+        name, _, value = entry.strip('"').partition("=")
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value.replace("%d", str(creds_dir)))
+    url = S3_TRACES if unit == "publish" else S3_CACHE
+    creds = load_credentials(S3Location.parse(url, "test"), "test")
+    assert creds is not None and creds.access_key == "AKIDEXAMPLE"
+    assert creds.method == "shared-credentials-file"
 
 
 def test_renamed_options_still_work(nixos_facts: dict[str, Any]) -> None:

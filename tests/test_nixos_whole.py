@@ -3,8 +3,8 @@ read by real Nix, tmpfiles rules applied, the rendered hook and sign.toml run by
 its post-build-hook, the package's source, the VM test and the flake's checks instantiated,
 and Nix 2.8 rendering the README system as Nix 2.26 does.
 
-Needs ``NIXPKGS_TREE`` (see tests/nixoseval.py); without it every test here is reported as
-not run (a warning and a skip reason naming it), never failed.
+Evaluates against ``NIXPKGS_TREE`` when set, else against the vendored subset of a NixOS
+24.05 tree (see tests/nixoseval.py): every test here runs on any machine.
 """
 
 from __future__ import annotations
@@ -27,9 +27,16 @@ from nixoseval import (
     WORKING,
     conf_settings,
     evaluate,
+    flake_check_facts,
     harness,
+    vm_test_facts,
     write_configurations,
 )
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 pytestmark = pytest.mark.nix
 
@@ -121,43 +128,30 @@ def test_package_builds_from_tracked_sources(nixos_facts: dict[str, Any], nixos_
     assert not any(".egg-info" in f or "__pycache__" in f for f in files)
 
 
+def test_package_has_the_dependencies_and_the_s3_extra(nixos_facts: dict[str, Any]) -> None:
+    """The Nix package propagates pyproject.toml's dependencies (cryptography included, for
+    hardware evidence) and its ``s3`` extra (botocore), so every URL the module accepts
+    opens; a marker-only dependency (tomli, Python < 3.11) is left to its marker."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [r for r in project["dependencies"] + project["optional-dependencies"]["s3"]
+              if ";" not in r]
+    names = {re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0].lower() for r in wanted}
+    assert {"cryptography", "botocore"} <= names
+    assert sorted(nixos_facts["package"]["dependencies"]) == sorted(names)
+
+
 def test_vm_test_instantiates(nixos_tree: Path, nixos_env: NixEnv) -> None:
     """nix/tests/vm.nix with the tree's packages: three machines and the test driver."""
-    out = evaluate(nixos_env, f"""
-      let
-        pkgs = import {nixos_tree} {{ system = "x86_64-linux"; }};
-        test = import {REPO}/nix/tests/vm.nix {{ inherit pkgs; }};
-      in {{
-        driver = test.driver.drvPath;
-        warnings = builtins.mapAttrs (_: node: node.warnings) test.nodes;
-      }}""")
+    out = vm_test_facts(nixos_tree, nixos_env)
     assert out["driver"].endswith("-nixos-test-driver-tracehook.drv")
     assert out["warnings"] == {"builder": [], "cache": [], "consumer": []}
+    assert out["weed"].endswith("-seaweedfs-4.48.drv")
 
 
 def test_flake_checks_instantiate(nixos_tree: Path, nixos_env: NixEnv) -> None:
     """flake.nix with the tree standing in for its nixpkgs input: the package, the module's
     scenario table (with real packages) and the example configuration's rendered files."""
-    out = evaluate(nixos_env, f"""
-      let
-        lib = (import {nixos_tree}/lib).extend (final: _: {{
-          nixosSystem = args: import {nixos_tree}/nixos/lib/eval-config.nix (
-            {{ lib = final; system = null; }} // args);
-        }});
-        nixpkgs = {{
-          inherit lib;
-          legacyPackages = lib.genAttrs [ "x86_64-linux" "aarch64-linux" ]
-            (system: import {nixos_tree} {{ inherit system; }});
-        }};
-        flake = import {REPO}/flake.nix;
-        self = flake.outputs {{ inherit self nixpkgs; }};
-        checks = self.checks.x86_64-linux;
-      in {{
-        package = self.packages.x86_64-linux.default.drvPath;
-        module-eval = checks.module-eval.drvPath;
-        nixos-example = checks.nixos-example.drvPath;
-        example-files = builtins.mapAttrs (_: toString) checks.nixos-example.entries;
-      }}""")
+    out = flake_check_facts(nixos_tree, nixos_env)
     assert re.search(r"-tracehook-[0-9.]+\.drv$", out["package"])
     assert out["module-eval"].endswith("-tracehook-module-eval.drv")
     assert out["nixos-example"].endswith("-tracehook-nixos-example.drv")

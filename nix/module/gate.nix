@@ -315,6 +315,8 @@ in
       '';
     };
 
+    s3CredentialsFile = t.s3CredentialsOption "the gate" "/var/lib/secrets/tracehook-gate.aws";
+
     policyFile = mkOption {
       type = types.nullOr types.path;
       readOnly = true;
@@ -333,6 +335,7 @@ in
       }) (lib.optionals gcfg.enable (
         t.secretProblems "services.tracehook.gate.secretKeyFile" gcfg.secretKeyFile
         ++ t.secretProblems "services.tracehook.gate.environmentFile" gcfg.environmentFile
+        ++ t.secretProblems "services.tracehook.gate.s3CredentialsFile" gcfg.s3CredentialsFile
         ++ lib.optionals policyIsSet (p.problems "services.tracehook.gate.policy" gcfg.policy)
       ));
     }
@@ -393,6 +396,7 @@ in
           PYTHONUNBUFFERED = "1";
           HOME = "/var/lib/tracehook-gate";
         }
+        // t.s3CredentialsEnvironment gcfg.s3CredentialsFile
         // gcfg.environment;
         # A new policy reloads the gate (it keeps its sockets and warm caches).
         reloadTriggers = optional policyInStore checkedPolicy;
@@ -420,9 +424,11 @@ in
             # No ReadOnlyPaths for the store database: the gate reads .drv files, never the
             # database (ProtectSystem = strict keeps the rest read-only).
             PrivateUsers = true;
-            LoadCredential = optionals (gcfg.secretKeyFile != null) [
-              "signing-key:${toString gcfg.secretKeyFile}"
-            ];
+            LoadCredential =
+              optionals (gcfg.secretKeyFile != null) [
+                "signing-key:${toString gcfg.secretKeyFile}"
+              ]
+              ++ t.s3LoadCredential gcfg.s3CredentialsFile;
             EnvironmentFile = optional (gcfg.environmentFile != null) (toString gcfg.environmentFile);
           }
           // optionalAttrs (gcfg.allowedIPs != null) {

@@ -4,8 +4,10 @@
 # The types mirror the package's own parsers (src/tracehook/...):
 #   publicKey      trace/crypto.py parse_public_key: `name:base64` of 32 bytes, name without ':'
 #                  (and without white space: nix.conf lists keys separated by spaces)
-#   traceStoreUrl  stores/tracestore.py open_store (the schemes in traceStoreSchemes)
+#   traceStoreUrl  stores/tracestore.py open_store (the schemes in traceStoreSchemes; an
+#                  http(s) store takes only `?single-writer=`)
 #   cacheUrl       stores/binarycache.py open_upstream
+#                  (s3:// for both: stores/s3.py S3Location.parse, bucket, prefix, parameters)
 #   listen         gate/config.py parse_listen, restricted to loopback and ports 1 to 65535
 #   dateTime       verify/policy.py `not-after`: a TOML date or an offset date-time (RFC 3339)
 { lib }:
@@ -54,6 +56,83 @@ rec {
     "s3"
   ];
 
+  # Query parameters of an s3:// URL (stores/s3.py PARAMETERS), each at most once: `scheme`
+  # is http or https, `single-writer` a boolean, true only for a trace store.
+  s3Parameters = [
+    "endpoint"
+    "scheme"
+    "region"
+    "profile"
+    "single-writer"
+  ];
+  falses = [
+    "0"
+    "false"
+    "no"
+  ];
+  booleans = [
+    "1"
+    "true"
+    "yes"
+  ] ++ falses;
+
+  validParameters =
+    traceStore: known: query:
+    let
+      pairs = map (builtins.match "([^=&]+)=([^&]*)") (lib.splitString "&" query);
+      names = map builtins.head pairs;
+      value = name: lib.last (lib.findFirst (p: builtins.head p == name) null pairs);
+      has = name: elem name names;
+    in
+    all (p: p != null) pairs
+    && all (n: elem n known) names
+    && lib.unique names == names
+    && (!has "scheme" || elem (value "scheme") [ "http" "https" ])
+    && (!has "endpoint" || matches "(https?://)?[^/?#]*" (value "endpoint"))
+    && (
+      !has "single-writer"
+      || elem (lib.toLower (value "single-writer")) (if traceStore then booleans else falses)
+    );
+
+  # s3://BUCKET[/PREFIX][?PARAMETERS], as S3Location.parse reads it.
+  validS3 =
+    traceStore: rest:
+    let
+      m =
+        builtins.match "([A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9])(/[A-Za-z0-9._+=:@/-]*)?(\\?(.*))?"
+          rest;
+      bucket = builtins.elemAt m 0;
+      prefix = builtins.elemAt m 1;
+      query = builtins.elemAt m 3;
+      segments = lib.filter (s: s != "") (
+        lib.splitString "/" (if prefix == null then "" else prefix)
+      );
+    in
+    m != null
+    && !(lib.hasInfix "#" rest)
+    && !(lib.hasInfix ".." bucket)
+    && all (matches "[A-Za-z0-9_+=:@-][A-Za-z0-9._+=:@-]*") segments
+    && (query == null || query == "" || validParameters traceStore s3Parameters query);
+
+  # http(s)://HOST[:PORT][/PATH] (stores/http.py Endpoint.parse): a port up to 65535, no
+  # fragment, and no query but a trace store's `?single-writer=` (tracestore.py).
+  validHttp =
+    traceStore: rest:
+    let
+      m = builtins.match "([^/?#[:space:]]+)([^?#]*)(\\?([^#]*))?" rest;
+      port = builtins.match ".*:([0-9]*)" (builtins.head m);
+      p = builtins.head port;
+      query = builtins.elemAt m 3;
+    in
+    m != null
+    && (port == null || p == "" || (builtins.stringLength p <= 5 && between 0 65535 p))
+    && (
+      if traceStore then
+        query == null || validParameters true [ "single-writer" ] query
+      else
+        query == null || query == ""
+    );
+
   # Hardware evidence in a policy (verify/evidencepolicy.py; tests/test_nix_files.py
   # compares these with the package's own lists).
   evidenceKinds = [ "sev-snp" ];
@@ -71,8 +150,10 @@ rec {
   ];
   measurementHexDigits = 96;
 
+  # `traceStore`: the URL names a trace store (s3 takes `single-writer`, http(s) takes it alone);
+  # else a binary cache.
   validUrl =
-    schemes: s:
+    traceStore: schemes: s:
     let
       m = builtins.match "([a-z0-9+.-]+)://(.*)" s;
       scheme = builtins.elemAt m 0;
@@ -84,23 +165,30 @@ rec {
     && (
       if scheme == "file" then
         matches "(localhost)?/.*" rest
+      else if scheme == "s3" then
+        validS3 traceStore rest
       else
-        matches "[^/?#[:space:]]+([/?#].*)?" rest
+        validHttp traceStore rest
     )
     && !(matches ".*[[:space:]].*" s);
 
+  schemeForms = {
+    file = "file:///DIR";
+    s3 = "s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&scheme=http|https&region=R&profile=P";
+  };
+
   urlType =
-    what: schemes:
+    what: traceStore: schemes:
     mkOptionType {
-      name = "tracehook${what}Url";
-      description = "${what} URL (${concatStringsSep ", " (map (s: if s == "file" then "file:///DIR" else "${s}://HOST...") schemes)})";
+      name = "tracehook${lib.replaceStrings [ " " ] [ "" ] what}Url";
+      description = "${what} URL (${concatStringsSep ", " (map (s: schemeForms.${s} or "${s}://HOST...") schemes)})";
       descriptionClass = "noun";
-      check = validUrl schemes;
+      check = validUrl traceStore schemes;
       merge = lib.options.mergeEqualOption;
     };
 
-  traceStoreUrl = urlType "trace store" traceStoreSchemes;
-  cacheUrl = urlType "binary cache" cacheSchemes;
+  traceStoreUrl = urlType "trace store" true traceStoreSchemes;
+  cacheUrl = urlType "binary cache" false cacheSchemes;
 
   publicKeyPattern = "[^:[:space:]]+:[A-Za-z0-9+/]{43}=";
   publicKey = types.strMatching publicKeyPattern // {
@@ -178,6 +266,35 @@ rec {
       which every local user (and every machine the closure is copied to) can read. Keep the
       secret outside the store and give its path as a string, e.g. "/var/lib/secrets/...".
     '';
+
+  # S3 credentials for a service: an AWS shared-credentials file (INI: `[default]`,
+  # `aws_access_key_id = ...`, `aws_secret_access_key = ...`; a profile per `profile=` of a
+  # URL), passed as the systemd credential `aws` so the service's user needs no access to
+  # the file, and found by botocore's lookup through AWS_SHARED_CREDENTIALS_FILE.
+  s3CredentialsOption =
+    service: example:
+    lib.mkOption {
+      type = types.nullOr secretPath;
+      default = null;
+      inherit example;
+      description = ''
+        AWS shared-credentials file (INI, `[default]` with `aws_access_key_id` and
+        `aws_secret_access_key`, or one section per `profile=` of an `s3://` URL) with the
+        keys ${service} uses for `s3://` stores. Passed as the systemd credential `aws`
+        (`LoadCredential`), read through `AWS_SHARED_CREDENTIALS_FILE`: the service's user
+        needs no access to the file. A string outside the Nix store. Keys in an
+        `environmentFile` (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`) take precedence,
+        unless the URL names a `profile`. Null: no credentials from a file (anonymous
+        reads, when the bucket allows them).
+      '';
+    };
+  s3CredentialName = "aws";
+  s3CredentialsEnvironment =
+    file:
+    lib.optionalAttrs (file != null) {
+      AWS_SHARED_CREDENTIALS_FILE = "%d/${s3CredentialName}";
+    };
+  s3LoadCredential = file: lib.optional (file != null) "${s3CredentialName}:${toString file}";
 
   # ------------------------------------------------------------------ other modules' settings
 

@@ -7,8 +7,9 @@
 #              and writes the spool entry (group-readable, in a setgid directory, so the
 #              publisher can read and move it). Then runs `chain-hooks`.
 #   publisher  user `sign.user`, group `sign.group`. Reads the secret key only as the
-#              systemd credential `secret-key`; writes the spool, its log and the file://
-#              trace stores, which tmpfiles creates with these owners.
+#              systemd credential `secret-key` (and S3 keys, if any, as `aws`); writes the
+#              spool, its log and the file:// trace stores, which tmpfiles creates with
+#              these owners.
 {
   config,
   lib,
@@ -187,6 +188,8 @@ in
       '';
     };
 
+    s3CredentialsFile = t.s3CredentialsOption "the publisher" "/var/lib/secrets/tracehook-publish.aws";
+
     settings = mkOption {
       type = types.submodule {
         freeformType = (pkgs.formats.toml { }).type;
@@ -273,6 +276,7 @@ in
       }) (lib.optionals scfg.enable (
         t.secretProblems "services.tracehook.sign.secretKeyFile" scfg.secretKeyFile
         ++ t.secretProblems "services.tracehook.sign.environmentFile" scfg.environmentFile
+        ++ t.secretProblems "services.tracehook.sign.s3CredentialsFile" scfg.s3CredentialsFile
         ++ lib.optionals (settings.secret-key-file != toString scfg.secretKeyFile) (
           t.secretProblems "services.tracehook.sign.settings.secret-key-file" settings.secret-key-file
         )
@@ -347,7 +351,10 @@ in
         wants = [ "network-online.target" ];
         after = [ "network-online.target" ];
         path = [ nixPackage ];
-        environment.PYTHONUNBUFFERED = "1";
+        environment = {
+          PYTHONUNBUFFERED = "1";
+        }
+        // t.s3CredentialsEnvironment scfg.s3CredentialsFile;
         restartTriggers = [ signConfigFile ];
         serviceConfig = t.hardening // {
           ExecStart = publishStart;
@@ -355,7 +362,9 @@ in
           RestartSec = 5;
           User = scfg.user;
           Group = scfg.group;
-          LoadCredential = optional (keyFile != null) "secret-key:${keyFile}";
+          LoadCredential =
+            optional (keyFile != null) "secret-key:${keyFile}"
+            ++ t.s3LoadCredential scfg.s3CredentialsFile;
           EnvironmentFile = optional (scfg.environmentFile != null) (toString scfg.environmentFile);
           # The agent's socket: root (the hook) may connect, no one else.
           RuntimeDirectory = runtimeDirectory;

@@ -128,6 +128,10 @@ in
       drvPath = pkg.drvPath;
       src = toString pkg.src;
       wrapper = builtins.concatStringsSep " " pkg.makeWrapperArgs;
+      # The Python packages it propagates, by their PyPI names.
+      dependencies = map (d: d.pname) (
+        builtins.filter (d: d ? pythonModule && d.pname != d.pythonModule.pname) pkg.propagatedBuildInputs
+      );
       nix = toString pkgs.nix;
     };
 }
