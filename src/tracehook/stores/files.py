@@ -44,17 +44,18 @@ def read_bounded(path: str | os.PathLike[str], limit: int, what: str) -> bytes |
                                    f"({st.st_size})")
         # One read when the file is as large as fstat said (a short read of a regular
         # file is its end); more only when it grew meanwhile.
+        # (os.read allocates what it is asked for: ask for the size, not a round figure.)
         want = min(st.st_size + 1, limit + 1)
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit:
-            block = os.read(fd, min(max(want - size, 1 << 16), limit + 1 - size))
-            if not block:
-                break
-            chunks.append(block)
-            size += len(block)
-            if size < want:
-                break
+        block = os.read(fd, want)
+        chunks = [block]
+        size = len(block)
+        if size >= want:
+            while size <= limit:
+                block = os.read(fd, min(1 << 16, limit + 1 - size))
+                if not block:
+                    break
+                chunks.append(block)
+                size += len(block)
         if size > limit:
             raise EnvironmentFault(f"{what} {path} is larger than {limit} bytes")
         return b"".join(chunks)

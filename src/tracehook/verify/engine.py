@@ -75,6 +75,10 @@ class Limits:
     # N at once and uses only them.
     processes: int | None = None
     process_from: int = 500
+    # Until a process has started, keys are checked in threads, unless the walk has read
+    # this many derivations: then the closure is large, and they wait for the processes
+    # (threads would slow the walk down more than the wait costs).
+    process_wait_from: int = 1000
 
 
 class Engine:
@@ -347,7 +351,8 @@ class Engine:
         process busy. If the processes failed since the keys were planned: to threads."""
         keys, self._batch = self._batch, []
         procs = self._procs
-        if procs is None or (self.limits.processes is None and not procs.ready()):
+        if procs is None or (self.limits.processes is None and not procs.ready()
+                             and len(self.graph.drvs) < self.limits.process_wait_from):
             for key in keys:
                 self._submit("key", key, self._check_in_thread(key))
             return
