@@ -15,7 +15,11 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
 - **leaf**: the same after one build step near the top changed (the last ordinary step: it
   and the aggregates above it are new derivations), restarted with the same ``--cache-dir``:
   ratio to cold, the number of changed steps, and the target (0.1 x cold plus the changed
-  steps' share of the cold time).
+  steps' share of the cold time);
+- **floor**: the same requests answered by a plain Python HTTP server (tests/cacheserver.py,
+  a subprocess: ``http.server``, threads, keep-alive) serving precomputed answers as static
+  files (every narinfo, and a realisation file per step): what serving those requests over
+  HTTP costs with no decision at all, in the same language; warm / floor.
 
 Every answer must be 200: a refusal or a fault stops the benchmark.
 """
@@ -144,6 +148,29 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
     return elapsed, rss
 
 
+def run_floor(closure: Closure, tmp: Path, clients: int, seed: int) -> float:
+    """The same requests from a static Python HTTP server: no decisions, only serving."""
+    root = tmp / "floor"
+    (root / "realisations").mkdir(parents=True)
+    for real, narinfo in closure.requests():
+        name = narinfo.lstrip("/")
+        (root / name).write_bytes((closure.cache / name).read_bytes())
+        if real:
+            (root / real.lstrip("/")).write_text(
+                '{"dependentRealisations":{},"id":"' + real.rsplit("/", 1)[1][:-4]
+                + '","outPath":"' + name[:32] + '-x","signatures":[]}')
+    (root / "nix-cache-info").write_text("StoreDir: /nix/store\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "cacheserver.py"), str(root),
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port, proc)
+        return ask_all(port, closure, clients, seed)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 def run_verify(policy: Path, closure: Closure, cache_dir: Path) -> float:
     """``tracehook verify`` as a user runs it the first time (a fresh verification cache)."""
     start = time.perf_counter()
@@ -161,7 +188,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{'steps':>7} {'verify s':>9} {'gate cold s':>12} {'us/step':>8} {'ratio':>6} "
           f"{'RSS MiB':>8} {'warm s':>7} {'warm/cold':>9} {'leaf s':>7} {'changed':>8} "
-          f"{'leaf target s':>13}")
+          f"{'leaf target s':>13} {'floor s':>8} {'warm/floor':>10}")
     per_step: dict[int, list[float]] = {}
     for n in args.sizes:
         for run in range(args.runs):
@@ -177,13 +204,15 @@ def main() -> None:
                 last = f"pkg-{n - max(1, n // 50) - 1}"
                 changed = generate(tmp, n, changed=last, store=closure.root)
                 leaf, _ = run_gate(policy, changed, cache_dir, args.clients, run + 2)
+                floor = run_floor(closure, tmp, args.clients, run)
                 count = len(closure.steps)
                 new = len({d for d, _ in changed.steps} - {d for d, _ in closure.steps})
                 leaf_target = 0.1 * cold + cold * new / count
                 per_step.setdefault(n, []).append(cold / count * 1e6)
                 print(f"{count:>7} {verify_s:>9.2f} {cold:>12.2f} {cold / count * 1e6:>8.0f} "
                       f"{cold / verify_s:>6.2f} {rss:>8.0f} {warm:>7.2f} {warm / cold:>9.2f} "
-                      f"{leaf:>7.2f} {new:>8} {leaf_target:>13.2f}", flush=True)
+                      f"{leaf:>7.2f} {new:>8} {leaf_target:>13.2f} {floor:>8.2f} "
+                      f"{warm / floor:>10.2f}", flush=True)
     if len(per_step) > 1:
         sizes = sorted(per_step)
         small, large = statistics.median(per_step[sizes[0]]), statistics.median(per_step[sizes[-1]])

@@ -48,6 +48,7 @@ SCHEMA = 2  # 2: the row check hashes ns, key length, key, value
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _TOUCH_EVERY = 24 * 3600  # seconds before a read refreshes a row's last use
 _CHECK_EVERY = 1000  # writes between size checks
+_RECOUNT_EVERY = 32  # size checks between counts of the whole table (else a running total)
 _FLUSH_ROWS = 256  # facts written in one transaction
 _OPEN_ATTEMPTS = 5  # tries to open (or, closing, to write to) a database held by another
 _MAX_PENDING = 4 * _FLUSH_ROWS  # facts kept for a later write while the database is busy
@@ -81,6 +82,9 @@ class FactCache:
         self._local = threading.local()
         self._writes = 0
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one writer in this process at a time
+        self._total: int | None = None  # bytes of rows, as last counted plus written since
+        self._checks = 0
         self._pending: dict[tuple[str, bytes], bytes] = {}
         self._flushed = time.monotonic()
         self._loaded: dict[str, dict[bytes, tuple[bytes, bytes, int]] | None] = {}
@@ -105,6 +109,9 @@ class FactCache:
         self._local = threading.local()
         self._writes = 0
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._total = None
+        self._checks = 0
         self._pending = {}
         self._flushed = time.monotonic()
         self._loaded = {}
@@ -182,8 +189,8 @@ class FactCache:
         self._open_checked(rebuilt=True)
 
     def close(self) -> None:
-        """Write what is pending (a few tries while another writer is busy) and close
-        this thread's connection."""
+        """Write what is pending (a few tries while another process is writing) and
+        close this thread's connection."""
         for attempt in range(_OPEN_ATTEMPTS):
             if not self._pending:
                 break
@@ -265,7 +272,9 @@ class FactCache:
 
     def put(self, ns: str, key: bytes, value: bytes) -> None:
         """Remember a fact; written with others in one transaction (at most a second or
-        256 facts later, and at :meth:`flush`)."""
+        256 facts later, and at :meth:`flush`) by the thread that finds the write due,
+        unless another thread of this process is writing: they never contend for the
+        database, and a busy writer takes what piled up meanwhile in its next batch."""
         if self._off:
             return
         with self._lock:
@@ -275,10 +284,18 @@ class FactCache:
                 loaded[key] = (value, _check(ns, key, value), int(time.time()))
             due = (len(self._pending) >= _FLUSH_ROWS
                    or time.monotonic() - self._flushed >= _FLUSH_SECONDS)
-        if due:
-            self.flush()
+        if due and self._flush_lock.acquire(blocking=False):
+            try:
+                self._flush()
+            finally:
+                self._flush_lock.release()
 
     def flush(self) -> None:
+        """Write what is pending now."""
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
             touched, self._touched = self._touched, set()
@@ -325,6 +342,8 @@ class FactCache:
             return True
         with self._lock:
             self._writes += len(rows)
+            if self._total is not None:
+                self._total += sum(row[4] for row in rows)
             due = self._writes >= _CHECK_EVERY
             if due:
                 self._writes = 0
@@ -347,7 +366,14 @@ class FactCache:
         """Drop the least recently used rows until the total is under 90 % of the bound;
         returns how many went."""
         try:
-            total = self.size()
+            self._checks += 1
+            if (self._total is not None and self._total <= self.max_bytes
+                    and self._checks % _RECOUNT_EVERY):
+                # counted, plus what this process wrote since (a replaced row counts twice,
+                # so never an underestimate of our own writes); other processes' writes are
+                # seen at the next recount
+                return 0
+            total = self._total = self.size()
             if total <= self.max_bytes:
                 return 0
             target = int(self.max_bytes * 0.9)
@@ -360,6 +386,7 @@ class FactCache:
                 conn.execute("DELETE FROM facts WHERE ns = ? AND key = ?", (ns, key))
                 total -= int(size)
                 gone += 1
+            self._total = total
             return gone
         except sqlite3.Error as exc:
             log.warning("verification cache %s: eviction failed: %s", self.path, exc)
