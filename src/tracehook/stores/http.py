@@ -20,13 +20,16 @@ large); each read is still bounded by ``timeout``.
 
 from __future__ import annotations
 
-import http.client
-import threading
+import http  # the package only; http.client (with ssl and email, ~40 ms) comes with a
+import threading  # first connection (_connect), so commands that read no URL never load it
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import http.client
 
 from tracehook.errors import ConfigError, Unreachable
 from tracehook.stores.deadline import WATCHDOG
@@ -153,6 +156,8 @@ class HttpClient:
         self._lock = threading.Lock()
 
     def _connect(self) -> http.client.HTTPConnection:
+        import http.client  # binds the submodule for every use in this module
+
         ep = self.endpoint
         if ep.scheme == "https":
             return http.client.HTTPSConnection(ep.host, ep.port, timeout=self.timeout)

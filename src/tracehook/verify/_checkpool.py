@@ -18,16 +18,13 @@ import contextlib
 import datetime as dt
 import gc
 import logging
-import multiprocessing
 import os
 import pickle
 import threading
 from collections.abc import Sequence
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnContext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracehook.errors import EnvironmentFault, ParseError, Rejected
 from tracehook.stores.tracestore import TraceStore
@@ -35,6 +32,10 @@ from tracehook.trace.claim import KeyKind, TraceKey
 from tracehook.trace.tracefile import TraceDocument
 from tracehook.verify.policy import Policy
 from tracehook.verify.trusted import Checked, Facts, KeyRing, Plain, readmit, to_plain
+
+if TYPE_CHECKING:  # multiprocessing is imported when processes start (~30 ms otherwise)
+    from multiprocessing.connection import Connection
+    from multiprocessing.context import SpawnContext
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,8 @@ class CheckPool:
                  workers: int, facts: Facts | None = None) -> None:
         self.workers = workers
         self.broken = False  # set when a batch found a worker gone
+        import multiprocessing
+
         ctx = multiprocessing.get_context("spawn")
         self._procs: list[_Worker] = []
         try:
