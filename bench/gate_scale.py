@@ -16,6 +16,9 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
   and the aggregates above it are new derivations), restarted with the same ``--cache-dir``:
   ratio to cold, the number of changed steps, and the target (0.1 x cold plus the changed
   steps' share of the cold time);
+- **memo**: the same requests asked again of the cold gate, before it stops: every decision
+  is then in its memory (the decision memo), so this is what the gate's own HTTP front and
+  answer path cost without deciding anything;
 - **floor**: the same requests answered by a plain Python HTTP server (tests/cacheserver.py,
   a subprocess: ``http.server``, threads, keep-alive) serving precomputed answers as static
   files (every narinfo, and a realisation file per step): what serving those requests over
@@ -123,7 +126,9 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int) -> float:
 
 
 def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
-             seed: int) -> tuple[float, float]:
+             seed: int, again: bool = False) -> tuple[float, float, float]:
+    """Seconds to ask for every path, the gate's peak RSS, and with ``again`` the seconds
+    to ask for every path a second time from the same gate (its decisions memoized)."""
     port = free_port()
     log = cache_dir.parent / "gate.stderr"
     proc = subprocess.Popen(
@@ -135,6 +140,7 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
         wait_ready(port, proc)
         try:
             elapsed = ask_all(port, closure, clients, seed)
+            second = ask_all(port, closure, clients, seed + 7) if again else 0.0
         except SystemExit:
             print(log.read_text()[-3000:], file=sys.stderr)
             raise
@@ -145,7 +151,7 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return elapsed, rss
+    return elapsed, rss, second
 
 
 def run_floor(closure: Closure, tmp: Path, clients: int, seed: int) -> float:
@@ -188,7 +194,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{'steps':>7} {'verify s':>9} {'gate cold s':>12} {'us/step':>8} {'ratio':>6} "
           f"{'RSS MiB':>8} {'warm s':>7} {'warm/cold':>9} {'leaf s':>7} {'changed':>8} "
-          f"{'leaf target s':>13} {'floor s':>8} {'warm/floor':>10}")
+          f"{'leaf target s':>13} {'floor s':>8} {'warm/floor':>10} {'memo s':>7}")
     per_step: dict[int, list[float]] = {}
     for n in args.sizes:
         for run in range(args.runs):
@@ -199,11 +205,12 @@ def main() -> None:
                 policy.write_text(policy_text(closure.traces))
                 cache_dir = tmp / "cache-dir"
                 verify_s = run_verify(policy, closure, tmp / "verify-cache")
-                cold, rss = run_gate(policy, closure, cache_dir, args.clients, run)
-                warm, _ = run_gate(policy, closure, cache_dir, args.clients, run + 1)
+                cold, rss, memo = run_gate(policy, closure, cache_dir, args.clients, run,
+                                           again=True)
+                warm, _, _ = run_gate(policy, closure, cache_dir, args.clients, run + 1)
                 last = f"pkg-{n - max(1, n // 50) - 1}"
                 changed = generate(tmp, n, changed=last, store=closure.root)
-                leaf, _ = run_gate(policy, changed, cache_dir, args.clients, run + 2)
+                leaf, _, _ = run_gate(policy, changed, cache_dir, args.clients, run + 2)
                 floor = run_floor(closure, tmp, args.clients, run)
                 count = len(closure.steps)
                 new = len({d for d, _ in changed.steps} - {d for d, _ in closure.steps})
@@ -212,7 +219,7 @@ def main() -> None:
                 print(f"{count:>7} {verify_s:>9.2f} {cold:>12.2f} {cold / count * 1e6:>8.0f} "
                       f"{cold / verify_s:>6.2f} {rss:>8.0f} {warm:>7.2f} {warm / cold:>9.2f} "
                       f"{leaf:>7.2f} {new:>8} {leaf_target:>13.2f} {floor:>8.2f} "
-                      f"{warm / floor:>10.2f}", flush=True)
+                      f"{warm / floor:>10.2f} {memo:>7.2f}", flush=True)
     if len(per_step) > 1:
         sizes = sorted(per_step)
         small, large = statistics.median(per_step[sizes[0]]), statistics.median(per_step[sizes[-1]])
