@@ -9,6 +9,8 @@ with one ``send``. Limits, all documented in docs/OPERATIONS.md:
   ``header_timeout`` seconds of its first byte, however it trickles in (a watchdog shuts the
   socket down at the deadline);
 - a kept-alive connection with no request for ``idle_timeout`` seconds is closed;
+- a NAR stream waits at most ``header_timeout`` seconds for each write to a client that
+  stopped reading (other answers are small enough to be written at once);
 - at most ``max_connections`` connections: when a new one would exceed it, the connection
   that has waited longest without a request in progress is closed to make room (idle
   keep-alive connections first, then ones still sending their head), so a flood of slow
@@ -78,17 +80,19 @@ class _Handler(socketserver.BaseRequestHandler):
         rfile: io.BufferedReader = sock.makefile("rb", buffering=65536)  # type: ignore[assignment]
         conn = self.server.enter(sock)
         limits = self.server.limits
+        # One socket timeout for the connection's life (each settimeout is a system call
+        # that gives up the GIL, twice a request before): the idle limit bounds the wait
+        # for a request, the watchdog the whole head, and a NAR stream sets its own.
+        sock.settimeout(limits.idle_timeout)
         try:
             while True:
                 self.server.mark(conn, "idle")
-                sock.settimeout(limits.idle_timeout)
                 try:
                     if not rfile.peek(1):
                         return  # the client closed the connection
                 except OSError:
                     return  # idle too long, evicted, or reset
                 self.server.mark(conn, "reading")
-                sock.settimeout(limits.header_timeout)
                 try:
                     with WATCHDOG.deadline(sock, limits.header_timeout):
                         request = _read_head(rfile)
@@ -121,7 +125,13 @@ class _Handler(socketserver.BaseRequestHandler):
             _send(sock, Answer(500, b"internal error\n"), head, False)
             return False
         if isinstance(result, NarAnswer):
-            return _stream(sock, result, head, req.keep_alive, req.target)
+            limits = self.server.limits
+            sock.settimeout(limits.header_timeout)  # a client that stops reading a NAR
+            try:
+                return _stream(sock, result, head, req.keep_alive, req.target)
+            finally:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(limits.idle_timeout)
         return _send(sock, result, head, req.keep_alive)
 
 

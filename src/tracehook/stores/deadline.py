@@ -30,13 +30,19 @@ class Watchdog:
         """Shut ``sock`` down at ``deadline`` (time.monotonic) unless released first."""
         token = next(self._ids)
         with self._cond:
+            # The thread sleeps until the earliest deadline in the heap (released ones
+            # included): it needs waking only when this one comes before all of them. On a
+            # busy gate that is almost never (every deadline is "now + the same timeout"),
+            # so a request costs no thread switch.
+            wake = not self._heap or deadline < self._heap[0][0]
             heapq.heappush(self._heap, (deadline, token, sock))
             self._live.add(token)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tracehook-deadline",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if wake:
+                self._cond.notify()
         return token
 
     def release(self, token: int) -> None:
