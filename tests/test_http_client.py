@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tracehook.errors import ConfigError, Unreachable
+from tracehook.stores.deadline import Watchdog
 from tracehook.stores.http import Endpoint, HttpClient, status_kind
 
 
@@ -168,3 +169,30 @@ def test_endpoint_target_quotes_and_keeps_prefix() -> None:
 ])
 def test_status_kind(status: int, absent: tuple[int, ...], kind: str) -> None:
     assert status_kind(status, absent) == kind
+
+
+def test_watchdog_shuts_a_socket_down_at_its_deadline_and_not_before() -> None:
+    dog = Watchdog()
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    with a, b, c, d:
+        late = dog.watch(c, time.monotonic() + 60)  # the thread sleeps until this one
+        start = time.monotonic()
+        with dog.deadline(a, 0.3):  # an earlier deadline must wake it
+            assert a.recv(1) == b""  # the shutdown ends the blocked read
+        assert 0.25 <= time.monotonic() - start < 5
+        dog.release(late)
+        d.sendall(b"x")
+        assert c.recv(1) == b"x"  # c was not shut down
+
+
+def test_watchdog_heap_stays_bounded_under_many_short_requests() -> None:
+    dog = Watchdog()
+    a, b = socket.socketpair()
+    with a, b:
+        for _ in range(20_000):
+            with dog.deadline(a, 10):
+                pass
+        assert len(dog._heap) <= 2 * len(dog._live) + 1025
+        a.sendall(b"x")
+        assert b.recv(1) == b"x"  # nothing released was ever shut down

@@ -35,6 +35,12 @@ class Watchdog:
             # busy gate that is almost never (every deadline is "now + the same timeout"),
             # so a request costs no thread switch.
             wake = not self._heap or deadline < self._heap[0][0]
+            if len(self._heap) > 2 * len(self._live) + 1024:
+                # released entries wait in the heap until the thread wakes; drop them now
+                # and then so that a high request rate cannot pile them up (amortised O(1))
+                self._heap = [e for e in self._heap if e[1] in self._live]
+                heapq.heapify(self._heap)
+                wake = True
             heapq.heappush(self._heap, (deadline, token, sock))
             self._live.add(token)
             if self._thread is None:
