@@ -47,9 +47,8 @@ from tracehook.verify.walk import Target
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from testkeys import CONFORMANCE, secret  # noqa: E402
+from testkeys import CONFORMANCE, STAGE1, secret  # noqa: E402
 
-STAGE1 = "/nix/store/cjpxbf5h30808h53lckfyvzacsvfs08q-bootstrap-stage1-stdenv-linux.drv"
 BUILDER = BuilderInfo(1, "/nix/store", "nix", "2.26.3")
 NOW = dt.datetime.now(dt.timezone.utc)
 

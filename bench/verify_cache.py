@@ -33,11 +33,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from synth import generate, policy_text  # noqa: E402
 
-from testkeys import CONFORMANCE, secret  # noqa: E402
-from tracehook.trace import crypto  # noqa: E402
+from testkeys import CONFORMANCE, LAUT_KEYS, STAGE1, public_text  # noqa: E402
 
 TRACEHOOK = str(Path(sys.executable).parent / "tracehook")
-STAGE1 = "/nix/store/cjpxbf5h30808h53lckfyvzacsvfs08q-bootstrap-stage1-stdenv-linux.drv"
 
 
 def timed(argv: list[str]) -> float:
@@ -82,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        keys = "".join(f'{n} = "{crypto.format_public_key(secret(n).public)}"\n'
-                       for n in ("builderA", "builderB"))
+        keys = "".join(f'{n} = "{public_text(n)}"\n' for n in LAUT_KEYS)
         laut = tmp / "laut.toml"
         laut.write_text(f'traces = ["file://{CONFORMANCE}"]\n\n[keys]\n{keys}\n[trust]\n'
                         'require = { all-of = ["builderA", "builderB"] }\n')

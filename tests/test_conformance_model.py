@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from testkeys import CONFORMANCE
+from testkeys import CONFORMANCE, STAGE1
 from tracehook.nix.aterm import parse
 from tracehook.nix.derivation import decode_drv, encode_drv, serialize
 from tracehook.nix.resolve import resolve, resolved_aterm, resolved_key
@@ -30,7 +30,6 @@ from tracehook.stores.nixstore import StoreReader
 STORE_ROOT = CONFORMANCE / "store"
 TRACES = CONFORMANCE / "traces"
 
-STAGE1 = "/nix/store/cjpxbf5h30808h53lckfyvzacsvfs08q-bootstrap-stage1-stdenv-linux.drv"
 BINUTILS = "/nix/store/6a4wpppqvmf5dwr49gfm3hrxhd58hg0w-bootstrap-stage0-binutils-wrapper-.drv"
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from testkeys import CONFORMANCE
+from testkeys import CONFORMANCE, STAGE1
 from tracehook import cli
 from tracehook.trace import jws
 from verifyhelp import run_verify, write_policy
 
 STORE = str(CONFORMANCE / "store")
 TRACES = f"file://{CONFORMANCE}"
-STAGE1 = "/nix/store/cjpxbf5h30808h53lckfyvzacsvfs08q-bootstrap-stage1-stdenv-linux.drv"
 STAGE1_OUT = "/nix/store/46f69c5mdfn57k6vmfzlwg23c3dzr1md-bootstrap-stage1-stdenv-linux"
 BINUTILS = "/nix/store/6a4wpppqvmf5dwr49gfm3hrxhd58hg0w-bootstrap-stage0-binutils-wrapper-.drv"
 BINUTILS_OUT = "/nix/store/j87rlazyfsgd5xg9ppz1jhmagxbk46mn-bootstrap-stage0-binutils-wrapper-"

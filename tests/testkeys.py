@@ -17,6 +17,8 @@ from tracehook.trace import crypto
 CONFORMANCE = Path(__file__).resolve().parent / "data" / "laut-v2"
 KEYS = CONFORMANCE / "keys"
 LAUT_KEYS = ("builderA", "builderB")
+# the target whose whole chain both of laut's builders signed (tests and benchmarks verify it)
+STAGE1 = "/nix/store/cjpxbf5h30808h53lckfyvzacsvfs08q-bootstrap-stage1-stdenv-linux.drv"
 
 
 @cache
