@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,10 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from synth import SIGNERS, generate, secret  # noqa: E402
+from gate import free_port  # noqa: E402
+from synth import SIGNERS, generate  # noqa: E402
 
 from gatekit import write_gate_key  # noqa: E402
 from seaweed import Seaweed, clean_aws_env, upload_tree  # noqa: E402
+from testkeys import secret  # noqa: E402
 from tracehook.nix.storepath import basename  # noqa: E402
 from tracehook.trace import crypto  # noqa: E402
 
@@ -42,12 +43,6 @@ def policy(path: Path, traces_url: str) -> Path:
     path.write_text(f"traces = [{json.dumps(traces_url)}]\n\n[keys]\n{keys}\n[trust]\n"
                     f"require = {{ threshold = 2, of = {json.dumps(list(SIGNERS))} }}\n")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cold(base: Path, pol: Path, cache: Path, root: Path, target: str, gate_key: Path) -> float:

@@ -13,7 +13,7 @@
 ``changed="pkg-N"`` changes that build step (its name, so its derivation): it and every
 step above it get new paths, the rest stay as they are (the last ordinary step,
 ``pkg-<steps - steps // 50 - 1>``, has only the aggregates above it). Keys are fixed test
-keys (never real secrets).
+keys from tests/testkeys.py (never real secrets).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +40,14 @@ from tracehook.trace import crypto
 from tracehook.trace.claim import BuilderInfo, OutputClaim, sign_trace
 from tracehook.trace.stepkey import InputOutput, step_key
 
+# The suite's one key helper (a name means the same key everywhere: laut's for builderA and
+# builderB), also when a benchmark imports this module.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from testkeys import secret
+
 BUILDER = BuilderInfo(1, "/nix/store", "nix", "2.26.3")
 SIGNERS = ("builderA", "builderB")
 
-
-def secret(name: str) -> crypto.SecretKey:
-    """A fixed test key per name (deterministic, never a real secret)."""
-    return crypto.SecretKey(name, hashlib.sha256(name.encode()).digest())
 
 
 def policy_text(traces: Path, require: str = '{ all-of = ["builderA", "builderB"] }') -> str:

@@ -19,7 +19,9 @@ from tracehook import cli
 from tracehook.stores.factcache import FactCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synth import SIGNERS, Closure, generate, policy_text, secret
+from synth import SIGNERS, Closure, generate, policy_text
+
+from testkeys import secret
 
 WRITER = textwrap.dedent("""
     import sys
