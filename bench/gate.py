@@ -46,8 +46,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
+def wait_ready(port: int, proc: subprocess.Popen[bytes], within: float = 20.0) -> None:
+    """Until the server on ``port`` answers /nix-cache-info (it must, within ``within`` s)."""
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}")

@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gate_scale import free_port, wait_ready  # noqa: E402
+from gate import free_port  # noqa: E402
+from gate_scale import wait_ready  # noqa: E402
 
 from gatekit import Synthetic, make_synthetic, write_policy  # noqa: E402
 from tracehook.nix.storepath import hash_part  # noqa: E402

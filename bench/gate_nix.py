@@ -40,7 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from gate_scale import free_port, wait_ready  # noqa: E402
+from gate import free_port  # noqa: E402
+from gate_scale import wait_ready  # noqa: E402
 
 from gatekit import key, sign_closure, write_gate_key, write_policy  # noqa: E402
 from nixharness import NixEnv, get_tier  # noqa: E402

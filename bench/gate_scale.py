@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,31 +43,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
+import gate  # noqa: E402
+from gate import free_port  # noqa: E402
 from synth import Closure, generate, policy_text  # noqa: E402
 
 TRACEHOOK = str(Path(sys.executable).parent / "tracehook")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gate exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/nix-cache-info")
-            if conn.getresponse().status == 200:
-                conn.close()
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("gate did not start")
+    gate.wait_ready(port, proc, within=30.0)
 
 
 def peak_rss_mib(pid: int) -> float:
