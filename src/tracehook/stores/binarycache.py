@@ -120,17 +120,20 @@ class FileUpstream:
         return _FileBody(f, st.st_size, f"binary cache {self.url}: {rel}")
 
 
-class _HttpBody:
-    def __init__(self, body: Body, url: str) -> None:
+class RemoteBody:
+    """A NAR from a remote cache (HTTP, S3): a read that fails is an UpstreamFault, its
+    message ``binary cache `` + ``prefix`` + what the client said."""
+
+    def __init__(self, body: Body, prefix: str = "") -> None:
         self._body = body
         self.size = body.size
-        self._url = url
+        self._prefix = prefix
 
     def chunks(self) -> Iterator[bytes]:
         try:
             yield from self._body.chunks()
         except Unreachable as exc:
-            raise UpstreamFault(f"binary cache {exc.diagnostics()}") from exc
+            raise UpstreamFault(f"binary cache {self._prefix}{exc.diagnostics()}") from exc
 
     def close(self) -> None:
         self._body.close()
@@ -167,7 +170,7 @@ class HttpUpstream:
             if kind == "absent":
                 return None
             raise UpstreamFault(f"binary cache {self.url}: HTTP {body.status} for {rel}")
-        return _HttpBody(body, self.url)
+        return RemoteBody(body)
 
 
 def fetch_narinfo(up: Upstream, path: str) -> NarInfo | None:

@@ -40,7 +40,7 @@ import random
 import re
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,7 +51,7 @@ from tracehook.errors import (
     Unreachable,
     UpstreamFault,
 )
-from tracehook.stores.binarycache import MAX_SMALL, check_relative
+from tracehook.stores.binarycache import MAX_SMALL, RemoteBody, check_relative
 from tracehook.stores.http import (
     DEFAULT_TIMEOUT,
     Body,
@@ -389,22 +389,6 @@ class S3TraceStore(HttpTraceStore):
 # ------------------------------------------------------------------------ binary cache
 
 
-class _S3Body:
-    def __init__(self, body: Body, url: str) -> None:
-        self._body = body
-        self.size = body.size
-        self._url = url
-
-    def chunks(self) -> Iterator[bytes]:
-        try:
-            yield from self._body.chunks()
-        except Unreachable as exc:
-            raise UpstreamFault(f"binary cache {self._url}: {exc.diagnostics()}") from exc
-
-    def close(self) -> None:
-        self._body.close()
-
-
 class S3Upstream:
     """A binary cache in a bucket, laid out as ``nix copy --to s3://`` writes it."""
 
@@ -435,7 +419,7 @@ class S3Upstream:
             raise UpstreamFault(f"binary cache {self.url}: {describe(resp)} for {rel}")
         return resp.body
 
-    def open(self, rel: str) -> _S3Body | None:
+    def open(self, rel: str) -> RemoteBody | None:
         try:
             got = self.s3.open(check_relative(rel))
         except CredentialsRejected as exc:
@@ -446,4 +430,4 @@ class S3Upstream:
             if self._kind(got.status, error_code(got), rel) == "absent":
                 return None
             raise UpstreamFault(f"binary cache {self.url}: {describe(got)} for {rel}")
-        return _S3Body(got, self.url)
+        return RemoteBody(got, f"{self.url}: ")
