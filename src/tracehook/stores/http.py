@@ -20,8 +20,10 @@ large); each read is still bounded by ``timeout``.
 
 from __future__ import annotations
 
-import http  # the package only; http.client (with ssl and email, ~40 ms) comes with a
-import threading  # first connection (_connect), so commands that read no URL never load it
+# The package only: http.client (with ssl and email, ~40 ms of start-up) is imported by the
+# first connection (_connect), so a command that reads no URL never loads it.
+import http
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
