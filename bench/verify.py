@@ -38,7 +38,7 @@ from tracehook.stores.tracestore import open_store
 from tracehook.trace import crypto, jws
 from tracehook.trace.claim import BuilderInfo, OutputClaim, sign_trace
 from tracehook.trace.stepkey import InputOutput, step_key
-from tracehook.verify.engine import Limits
+from tracehook.verify.limits import Limits
 from tracehook.verify.policy import Policy, parse_policy
 from tracehook.verify.resolver import Resolver
 from tracehook.verify.walk import Target

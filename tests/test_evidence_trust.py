@@ -23,7 +23,7 @@ from tracehook.nix.storepath import derivation_path, make_fixed_output_path, mak
 from tracehook.stores.tracestore import FileTraceStore
 from tracehook.trace.claim import Claim, OutputClaim, TraceKey, sign_trace
 from tracehook.trace.stepkey import InputOutput, Resolution, step_key
-from tracehook.verify.engine import Limits
+from tracehook.verify.limits import Limits
 from tracehook.verify.policy import Policy, parse_policy
 from tracehook.verify.report import TargetReport
 from tracehook.verify.resolver import Resolver

@@ -11,7 +11,8 @@ from typing import Any
 from test_verify_synthetic import Graph, ca_path
 from tracehook.trace.claim import TraceKey
 from tracehook.verify._checkpool import WorkerLost
-from tracehook.verify.engine import Engine, Limits
+from tracehook.verify.engine import Engine
+from tracehook.verify.limits import Limits
 from tracehook.verify.policy import parse_policy
 from tracehook.verify.walk import Target
 from verifyhelp import public_text

@@ -112,3 +112,17 @@ def test_version_and_help_import_no_subcommand() -> None:
     loaded = set(eval(run.stderr.strip().splitlines()[-1]))
     assert "tracehook.cli.keygen" in loaded and "tracehook.cli.gate" not in loaded
     assert "tracehook.gate.service" not in loaded and "tracehook.verify.engine" not in loaded
+
+
+def test_help_shows_the_engine_limits_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI writes Limits' defaults out (importing it would cost a replayed run)."""
+    from tracehook import cli as cli_main
+    from tracehook.verify.limits import Limits
+
+    assert cli_main.main(["verify", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    d = Limits()
+    assert f"(default: {d.max_depth})" in text
+    assert f"(default: {d.max_resolutions})" in text
+    assert f"(threads; default: {d.workers})" in text
+    assert f"closures of {d.process_from} or more" in text

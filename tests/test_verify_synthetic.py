@@ -23,7 +23,7 @@ from tracehook.nix.storepath import derivation_path, make_fixed_output_path, mak
 from tracehook.stores.tracestore import FileTraceStore, open_store
 from tracehook.trace.claim import OutputClaim, sign_trace
 from tracehook.trace.stepkey import InputOutput, step_key
-from tracehook.verify.engine import Limits
+from tracehook.verify.limits import Limits
 from tracehook.verify.policy import parse_policy
 from tracehook.verify.report import TargetReport, render_human
 from tracehook.verify.resolver import Resolver

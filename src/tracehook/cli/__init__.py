@@ -112,18 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help/--version
         return int(exc.code) if isinstance(exc.code, int) else 2
-    from tracehook.errors import EXIT_USAGE, TracehookError
-
-    _configure_logging(args.verbose)
+    if not getattr(args, "configures_logging", False):  # else the subcommand does, if needed
+        _configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        return 2  # usage (tracehook.errors.EXIT_USAGE)
     try:
         return func(args)
-    except TracehookError as exc:
-        print(f"tracehook: error: {exc.diagnostics()}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `tracehook ... | head`: the reader left; that is not an error
@@ -132,7 +128,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return 0
+    except Exception as exc:
+        # Imported only now: a command that succeeds (a replayed verify) need not pay for
+        # the error classes' dataclasses and typing.
+        from tracehook.errors import TracehookError
 
+        if not isinstance(exc, TracehookError):
+            raise
+        print(f"tracehook: error: {exc.diagnostics()}", file=sys.stderr)
+        return exc.exit_code
 
 def run() -> None:
     """Console-script entry point."""

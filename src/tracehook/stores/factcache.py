@@ -15,7 +15,9 @@ costs time to compute and can never become wrong, because its key names all of i
 
 Decisions are never cached: which traces a store holds, which keys the policy trusts, and
 what satisfies the trust model are read and evaluated anew on every run, so a revoked key,
-an expired key or a changed trace is never answered from here.
+an expired key or a changed trace is never answered from here. (``tracehook verify`` may
+replay a whole answer, from ``runs/`` next to this database, when every input it was
+decided from is byte-identical: :mod:`tracehook.verify.replay`.)
 
 A namespace is read into memory in one query the first time it is asked for (when it holds
 at most :data:`MEMORY_BOUND` bytes; a bigger one is read a row at a time): one query instead
@@ -54,12 +56,6 @@ _OPEN_ATTEMPTS = 5  # tries to open (or, closing, to write to) a database held b
 _MAX_PENDING = 4 * _FLUSH_ROWS  # facts kept for a later write while the database is busy
 MEMORY_BOUND = 64 * 1024 * 1024  # bytes of one namespace read into memory at once
 _FLUSH_SECONDS = 1.0
-
-
-def default_dir() -> Path:
-    """``$XDG_CACHE_HOME/tracehook`` (``~/.cache/tracehook``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "tracehook"
 
 
 def _check(ns: str, key: bytes, value: bytes) -> bytes:

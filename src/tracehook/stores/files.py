@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from tracehook.errors import EnvironmentFault
+from tracehook.stores.readlog import note_read
 
 _ABSENT = (errno.ENOENT, errno.ENOTDIR)
 
@@ -30,6 +31,7 @@ def read_bounded(path: str | os.PathLike[str], limit: int, what: str) -> bytes |
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in _ABSENT:
+            note_read(path, None)
             return None
         if exc.errno == errno.ELOOP:
             raise EnvironmentFault(f"{what} {path} is a symlink; only regular files are "
@@ -58,7 +60,9 @@ def read_bounded(path: str | os.PathLike[str], limit: int, what: str) -> bytes |
                 size += len(block)
         if size > limit:
             raise EnvironmentFault(f"{what} {path} is larger than {limit} bytes")
-        return b"".join(chunks)
+        data = b"".join(chunks)
+        note_read(path, data)
+        return data
     except OSError as exc:
         raise EnvironmentFault(f"cannot read {what} {path}: {exc.strerror}") from None
     finally:

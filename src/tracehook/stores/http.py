@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 from tracehook.errors import ConfigError, Unreachable
 from tracehook.stores.deadline import WATCHDOG
+from tracehook.stores.readlog import note_opaque
 
 DEFAULT_TIMEOUT = 10.0
 CHUNK = 256 * 1024
@@ -190,6 +191,7 @@ class HttpClient:
     ) -> Response:
         """One request with a bounded body. Unreachable for anything but an HTTP answer
         whose body is at most ``limit`` bytes, all of it within the deadline."""
+        note_opaque(f"read {self.endpoint.url}")  # what a server says cannot be re-checked
         hdrs = {"User-Agent": USER_AGENT, **(headers or {})}
         idempotent = method in ("GET", "HEAD")
         for attempt in (0, 1):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tracehook.errors import EnvironmentFault
+from tracehook.stores.readlog import note_stat
 
 DEFAULT_STATE_DIR = "/nix/var/nix"
 
@@ -40,6 +41,8 @@ class StoreDatabase:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
+            note_stat(self.path)  # the database changes with every Nix operation
+            note_stat(f"{self.path}-wal")
             if not self.path.exists():
                 raise EnvironmentFault(f"no Nix store database at {self.path}")
             try:

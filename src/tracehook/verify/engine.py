@@ -34,12 +34,12 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from tracehook.errors import EnvironmentFault, Failure, GraphError
 from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.stores.binarycache import Upstream
+from tracehook.stores.readlog import note_opaque
 from tracehook.stores.tracestore import TraceStore
 from tracehook.trace.claim import TraceKey
 from tracehook.trace.stepkey import Resolution, producer_is_content_addressed, step_key
@@ -53,6 +53,7 @@ from tracehook.verify._checkpool import (
 from tracehook.verify.cachekeys import CacheKeys, CacheOutput, Refused
 from tracehook.verify.cachesigs import CacheSigs
 from tracehook.verify.decide import PlanLimits, StepInput, cache_lookups, plan_step
+from tracehook.verify.limits import Limits
 from tracehook.verify.policy import Policy
 from tracehook.verify.reliance import Reading
 from tracehook.verify.remembered import remembered
@@ -61,24 +62,6 @@ from tracehook.verify.trustedset import TrustedSet
 from tracehook.verify.walk import Graph, Loader, Target, fewer_collections
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_depth: int = 2000  # longest input chain below a target
-    max_resolutions: int = 256  # candidate resolutions of one step
-    workers: int = 8  # threads fetching and checking traces
-    # Worker processes checking traces instead (libsodium releases the GIL, JSON parsing
-    # does not): None starts one per core once the walk has read ``process_from``
-    # derivations, if there is more than one core and every trace store is local (file://),
-    # and uses them once one has started (threads check meanwhile); 0 never; N > 0 starts
-    # N at once and uses only them.
-    processes: int | None = None
-    process_from: int = 500
-    # Until a process has started, keys are checked in threads, unless the walk has read
-    # this many derivations: then the closure is large, and they wait for the processes
-    # (threads would slow the walk down more than the wait costs).
-    process_wait_from: int = 1000
 
 
 class Engine:
@@ -326,6 +309,7 @@ class Engine:
 
     def _start_processes(self) -> None:
         self._procs_wanted = False  # once per engine
+        note_opaque("checker processes")  # their reads are not seen here
         self._procs = start_pool(self.policy, self.now, self.stores, self.limits.processes,
                                  self.facts)
 

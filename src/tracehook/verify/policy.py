@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,9 @@ class Policy:
 # ------------------------------------------------------------------------------- loading
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, seen: Callable[[Path, bytes], None] | None = None
+                ) -> Policy:
+    """The policy in the file at ``path``; ``seen(path, bytes)`` is told what was read."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -205,6 +208,8 @@ def load_policy(path: str | Path) -> Policy:
         raise ConfigError(f"policy file {p} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read policy file {p}: {exc}") from None
+    if seen is not None:
+        seen(p, text.encode())
     return parse_policy(text, str(p), base_dir=p.parent)
 
 

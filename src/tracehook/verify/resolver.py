@@ -19,7 +19,8 @@ from tracehook.stores.binarycache import Upstream
 from tracehook.stores.tracestore import TraceStore
 from tracehook.verify._checkpool import StoreFault
 from tracehook.verify.cachekeys import CacheOutput
-from tracehook.verify.engine import Engine, Limits
+from tracehook.verify.engine import Engine
+from tracehook.verify.limits import Limits
 from tracehook.verify.policy import Policy
 from tracehook.verify.report import (
     StepReport,

@@ -33,6 +33,7 @@ from tracehook.nix.derivation_hash import realisation_ids
 from tracehook.nix.storepath import HASH_CHARS, parse_store_path
 from tracehook.stores.nixdb import PathInfo, StoreDatabase
 from tracehook.stores.nixstore import StoreReader
+from tracehook.stores.readlog import note_stat
 from tracehook.verify.walk import Target
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def _drvs_named(reader: StoreReader, names: set[str]) -> list[str]:
     directory = Path((reader.root or "").rstrip("/") + reader.store_dir)
     wanted = {f"{n}.drv" for n in names}
     found = []
+    note_stat(directory)
     try:
         with os.scandir(directory) as entries:
             for entry in entries:
