@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -215,3 +216,46 @@ def test_a_whole_closure_in_nix_order_decides_each_step_once(tmp_path: Path) -> 
         assert verifier.steps_planned == len(engine.graph.heights)
         allowed = [e for e in gate.events() if e["outcome"] == "allowed"]
         assert json.dumps(allowed)  # the log is well-formed
+
+
+def test_a_realisations_checks_answer_the_narinfo_asked_for_next(
+        syn: Synthetic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nix asks for a realisation, then for its output's narinfo: the second answer reuses
+    the first's verdict and its checked upstream narinfo (one engine submission, one
+    upstream read), within the generation only; a path refused for what the upstream holds
+    is decided again at every request."""
+    from tracehook.gate import service
+    from tracehook.verify.engine import Engine
+
+    reads: list[str] = []
+    submits: list[str] = []
+    real_fetch, real_submit = service.fetch_narinfos, Engine.submit
+
+    def fetch(upstreams: Any, path: str) -> Any:
+        reads.append(path)
+        return real_fetch(upstreams, path)
+
+    def submit(self: Engine, target: Any) -> Any:
+        submits.append(target.drv_path)
+        return real_submit(self, target)
+
+    monkeypatch.setattr(service, "fetch_narinfos", fetch)
+    monkeypatch.setattr(Engine, "submit", submit)
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log") as gate:
+        assert get(gate.url, f"/realisations/{syn.ca_id}.doi")[0] == 200
+        status, body = get(gate.url, f"/{hash_part(syn.ca_out)}.narinfo")
+        assert status == 200 and syn.ca_out.encode() in body
+        assert reads == [syn.ca_out] and submits == [syn.ca_drv]
+        # a new generation (the trace store changed): decided and read again
+        (syn.traces / "traces" / "unrelated").write_text("{}")
+        time.sleep(0.4)
+        assert get(gate.url, f"/{hash_part(syn.ca_out)}.narinfo")[0] == 200
+        assert reads == [syn.ca_out] * 2 and submits == [syn.ca_drv] * 2
+        # what the upstream holds now is never taken from an earlier choice
+        narinfo_file = syn.cache / f"{hash_part(syn.ia_out)}.narinfo"
+        kept = narinfo_file.read_bytes()
+        narinfo_file.unlink()
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 404
+        narinfo_file.write_bytes(kept)
+        assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 200

@@ -58,6 +58,7 @@ from tracehook.verify.decide import WEAK_HASHES
 log = logging.getLogger(__name__)
 
 ROUTES_MAX = 200_000
+CHOICES_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ class GateService:
         self.fail_on_tamper = fail_on_tamper
         self.store_dir = index.store_dir
         self._nar_routes: Lru[str, int] = Lru(ROUTES_MAX)  # NAR URL -> upstream index
+        # (generation, what the path must be) -> the upstream narinfo chosen for it: a
+        # realisation's answer checks the narinfo Nix asks for next; only within the
+        # generation, only a narinfo that was served (refusals and faults are decided again)
+        self._choices: Lru[tuple[object, ...], Serve] = Lru(CHOICES_MAX)
 
     # --------------------------------------------------------------- nix-cache-info
 
@@ -218,6 +223,20 @@ class GateService:
     def _choose(self, expected: Expected, verdict: Verdict | None) -> Serve | Refusal | Fault:
         """The upstream narinfo to serve for ``expected``; for a path whose claims attest no
         references, its NAR is scanned (once per NAR hash) and its References checked."""
+        key = None
+        if verdict is not None and expected.kind != "fixed":
+            key = (verdict.generation, expected.kind, expected.step, expected.path,
+                   expected.nar_hash, expected.references, expected.source)
+            chosen = self._choices.get(key)
+            if chosen is not None:
+                return chosen
+        decision = self._choose_now(expected, verdict)
+        if key is not None and isinstance(decision, Serve):
+            self._choices.put(key, decision)
+        return decision
+
+    def _choose_now(self, expected: Expected, verdict: Verdict | None
+                    ) -> Serve | Refusal | Fault:
         decision = choose_narinfo(expected, fetch_narinfos(self.upstreams, expected.path),
                                   self.urls, self.store_dir)
         if (not isinstance(decision, Serve) or expected.kind != "verified"

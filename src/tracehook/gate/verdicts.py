@@ -40,14 +40,16 @@ from tracehook.stores.factcache import FactCache
 from tracehook.stores.nixstore import StoreReader
 from tracehook.stores.tracestore import FileTraceStore, TraceStore, open_store
 from tracehook.verify.cachekeys import CacheOutput
-from tracehook.verify.engine import Engine, Limits
+from tracehook.verify.engine import Engine
 from tracehook.verify.evidencecheck import EvidenceInfo
+from tracehook.verify.limits import Limits
 from tracehook.verify.policy import Policy
 from tracehook.verify.walk import Target
 
 log = logging.getLogger(__name__)
 
 HINTS_MAX = 200_000
+VERDICTS_MAX = 50_000
 H = TypeVar("H")
 Basis = str  # "traces", "cache", "fixed"
 
@@ -134,6 +136,10 @@ class GateVerifier:
         # hash part of an output path -> (step, output) that claims made it
         self.path_hints: Lru[str, tuple[tuple[str, str], ...]] = Lru(HINTS_MAX)
         self.rdrv_hints: Lru[str, tuple[str, ...]] = Lru(HINTS_MAX)  # resolved drv -> steps
+        # (engine serial, step, output, resolved drv) -> verdict: a step decided in a
+        # generation stays decided, so the narinfo request after a realisation's (and any
+        # request after the first) needs no round trip through the engine
+        self._verdicts: Lru[tuple[int, str, str, str | None], Verdict] = Lru(VERDICTS_MAX)
 
     # ---------------------------------------------------------------------- generations
 
@@ -182,6 +188,7 @@ class GateVerifier:
         engine.start()
         self._engine, self._engine_key = engine, key
         self._serial += 1
+        self._verdicts.clear()  # keyed by serial: the old generation's are never asked for
         self._started = now
         ends = [k.not_after for k in policy.keys] + [e.not_after for e in policy.evidence]
         expiries = [(t - wall).total_seconds() for t in ends if t is not None and t > wall]
@@ -228,6 +235,10 @@ class GateVerifier:
         """The verdict on ``output`` of the build step ``step``; with ``rdrv_path``, only
         values attested for that resolved derivation."""
         engine, gen = self._current()
+        key = (gen[1], step, output, rdrv_path)
+        known = self._verdicts.get(key)
+        if known is not None:
+            return known
         started = self.clock()
         fut = engine.submit(Target(step, step, frozenset((output,))))
         try:
@@ -243,7 +254,10 @@ class GateVerifier:
         except EnvironmentFault as exc:
             return Verdict(step, _name(step), "?", fault=exc.diagnostics(), generation=gen)
         log.debug("verdict on %s^%s in %.1f ms", step, output, (self.clock() - started) * 1e3)
-        return _verdict(engine, step, output, rdrv_path, gen)
+        verdict = _verdict(engine, step, output, rdrv_path, gen)
+        if verdict.fault is None:
+            self._verdicts.put(key, verdict)
+        return verdict
 
 
 def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import logging
 import os
@@ -87,8 +88,11 @@ class SecretKey:
         return PublicKey(self.name, _public_bytes(self.seed))
 
 
+@functools.lru_cache(maxsize=16)
 def _keypair(seed: bytes) -> tuple[bytes, bytes]:
-    """(32-byte public key, libsodium's 64-byte secret key = seed || public)."""
+    """(32-byte public key, libsodium's 64-byte secret key = seed || public). Remembered
+    for the few keys a process signs with: deriving the public key is a scalar
+    multiplication, as costly as the signature itself (the gate signs every answer)."""
     public, secret = nacl.bindings.crypto_sign_seed_keypair(seed)
     return public, secret
 
