@@ -224,12 +224,12 @@ def test_a_realisations_checks_answer_the_narinfo_asked_for_next(
     the first's verdict and its checked upstream narinfo (one engine submission, one
     upstream read), within the generation only; a path refused for what the upstream holds
     is decided again at every request."""
-    from tracehook.gate import service
+    from tracehook.gate import service, upstreams
     from tracehook.verify.engine import Engine
 
     reads: list[str] = []
     submits: list[str] = []
-    real_fetch, real_submit = service.fetch_narinfos, Engine.submit
+    real_fetch, real_submit = upstreams.fetch_narinfos, Engine.submit
 
     def fetch(upstreams: Any, path: str) -> Any:
         reads.append(path)

@@ -126,10 +126,6 @@ def test_what_cannot_be_rechecked_is_never_recorded(
         closure: tuple[Closure, Path], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     c, policy = closure
-    # checker processes: their reads are not seen by the recording process
-    cache = tmp_path / "procs"
-    assert _run(capsys, c, policy, cache, "--processes", "1")[0] == 0
-    assert _records(cache) == []
     # a warning (a replay would not repeat it)
     cache = tmp_path / "warned"
     assert _run(capsys, c, policy, cache, "--narinfo-from", f"file://{c.cache}")[0] == 0
@@ -152,6 +148,27 @@ def test_what_cannot_be_rechecked_is_never_recorded(
     # no cache directory at all: nothing written anywhere
     code, _, _ = _run(capsys, c, policy, tmp_path / "unused", "--cache-dir", "")
     assert code == 0 and not (tmp_path / "unused").exists()
+
+
+def test_what_checker_processes_read_is_recorded_too(
+        closure: tuple[Closure, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Traces checked in worker processes: each batch's answer carries what the process
+    read, so the run is replayed, and a trace changed afterwards is seen."""
+    c, policy = closure
+    cache = tmp_path / "cache"
+    assert _run(capsys, c, policy, cache, "--processes", "2")[0] == 0
+    (record,) = _records(cache)
+    import marshal
+
+    files = marshal.loads(record.read_bytes())["files"]
+    traces = {p for p in files if p.startswith(str(c.traces))}
+    assert len(traces) == len(list((c.traces / "traces").iterdir()))
+    assert REPLAYED in _run(capsys, c, policy, cache, "--processes", "2")[2]
+    last = sorted((c.traces / "traces").iterdir())[-1]
+    last.unlink()
+    code, _, err = _run(capsys, c, policy, cache, "--processes", "2")
+    assert code == 1 and REPLAYED not in err
 
 
 def test_a_damaged_record_is_removed_and_the_run_done_again(

@@ -3,11 +3,11 @@
 While a :class:`ReadLog` is active (:func:`recording`), the modules that read files note
 what they read: each file's path and the SHA-256 of its bytes, or that it was absent
 (:func:`note_read`), and for what is judged by its metadata (the Nix store's database, a
-directory listing) its identity and times (:func:`note_stat`). Whatever cannot be
-re-checked cheaply and completely afterwards (an HTTP or S3 read, reads in checker
-processes, a warning) makes the log *opaque* (:func:`note_opaque`): such a run is never
-replayed. :mod:`tracehook.verify.replay` decides from a log whether an earlier answer
-still holds.
+directory listing) its identity and times (:func:`note_stat`); checker processes
+record their own reads and send them back (:func:`merged`). Whatever cannot be re-checked
+cheaply and completely afterwards (an HTTP or S3 read, a warning) makes the log *opaque*
+(:func:`note_opaque`): such a run is never replayed. :mod:`tracehook.verify.replay`
+decides from a log whether an earlier answer still holds.
 
 When no log is active every note is one global lookup: the gate and the signer never
 record.
@@ -49,6 +49,15 @@ class ReadLog:
                 self.opaque.append(f"{key} changed while it was read")
             self.stats[key] = got
 
+    def merge(self, files: dict[str, str | None], opaque: list[str]) -> None:
+        """What another process (a checker) read for this run."""
+        with self._lock:
+            for key, digest in files.items():
+                if self.files.get(key, digest) != digest:
+                    self.opaque.append(f"{key} changed while it was read")
+                self.files[key] = digest
+            self.opaque.extend(w for w in opaque if w not in self.opaque)
+
     def make_opaque(self, why: str) -> None:
         with self._lock:
             if why not in self.opaque:
@@ -78,6 +87,16 @@ def recording() -> Iterator[ReadLog]:
         yield log
     finally:
         _active = None
+
+
+def is_recording() -> bool:
+    return _active is not None
+
+
+def merged(files: dict[str, str | None], opaque: list[str]) -> None:
+    """Add what a checker process read (:meth:`ReadLog.merge`) to the active log."""
+    if _active is not None:
+        _active.merge(files, opaque)
 
 
 def note_read(path: str | os.PathLike[str], data: bytes | None) -> None:

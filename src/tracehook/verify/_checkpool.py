@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tracehook.errors import EnvironmentFault, ParseError, Rejected
+from tracehook.stores import readlog
 from tracehook.stores.tracestore import TraceStore
 from tracehook.trace.claim import KeyKind, TraceKey
 from tracehook.trace.tracefile import TraceDocument
@@ -124,9 +125,10 @@ def _check_batch(keys: Sequence[TraceKey]) -> list[Packed]:
 
 
 def _serve(conn: Connection, policy: Policy, now: dt.datetime,
-           stores: list[TraceStore], facts: Facts | None = None) -> None:
+           stores: list[TraceStore], facts: Facts | None = None, record: bool = False) -> None:
     """A checker process: batches of keys in, packed results out, until an empty message
-    or the pipe closes."""
+    or the pipe closes. With ``record`` (the caller notes what its run reads, for a
+    replay), each answer carries what this process read for the batch."""
     _init_worker(policy, now, stores, facts)
     conn.send_bytes(b"")  # ready: until now the caller checked in threads
     while True:
@@ -139,8 +141,14 @@ def _serve(conn: Connection, policy: Policy, now: dt.datetime,
                 facts.close()  # write what this checker learnt
             return
         keys: list[KeyTuple] = pickle.loads(message)
-        result = _check_batch([TraceKey(*k) for k in keys])
-        conn.send_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        seen: tuple[dict[str, str | None], list[str]] | None = None
+        if record:
+            with readlog.recording() as log_:
+                result = _check_batch([TraceKey(*k) for k in keys])
+            seen = (log_.files, log_.opaque)
+        else:
+            result = _check_batch([TraceKey(*k) for k in keys])
+        conn.send_bytes(pickle.dumps((result, seen), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def unpack(packed: Packed, key: TraceKey, ring: KeyRing) -> tuple[Checked, tuple[StoreFault, ...]]:
@@ -211,7 +219,10 @@ class _Worker:
             with self.lock:
                 fut = self.pending.popleft() if self.pending else None
             if fut is not None:
-                fut.set_result(pickle.loads(data))
+                result, seen = pickle.loads(data)
+                if seen is not None:
+                    readlog.merged(*seen)
+                fut.set_result(result)
 
     def _lose(self, exc: BaseException) -> None:
         with self.lock:
@@ -249,8 +260,9 @@ class CheckPool:
         ctx = multiprocessing.get_context("spawn")
         self._procs: list[_Worker] = []
         try:
+            record = readlog.is_recording()
             for _ in range(workers):
-                self._procs.append(_Worker(ctx, (policy, now, list(stores), facts)))
+                self._procs.append(_Worker(ctx, (policy, now, list(stores), facts, record)))
         except BaseException:  # e.g. a store that cannot be handed to a process
             self.close()
             raise

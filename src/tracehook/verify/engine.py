@@ -39,7 +39,6 @@ from typing import Any
 from tracehook.errors import EnvironmentFault, Failure, GraphError
 from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.stores.binarycache import Upstream
-from tracehook.stores.readlog import note_opaque
 from tracehook.stores.tracestore import TraceStore
 from tracehook.trace.claim import TraceKey
 from tracehook.trace.stepkey import Resolution, producer_is_content_addressed, step_key
@@ -309,7 +308,6 @@ class Engine:
 
     def _start_processes(self) -> None:
         self._procs_wanted = False  # once per engine
-        note_opaque("checker processes")  # their reads are not seen here
         self._procs = start_pool(self.policy, self.now, self.stores, self.limits.processes,
                                  self.facts)
 

@@ -16,10 +16,10 @@ again replays the answer when, and only when:
 
 So a revoked key (the policy's bytes change), an expired key (a ``not-after`` passed), a
 tampered, added or removed trace file (its bytes, or its absence) are never answered from a
-record: the run is done again. Nothing else is replayed: a run that read an HTTP or S3
-store, streamed a NAR, checked traces in worker processes, used hardware evidence (its
-certificates have validity dates of their own), logged a warning, or could not read
-something (a fault) records nothing. Files are written atomically; a record that does not
+record: the run is done again. (Checker processes note what they read too, and send it back
+with their answers.) Nothing else is replayed: a run that read an HTTP or S3 store,
+streamed a NAR, used hardware evidence (its certificates have validity dates of their
+own), logged a warning, or could not read something (a fault) records nothing. Files are written atomically; a record that does not
 parse is removed and the run done again; at most :data:`MAX_RECORDS` are kept (the least
 recently written go first) and none over :data:`MAX_ENTRIES` files.
 """
