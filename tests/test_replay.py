@@ -200,6 +200,10 @@ def test_records_are_bounded(closure: tuple[Closure, Path], tmp_path: Path,
     assert len(_records(cache)) == 3
     # the newest is kept
     assert REPLAYED in _run(capsys, c, policy, cache, "--max-depth", "105")[2]
+    # and bounded in bytes: one record's size allows one record
+    monkeypatch.setattr(replay, "MAX_BYTES", 100 + max(r.stat().st_size for r in _records(cache)))
+    assert _run(capsys, c, policy, cache, "--max-depth", "106")[0] == 0
+    assert len(_records(cache)) == 1
 
 
 def test_holds_compares_every_input_and_the_side_of_every_date() -> None:
@@ -250,3 +254,31 @@ def test_a_replayed_run_does_not_load_the_verifier(closure: tuple[Closure, Path]
     assert "tracehook.verify.engine" in {
         line.rsplit("|", 1)[1].strip() for line in first.stderr.splitlines()
         if line.startswith("import time:")}
+
+
+def test_the_store_database_is_recorded_by_identity_and_times(tmp_path: Path) -> None:
+    """An output-path target reads the Nix database: a replay needs it unchanged (any
+    Nix operation changes it, and then the run is done again)."""
+    import sqlite3
+
+    from tracehook.stores.nixdb import StoreDatabase
+    from tracehook.stores.readlog import recording
+
+    db_dir = tmp_path / "nix" / "var" / "nix" / "db"
+    db_dir.mkdir(parents=True)
+    conn = sqlite3.connect(db_dir / "db.sqlite")
+    conn.execute("CREATE TABLE ValidPaths (id INTEGER PRIMARY KEY, path TEXT, hash TEXT, "
+                 "narSize INTEGER, deriver TEXT, ca TEXT, sigs TEXT)")
+    conn.commit()
+    conn.close()
+    with recording() as seen, StoreDatabase(str(tmp_path)) as db:
+        assert db.path_info("/nix/store/00000000000000000000000000000000-x") is None
+    db_file = str(db_dir / "db.sqlite")
+    assert seen.stats[db_file] is not None and seen.stats[f"{db_file}-wal"] is None
+    assert not seen.opaque
+    before = replay.observe_stat(db_file)
+    conn = sqlite3.connect(db_file)
+    conn.execute("INSERT INTO ValidPaths (path) VALUES ('/nix/store/y')")
+    conn.commit()
+    conn.close()
+    assert replay.observe_stat(db_file) != before

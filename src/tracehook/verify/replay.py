@@ -19,9 +19,10 @@ tampered, added or removed trace file (its bytes, or its absence) are never answ
 record: the run is done again. (Checker processes note what they read too, and send it back
 with their answers.) Nothing else is replayed: a run that read an HTTP or S3 store,
 streamed a NAR, used hardware evidence (its certificates have validity dates of their
-own), logged a warning, or could not read something (a fault) records nothing. Files are written atomically; a record that does not
-parse is removed and the run done again; at most :data:`MAX_RECORDS` are kept (the least
-recently written go first) and none over :data:`MAX_ENTRIES` files.
+own), logged a warning, or could not read something (a fault) records nothing. Files are
+written atomically; a record that does not parse is removed and the run done again; at
+most :data:`MAX_RECORDS` records and :data:`MAX_BYTES` bytes are kept (the least recently
+written go first), and none of a run that read over :data:`MAX_ENTRIES` files.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 FORMAT = 1
 MAX_RECORDS = 256
 MAX_ENTRIES = 100_000
+MAX_BYTES = 64 * 1024 * 1024
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -163,9 +165,9 @@ def _iso(now: float) -> str:
 def save(directory: str, key: str, *, files: Mapping[str, str | None],
          stats: Mapping[str, Sequence[int] | None], now: float, reference: str,
          float_time: bool, bounds: Sequence[float], exit_code: int, output: str) -> None:
-    """Record a run's answer (atomically; at most :data:`MAX_RECORDS` kept). ``reference``
-    is how the reference time appears in ``output``; with ``float_time`` (no ``--at``) a
-    replay shows its own reference time there instead."""
+    """Record a run's answer (atomically; :func:`_prune` keeps the directory bounded).
+    ``reference`` is how the reference time appears in ``output``; with ``float_time`` (no
+    ``--at``) a replay shows its own reference time there instead."""
     if len(files) + len(stats) > MAX_ENTRIES:
         return
     runs = os.path.join(directory, "runs")
@@ -182,18 +184,23 @@ def save(directory: str, key: str, *, files: Mapping[str, str | None],
 
 
 def _prune(runs: str) -> None:
+    """Oldest written out first, until at most :data:`MAX_RECORDS` records and
+    :data:`MAX_BYTES` bytes are left."""
+    kept: list[tuple[float, int, str]] = []
     try:
-        entries = [e for e in os.scandir(runs) if e.name.endswith(".run")]
+        for e in os.scandir(runs):
+            if e.name.endswith(".run"):
+                with contextlib.suppress(OSError):
+                    st = e.stat()
+                    kept.append((st.st_mtime, st.st_size, e.path))
     except OSError:
         return
-    if len(entries) <= MAX_RECORDS:
-        return
-
-    def written(e: os.DirEntry[str]) -> float:
-        try:
-            return e.stat().st_mtime
-        except OSError:
-            return 0.0
-    for e in sorted(entries, key=written)[: len(entries) - MAX_RECORDS]:
+    kept.sort()
+    total = sum(size for _, size, _ in kept)
+    for _, size, path in kept:
+        if len(kept) <= MAX_RECORDS and total <= MAX_BYTES:
+            break
         with contextlib.suppress(OSError):
-            os.unlink(e.path)
+            os.unlink(path)
+        total -= size
+        kept = kept[1:]
