@@ -282,3 +282,23 @@ def test_the_store_database_is_recorded_by_identity_and_times(tmp_path: Path) ->
     conn.commit()
     conn.close()
     assert replay.observe_stat(db_file) != before
+
+
+def test_two_runs_at_once_leave_one_good_record(closure: tuple[Closure, Path],
+                                                 tmp_path: Path) -> None:
+    """Records are written atomically: two processes recording the same command at once
+    leave a record that replays, never a mixed one."""
+    import subprocess
+
+    c, policy = closure
+    argv = [sys.executable, "-m", "tracehook", "-v", "verify", c.target, "--policy",
+            str(policy), "--store", str(c.root), "--cache-dir", str(tmp_path / "cache")]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert len(_records(tmp_path / "cache")) == 1
+    again = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert REPLAYED in again.stderr and again.stdout.startswith("verified: ")
+    assert not list((tmp_path / "cache" / "runs").glob(".*.tmp"))
