@@ -11,7 +11,10 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
   narinfo (each source: its narinfo), steps in random order, ``--clients`` clients at once,
   each on its own keep-alive connection; total time, cost per step, the gate's peak RSS
   (VmHWM, and its checker processes' when there are any), and the ratio to verify;
-- **warm**: the same after a gate restart with the same ``--cache-dir``;
+- **warm**: the same after a gate restart with the same ``--cache-dir`` (the first gate
+  kept its answers when it stopped; the second replays them if every file they were
+  decided from is unchanged: tracehook.gate.warmstart); the start-up of both gates (from
+  the process's start to its first answer) is printed too;
 - **leaf**: the same after one build step near the top changed (the last ordinary step: it
   and the aggregates above it are new derivations), restarted with the same ``--cache-dir``:
   ratio to cold, the number of changed steps, and the target (0.1 x cold plus the changed
@@ -109,10 +112,13 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int) -> float:
 
 
 def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
-             seed: int, again: bool = False) -> tuple[float, float, float]:
-    """Seconds to ask for every path, the gate's peak RSS, and with ``again`` the seconds
-    to ask for every path a second time from the same gate (its decisions memoized)."""
+             seed: int, again: bool = False) -> tuple[float, float, float, float]:
+    """Seconds to ask for every path, the gate's peak RSS, with ``again`` the seconds to
+    ask for every path a second time from the same gate (its decisions memoized), and the
+    seconds from the process's start until it answered (start-up: reading the last run's
+    answers, with a warm --cache-dir, is part of it)."""
     port = free_port()
+    started = time.perf_counter()
     log = cache_dir.parent / "gate.stderr"
     proc = subprocess.Popen(
         [TRACEHOOK, "gate", "--policy", str(policy), "--upstream", f"file://{closure.cache}",
@@ -121,6 +127,7 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
         stdout=subprocess.DEVNULL, stderr=log.open("ab"))
     try:
         wait_ready(port, proc)
+        ready = time.perf_counter() - started
         try:
             elapsed = ask_all(port, closure, clients, seed)
             second = ask_all(port, closure, clients, seed + 7) if again else 0.0
@@ -134,7 +141,7 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return elapsed, rss, second
+    return elapsed, rss, second, ready
 
 
 def run_floor(closure: Closure, tmp: Path, clients: int, seed: int) -> float:
@@ -177,7 +184,8 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{'steps':>7} {'verify s':>9} {'gate cold s':>12} {'us/step':>8} {'ratio':>6} "
           f"{'RSS MiB':>8} {'warm s':>7} {'warm/cold':>9} {'leaf s':>7} {'changed':>8} "
-          f"{'leaf target s':>13} {'floor s':>8} {'warm/floor':>10} {'memo s':>7}")
+          f"{'leaf target s':>13} {'floor s':>8} {'warm/floor':>10} {'memo s':>7} "
+          f"{'start cold s':>12} {'start warm s':>12}")
     per_step: dict[int, list[float]] = {}
     for n in args.sizes:
         for run in range(args.runs):
@@ -188,12 +196,13 @@ def main() -> None:
                 policy.write_text(policy_text(closure.traces))
                 cache_dir = tmp / "cache-dir"
                 verify_s = run_verify(policy, closure, tmp / "verify-cache")
-                cold, rss, memo = run_gate(policy, closure, cache_dir, args.clients, run,
-                                           again=True)
-                warm, _, _ = run_gate(policy, closure, cache_dir, args.clients, run + 1)
+                cold, rss, memo, ready_cold = run_gate(policy, closure, cache_dir,
+                                                       args.clients, run, again=True)
+                warm, _, _, ready_warm = run_gate(policy, closure, cache_dir, args.clients,
+                                                  run + 1)
                 last = f"pkg-{n - max(1, n // 50) - 1}"
                 changed = generate(tmp, n, changed=last, store=closure.root)
-                leaf, _, _ = run_gate(policy, changed, cache_dir, args.clients, run + 2)
+                leaf, _, _, _ = run_gate(policy, changed, cache_dir, args.clients, run + 2)
                 floor = run_floor(closure, tmp, args.clients, run)
                 count = len(closure.steps)
                 new = len({d for d, _ in changed.steps} - {d for d, _ in closure.steps})
@@ -202,7 +211,8 @@ def main() -> None:
                 print(f"{count:>7} {verify_s:>9.2f} {cold:>12.2f} {cold / count * 1e6:>8.0f} "
                       f"{cold / verify_s:>6.2f} {rss:>8.0f} {warm:>7.2f} {warm / cold:>9.2f} "
                       f"{leaf:>7.2f} {new:>8} {leaf_target:>13.2f} {floor:>8.2f} "
-                      f"{warm / floor:>10.2f} {memo:>7.2f}", flush=True)
+                      f"{warm / floor:>10.2f} {memo:>7.2f} {ready_cold:>12.2f} "
+                      f"{ready_warm:>12.2f}", flush=True)
     if len(per_step) > 1:
         sizes = sorted(per_step)
         small, large = statistics.median(per_step[sizes[0]]), statistics.median(per_step[sizes[-1]])

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import FrameType
 
 from tracehook.errors import EXIT_OK, ConfigError, TracehookError
-from tracehook.gate.config import GateConfig, build_server, parse_listen
+from tracehook.gate.config import GateConfig, build_server, parse_listen, save_warm_start
 from tracehook.gate.front import bound_port
 from tracehook.gate.memo import CacheConfig
 from tracehook.stores.eventlog import EventLog
@@ -93,7 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "read (a whole answer: 3 times that; default %(default)s)")
     p.add_argument("--cache-dir", default=env("TRACEHOOK_CACHE_DIR"), metavar="DIR",
                    help="persistent verification cache (facts that never change: parsed "
-                        ".drv files, signature checks, resolutions); env TRACEHOOK_CACHE_DIR")
+                        ".drv files, signature checks, resolutions; and the allowed answers "
+                        "of the last run, replayed at start while every file they were "
+                        "decided from is unchanged); env TRACEHOOK_CACHE_DIR")
     p.add_argument("--policy-interval", type=float, default=2.0, metavar="S",
                    help="seconds between two looks at the policy file for a change "
                         "(default %(default)g; SIGHUP looks at once)")
@@ -160,6 +162,7 @@ def main(args: argparse.Namespace) -> int:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        save_warm_start(server, events)
         server.service.verifier.close()
     return EXIT_OK
 

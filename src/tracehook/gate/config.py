@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracehook.errors import ConfigError
+from tracehook.errors import ConfigError, TracehookError
 from tracehook.gate.front import GateHTTPServer, HttpLimits
 from tracehook.gate.index import DrvIndex
 from tracehook.gate.memo import CacheConfig, DecisionCache
 from tracehook.gate.policywatch import PolicyWatch
 from tracehook.gate.service import Answer, GateService
 from tracehook.gate.verdicts import GateVerifier
+from tracehook.gate.warmstart import WarmStart
 from tracehook.stores.binarycache import open_upstream
 from tracehook.stores.eventlog import EventLog
 from tracehook.stores.factcache import FactCache
@@ -97,4 +99,45 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
     server.policies = policies
+    if cfg.cache_dir is not None:
+        server.warm = _warm_start(cfg, key, policies, service, events)
     return server
+
+
+def _warm_start(cfg: GateConfig, key: crypto.SecretKey | None, policies: PolicyWatch,
+                service: GateService, events: EventLog) -> WarmStart:
+    """Answers kept by the last gate on this cache directory, replayed if nothing they
+    rest on changed (:mod:`tracehook.gate.warmstart`)."""
+    assert cfg.cache_dir is not None
+    shape = [None if key is None else crypto.format_public_key(key.public), cfg.upstreams,
+             cfg.store_root, cfg.fail_on_tamper, cfg.priority]
+    warm = WarmStart(str(cfg.cache_dir), shape)
+    service.verifier.on_generation = warm.begin_generation
+    policy, _ = policies.current()
+    started = time.monotonic()
+    count = warm.restore(service.memo, service.verifier.generation(), policy)
+    if count:
+        events.emit("gate-warm-start", "ok",
+                    f"{count} answers of the last run replayed: every file they were decided "
+                    f"from is unchanged (checked in {time.monotonic() - started:.2f} s)",
+                    answers=count)
+    return warm
+
+
+def save_warm_start(server: GateHTTPServer, events: EventLog) -> None:
+    """At shutdown: keep the current generation's allowed answers for the next start."""
+    warm = server.warm
+    if warm is None or server.policies is None:
+        return
+    try:
+        policy, _ = server.policies.current()
+        gen = server.service.verifier.generation()
+        count = warm.save(server.service.memo, gen, policy)
+    except (TracehookError, OSError) as exc:
+        events.emit("gate-stop", "warning", f"answers not kept for the next start: {exc}",
+                    reason=str(exc))
+        return
+    finally:
+        warm.close()
+    if count:
+        events.emit("gate-stop", "ok", f"{count} answers kept for the next start", answers=count)

@@ -36,6 +36,7 @@ from tracehook.errors import EnvironmentFault
 from tracehook.gate.policywatch import PolicyWatch
 from tracehook.gate.routes import Routes
 from tracehook.gate.service import Answer, GateService, NarAnswer
+from tracehook.gate.warmstart import WarmStart
 from tracehook.stores.deadline import WATCHDOG
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ class GateHTTPServer(socketserver.ThreadingTCPServer):
         self.service = service
         self.routes = Routes(service)
         self.policies: PolicyWatch | None = None  # set by build_server: SIGHUP reloads it
+        self.warm: WarmStart | None = None  # set by build_server with a --cache-dir
         self.limits = limits or HttpLimits()
         self._conns: dict[int, _Conn] = {}
         self._lock = threading.Lock()

@@ -108,6 +108,17 @@ class DecisionCache(Generic[V]):
             flight.done.set()
             return value, True
 
+    def put(self, key: Hashable, value: V) -> None:
+        """Keep ``value`` for ``key`` (for the configured TTL), as if computed now."""
+        with self._lock:
+            self._entries.put(key, (self.clock() + self.config.ttl, value))
+
+    def fresh_items(self) -> list[tuple[Hashable, V]]:
+        """Every entry not expired, least recently used first."""
+        with self._lock:
+            keys = self._entries.keys()  # a copy: _fresh drops what has expired
+            return [(k, v) for k in keys if (v := self._fresh(k)) is not None]
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

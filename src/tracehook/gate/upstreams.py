@@ -18,6 +18,7 @@ from tracehook.nix.refscan import Scanned, scan
 from tracehook.nix.storepath import basename
 from tracehook.stores.binarycache import Upstream, fetch_narinfo
 from tracehook.stores.factcache import FactCache
+from tracehook.stores.readlog import note_opaque
 
 
 def fetch_narinfos(upstreams: Sequence[Upstream], path: str) -> list[Fetched]:
@@ -70,6 +71,7 @@ def scan_nar(upstream: Upstream, url: str, compression: str | None,
             with contextlib.suppress(ValueError, TypeError, EOFError):
                 found, size = marshal.loads(data)
                 return Scanned(frozenset(found), nar_hash, size)
+    note_opaque(f"scanned {url}")  # a decision from a NAR's bytes: not kept for a restart
     body = upstream.open(url)
     if body is None:
         return None

@@ -136,6 +136,7 @@ class GateVerifier:
         # hash part of an output path -> (step, output) that claims made it
         self.path_hints: Lru[str, tuple[tuple[str, str], ...]] = Lru(HINTS_MAX)
         self.rdrv_hints: Lru[str, tuple[str, ...]] = Lru(HINTS_MAX)  # resolved drv -> steps
+        self.on_generation: Callable[[], None] | None = None  # told when one begins
         # (engine serial, step, output, resolved drv) -> verdict: a step decided in a
         # generation stays decided, so the narinfo request after a realisation's (and any
         # request after the first) needs no round trip through the engine
@@ -188,6 +189,8 @@ class GateVerifier:
         engine.start()
         self._engine, self._engine_key = engine, key
         self._serial += 1
+        if self.on_generation is not None:
+            self.on_generation()
         self._verdicts.clear()  # keyed by serial: the old generation's are never asked for
         self._started = now
         ends = [k.not_after for k in policy.keys] + [e.not_after for e in policy.evidence]

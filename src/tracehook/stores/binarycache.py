@@ -32,7 +32,6 @@ from tracehook.nix.narinfo import NarInfo
 from tracehook.nix.storepath import hash_part
 from tracehook.stores.files import read_bounded
 from tracehook.stores.http import DEFAULT_TIMEOUT, Endpoint, HttpClient, status_kind
-from tracehook.stores.readlog import note_opaque
 
 CHUNK = 256 * 1024
 MAX_SMALL = 1024 * 1024  # narinfos and realisations are a few hundred bytes
@@ -102,7 +101,6 @@ class FileUpstream:
 
     def open(self, rel: str) -> Body | None:
         path = self._path(rel)
-        note_opaque(f"streamed {path}")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):

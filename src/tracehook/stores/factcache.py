@@ -16,8 +16,9 @@ costs time to compute and can never become wrong, because its key names all of i
 Decisions are never cached: which traces a store holds, which keys the policy trusts, and
 what satisfies the trust model are read and evaluated anew on every run, so a revoked key,
 an expired key or a changed trace is never answered from here. (``tracehook verify`` may
-replay a whole answer, from ``runs/`` next to this database, when every input it was
-decided from is byte-identical: :mod:`tracehook.verify.replay`.)
+replay a whole answer, from ``runs/`` next to this database, and a restarted gate its last
+run's allowed answers, from ``gate/``, when every input they were decided from is
+byte-identical: :mod:`tracehook.verify.replay`, :mod:`tracehook.gate.warmstart`.)
 
 A namespace is read into memory in one query the first time it is asked for (when it holds
 at most :data:`MEMORY_BOUND` bytes; a bigger one is read a row at a time): one query instead

@@ -9,8 +9,8 @@ cheaply and completely afterwards (an HTTP or S3 read, a warning) makes the log 
 (:func:`note_opaque`): such a run is never replayed. :mod:`tracehook.verify.replay`
 decides from a log whether an earlier answer still holds.
 
-When no log is active every note is one global lookup: the gate and the signer never
-record.
+When no log is active every note is one global lookup: the signer never records; the gate
+does when it keeps its answers for a restart (:mod:`tracehook.gate.warmstart`).
 """
 
 from __future__ import annotations
@@ -74,41 +74,57 @@ def stat_of(path: str) -> Stat | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-_active: ReadLog | None = None
+# Every log noting now (a tuple, replaced whole: readers never see it half changed). Each
+# note goes to all of them: a log may see more than its own reads (a record stricter than
+# needed), never fewer.
+_active: tuple[ReadLog, ...] = ()
+_attach_lock = threading.Lock()
+
+
+def attach(log: ReadLog) -> None:
+    """Note every read into ``log`` too, until :func:`detach`."""
+    global _active
+    with _attach_lock:
+        _active = (*_active, log)
+
+
+def detach(log: ReadLog) -> None:
+    global _active
+    with _attach_lock:
+        _active = tuple(x for x in _active if x is not log)
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[ReadLog]:
-    """Note every read made until the block ends (one log per process at a time)."""
-    global _active
+    """Note every read made until the block ends."""
     log = ReadLog()
-    _active = log
+    attach(log)
     try:
         yield log
     finally:
-        _active = None
+        detach(log)
 
 
 def is_recording() -> bool:
-    return _active is not None
+    return bool(_active)
 
 
 def merged(files: dict[str, str | None], opaque: list[str]) -> None:
-    """Add what a checker process read (:meth:`ReadLog.merge`) to the active log."""
-    if _active is not None:
-        _active.merge(files, opaque)
+    """Add what a checker process read (:meth:`ReadLog.merge`) to the active logs."""
+    for log in _active:
+        log.merge(files, opaque)
 
 
 def note_read(path: str | os.PathLike[str], data: bytes | None) -> None:
-    if _active is not None:
-        _active.read(os.fspath(path), data)
+    for log in _active:
+        log.read(os.fspath(path), data)
 
 
 def note_stat(path: str | os.PathLike[str]) -> None:
-    if _active is not None:
-        _active.stat(os.fspath(path))
+    for log in _active:
+        log.stat(os.fspath(path))
 
 
 def note_opaque(why: str) -> None:
-    if _active is not None:
-        _active.make_opaque(why)
+    for log in _active:
+        log.make_opaque(why)

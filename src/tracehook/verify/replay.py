@@ -18,7 +18,7 @@ So a revoked key (the policy's bytes change), an expired key (a ``not-after`` pa
 tampered, added or removed trace file (its bytes, or its absence) are never answered from a
 record: the run is done again. (Checker processes note what they read too, and send it back
 with their answers.) Nothing else is replayed: a run that read an HTTP or S3 store,
-streamed a NAR, used hardware evidence (its certificates have validity dates of their
+used hardware evidence (its certificates have validity dates of their
 own), logged a warning, or could not read something (a fault) records nothing. Files are
 written atomically; a record that does not parse is removed and the run done again; at
 most :data:`MAX_RECORDS` records and :data:`MAX_BYTES` bytes are kept (the least recently
@@ -112,13 +112,14 @@ def observe_stat(path: str) -> list[int] | None:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _path(directory: str, key: str) -> str:
-    return os.path.join(directory, "runs", f"{key}.run")
+def record_path(directory: str, key: str, kind: str = "runs") -> str:
+    return os.path.join(directory, kind, f"{key}.run")
 
 
-def replay(directory: str, key: str, now: float) -> tuple[int, str] | None:
-    """(exit code, output) of the recorded run if it still holds, else None."""
-    path = _path(directory, key)
+def load_record(path: str, needs: Mapping[str, type | tuple[type, ...]]
+                ) -> dict[str, object] | None:
+    """The record at ``path`` if it reads and has the fields ``needs`` names (with those
+    types); None if there is none. A damaged one is removed, with a warning."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -128,22 +129,46 @@ def replay(directory: str, key: str, now: float) -> tuple[int, str] | None:
         record = marshal.loads(data)
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise ValueError("not a record of this format")
-        files, stats = record["files"], record["stats"]
-        exit_code, output, at = record["exit"], record["output"], record["reference"]
-        if not (isinstance(files, dict) and isinstance(stats, dict) and
-                isinstance(exit_code, int) and isinstance(output, str) and
-                isinstance(at, str)):
-            raise ValueError("fields of the wrong type")
+        for name, kind in {"files": dict, "stats": dict, **needs}.items():
+            if not isinstance(record[name], kind):
+                raise ValueError(f"field {name} of the wrong type")
     except (ValueError, KeyError, TypeError, EOFError) as exc:
         print(f"tracehook: warning: verification record {path} unusable ({exc}); removed, "
-              "verifying again", file=sys.stderr)
+              "deciding again", file=sys.stderr)
         with contextlib.suppress(OSError):
             os.unlink(path)
         return None
+    return record
+
+
+def inputs_hold(record: Mapping[str, object], now: float) -> bool:
+    """Whether every input ``record`` was decided from is as it was (read again now)."""
+    files, stats = record["files"], record["stats"]
+    assert isinstance(files, dict) and isinstance(stats, dict)
     seen_files = {p: observe_file(p) for p in files}
     seen_stats = {p: observe_stat(p) for p in stats}
-    if not holds(record, seen_files, seen_stats, now):
+    return holds(record, seen_files, seen_stats, now)
+
+
+def save_record(directory: str, key: str, kind: str, record: dict[str, object]) -> None:
+    """Write ``record`` atomically; :func:`_prune` keeps ``directory/kind`` bounded."""
+    from pathlib import Path
+
+    from tracehook.stores.files import atomic_write
+
+    data = marshal.dumps({"format": FORMAT, **record})
+    atomic_write(Path(record_path(directory, key, kind)), data)
+    _prune(os.path.join(directory, kind))
+
+
+def replay(directory: str, key: str, now: float) -> tuple[int, str] | None:
+    """(exit code, output) of the recorded run if it still holds, else None."""
+    record = load_record(record_path(directory, key),
+                         {"exit": int, "output": str, "reference": str})
+    if record is None or not inputs_hold(record, now):
         return None
+    exit_code, output, at = record["exit"], record["output"], record["reference"]
+    assert isinstance(exit_code, int) and isinstance(output, str) and isinstance(at, str)
     if record.get("float_time"):
         output = with_reference_time(output, at, _iso(now))
     return exit_code, output
@@ -170,17 +195,11 @@ def save(directory: str, key: str, *, files: Mapping[str, str | None],
     ``--at``) a replay shows its own reference time there instead."""
     if len(files) + len(stats) > MAX_ENTRIES:
         return
-    runs = os.path.join(directory, "runs")
-    record = {"format": FORMAT, "files": dict(files),
-              "stats": {p: None if s is None else list(s) for p, s in stats.items()},
-              "now": now, "bounds": sorted(bounds), "exit": exit_code, "output": output,
-              "reference": reference, "float_time": float_time}
-    from pathlib import Path
-
-    from tracehook.stores.files import atomic_write
-
-    atomic_write(Path(_path(directory, key)), marshal.dumps(record))
-    _prune(runs)
+    save_record(directory, key, "runs", {
+        "files": dict(files),
+        "stats": {p: None if s is None else list(s) for p, s in stats.items()},
+        "now": now, "bounds": sorted(bounds), "exit": exit_code, "output": output,
+        "reference": reference, "float_time": float_time})
 
 
 def _prune(runs: str) -> None:

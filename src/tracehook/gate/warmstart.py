@@ -1,0 +1,120 @@
+"""The gate's answers kept across a restart, replayed only if nothing they rest on changed.
+
+With ``--cache-dir``, the gate notes what each generation reads
+(:mod:`tracehook.stores.readlog`): every trace file, upstream narinfo and realisation it
+looked up, with the SHA-256 of its bytes or the fact that it was absent. When the gate
+stops, it records the current generation's allowed answers (200) with those notes, in
+``gate/`` of the verification cache. At the next start the record is used only when:
+
+- the tracehook code, the policy (its digest), the gate's signing key and the configuration
+  that shapes answers (upstreams, store, ``--fail-on-tamper``, priority) are the same (the
+  record is named by their digest);
+- every file the generation read has the same bytes or is still absent (read again now);
+- the time is on the same side of every ``not-after`` in the policy.
+
+Then the answers go into the decision memo of the first generation, as if decided now,
+and live as any decision does (``--cache-ttl``, the generation: a changed policy or trace
+store ends it); the files they rest on are noted in that generation, so what it records in
+turn still names all of them. Nothing else is kept: refusals and faults are decided again;
+a generation that read an HTTP or S3 store, scanned a NAR for references, saw a file change
+while reading it, or runs under a policy with hardware evidence (certificates have dates of
+their own) records nothing. The verification facts (:mod:`tracehook.stores.factcache`) are
+used as before either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+
+from tracehook.gate.memo import DecisionCache
+from tracehook.gate.service import Answer
+from tracehook.stores import readlog
+from tracehook.verify import replay
+from tracehook.verify.policy import Policy
+
+log = logging.getLogger(__name__)
+
+KIND = "gate"
+
+
+def bounds(policy: Policy) -> list[float]:
+    """Every ``not-after`` of the policy, as seconds since the epoch."""
+    ends = [k.not_after for k in (*policy.keys, *policy.narinfo_keys)]
+    return [t.timestamp() for t in ends if t is not None]
+
+
+class WarmStart:
+    """Thread-safe as :class:`~tracehook.stores.readlog.ReadLog` is: generations begin in
+    the verifier's lock; saving and restoring happen before serving and after it."""
+
+    def __init__(self, directory: str, shape: Sequence[object]) -> None:
+        """``shape``: what else the answers depend on (signing key, upstreams, flags)."""
+        self.directory = directory
+        self.shape = repr(list(shape))
+        self.log = readlog.ReadLog()
+        readlog.attach(self.log)
+
+    def key(self, digest: str) -> str:
+        text = repr([replay.code_mark(), digest, self.shape])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def begin_generation(self) -> None:
+        """A new generation reads afresh: note only its reads from now on."""
+        old, self.log = self.log, readlog.ReadLog()
+        readlog.attach(self.log)
+        readlog.detach(old)
+
+    def restore(self, memo: DecisionCache[Answer], gen: tuple[str, int], policy: Policy,
+                now: float | None = None) -> int:
+        """Put the recorded answers into ``memo`` for the generation ``gen`` if every input
+        still holds; how many."""
+        if policy.evidence:
+            return 0
+        record = replay.load_record(replay.record_path(self.directory, self.key(gen[0]), KIND),
+                                    {"answers": list, "now": float, "bounds": list})
+        when = time.time() if now is None else now
+        if record is None or record["bounds"] != bounds(policy):
+            return 0
+        if not replay.inputs_hold(record, when):
+            return 0
+        files, answers = record["files"], record["answers"]
+        assert isinstance(files, dict) and isinstance(answers, list)
+        good = [a for a in answers if _answer_shaped(a)]
+        if len(good) != len(answers):
+            return 0  # written by something else: decide again
+        self.log.merge(files, [])  # what the replayed answers rest on, checked just now
+        for key, status, body, content_type in good:
+            memo.put((key, gen), Answer(status, body, content_type))
+        return len(good)
+
+    def save(self, memo: DecisionCache[Answer], gen: tuple[str, int], policy: Policy,
+             now: float | None = None) -> int:
+        """Record the allowed answers of generation ``gen`` with what it read; how many
+        (0: nothing recorded, and why is logged)."""
+        seen = self.log
+        if seen.opaque or policy.evidence:
+            log.info("gate answers not kept for a restart: %s",
+                     "; ".join(seen.opaque) or "hardware evidence in the policy")
+            return 0
+        answers = [(key[0], a.status, a.body, a.content_type) for key, a in memo.fresh_items()
+                   if isinstance(key, tuple) and len(key) == 2 and key[1] == gen
+                   and a.status == 200]
+        if not answers or len(seen.files) + len(seen.stats) > replay.MAX_ENTRIES:
+            return 0
+        replay.save_record(self.directory, self.key(gen[0]), KIND, {
+            "files": dict(seen.files),
+            "stats": {p: None if s is None else list(s) for p, s in seen.stats.items()},
+            "now": time.time() if now is None else now, "bounds": bounds(policy),
+            "answers": answers})
+        return len(answers)
+
+    def close(self) -> None:
+        readlog.detach(self.log)
+
+
+def _answer_shaped(item: object) -> bool:
+    return (isinstance(item, tuple) and len(item) == 4 and isinstance(item[0], tuple)
+            and item[1] == 200 and isinstance(item[2], bytes) and isinstance(item[3], str))

@@ -1,0 +1,170 @@
+"""A restarted gate replays the last run's answers only when nothing they rest on changed
+(tracehook.gate.warmstart): real gate processes, stopped with SIGTERM and started again on
+the same --cache-dir."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gatekit import write_gate_key
+from gateproc import gate_argv, gate_process, get
+from testkeys import secret
+from tracehook.trace import crypto
+from traceserver import serve_traces
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from synth import SIGNERS, Closure, generate, policy_text
+
+
+def _paths(c: Closure) -> list[str]:
+    return [p for pair in c.requests() for p in pair if p]
+
+
+Answers = dict[str, tuple[int, bytes]]
+STDERR: list[str] = []
+
+
+def _run(c: Closure, policy: Path, tmp: Path, *extra: str
+         ) -> tuple[Answers, list[dict[str, object]]]:
+    """Every path of the closure asked of a gate process that is then stopped: the answers
+    and the gate's event records (its whole stderr in STDERR[-1])."""
+    argv = gate_argv(policy, [f"file://{c.cache}"], c.root, tmp / "gate.log",
+                     "--cache-dir", str(tmp / "cache-dir"), *extra)
+    with gate_process(argv) as gate:
+        answers = {p: get(gate.url + p) for p in _paths(c)}
+    STDERR.append(gate.stderr)
+    return answers, gate.records()
+
+
+def _warm(records: list[dict[str, object]]) -> int:
+    got = [r for r in records if r["event"] == "gate-warm-start"]
+    return int(got[0]["answers"]) if got else 0  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def closure(tmp_path: Path) -> tuple[Closure, Path]:
+    c = generate(tmp_path, 25)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_text(c.traces))
+    return c, policy
+
+
+def test_a_restart_replays_the_last_runs_answers(closure: tuple[Closure, Path],
+                                                  tmp_path: Path) -> None:
+    c, policy = closure
+    key, _ = write_gate_key(tmp_path)
+    first, records = _run(c, policy, tmp_path, "--signing-key", str(key))
+    assert {s for s, _ in first.values()} == {200}
+    kept = [r for r in records if r["event"] == "gate-stop" and r["outcome"] == "ok"]
+    assert kept and kept[0]["answers"] == len(first)
+    second, records = _run(c, policy, tmp_path, "--signing-key", str(key))
+    assert _warm(records) == len(first)
+    assert second == first  # the same bytes, signatures included
+    # the second run decided nothing: no "allowed" line, yet it kept its answers again
+    assert not [r for r in records if r["outcome"] == "allowed"]
+    assert [r for r in records if r["event"] == "gate-stop" and r["outcome"] == "ok"]
+    third, records = _run(c, policy, tmp_path, "--signing-key", str(key))
+    assert _warm(records) == len(first) and third == first
+
+
+def _first_trace(c: Closure) -> Path:
+    return sorted(p for p in (c.traces / "traces").iterdir() if not p.name.startswith("."))[0]
+
+
+def _tamper(trace: Path) -> None:
+    doc = json.loads(trace.read_text())
+    header, payload, sig = doc["signatures"][0].split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    for out in body["out"]["nix"].values():
+        out["hash"] = out["hash"][:-1] + ("0" if out["hash"][-1] != "0" else "1")
+    raw = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+    doc["signatures"][0] = f"{header}.{raw}.{sig}"
+    trace.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("change", ["tampered-trace", "removed-trace", "revoked-key",
+                                    "upstream-narinfo", "other-signing-key",
+                                    "expired-meanwhile"])
+def test_a_restart_never_replays_what_changed(closure: tuple[Closure, Path], tmp_path: Path,
+                                              change: str) -> None:
+    c, policy = closure
+    key, _ = write_gate_key(tmp_path)
+    if change == "expired-meanwhile":
+        text = policy.read_text()
+        pub = text.split(f'{SIGNERS[1]} = "', 1)[1].split('"', 1)[0]
+        soon = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=4)).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")
+        policy.write_text(text.replace(f'{SIGNERS[1]} = "{pub}"',
+                                       f'{SIGNERS[1]} = {{ key = "{pub}", not-after = {soon} }}'))
+    first, _ = _run(c, policy, tmp_path, "--signing-key", str(key))
+    assert {s for s, _ in first.values()} == {200}
+    extra = ["--signing-key", str(key)]
+    if change == "tampered-trace":
+        _tamper(_first_trace(c))
+    elif change == "removed-trace":
+        _first_trace(c).unlink()
+    elif change == "revoked-key":
+        text = policy.read_text()
+        pub = text.split(f'{SIGNERS[0]} = "', 1)[1].split('"', 1)[0]
+        policy.write_text(text.replace(f'{SIGNERS[0]} = "{pub}"',
+                                       f'{SIGNERS[0]} = {{ key = "{pub}", revoked = true }}'))
+    elif change == "upstream-narinfo":
+        # the cache now lies about one output: its NarHash no longer matches the traces
+        path = _paths(c)[1]
+        ni = c.cache / path.lstrip("/")
+        lines = ni.read_text().splitlines()
+        lines = [(ln[:-1] + ("0" if ln[-1] != "0" else "1")) if ln.startswith("NarHash:")
+                 else ln for ln in lines]
+        ni.write_text("\n".join(lines) + "\n")
+    elif change == "other-signing-key":
+        other = tmp_path / "other.secret"
+        other.write_text(crypto.format_secret_key(secret("gate-2")))
+        extra = ["--signing-key", str(other)]
+    else:
+        time.sleep(4.5)
+    second, records = _run(c, policy, tmp_path, *extra)
+    assert _warm(records) == 0
+    if change == "other-signing-key":
+        assert {s for s, _ in second.values()} == {200}
+        assert all(b"gate-2:" in body for p, (_, body) in second.items()
+                   if p.endswith(".narinfo"))
+    elif change == "upstream-narinfo":
+        assert second[_paths(c)[1]][0] == 404
+    else:
+        assert 404 in {s for s, _ in second.values()}
+
+
+def test_what_cannot_be_rechecked_is_not_kept(closure: tuple[Closure, Path],
+                                              tmp_path: Path) -> None:
+    """A trace store over HTTP: its answers cannot be re-read at start; nothing is kept."""
+    c, policy = closure
+    with serve_traces() as server:
+        for f in (c.traces / "traces").iterdir():
+            server.state.files[f.name] = f.read_bytes()
+        policy.write_text(policy_text(c.traces).replace(f"file://{c.traces}", server.url))
+        first, records = _run(c, policy, tmp_path)
+        assert {s for s, _ in first.values()} == {200}
+        assert not [r for r in records if r["event"] == "gate-stop" and r["outcome"] == "ok"]
+        _, records = _run(c, policy, tmp_path)
+        assert _warm(records) == 0
+    assert not list((tmp_path / "cache-dir").glob("gate/*.run"))
+
+
+def test_a_damaged_record_is_removed_and_decided_again(closure: tuple[Closure, Path],
+                                                       tmp_path: Path) -> None:
+    c, policy = closure
+    first, _ = _run(c, policy, tmp_path)
+    (record,) = (tmp_path / "cache-dir" / "gate").glob("*.run")
+    record.write_bytes(record.read_bytes()[:100])
+    second, records = _run(c, policy, tmp_path)
+    assert _warm(records) == 0 and second == first
+    assert f"verification record {record} unusable" in STDERR[-1]
+    third, records = _run(c, policy, tmp_path)  # the second run kept a good one again
+    assert _warm(records) == len(first) and third == first
