@@ -259,3 +259,37 @@ def test_a_realisations_checks_answer_the_narinfo_asked_for_next(
         assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 404
         narinfo_file.write_bytes(kept)
         assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 200
+
+
+def test_a_restarted_index_reads_what_it_found_from_the_facts(tmp_path: Path) -> None:
+    """The .drv index's findings (realisation ids, output paths named) are facts of the
+    .drv files: a gate started again on the same --cache-dir does not parse them again,
+    and a row of another shape is indexed from the file again."""
+    from tracehook.gate.index import DrvIndex
+    from tracehook.stores.factcache import FactCache
+    from tracehook.stores.nixstore import StoreReader
+
+    closure = generate(tmp_path, 20)
+    facts = FactCache(tmp_path / "facts")
+    first = DrvIndex(StoreReader(str(closure.root), facts=facts))
+    count = first.refresh()
+    facts.close()
+    facts = FactCache(tmp_path / "facts")
+    reader = StoreReader(str(closure.root), facts=facts)
+    reads: list[str] = []
+    real = reader.read_derivation
+
+    def counting(path: str) -> Any:
+        reads.append(path)
+        return real(path)
+
+    reader.read_derivation = counting  # type: ignore[method-assign,assignment]
+    again = DrvIndex(reader)
+    assert again.refresh() == count and reads == []
+    assert again._by_id == first._by_id and again._by_output == first._by_output
+    victim = sorted(again._seen)[0]
+    facts.put("index", victim.encode(), b"\x00not marshal")
+    third = DrvIndex(reader)
+    assert third.refresh() == count and victim in reads
+    assert third._by_id == first._by_id
+    facts.close()

@@ -113,6 +113,10 @@ class DrvIndex:
         return known == (st.st_size, st.st_mtime_ns)
 
     def _add(self, drv_path: str, entry: os.DirEntry[str] | None = None) -> bool:
+        known = self._from_facts(drv_path)
+        if known is not None:
+            self._enter(drv_path, *known)
+            return True
         try:
             drv = self.reader.read_derivation(drv_path)
             ids = self._ids(drv_path, drv)
@@ -131,17 +135,36 @@ class DrvIndex:
             self.skipped[drv_path] = exc.diagnostics()
             log.debug("not indexing %s: %s", drv_path, exc.diagnostics())
             return False
+        outputs = {name: out.path for name, out in drv.outputs.items() if out.path}
+        if self.reader.facts is not None:
+            self.reader.facts.put("index", drv_path.encode(), marshal.dumps(
+                (tuple(ids.items()), tuple(outputs.items()))))
+        self._enter(drv_path, ids, outputs)
+        return True
+
+    def _from_facts(self, drv_path: str) -> tuple[dict[str, str], dict[str, str]] | None:
+        """What indexing ``drv_path`` found before (realisation ids and the output paths
+        the .drv names), from the persistent cache: a function of the .drv files, which
+        their paths name; kept only after the .drv was read and checked."""
+        facts = self.reader.facts
+        data = facts.get("index", drv_path.encode()) if facts is not None else None
+        if data is None:
+            return None
+        try:
+            ids, outputs = marshal.loads(data)
+            return dict(ids), dict(outputs)
+        except (ValueError, TypeError, EOFError):
+            return None  # a row of another shape: index the file again
+
+    def _enter(self, drv_path: str, ids: dict[str, str], outputs: dict[str, str]) -> None:
         with self._lock:
             self.skipped.pop(drv_path, None)
             self._waiting.discard(drv_path)
             self._seen.add(drv_path)
             for output, rid in ids.items():
                 self._by_id[rid] = (drv_path, output)
-            for output, out in drv.outputs.items():
-                if out.path:
-                    self._by_output.setdefault(hash_part(out.path), []).append(
-                        (drv_path, output))
-        return True
+            for output, path in outputs.items():
+                self._by_output.setdefault(hash_part(path), []).append((drv_path, output))
 
     def _ids(self, drv_path: str, drv: Derivation) -> dict[str, str]:
         """The derivation's realisation ids, remembered in the persistent cache (they are a
