@@ -302,3 +302,17 @@ def test_two_runs_at_once_leave_one_good_record(closure: tuple[Closure, Path],
     again = subprocess.run(argv, capture_output=True, text=True, check=True)
     assert REPLAYED in again.stderr and again.stdout.startswith("verified: ")
     assert not list((tmp_path / "cache" / "runs").glob(".*.tmp"))
+
+
+def test_a_record_others_could_write_is_not_used(closure: tuple[Closure, Path],
+                                                 tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Whoever can write a record decides what is replayed: only our own directory."""
+    c, policy = closure
+    cache = tmp_path / "cache"
+    assert _run(capsys, c, policy, cache)[0] == 0
+    (cache / "runs").chmod(0o777)
+    code, _, err = _run(capsys, c, policy, cache)
+    assert code == 0 and REPLAYED not in err and "writable by others" in err
+    (cache / "runs").chmod(0o755)
+    assert REPLAYED in _run(capsys, c, policy, cache)[2]

@@ -119,11 +119,18 @@ def record_path(directory: str, key: str, kind: str = "runs") -> str:
 def load_record(path: str, needs: Mapping[str, type | tuple[type, ...]]
                 ) -> dict[str, object] | None:
     """The record at ``path`` if it reads and has the fields ``needs`` names (with those
-    types); None if there is none. A damaged one is removed, with a warning."""
+    types); None if there is none. A damaged one is removed, with a warning. A record in a
+    directory that someone else could write is not used (whoever writes a record decides
+    what is replayed)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
+        where = os.stat(os.path.dirname(path))
     except OSError:
+        return None
+    if where.st_uid != os.geteuid() or where.st_mode & 0o022:
+        print(f"tracehook: warning: verification record {path} not used: its directory is "
+              "writable by others or not ours (chmod go-w it)", file=sys.stderr)
         return None
     try:
         record = marshal.loads(data)
