@@ -192,6 +192,8 @@ def running_gate(
     finally:
         server.shutdown()
         server.server_close()
+        if server.warm is not None:
+            server.warm.close()  # (a gate process keeps its answers: cli/gate.py)
         server.service.verifier.close()
 
 
