@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import gate  # noqa: E402
 from gate import free_port  # noqa: E402
-from synth import Closure, generate, policy_text  # noqa: E402
+from synth import Closure, generate, with_policy  # noqa: E402
 
 TRACEHOOK = str(Path(sys.executable).parent / "tracehook")
 
@@ -191,9 +191,7 @@ def main() -> None:
         for run in range(args.runs):
             with tempfile.TemporaryDirectory(prefix="tracehook-gate-scale-") as d:
                 tmp = Path(d)
-                closure = generate(tmp, n)
-                policy = tmp / "policy.toml"
-                policy.write_text(policy_text(closure.traces))
+                closure, policy = with_policy(tmp, n)
                 cache_dir = tmp / "cache-dir"
                 verify_s = run_verify(policy, closure, tmp / "verify-cache")
                 cold, rss, memo, ready_cold = run_gate(policy, closure, cache_dir,

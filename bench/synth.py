@@ -73,6 +73,15 @@ class Closure:
         return out + [("", f"/{hash_part(o)}.narinfo") for _, o in self.sources]
 
 
+def with_policy(tmp: Path, steps: int) -> tuple[Closure, Path]:
+    """A closure of ``steps`` build steps under ``tmp`` and its 2-of-2 policy,
+    ``tmp/policy.toml``."""
+    closure = generate(tmp, steps)
+    policy = tmp / "policy.toml"
+    policy.write_text(policy_text(closure.traces))
+    return closure, policy
+
+
 def generate(tmp: Path, steps: int, seed: int = 1, changed: str | None = None,
              store: Path | None = None) -> Closure:
     rng = random.Random(seed)

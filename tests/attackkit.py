@@ -1,11 +1,14 @@
 """Helpers for the attack table (tests/test_attacks.py): editing a binary cache the way a
-lying cache would, signing traces in laut's shape (no references), asking a gate over HTTP,
+lying cache would, altering a signed claim the way a trace-store writer could, signing
+traces in laut's shape (no references), asking a gate over HTTP,
 a listener that runs as another user, and a subprocess whose peak memory is measured.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -44,6 +47,19 @@ def edit_narinfo(cache: Path, path: str, **changes: Any) -> narinfo.NarInfo:
     ni = replace(read_narinfo(cache, path), **{"sigs": (), **changes})
     narinfo_file(cache, path).write_text(narinfo.render(ni))
     return ni
+
+
+def tamper_claimed_hash(trace: Path) -> None:
+    """Change one character of every output hash the first signature of ``trace`` claims,
+    keeping its header and signature: a forged claim by a trusted key."""
+    doc = json.loads(trace.read_text())
+    header, payload, sig = doc["signatures"][0].split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    for out in body["out"]["nix"].values():
+        out["hash"] = out["hash"][:-1] + ("0" if out["hash"][-1] != "0" else "1")
+    raw = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+    doc["signatures"][0] = f"{header}.{raw}.{sig}"
+    trace.write_text(json.dumps(doc))
 
 
 def without(refs: Sequence[str], path: str) -> tuple[str, ...]:

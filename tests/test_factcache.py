@@ -19,8 +19,9 @@ from tracehook import cli
 from tracehook.stores.factcache import FactCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synth import SIGNERS, Closure, generate, policy_text
+from synth import SIGNERS, Closure, policy_text, with_policy
 
+from attackkit import tamper_claimed_hash
 from testkeys import secret
 
 WRITER = textwrap.dedent("""
@@ -168,29 +169,11 @@ def _verify(capsys: pytest.CaptureFixture[str], c: Closure, policy: Path, cache:
                      "--cache-dir", str(cache), *extra])
 
 
-def _tamper(c: Closure) -> None:
-    """Change one byte of a claimed hash in the middle of the closure's first trace."""
-    import base64
-    import json
-
-    trace = sorted((c.traces / "traces").iterdir())[0]
-    doc = json.loads(trace.read_text())
-    header, payload, sig = doc["signatures"][0].split(".")
-    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    for out in body["out"]["nix"].values():
-        out["hash"] = out["hash"][:-1] + ("0" if out["hash"][-1] != "0" else "1")
-    raw = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
-    doc["signatures"][0] = f"{header}.{raw}.{sig}"
-    trace.write_text(json.dumps(doc))
-
-
 @pytest.mark.parametrize("change", ["revoked-key", "expired-key", "tampered-trace",
                                     "changed-policy", "trace-removed"])
 def test_a_warm_cache_never_answers_what_changed(tmp_path: Path, change: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    c = generate(tmp_path, 40)
-    policy = tmp_path / "policy.toml"
-    policy.write_text(policy_text(c.traces))
+    c, policy = with_policy(tmp_path, 40)
     cache = tmp_path / "cache"
     assert _verify(capsys, c, policy, cache) == 0  # cold: fills the cache
     assert _verify(capsys, c, policy, cache) == 0  # warm: the same answer
@@ -210,7 +193,7 @@ def test_a_warm_cache_never_answers_what_changed(tmp_path: Path, change: str,
             f'{name} = "{key}"', f'{name} = {{ key = "{key}", not-after = 2030-01-01 }}'))
         extra = ["--at", "2031-01-01T00:00:00Z"]
     elif change == "tampered-trace":
-        _tamper(c)
+        tamper_claimed_hash(sorted((c.traces / "traces").iterdir())[0])
     elif change == "changed-policy":
         policy.write_text(policy_text(c.traces, require='{ all-of = ["builderA", '
                                       '"builderB", "builderC"] }').replace(

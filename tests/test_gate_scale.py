@@ -25,7 +25,7 @@ from tracehook.trace.stepkey import step_key
 from traceserver import serve_traces
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synth import generate, policy_text
+from synth import generate, with_policy
 
 
 @pytest.fixture
@@ -179,9 +179,7 @@ def test_junk_drv_files_are_read_once(syn: Synthetic, tmp_path: Path) -> None:
 def test_a_whole_closure_in_nix_order_decides_each_step_once(tmp_path: Path) -> None:
     """300 steps requested as Nix does (realisation then narinfo, random order, 8 clients at
     once): every answer 200, and every step planned once for all of them."""
-    closure = generate(tmp_path, 300)
-    policy = tmp_path / "policy.toml"
-    policy.write_text(policy_text(closure.traces))
+    closure, policy = with_policy(tmp_path, 300)
     work = closure.requests()
     random.Random(7).shuffle(work)
     lock = threading.Lock()

@@ -4,15 +4,14 @@ the same --cache-dir."""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from attackkit import tamper_claimed_hash
 from gatekit import write_gate_key
 from gateproc import gate_argv, gate_process, get
 from testkeys import secret
@@ -20,7 +19,7 @@ from tracehook.trace import crypto
 from traceserver import serve_traces
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synth import SIGNERS, Closure, generate, policy_text
+from synth import SIGNERS, Closure, policy_text, with_policy
 
 
 def _paths(c: Closure) -> list[str]:
@@ -50,10 +49,7 @@ def _warm(records: list[dict[str, object]]) -> int:
 
 @pytest.fixture
 def closure(tmp_path: Path) -> tuple[Closure, Path]:
-    c = generate(tmp_path, 25)
-    policy = tmp_path / "policy.toml"
-    policy.write_text(policy_text(c.traces))
-    return c, policy
+    return with_policy(tmp_path, 25)
 
 
 def test_a_restart_replays_the_last_runs_answers(closure: tuple[Closure, Path],
@@ -78,17 +74,6 @@ def _first_trace(c: Closure) -> Path:
     return sorted(p for p in (c.traces / "traces").iterdir() if not p.name.startswith("."))[0]
 
 
-def _tamper(trace: Path) -> None:
-    doc = json.loads(trace.read_text())
-    header, payload, sig = doc["signatures"][0].split(".")
-    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    for out in body["out"]["nix"].values():
-        out["hash"] = out["hash"][:-1] + ("0" if out["hash"][-1] != "0" else "1")
-    raw = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
-    doc["signatures"][0] = f"{header}.{raw}.{sig}"
-    trace.write_text(json.dumps(doc))
-
-
 @pytest.mark.parametrize("change", ["tampered-trace", "removed-trace", "revoked-key",
                                     "upstream-narinfo", "other-signing-key",
                                     "expired-meanwhile"])
@@ -107,7 +92,7 @@ def test_a_restart_never_replays_what_changed(closure: tuple[Closure, Path], tmp
     assert {s for s, _ in first.values()} == {200}
     extra = ["--signing-key", str(key)]
     if change == "tampered-trace":
-        _tamper(_first_trace(c))
+        tamper_claimed_hash(_first_trace(c))
     elif change == "removed-trace":
         _first_trace(c).unlink()
     elif change == "revoked-key":

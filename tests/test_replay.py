@@ -17,7 +17,7 @@ from tracehook.trace import crypto
 from tracehook.verify import replay
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synth import SIGNERS, Closure, generate, policy_text
+from synth import SIGNERS, Closure, policy_text, with_policy
 
 from testkeys import secret
 from traceserver import serve_traces
@@ -40,10 +40,7 @@ def _records(cache: Path) -> list[Path]:
 
 @pytest.fixture
 def closure(tmp_path: Path) -> tuple[Closure, Path]:
-    c = generate(tmp_path, 30)
-    policy = tmp_path / "policy.toml"
-    policy.write_text(policy_text(c.traces))
-    return c, policy
+    return with_policy(tmp_path, 30)
 
 
 def test_a_second_run_is_replayed_with_its_own_reference_time(
@@ -207,15 +204,15 @@ def test_records_are_bounded(closure: tuple[Closure, Path], tmp_path: Path,
 
 
 def test_holds_compares_every_input_and_the_side_of_every_date() -> None:
-    record = {"files": {"/a": "1", "/b": None}, "stats": {"/db": [1, 2, 3, 4, 5]},
+    record = {"files": {"/a": "1", "/b": None}, "stats": {"/db": (1, 2, 3, 4, 5)},
               "now": 100.0, "bounds": [150.0]}
-    assert replay.holds(record, {"/a": "1", "/b": None}, {"/db": [1, 2, 3, 4, 5]}, 120.0)
-    assert not replay.holds(record, {"/a": "2", "/b": None}, {"/db": [1, 2, 3, 4, 5]}, 120)
-    assert not replay.holds(record, {"/a": "1", "/b": "new"}, {"/db": [1, 2, 3, 4, 5]}, 120)
-    assert not replay.holds(record, {"/a": "1", "/b": None}, {"/db": [1, 2, 3, 4, 6]}, 120)
-    assert not replay.holds(record, {"/a": "1", "/b": None}, {"/db": [1, 2, 3, 4, 5]}, 150)
+    assert replay.holds(record, {"/a": "1", "/b": None}, {"/db": (1, 2, 3, 4, 5)}, 120.0)
+    assert not replay.holds(record, {"/a": "2", "/b": None}, {"/db": (1, 2, 3, 4, 5)}, 120)
+    assert not replay.holds(record, {"/a": "1", "/b": "new"}, {"/db": (1, 2, 3, 4, 5)}, 120)
+    assert not replay.holds(record, {"/a": "1", "/b": None}, {"/db": (1, 2, 3, 4, 6)}, 120)
+    assert not replay.holds(record, {"/a": "1", "/b": None}, {"/db": (1, 2, 3, 4, 5)}, 150)
     assert not replay.holds({**record, "bounds": "x"}, {"/a": "1", "/b": None},
-                            {"/db": [1, 2, 3, 4, 5]}, 120)
+                            {"/db": (1, 2, 3, 4, 5)}, 120)
 
 
 def test_the_record_name_changes_with_the_code(tmp_path: Path,
@@ -262,7 +259,7 @@ def test_the_store_database_is_recorded_by_identity_and_times(tmp_path: Path) ->
     import sqlite3
 
     from tracehook.stores.nixdb import StoreDatabase
-    from tracehook.stores.readlog import recording
+    from tracehook.stores.readlog import recording, stat_of
 
     db_dir = tmp_path / "nix" / "var" / "nix" / "db"
     db_dir.mkdir(parents=True)
@@ -276,12 +273,12 @@ def test_the_store_database_is_recorded_by_identity_and_times(tmp_path: Path) ->
     db_file = str(db_dir / "db.sqlite")
     assert seen.stats[db_file] is not None and seen.stats[f"{db_file}-wal"] is None
     assert not seen.opaque
-    before = replay.observe_stat(db_file)
+    before = stat_of(db_file)
     conn = sqlite3.connect(db_file)
     conn.execute("INSERT INTO ValidPaths (path) VALUES ('/nix/store/y')")
     conn.commit()
     conn.close()
-    assert replay.observe_stat(db_file) != before
+    assert stat_of(db_file) != before
 
 
 def test_two_runs_at_once_leave_one_good_record(closure: tuple[Closure, Path],

@@ -163,11 +163,10 @@ def _record(cache_dir: str, key: str, seen: ReadLog, policy: Policy, now: dt.dat
 
     if seen.opaque or policy.evidence:
         return
-    ends = [k.not_after for k in (*policy.keys, *policy.narinfo_keys)]
-    bounds = [t.timestamp() for t in ends if t is not None]
     try:
         replay.save(cache_dir, key, files=seen.files, stats=seen.stats, now=now.timestamp(),
-                    reference=now.isoformat(), float_time=float_time, bounds=bounds,
+                    reference=now.isoformat(), float_time=float_time,
+                    bounds=replay.not_after_bounds(policy),
                     exit_code=code, output=output)
     except OSError as exc:
         print(f"tracehook: warning: cannot record the answer in {cache_dir} ({exc})",

@@ -40,12 +40,6 @@ log = logging.getLogger(__name__)
 KIND = "gate"
 
 
-def bounds(policy: Policy) -> list[float]:
-    """Every ``not-after`` of the policy, as seconds since the epoch."""
-    ends = [k.not_after for k in (*policy.keys, *policy.narinfo_keys)]
-    return [t.timestamp() for t in ends if t is not None]
-
-
 class WarmStart:
     """Thread-safe as :class:`~tracehook.stores.readlog.ReadLog` is: generations begin in
     the verifier's lock; saving and restoring happen before serving and after it."""
@@ -76,7 +70,7 @@ class WarmStart:
         record = replay.load_record(replay.record_path(self.directory, self.key(gen[0]), KIND),
                                     {"answers": list, "now": float, "bounds": list})
         when = time.time() if now is None else now
-        if record is None or record["bounds"] != bounds(policy):
+        if record is None or record["bounds"] != replay.not_after_bounds(policy):
             return 0
         if not replay.inputs_hold(record, when):
             return 0
@@ -106,8 +100,9 @@ class WarmStart:
             return 0
         replay.save_record(self.directory, self.key(gen[0]), KIND, {
             "files": dict(seen.files),
-            "stats": {p: None if s is None else list(s) for p, s in seen.stats.items()},
-            "now": time.time() if now is None else now, "bounds": bounds(policy),
+            "stats": dict(seen.stats),
+            "now": time.time() if now is None else now,
+            "bounds": replay.not_after_bounds(policy),
             "answers": answers})
         return len(answers)
 

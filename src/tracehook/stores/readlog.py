@@ -35,11 +35,14 @@ class ReadLog:
 
     def read(self, path: str, data: bytes | None) -> None:
         digest = None if data is None else hashlib.sha256(data).hexdigest()
-        key = os.path.abspath(path)
         with self._lock:
-            if self.files.get(key, digest) != digest:  # read twice, different bytes
-                self.opaque.append(f"{key} changed while it was read")
-            self.files[key] = digest
+            self._file(os.path.abspath(path), digest)
+
+    def _file(self, key: str, digest: str | None) -> None:
+        """(Holding the lock.) A file read twice with different bytes spoils the log."""
+        if self.files.get(key, digest) != digest:
+            self.opaque.append(f"{key} changed while it was read")
+        self.files[key] = digest
 
     def stat(self, path: str) -> None:
         key = os.path.abspath(path)
@@ -53,9 +56,7 @@ class ReadLog:
         """What another process (a checker) read for this run."""
         with self._lock:
             for key, digest in files.items():
-                if self.files.get(key, digest) != digest:
-                    self.opaque.append(f"{key} changed while it was read")
-                self.files[key] = digest
+                self._file(key, digest)
             self.opaque.extend(w for w in opaque if w not in self.opaque)
 
     def make_opaque(self, why: str) -> None:

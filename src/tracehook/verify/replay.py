@@ -35,6 +35,12 @@ import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
+from tracehook.stores.readlog import Stat, stat_of
+
+TYPE_CHECKING = False  # not typing's: a replayed run imports as little as it can
+if TYPE_CHECKING:
+    from tracehook.verify.policy import Policy
+
 FORMAT = 1
 MAX_RECORDS = 256
 MAX_ENTRIES = 100_000
@@ -64,12 +70,19 @@ def run_key(argv: Mapping[str, object], cwd: str, env: Mapping[str, str]) -> str
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def not_after_bounds(policy: Policy) -> list[float]:
+    """Every ``not-after`` of the policy's keys and cache keys, as seconds since the epoch:
+    a record holds only while the time is on the same side of each."""
+    ends = [k.not_after for k in (*policy.keys, *policy.narinfo_keys)]
+    return [t.timestamp() for t in ends if t is not None]
+
+
 def _side(now: float, bounds: Iterable[float]) -> list[bool]:
     return [now >= b for b in bounds]
 
 
 def holds(record: Mapping[str, object], files: Mapping[str, str | None],
-          stats: Mapping[str, list[int] | None], now: float) -> bool:
+          stats: Mapping[str, Stat | None], now: float) -> bool:
     """Pure: does ``record`` still answer, given the files' digests and stats observed now
     and the reference time ``now`` (seconds since the epoch)?"""
     bounds = record.get("bounds")
@@ -102,14 +115,6 @@ def observe_file(path: str) -> str | None:
         return "!"
     finally:
         os.close(fd)
-
-
-def observe_stat(path: str) -> list[int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def record_path(directory: str, key: str, kind: str = "runs") -> str:
@@ -153,7 +158,7 @@ def inputs_hold(record: Mapping[str, object], now: float) -> bool:
     files, stats = record["files"], record["stats"]
     assert isinstance(files, dict) and isinstance(stats, dict)
     seen_files = {p: observe_file(p) for p in files}
-    seen_stats = {p: observe_stat(p) for p in stats}
+    seen_stats = {p: stat_of(p) for p in stats}
     return holds(record, seen_files, seen_stats, now)
 
 
@@ -195,7 +200,7 @@ def _iso(now: float) -> str:
 
 
 def save(directory: str, key: str, *, files: Mapping[str, str | None],
-         stats: Mapping[str, Sequence[int] | None], now: float, reference: str,
+         stats: Mapping[str, Stat | None], now: float, reference: str,
          float_time: bool, bounds: Sequence[float], exit_code: int, output: str) -> None:
     """Record a run's answer (atomically; :func:`_prune` keeps the directory bounded).
     ``reference`` is how the reference time appears in ``output``; with ``float_time`` (no
@@ -204,7 +209,7 @@ def save(directory: str, key: str, *, files: Mapping[str, str | None],
         return
     save_record(directory, key, "runs", {
         "files": dict(files),
-        "stats": {p: None if s is None else list(s) for p, s in stats.items()},
+        "stats": dict(stats),
         "now": now, "bounds": sorted(bounds), "exit": exit_code, "output": output,
         "reference": reference, "float_time": float_time})
 
