@@ -187,7 +187,8 @@ class Outcome:
 
 
 def consume(tier: NixTier, sc: Scene, attrs: tuple[str, ...], policy: Path,
-            upstreams: list[str] | None = None, fail_on_tamper: bool = False) -> Outcome:
+            upstreams: list[str] | None = None, fail_on_tamper: bool = False,
+            direct_nars: bool = True) -> Outcome:
     """A fresh consumer that substitutes only through the gate (``--max-jobs 0``)."""
     consumer = NixEnv(tier, sc.tmp / "consumer")
     for attr in attrs:
@@ -195,7 +196,8 @@ def consume(tier: NixTier, sc: Scene, attrs: tuple[str, ...], policy: Path,
     gate_key, gate_pub = write_gate_key(sc.tmp)
     log_file = sc.tmp / "gate.log"
     with running_gate(policy, upstreams or [f"file://{sc.cache}"], str(consumer.root),
-                      log_file, signing_key=gate_key, fail_on_tamper=fail_on_tamper) as running:
+                      log_file, signing_key=gate_key, fail_on_tamper=fail_on_tamper,
+                      direct_nars=direct_nars) as running:
         consumer.configure(substituters=running.url, trusted_public_keys=gate_pub)
         got, errs = {}, {}
         for attr in attrs:
@@ -342,19 +344,41 @@ def test_laut_claim_without_references(nix226: NixTier, site: Site, tmp_path: Pa
     assert said in out.reasons(), out.events
 
 
-def test_held_tampered_nar_is_stopped_by_nix(nix226: NixTier, site: Site,
-                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize("nar_urls", ["direct", "gate"])
+def test_held_tampered_nar_is_stopped_by_nix(nix226: NixTier, site: Site, tmp_path: Path,
+                                            nar_urls: str) -> None:
     """Held: the cache serves another NAR under ref-lib's narinfo (its NarHash unchanged).
-    The gate streams NARs as they are; Nix checks each against the narinfo's NarHash and
-    refuses it, so nothing unverified enters the store."""
+    Whether Nix reads the NAR file itself (``--nar-urls direct``: the narinfo names it by a
+    file:// URL) or the gate streams it as it is (``gate``), Nix checks it against the
+    NarHash the gate signed and refuses it, so nothing unverified enters the store."""
     sc = scene(site, tmp_path)
     lib, evil = sc.out("refLib"), sc.out("refEvil")
     shutil.copyfile(sc.cache / str(read_narinfo(sc.cache, evil).url),
                     sc.cache / str(read_narinfo(sc.cache, lib).url))
-    out = consume(nix226, sc, ("refLib",), sc.policy())
+    out = consume(nix226, sc, ("refLib",), sc.policy(), direct_nars=nar_urls == "direct")
     assert out.got == {"refLib": False}
     assert not out.has(lib)
     assert "hash mismatch" in out.stderr["refLib"], out.stderr
+
+
+@pytest.mark.parametrize("nar_urls", ["direct", "gate"])
+def test_missing_nar_is_said_by_nix_or_logged(nix226: NixTier, site: Site, tmp_path: Path,
+                                              nar_urls: str) -> None:
+    """The cache lost ref-lib's NAR (its narinfo is still there): Nix cannot substitute it.
+    With ``--nar-urls direct`` Nix reads the file itself and says it does not exist; with
+    ``gate`` the gate logs ``unavailable nar``."""
+    sc = scene(site, tmp_path)
+    lib = sc.out("refLib")
+    (sc.cache / str(read_narinfo(sc.cache, lib).url)).unlink()
+    out = consume(nix226, sc, ("refLib",), sc.policy(), direct_nars=nar_urls == "direct")
+    assert out.got == {"refLib": False}
+    assert not out.has(lib)
+    unavailable = [e for e in out.events if e["outcome"] == "unavailable"]
+    if nar_urls == "direct":
+        assert "does not exist in binary cache" in out.stderr["refLib"], out.stderr
+        assert not unavailable, unavailable
+    else:
+        assert unavailable and unavailable[0]["request"] == "nar", out.events
 
 
 # ======================================================= 12. tamper evidence is reported

@@ -13,6 +13,7 @@ import json
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,10 +91,44 @@ def test_verified_ia_narinfo_is_resigned(gate: RunningGate, syn: Synthetic,
     assert ni.store_path == syn.ia_out
     assert len(ni.sigs) == 1
     assert crypto.nix_verify(gate_public(gate_key), narinfo.fingerprint(ni), ni.sigs[0])
-    status, nar = get(gate.url, f"/{ni.url}")
-    assert status == 200 and nar == syn.nar_data
+    # A file upstream's NAR is named by its own file:// URL (--nar-urls direct, the
+    # default): Nix reads it there and checks it against the NarHash the gate signed.
+    assert ni.url is not None and ni.url.startswith(f"file://{syn.cache}/nar/")
+    assert Path(urllib.parse.unquote(ni.url.removeprefix("file://"))).read_bytes() == \
+        syn.nar_data
+    status, nar = get(gate.url, "/" + ni.url.removeprefix(f"file://{syn.cache}/"))
+    assert status == 200 and nar == syn.nar_data  # the gate still serves it too
     allowed = [e for e in gate.events() if e["outcome"] == "allowed"]
     assert allowed and allowed[0]["drv"] == syn.ia_drv
+
+
+def test_nar_urls_gate_names_nars_the_gate_serves(syn: Synthetic, gate_key: tuple[Path, str],
+                                                  tmp_path: Path) -> None:
+    """``--nar-urls gate``: the narinfo's URL is relative; the gate streams the NAR."""
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log", signing_key=gate_key[0],
+                      direct_nars=False) as gate:
+        status, body = get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")
+        assert status == 200, body
+        ni = narinfo.parse(body.decode())
+        assert ni.url is not None and ni.url.startswith("nar/")
+        status, nar = get(gate.url, f"/{ni.url}")
+        assert status == 200 and nar == syn.nar_data
+
+
+def test_direct_nar_url_is_quoted(tmp_path: Path, gate_key: tuple[Path, str]) -> None:
+    """A cache directory whose path needs quoting in a URL (a space, a "%") gets a
+    file:// URL that names exactly that file."""
+    syn = make_synthetic(tmp_path / "a dir 100%")
+    with running_gate(syn.policy, [f"file://{urllib.parse.quote(str(syn.cache))}"],
+                      str(syn.root), tmp_path / "gate.log", signing_key=gate_key[0]) as gate:
+        status, body = get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")
+        assert status == 200, body
+        url = narinfo.parse(body.decode()).url
+        assert url is not None and " " not in url and "%25" in url
+        parsed = urllib.parse.urlparse(url)
+        assert parsed.scheme == "file" and not parsed.netloc
+        assert Path(urllib.parse.unquote(parsed.path)).read_bytes() == syn.nar_data
 
 
 def test_verified_ca_realisation_both_layouts(gate: RunningGate, syn: Synthetic,

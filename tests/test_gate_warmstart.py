@@ -76,7 +76,7 @@ def _first_trace(c: Closure) -> Path:
 
 @pytest.mark.parametrize("change", ["tampered-trace", "removed-trace", "revoked-key",
                                     "upstream-narinfo", "other-signing-key",
-                                    "expired-meanwhile"])
+                                    "other-nar-urls", "expired-meanwhile"])
 def test_a_restart_never_replays_what_changed(closure: tuple[Closure, Path], tmp_path: Path,
                                               change: str) -> None:
     c, policy = closure
@@ -112,6 +112,8 @@ def test_a_restart_never_replays_what_changed(closure: tuple[Closure, Path], tmp
         other = tmp_path / "other.secret"
         other.write_text(crypto.format_secret_key(secret("gate-2")))
         extra = ["--signing-key", str(other)]
+    elif change == "other-nar-urls":
+        extra += ["--nar-urls", "gate"]
     else:
         time.sleep(4.5)
     second, records = _run(c, policy, tmp_path, *extra)
@@ -122,6 +124,12 @@ def test_a_restart_never_replays_what_changed(closure: tuple[Closure, Path], tmp
                    if p.endswith(".narinfo"))
     elif change == "upstream-narinfo":
         assert second[_paths(c)[1]][0] == 404
+    elif change == "other-nar-urls":
+        narinfos = [b for p, (_, b) in second.items() if p.endswith(".narinfo")]
+        assert {s for s, _ in second.values()} == {200}
+        assert all(b"\nURL: nar/" in b for b in narinfos)
+        assert all(b"\nURL: file://" in b for p, (_, b) in first.items()
+                   if p.endswith(".narinfo"))
     else:
         assert 404 in {s for s, _ in second.values()}
 

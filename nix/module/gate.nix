@@ -112,6 +112,9 @@ in
       description = ''
         Binary caches the gate fetches narinfos and NARs from (`settings.upstream`). With
         {option}`services.tracehook.gate.exclusive` they are reached only through the gate.
+        A `file://` cache's narinfos name its NAR files by `file://` URLs, which the
+        nix-daemon (root) reads itself and checks against the NarHash the gate signed; set
+        `settings.nar-urls = "gate"` to stream them through the gate instead.
       '';
     };
 

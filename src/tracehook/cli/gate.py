@@ -104,6 +104,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-on-tamper", action="store_true",
                    help="refuse a path when tamper evidence is seen in its chain, even when "
                         "it verifies another way (always logged as 'tampered')")
+    p.add_argument("--nar-urls", choices=("direct", "gate"), default="direct",
+                   help="direct (default): a file:// upstream's narinfos name the NAR files "
+                        "themselves (file:///DIR/nar/...), so Nix reads them without the "
+                        "gate (Nix must be able to read DIR); gate: every NAR is served by "
+                        "the gate. Either way Nix checks each NAR against the NarHash the "
+                        "gate signed. NARs of HTTP and S3 upstreams always go through the "
+                        "gate")
     p.add_argument("--quiet", action="store_true", help="no human lines on stderr")
 
 
@@ -128,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         verify_deadline=args.verify_deadline,
         fail_on_tamper=args.fail_on_tamper,
+        direct_nars=args.nar_urls == "direct",
         policy_interval=args.policy_interval,
     )
 

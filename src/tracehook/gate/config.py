@@ -53,6 +53,7 @@ class GateConfig:
     policy_interval: float = 2.0  # seconds between checks of the policy file
     cache_dir: Path | None = None  # the persistent verification cache
     fail_on_tamper: bool = False  # tamper evidence in a chain refuses the path
+    direct_nars: bool = True  # a file:// upstream's narinfo names its NAR file (file:// URL)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -93,7 +94,7 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
     service = GateService(
         index, verifier, upstreams, key, events, DecisionCache[Answer](cfg.cache),
         cfg.priority, weak_hashes=lambda: policies.current()[0].weak_fixed_output_hashes,
-        fail_on_tamper=cfg.fail_on_tamper)
+        fail_on_tamper=cfg.fail_on_tamper, direct_nars=cfg.direct_nars)
     try:
         server = GateHTTPServer((cfg.host, cfg.port), service, cfg.http)
     except OSError as exc:
@@ -110,7 +111,7 @@ def _warm_start(cfg: GateConfig, key: crypto.SecretKey | None, policies: PolicyW
     rest on changed (:mod:`tracehook.gate.warmstart`)."""
     assert cfg.cache_dir is not None
     shape = [None if key is None else crypto.format_public_key(key.public), cfg.upstreams,
-             cfg.store_root, cfg.fail_on_tamper, cfg.priority]
+             cfg.store_root, cfg.fail_on_tamper, cfg.priority, cfg.direct_nars]
     warm = WarmStart(str(cfg.cache_dir), shape)
     service.verifier.on_generation = warm.begin_generation
     policy, _ = policies.current()

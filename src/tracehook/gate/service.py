@@ -13,7 +13,11 @@ then signs, logs and answers:
   attested for that resolution;
 - a narinfo is answered for a verified output, a fixed output whose ``CA`` matches its pin,
   or a path accepted on a cache signature: exactly the upstream narinfo that was checked,
-  with a relative ``URL`` the gate serves, re-signed with the gate's key;
+  re-signed with the gate's key, with a ``URL`` that names the NAR: for a ``file://``
+  upstream (with ``direct_nars``, the default) the NAR file itself as a ``file://`` URL, so
+  Nix reads it without a round trip through the gate; else a relative ``nar/<file>`` the
+  gate serves. Either way Nix checks the NAR it gets against the ``NarHash`` the gate
+  signed, and refuses one that differs;
 - a NAR is streamed from the upstream whose narinfo named it.
 
 Every refusal is logged once per decision with the verifier's reason and the step; every
@@ -49,7 +53,7 @@ from tracehook.lru import Lru
 from tracehook.nix import narinfo, realisation
 from tracehook.nix.derivation import Derivation
 from tracehook.nix.storepath import basename, hash_part
-from tracehook.stores.binarycache import Body, Upstream
+from tracehook.stores.binarycache import Body, FileUpstream, Upstream
 from tracehook.stores.eventlog import EventLog
 from tracehook.text import printable
 from tracehook.trace import crypto
@@ -94,9 +98,11 @@ class GateService:
         priority: int = 30,
         weak_hashes: Callable[[], bool] = lambda: False,
         fail_on_tamper: bool = False,
+        direct_nars: bool = True,
     ) -> None:
         """``fail_on_tamper``: refuse a path when tamper evidence is seen in its chain,
-        even when it verifies another way (it is always logged as ``tampered``)."""
+        even when it verifies another way (it is always logged as ``tampered``);
+        ``direct_nars``: a file upstream's narinfo names its NAR by a ``file://`` URL."""
         self.index = index
         self.verifier = verifier
         self.upstreams = list(upstreams)
@@ -108,6 +114,7 @@ class GateService:
         self.priority = priority
         self.weak_hashes = weak_hashes
         self.fail_on_tamper = fail_on_tamper
+        self.direct_nars = direct_nars
         self.store_dir = index.store_dir
         self._nar_routes: Lru[str, int] = Lru(ROUTES_MAX)  # NAR URL -> upstream index
         # (generation, what the path must be) -> the upstream narinfo chosen for it: a
@@ -309,7 +316,10 @@ class GateService:
         except TracehookError as exc:
             return self._refuse("narinfo", request, subject, Refusal(exc.diagnostics()))
         ni = decision.narinfo
-        if ni.url is not None and NAR_URL.fullmatch(ni.url):
+        direct = self._direct_url(decision.upstream, ni.url)
+        if direct is not None:
+            ni = replace(ni, url=direct)
+        elif ni.url is not None and NAR_URL.fullmatch(ni.url):
             self._nar_routes.put(ni.url, decision.upstream)
         if self.signing_key is not None:
             try:
@@ -394,6 +404,14 @@ class GateService:
         return None
 
     # -------------------------------------------------------------------------- NARs
+
+    def _direct_url(self, upstream: int, rel: str | None) -> str | None:
+        """With ``direct_nars``, a file upstream's NAR as a ``file://`` URL Nix reads itself
+        (the gate checked ``rel`` against :data:`NAR_URL`); None: the gate serves it."""
+        up = self.upstreams[upstream]
+        if not self.direct_nars or rel is None or not isinstance(up, FileUpstream):
+            return None
+        return up.file_url(rel)
 
     def nar(self, rel: str) -> NarAnswer | Answer:
         """``nar/<file>``: from the upstream whose narinfo named it, else the first

@@ -7,8 +7,8 @@ stops, it records the current generation's allowed answers (200) with those note
 ``gate/`` of the verification cache. At the next start the record is used only when:
 
 - the tracehook code, the policy (its digest), the gate's signing key and the configuration
-  that shapes answers (upstreams, store, ``--fail-on-tamper``, priority) are the same (the
-  record is named by their digest);
+  that shapes answers (upstreams, store, ``--fail-on-tamper``, priority, ``--nar-urls``)
+  are the same (the record is named by their digest);
 - every file the generation read has the same bytes or is still absent (read again now);
 - the time is on the same side of every ``not-after`` in the policy.
 

@@ -93,6 +93,13 @@ class FileUpstream:
     def _path(self, rel: str) -> str:
         return f"{self.root}/{check_relative(rel)}"  # a string: this runs for every request
 
+    def file_url(self, rel: str) -> str | None:
+        """``rel`` as an absolute ``file://`` URL that Nix reads itself (None when the root
+        is not an absolute path, e.g. ``file:relative``)."""
+        if not self.root.is_absolute():
+            return None
+        return "file://" + urllib.parse.quote(self._path(rel), safe="/")
+
     def get(self, rel: str) -> bytes | None:
         try:
             return read_bounded(self._path(rel), MAX_SMALL, f"binary cache {self.url}: file")
