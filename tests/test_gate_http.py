@@ -33,6 +33,7 @@ from gatekit import (
 from tracehook.gate.front import HttpLimits
 from tracehook.nix import narinfo, realisation
 from tracehook.nix.storepath import basename, hash_part
+from tracehook.stores.binarycache import FileUpstream, open_upstream
 from tracehook.trace import crypto
 
 
@@ -147,6 +148,22 @@ def test_verified_ca_realisation_both_layouts(gate: RunningGate, syn: Synthetic,
     # Its narinfo is answered too, now that the gate knows the verified CA path.
     status, _ = get(gate.url, f"/{hash_part(syn.ca_out)}.narinfo")
     assert status == 200
+
+
+def test_file_upstream_names_a_nar_by_its_file_url(tmp_path: Path) -> None:
+    """The URL a gate hands Nix for a file upstream's NAR (--nar-urls direct): quoted, under
+    the upstream's own directory, never for an unsafe relative path."""
+    root = tmp_path / "a cache 100%"
+    root.mkdir()
+    up = open_upstream(f"file://{urllib.parse.quote(str(root))}")
+    assert isinstance(up, FileUpstream)
+    url = up.file_url("nar/0abc.nar.xz")
+    assert url == "file://" + urllib.parse.quote(str(root)) + "/nar/0abc.nar.xz"
+    assert url is not None and urllib.parse.unquote(url.removeprefix("file://")) == \
+        f"{root}/nar/0abc.nar.xz"
+    with pytest.raises(ValueError):
+        up.file_url("nar/../../etc/passwd")
+    assert FileUpstream("file:rel", Path("rel")).file_url("nar/x.nar") is None
 
 
 def test_unknown_paths_and_ids_are_404(gate: RunningGate) -> None:

@@ -22,7 +22,7 @@ import re
 import stat
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -89,6 +89,7 @@ class _FileBody:
 class FileUpstream:
     url: str
     root: Path
+    _file_prefix: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{check_relative(rel)}"  # a string: this runs for every request
@@ -96,9 +97,12 @@ class FileUpstream:
     def file_url(self, rel: str) -> str | None:
         """``rel`` as an absolute ``file://`` URL that Nix reads itself (None when the root
         is not an absolute path, e.g. ``file:relative``)."""
-        if not self.root.is_absolute():
+        if self._file_prefix is None:
+            self._file_prefix = ("file://" + urllib.parse.quote(f"{self.root}/", safe="/")
+                                 if self.root.is_absolute() else "")
+        if not self._file_prefix:
             return None
-        return "file://" + urllib.parse.quote(self._path(rel), safe="/")
+        return self._file_prefix + urllib.parse.quote(check_relative(rel), safe="/")
 
     def get(self, rel: str) -> bytes | None:
         try:
