@@ -23,7 +23,8 @@ not build anything):
 
 Every consumer runs with Nix's default narinfo-cache settings (an empty cache directory,
 so nothing is known before the run) and ``fsync-metadata = false`` (``--fsync``: Nix's
-default). Prints the four wall times per run, the gates' ratios to direct and to http, and
+default). The order of the modes rotates from run to run (the machine drifts). Prints the
+four wall times per run, the gates' ratios to direct and to http, and
 the median and spread of each.
 """
 
@@ -223,7 +224,8 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         f"{'gate/http':>10} {'gate-nars s':>12} {'gate-nars/direct':>17}"
     )
     for n in range(args.runs):
-        for mode in times:
+        modes = list(times)
+        for mode in modes[n % len(modes):] + modes[:n % len(modes)]:  # no mode always first
             env = NixEnv(tier, tmp / f"{mode}{n}")
             env.configure(**{**NIX_DEFAULTS, **({"fsync_metadata": "true"} if args.fsync
                                                 else {})})
