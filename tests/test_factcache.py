@@ -83,6 +83,59 @@ def test_a_damaged_file_is_discarded_and_rebuilt(tmp_path: Path, damage: str,
         assert not warned  # an empty file is just an empty cache
 
 
+def _schema_2_cache(directory: Path) -> None:
+    """A cache as tracehook wrote it before schema 3 (a WITHOUT ROWID table), with a row."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(directory / "facts.sqlite") as db:
+        db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
+        db.execute("CREATE TABLE facts (ns TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT "
+                   "NULL, check_ BLOB NOT NULL, size INTEGER NOT NULL, used INTEGER NOT NULL, "
+                   "PRIMARY KEY (ns, key)) WITHOUT ROWID")
+        db.execute("CREATE INDEX facts_used ON facts (used)")
+        db.execute("INSERT INTO meta VALUES ('schema', '2')")
+        db.execute("INSERT INTO facts VALUES ('sig', x'01', x'02', x'03', 40, 1)")
+
+
+def test_an_older_cache_is_started_afresh_quietly(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A cache an older tracehook wrote (schema 2) is emptied and made anew in place, with
+    an info line, not the 'unusable' warning of a damaged file; a second cache opened on
+    it meanwhile works too."""
+    _schema_2_cache(tmp_path)
+    with caplog.at_level(logging.INFO):
+        first, second = FactCache(tmp_path), FactCache(tmp_path)
+    assert "older tracehook (schema 2): started afresh" in caplog.text
+    assert "unusable" not in caplog.text
+    assert not list(tmp_path.glob("facts.broken-*"))
+    assert first.get("sig", b"\x01") is None
+    first.put("sig", b"k", b"v")
+    first.flush()
+    assert FactCache(tmp_path).get("sig", b"k") == b"v"
+    second.put("sig", b"k2", b"v2")
+    second.flush()
+    assert FactCache(tmp_path).get("sig", b"k2") == b"v2"
+    with sqlite3.connect(tmp_path / "facts.sqlite") as db:
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == ("3",)
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'facts'").fetchone()[0]
+        assert "WITHOUT ROWID" not in sql
+
+
+def test_a_cache_of_an_unknown_schema_is_moved_aside(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A schema this tracehook does not know (a newer one, or garbage in the meta table) is
+    not read: the file is moved aside and a new cache made, with a warning."""
+    _schema_2_cache(tmp_path)
+    with sqlite3.connect(tmp_path / "facts.sqlite") as db:
+        db.execute("UPDATE meta SET value = '99' WHERE name = 'schema'")
+    with caplog.at_level(logging.WARNING):
+        cache = FactCache(tmp_path)
+    assert "unusable (schema 99, expected 3)" in caplog.text
+    assert list(tmp_path.glob("facts.broken-*"))
+    cache.put("sig", b"k", b"v")
+    cache.flush()
+    assert FactCache(tmp_path).get("sig", b"k") == b"v"
+
+
 def test_a_damaged_row_is_dropped_not_believed(tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     cache = FactCache(tmp_path)
