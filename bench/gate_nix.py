@@ -223,12 +223,12 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         f"{'run':>4} {'direct s':>9} {'http s':>7} {'gate s':>7} {'gate/direct':>12} "
         f"{'gate/http':>10} {'gate-nars s':>12} {'gate-nars/direct':>17}"
     )
+    consumer = {**NIX_DEFAULTS, **({"fsync_metadata": "true"} if args.fsync else {})}
     for n in range(args.runs):
         modes = list(times)
         for mode in modes[n % len(modes):] + modes[:n % len(modes)]:  # no mode always first
             env = NixEnv(tier, tmp / f"{mode}{n}")
-            env.configure(**{**NIX_DEFAULTS, **({"fsync_metadata": "true"} if args.fsync
-                                                else {})})
+            env.configure(**consumer)
             instantiate_all(env, args.steps)
             with substituter(mode, tmp, n, cache, policy, gate_key, env, args) as url:
                 env.configure(

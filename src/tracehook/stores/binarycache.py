@@ -89,7 +89,12 @@ class _FileBody:
 class FileUpstream:
     url: str
     root: Path
-    _file_prefix: str | None = field(default=None, init=False, repr=False, compare=False)
+    _file_prefix: str | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # quoted once: file_url runs for every narinfo answered
+        self._file_prefix = ("file://" + urllib.parse.quote(f"{self.root}/", safe="/")
+                             if self.root.is_absolute() else None)
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{check_relative(rel)}"  # a string: this runs for every request
@@ -98,9 +103,6 @@ class FileUpstream:
         """``rel`` as an absolute ``file://`` URL that Nix reads itself (None when the root
         is not an absolute path, e.g. ``file:relative``)."""
         if self._file_prefix is None:
-            self._file_prefix = ("file://" + urllib.parse.quote(f"{self.root}/", safe="/")
-                                 if self.root.is_absolute() else "")
-        if not self._file_prefix:
             return None
         return self._file_prefix + urllib.parse.quote(check_relative(rel), safe="/")
 
