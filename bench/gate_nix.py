@@ -21,7 +21,12 @@ not build anything):
   Nix reads the NARs itself and checks them against the NarHash the gate signed);
 - **gate-nars**: the same with ``--nar-urls gate``: every NAR streamed by the gate too.
 
-Every consumer runs with Nix's default narinfo-cache settings (an empty cache directory,
+Each substituter is started before the consumer instantiates the closure, as a gate
+service already runs when ``nix-instantiate`` writes the .drv files (the gate indexes them in
+the background meanwhile; ``--start-after-instantiate``: after, so the index is built at
+the first request); the timed part is ``nix-build --max-jobs 0`` alone, after an
+``os.sync()`` (nothing written before is still being written back while it runs). Every
+consumer runs with Nix's default narinfo-cache settings (an empty cache directory,
 so nothing is known before the run) and ``fsync-metadata = false`` (``--fsync``: Nix's
 default). The order of the modes rotates from run to run (the machine drifts). Prints the
 four wall times per run, the gates' ratios to direct and to http, and
@@ -77,6 +82,7 @@ http {{
 """
 
 TRACEHOOK = str(Path(sys.executable).parent / "tracehook")
+MODES = ("direct", "http", "gate", "gate-nars")
 
 CLOSURE_NIX = r"""
 { n ? 600, salt ? "" }:
@@ -167,6 +173,16 @@ def main() -> None:
     ap.add_argument(
         "--gate-prefix", default="", help="words put before the gate's command (e.g. a profiler)"
     )
+    ap.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES),
+        help="which substitutions to time (default: all; direct is always one of them)",
+    )
+    ap.add_argument(
+        "--start-after-instantiate", action="store_true",
+        help="start each substituter after the consumer instantiated the closure (default: "
+        "before, as a gate service runs while nix-instantiate writes the .drv files it will "
+        "be asked about)",
+    )
     args = ap.parse_args()
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
@@ -217,20 +233,23 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     gate_key, gate_pub = write_gate_key(tmp)
     cache_pub = crypto.format_public_key(cache_key.public)
     server = "nginx" if shutil.which("nginx") else "python"
-    times: dict[str, list[float]] = {"direct": [], "http": [], "gate": [], "gate-nars": []}
+    times: dict[str, list[float]] = {m: [] for m in MODES if m in args.modes or m == "direct"}
     print(f"http: the cache served by {server}")
-    print(
-        f"{'run':>4} {'direct s':>9} {'http s':>7} {'gate s':>7} {'gate/direct':>12} "
-        f"{'gate/http':>10} {'gate-nars s':>12} {'gate-nars/direct':>17}"
-    )
+    print(f"{'run':>4} " + " ".join(f"{m + ' s':>12}" for m in times)
+          + " " + " ".join(f"{m + '/direct':>17}" for m in times if m != "direct"))
     consumer = {**NIX_DEFAULTS, **({"fsync_metadata": "true"} if args.fsync else {})}
     for n in range(args.runs):
         modes = list(times)
         for mode in modes[n % len(modes):] + modes[:n % len(modes)]:  # no mode always first
             env = NixEnv(tier, tmp / f"{mode}{n}")
             env.configure(**consumer)
-            instantiate_all(env, args.steps)
+            (env.root / "nix" / "store").mkdir(parents=True, exist_ok=True)
+            if args.start_after_instantiate:
+                instantiate_all(env, args.steps)
             with substituter(mode, tmp, n, cache, policy, gate_key, env, args) as url:
+                if not args.start_after_instantiate:
+                    instantiate_all(env, args.steps)  # the gate runs meanwhile, as a service
+                os.sync()  # nothing written before is still being written back meanwhile
                 env.configure(
                     substituters=url,
                     trusted_public_keys=gate_pub if mode.startswith("gate") else cache_pub,
@@ -240,22 +259,20 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
                 raise SystemExit(f"substitution ({mode}) failed: {res.stderr[-2000:]}")
             times[mode].append(elapsed)
             shutil.rmtree(env.base, ignore_errors=True)
-        d, h, g, gn = (times[m][-1] for m in ("direct", "http", "gate", "gate-nars"))
-        print(f"{n:>4} {d:>9.2f} {h:>7.2f} {g:>7.2f} {g / d:>12.2f} {g / h:>10.2f} "
-              f"{gn:>12.2f} {gn / d:>17.2f}", flush=True)
+        last = {m: t[-1] for m, t in times.items()}
+        print(f"{n:>4} " + " ".join(f"{t:>12.2f}" for t in last.values()) + " "
+              + " ".join(f"{t / last['direct']:>17.2f}" for m, t in last.items()
+                         if m != "direct"), flush=True)
     for gate, base in (("gate", "direct"), ("gate", "http"), ("gate-nars", "direct"),
-                       ("gate-nars", "http")):
+                       ("gate-nars", "http"), ("http", "direct")):
+        if gate not in times or base not in times:
+            continue
         ratios = [g / b for g, b in zip(times[gate], times[base], strict=True)]
         print(
             f"ratio {gate}/{base}: median {statistics.median(ratios):.2f} "
             f"(min {min(ratios):.2f}, max {max(ratios):.2f}) over {len(ratios)} runs of "
             f"{args.steps + 1} paths"
         )
-    ratios = [h / d for h, d in zip(times["http"], times["direct"], strict=True)]
-    print(
-        f"ratio http/direct (Nix's own HTTP cost): median {statistics.median(ratios):.2f} "
-        f"(min {min(ratios):.2f}, max {max(ratios):.2f})"
-    )
 
 
 @contextlib.contextmanager

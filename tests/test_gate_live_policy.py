@@ -177,3 +177,21 @@ def test_gate_does_not_start_on_a_store_it_cannot_list(case: str, syn: Synthetic
     assert res.returncode == 3, res.stderr
     assert len(res.stderr.splitlines()) == 1, res.stderr  # one line, naming the directory
     assert f"{store}/nix/store" in res.stderr and "cannot list" in res.stderr
+
+
+@pytest.mark.parametrize("flag,value,ok", [
+    ("--index-interval", "-1", False), ("--index-interval", "nan", False),
+    ("--verify-deadline", "0", False), ("--index-interval", "0", True)])
+def test_gate_checks_its_intervals(flag: str, value: str, ok: bool, syn: Synthetic,
+                                   tmp_path: Path) -> None:
+    """A negative or non-finite number of seconds is a one-line usage error (exit 2); 0
+    turns background indexing off."""
+    if ok:
+        with start(syn, tmp_path / "gate.log", flag, value) as gate:
+            assert get(f"{gate.url}/nix-cache-info")[0] == 200
+        return
+    res = subprocess.run(gate_argv(syn.policy, [f"file://{syn.cache}"], syn.root,
+                                   tmp_path / "gate.log", flag, value),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.splitlines()) == 1 and flag in res.stderr, res.stderr

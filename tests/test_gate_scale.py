@@ -291,3 +291,72 @@ def test_a_restarted_index_reads_what_it_found_from_the_facts(tmp_path: Path) ->
     assert third.refresh() == count and victim in reads
     assert third._by_id == first._by_id
     facts.close()
+
+
+def _wait_for(cond: Any, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return bool(cond())
+
+
+def test_drv_files_written_while_the_gate_runs_are_indexed_before_a_request(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What nix-instantiate writes while the gate runs is indexed in the background (every
+    --index-interval), so the substitution that follows does not wait for it; a store
+    directory that cannot be read meanwhile is logged once, and indexing resumes."""
+    import logging
+    import shutil
+
+    closure, policy = with_policy(tmp_path / "built", 30)
+    root = tmp_path / "consumer"
+    store = root / "nix" / "store"
+    store.mkdir(parents=True)
+    caplog.set_level(logging.INFO, logger="tracehook.gate.index")
+    with running_gate(policy, [f"file://{closure.cache}"], str(root), tmp_path / "gate.log",
+                      index_interval=0.05) as gate:
+        index = gate.server.service.index
+        drvs = sorted((closure.root / "nix" / "store").glob("*.drv"))
+        for drv in drvs:  # as nix-instantiate writes them
+            shutil.copy(drv, store / drv.name)
+        assert _wait_for(lambda: len(index) == len(drvs))
+        reads: list[str] = []
+        original = index.reader.read_derivation
+
+        def counting(path: str) -> Any:
+            reads.append(path)
+            return original(path)
+
+        index.reader.read_derivation = counting  # type: ignore[method-assign,assignment]
+        rid = next(iter(index._by_id))
+        status, body = get(gate.url, f"/realisations/{rid}.doi")
+        assert status == 200, body
+        assert not any(r.endswith(".drv") and r not in index._seen for r in reads)
+        store.rename(root / "moved")  # the store directory is gone for a while
+        assert _wait_for(lambda: "background indexing" in caplog.text)
+        time.sleep(0.3)
+        assert caplog.text.count("background indexing") == 1  # once, not every look
+        (root / "moved").rename(store)
+        assert _wait_for(lambda: "can be read again" in caplog.text)
+    assert index._watch is None  # stopped with the server
+
+
+def test_index_interval_0_indexes_only_when_a_request_asks(tmp_path: Path) -> None:
+    import shutil
+
+    closure, policy = with_policy(tmp_path / "built", 10)
+    root = tmp_path / "consumer"
+    store = root / "nix" / "store"
+    store.mkdir(parents=True)
+    with running_gate(policy, [f"file://{closure.cache}"], str(root), tmp_path / "gate.log",
+                      index_interval=0) as gate:
+        index = gate.server.service.index
+        drvs = sorted((closure.root / "nix" / "store").glob("*.drv"))
+        for drv in drvs:
+            shutil.copy(drv, store / drv.name)
+        time.sleep(0.3)
+        assert len(index) == 0 and index._watch is None
+        assert get(gate.url, "/realisations/sha256:" + "ab" * 32 + "!out.doi")[0] == 404
+        assert len(index) == len(drvs)

@@ -125,4 +125,5 @@ def test_help_shows_the_engine_limits_defaults(capsys: pytest.CaptureFixture[str
     assert f"(default: {d.max_depth})" in text
     assert f"(default: {d.max_resolutions})" in text
     assert f"(threads; default: {d.workers})" in text
-    assert f"closures of {d.process_from} or more" in text
+    assert f"closures of {d.process_wait_from} or more derivations, or of {d.process_from}" in text
+    assert f"once {d.process_backlog} checks wait" in text

@@ -343,3 +343,36 @@ def test_steps_below_a_fixed_output_are_not_needed(g: Graph) -> None:
     assert below.reason is not None and "below a fixed-output step" in below.reason
     assert report.trust_summary["refused"] == []
     assert "1 not-needed" in render_human(report)
+
+
+@pytest.mark.parametrize("shape", ["chain", "wide"])
+def test_checker_processes_start_for_a_backlog_not_for_a_chain(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str) -> None:
+    """Below ``process_wait_from`` derivations, checker processes start only once
+    ``process_backlog`` checks wait at once: a long chain of steps (one check at a time)
+    is verified in threads, without the cores that starting interpreters would take."""
+    from tracehook.verify import engine as engine_mod
+
+    started: list[int] = []
+    monkeypatch.setattr(engine_mod, "start_pool",
+                        lambda *a, **k: started.append(1))  # threads check meanwhile
+    g = Graph(tmp_path)
+    if shape == "wide":
+        top = _wide_graph(g, 40)
+    else:
+        src = g.fod("src")
+        prev, prev_out = src, g.drvs[src].outputs["out"].path
+        for i in range(40):
+            step = g.ca(f"c{i}", {prev: ("out",)})
+            out = ca_path(f"c{i}", "a")
+            g.sign(step, {(prev, "out"): prev_out}, {"out": out}, "builderA")
+            prev, prev_out = step, out
+        top = prev
+    text = f'[keys]\nbuilderA = "{public_text("builderA")}"\n[trust]\nrequire = "builderA"\n'
+    limits = Limits(process_from=10, process_backlog=8, process_wait_from=10_000)
+    engine = engine_mod.Engine(parse_policy(text), [g.store], g.load, NOW, limits)
+    engine.verify([Target(top, top)])
+    engine.close()
+    assert started == ([] if shape == "chain" else [1])
+    steps = [s for s in g.drvs if s != top]
+    assert all(engine.trusted.values(s, frozenset({"out"})) for s in steps)

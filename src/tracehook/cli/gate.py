@@ -111,16 +111,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the gate. Either way Nix checks each NAR against the NarHash the "
                         "gate signed. NARs of HTTP and S3 upstreams always go through the "
                         "gate")
+    p.add_argument("--index-interval", type=float, default=1.0, metavar="S",
+                   help="seconds between background looks at the store directory for new "
+                        ".drv files to index (default %(default)g; 0: only when a request "
+                        "names one the index does not know)")
     p.add_argument("--quiet", action="store_true", help="no human lines on stderr")
 
 
 def config_from_args(args: argparse.Namespace) -> GateConfig:
     host, port = parse_listen(args.listen)
-    for flag in ("policy_interval", "cache_ttl", "upstream_timeout", "verify_deadline"):
+    for flag in ("policy_interval", "cache_ttl", "upstream_timeout", "verify_deadline",
+                 "index_interval"):
         value = getattr(args, flag)
-        if not math.isfinite(value) or value < 0 or (value == 0 and flag != "cache_ttl"):
+        zero = flag in ("cache_ttl", "index_interval")  # 0: off
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
             raise ConfigError(f"--{flag.replace('_', '-')} {value:g}: give a number of "
-                              "seconds above 0")
+                              f"seconds {'0 or more' if zero else 'above 0'}")
     return GateConfig(
         policy=Path(args.policy),
         upstreams=tuple(args.upstream),
@@ -137,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
         fail_on_tamper=args.fail_on_tamper,
         direct_nars=args.nar_urls == "direct",
         policy_interval=args.policy_interval,
+        index_interval=args.index_interval,
     )
 
 

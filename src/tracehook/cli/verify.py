@@ -65,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="concurrent fetches and signature checks (threads; default: 8)")
     p.add_argument("--processes", type=int, default=None, metavar="N",
                    help="check traces in N worker processes instead (0: never; default: "
-                   "one per core, for closures of 500 or more derivations)")
+                   "one per core, for closures of 1000 or more derivations, or of 500 or "
+                   "more once 32 checks wait at once)")
     p.add_argument("--fail-on-tamper", action="store_true",
                    help="refuse a target when tamper evidence (a forged signature, a forged "
                    "cache signature, contradicting claims) is seen anywhere in its closure, "

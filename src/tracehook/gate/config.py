@@ -54,6 +54,7 @@ class GateConfig:
     cache_dir: Path | None = None  # the persistent verification cache
     fail_on_tamper: bool = False  # tamper evidence in a chain refuses the path
     direct_nars: bool = True  # a file:// upstream's narinfo names its NAR file (file:// URL)
+    index_interval: float = 1.0  # seconds between background looks at the store (0: none)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -102,6 +103,7 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
     server.policies = policies
     if cfg.cache_dir is not None:
         server.warm = _warm_start(cfg, key, policies, service, events)
+    index.start_watch(cfg.index_interval)  # stopped by server_close()
     return server
 
 

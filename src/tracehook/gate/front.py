@@ -229,6 +229,10 @@ class GateHTTPServer(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         super().__init__(address, _Handler)
 
+    def server_close(self) -> None:
+        super().server_close()
+        self.service.index.close()  # its background indexing
+
     # connections -----------------------------------------------------------------------
 
     def enter(self, sock: socket.socket) -> _Conn:

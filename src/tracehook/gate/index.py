@@ -14,6 +14,13 @@ a .drv that could not be read yet) and records
 Floating content-addressed output paths are not in any .drv: the gate learns them from
 verified traces (see :mod:`tracehook.gate.service`).
 
+A running gate also indexes in the background (:meth:`DrvIndex.start_watch`): at start and
+then every ``interval`` seconds when the store directory changed, so the .drv files that
+``nix-instantiate`` (or ``nixos-rebuild``) writes are indexed while it runs, before the
+substitution that follows asks for them. A request that misses still rescans at once (or
+waits for the scan in progress); the watch only moves that work earlier, and a store
+directory it cannot read is logged (once until it can again), never taken as "absent".
+
 Hardening against what a local user can put in the store directory: a .drv that does not
 parse is remembered by (size, mtime) and not read again until it changes; one that could not
 be indexed for want of an input is tried again only when the directory changes; the scan
@@ -59,6 +66,8 @@ class DrvIndex:
         self._broken: dict[str, tuple[int, int]] = {}  # path -> (size, mtime) that failed
         self._waiting: set[str] = set()  # failed for want of an input: retried on change
         self.skipped: dict[str, str] = {}  # drv path -> why it could not be indexed (yet)
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -201,6 +210,38 @@ class DrvIndex:
             self.refresh()
             found = list(self._by_output.get(hp, ()))
         return found
+
+    # -------------------------------------------------------------------- background
+
+    def start_watch(self, interval: float) -> None:
+        """Index now and then every ``interval`` seconds, in a thread of its own, until
+        :meth:`close` (one ``stat`` of the store directory when nothing changed)."""
+        if self._watch is not None or interval <= 0:
+            return
+        self._watch = threading.Thread(target=self._watch_loop, args=(interval,),
+                                       name="tracehook-index", daemon=True)
+        self._watch.start()
+
+    def _watch_loop(self, interval: float) -> None:
+        failing = False
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+                if failing:
+                    log.warning("the Nix store directory %s can be read again", self.real_dir)
+                failing = False
+            except EnvironmentFault as exc:  # requests answer 502 meanwhile
+                if not failing:
+                    log.warning("background indexing: %s", exc.diagnostics())
+                failing = True
+            self._stop.wait(interval)
+
+    def close(self) -> None:
+        """Stop the background indexing (if any)."""
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.join(timeout=10)
+            self._watch = None
 
     def has_drv(self, drv_path: str) -> bool:
         if drv_path in self._seen:

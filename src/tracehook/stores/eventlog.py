@@ -139,10 +139,15 @@ class EventLog:
     def _append(self, line: str) -> None:
         assert self.path is not None
         data = (line + "\n").encode("utf-8", errors="surrogateescape")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             # O_APPEND: concurrent writers (parallel builds) never interleave within a line.
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            # Opened per line, so a rotated (moved) log file is left alone at once.
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except FileNotFoundError:  # its directory does not exist (yet): make it
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, flags, 0o644)
             try:
                 os.write(fd, data)
             finally:

@@ -257,8 +257,8 @@ class Engine:
         self._unfinished[path] = count
         if count == 0:
             self._ready.append(path)
-        if self._procs_wanted and (len(self.graph.drvs) >= self.limits.process_from
-                                   or self.limits.processes):
+        if self._procs_wanted and (self.limits.processes
+                                   or len(self.graph.drvs) >= self.limits.process_wait_from):
             self._start_processes()
         if self._eager:
             self._pump()
@@ -384,6 +384,9 @@ class Engine:
                     self._submit("key", res.key, self._check_in_thread(res.key))
             waiters.append(path)
             missing += 1
+        if (self._procs_wanted and len(self._key_waiters) >= self.limits.process_backlog
+                and len(self.graph.drvs) >= self.limits.process_from):
+            self._start_processes()
         if missing:
             self._plans[path] = plan
             self._missing_keys[path] = missing
