@@ -15,11 +15,13 @@ Floating content-addressed output paths are not in any .drv: the gate learns the
 verified traces (see :mod:`tracehook.gate.service`).
 
 A running gate also indexes in the background (:meth:`DrvIndex.start_watch`): at start and
-then every ``interval`` seconds when the store directory changed, so the .drv files that
-``nix-instantiate`` (or ``nixos-rebuild``) writes are indexed while it runs, before the
-substitution that follows asks for them. A request that misses still rescans at once (or
-waits for the scan in progress); the watch only moves that work earlier, and a store
-directory it cannot read is logged (once until it can again), never taken as "absent".
+then every ``interval`` seconds when the store directory changed (less often when a look
+takes long: at most a tenth of one core for a store that changes all the time), so the
+.drv files that ``nix-instantiate`` (or ``nixos-rebuild``) writes are indexed while it
+runs, before the substitution that follows asks for them. A request that misses still
+rescans at once (or waits for the scan in progress); the watch only moves that work
+earlier, and a store directory it cannot read is logged (once until it can again), never
+taken as "absent".
 
 Hardening against what a local user can put in the store directory: a .drv that does not
 parse is remembered by (size, mtime) and not read again until it changes; one that could not
@@ -35,6 +37,7 @@ import logging
 import marshal
 import os
 import threading
+import time
 from collections.abc import MutableMapping
 
 from tracehook.errors import EnvironmentFault, TracehookError
@@ -225,6 +228,7 @@ class DrvIndex:
     def _watch_loop(self, interval: float) -> None:
         failing = False
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 self.refresh()
                 if failing:
@@ -234,7 +238,9 @@ class DrvIndex:
                 if not failing:
                     log.warning("background indexing: %s", exc.diagnostics())
                 failing = True
-            self._stop.wait(interval)
+            # A store that changes all the time (builds, a garbage collection) is listed
+            # again at most so often that listing it takes a tenth of one core.
+            self._stop.wait(max(interval, 10 * (time.monotonic() - started)))
 
     def close(self) -> None:
         """Stop the background indexing (if any)."""
