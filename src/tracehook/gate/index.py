@@ -179,18 +179,9 @@ class DrvIndex:
                 self._by_output.setdefault(hash_part(path), []).append((drv_path, output))
 
     def _ids(self, drv_path: str, drv: Derivation) -> dict[str, str]:
-        """The derivation's realisation ids, remembered in the persistent cache (they are a
-        function of the .drv files, which their paths name)."""
-        facts = self.reader.facts
-        if facts is not None:
-            data = facts.get("ids", drv_path.encode())
-            if data is not None:
-                with contextlib.suppress(ValueError, TypeError, EOFError):
-                    return dict(marshal.loads(data))
-        ids = realisation_ids(drv, self.reader.read_derivation, self._hashes, self.store_dir)
-        if facts is not None:
-            facts.put("ids", drv_path.encode(), marshal.dumps(tuple(ids.items())))
-        return ids
+        """The derivation's realisation ids (kept in the persistent cache with the rest of
+        what indexing it found: :meth:`_from_facts`)."""
+        return realisation_ids(drv, self.reader.read_derivation, self._hashes, self.store_dir)
 
     def add(self, drv_path: str) -> bool:
         """Index one derivation now (e.g. one a request named directly)."""

@@ -83,7 +83,9 @@ class Verdict:
     fault: str | None = None  # could not decide: answered 502, never cached
     generation: tuple[str, int] = ("", 0)
     rejected: tuple[str, ...] = field(default=())  # signatures that did not count, why
-    inputs: frozenset[str] = frozenset()  # the paths the step was built from (direct)
+    # the paths the step was built from (direct), which a NAR scan checks references
+    # against: only when some value's references are not attested (else empty)
+    inputs: frozenset[str] = frozenset()
     tampered: tuple[tuple[str, str], ...] = ()  # (step name, what): tamper evidence seen
     evidence: tuple[EvidenceInfo, ...] = ()  # hardware evidence counted for the first value
 
@@ -295,7 +297,9 @@ def _verdict(engine: Engine, step: str, output: str, rdrv_path: str | None,
                        tuple(sorted(first.signers)) if basis == "traces" else (),
                        basis, tuple(sorted(first.signers)) if basis == "cache" else (),
                        *_relied(engine, step), generation=gen,
-                       inputs=_inputs(engine, step), tampered=_tampered(engine, step),
+                       inputs=(_inputs(engine, step) if any(v.references is None for v in values)
+                               else frozenset()),
+                       tampered=_tampered(engine, step),
                        evidence=trusted.admitted_by(step, first))
     failure = trusted.explain(step, want)
     reason = failure.message
