@@ -360,3 +360,11 @@ def test_index_interval_0_indexes_only_when_a_request_asks(tmp_path: Path) -> No
         assert len(index) == 0 and index._watch is None
         assert get(gate.url, "/realisations/sha256:" + "ab" * 32 + "!out.doi")[0] == 404
         assert len(index) == len(drvs)
+
+
+def test_the_background_index_looks_less_often_when_a_look_takes_long() -> None:
+    from tracehook.gate.index import next_look
+
+    assert next_look(1.0, 0.001) == 1.0  # a stat, or a few new files: every interval
+    assert next_look(1.0, 0.3) == pytest.approx(3.0)  # a large store listed: 10 % of a core
+    assert next_look(0.05, 0.0) == 0.05

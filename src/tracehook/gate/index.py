@@ -51,6 +51,14 @@ log = logging.getLogger(__name__)
 DrvOutput = tuple[str, str]  # (drv path, output name)
 
 
+def next_look(interval: float, took: float) -> float:
+    """Seconds until the background indexing looks again, after a look that took ``took``
+    seconds: ``interval``, or ten times as long as the look took, whichever is longer (a
+    store that changes all the time, builds or a garbage collection, is listed again at
+    most so often that listing it takes a tenth of one core)."""
+    return max(interval, 10 * took)
+
+
 class DrvIndex:
     """Thread-safe, incremental. ``refresh()`` is cheap when nothing changed (one stat)."""
 
@@ -229,9 +237,9 @@ class DrvIndex:
                 if not failing:
                     log.warning("background indexing: %s", exc.diagnostics())
                 failing = True
-            # A store that changes all the time (builds, a garbage collection) is listed
-            # again at most so often that listing it takes a tenth of one core.
-            self._stop.wait(max(interval, 10 * (time.monotonic() - started)))
+            except Exception:  # a bug: said, and requests still index what they miss
+                log.exception("background indexing failed")
+            self._stop.wait(next_look(interval, time.monotonic() - started))
 
     def close(self) -> None:
         """Stop the background indexing (if any)."""
