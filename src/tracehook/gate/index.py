@@ -41,7 +41,6 @@ import time
 from collections.abc import MutableMapping
 
 from tracehook.errors import EnvironmentFault, TracehookError
-from tracehook.nix.derivation import Derivation
 from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.nix.storepath import hash_part
 from tracehook.stores.nixstore import StoreReader
@@ -139,7 +138,8 @@ class DrvIndex:
             return True
         try:
             drv = self.reader.read_derivation(drv_path)
-            ids = self._ids(drv_path, drv)
+            ids = realisation_ids(drv, self.reader.read_derivation, self._hashes,
+                                  self.store_dir)
         except EnvironmentFault as exc:
             # An input .drv is missing or unreadable: try again when the store changes.
             self._waiting.add(drv_path)
@@ -185,11 +185,6 @@ class DrvIndex:
                 self._by_id[rid] = (drv_path, output)
             for output, path in outputs.items():
                 self._by_output.setdefault(hash_part(path), []).append((drv_path, output))
-
-    def _ids(self, drv_path: str, drv: Derivation) -> dict[str, str]:
-        """The derivation's realisation ids (kept in the persistent cache with the rest of
-        what indexing it found: :meth:`_from_facts`)."""
-        return realisation_ids(drv, self.reader.read_derivation, self._hashes, self.store_dir)
 
     def add(self, drv_path: str) -> bool:
         """Index one derivation now (e.g. one a request named directly)."""
