@@ -376,3 +376,22 @@ def test_checker_processes_start_for_a_backlog_not_for_a_chain(
     assert started == ([] if shape == "chain" else [1])
     steps = [s for s in g.drvs if s != top]
     assert all(engine.trusted.values(s, frozenset({"out"})) for s in steps)
+
+
+def test_service_collections_keeps_the_collector_running_with_a_larger_young_generation(
+) -> None:
+    """The gate's collector policy: fewer young (and so full) collections over a heap that
+    is mostly long-lived, never a paused collector (a service must still free cycles)."""
+    import gc
+
+    from tracehook.verify.walk import SERVICE_YOUNG_THRESHOLD, service_collections
+
+    before = gc.get_threshold()
+    try:
+        service_collections()
+        assert gc.get_threshold() == (SERVICE_YOUNG_THRESHOLD, *before[1:])
+        assert gc.isenabled()
+        service_collections()  # twice changes nothing more
+        assert gc.get_threshold() == (SERVICE_YOUNG_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)

@@ -41,6 +41,7 @@ from tracehook.gate.config import GateConfig, build_server, parse_listen, save_w
 from tracehook.gate.front import bound_port
 from tracehook.gate.memo import CacheConfig
 from tracehook.stores.eventlog import EventLog
+from tracehook.verify.walk import service_collections
 
 UNSIGNED_WARNING = (
     "no --signing-key: answers carry the upstreams' own narinfo signatures and realisations "
@@ -149,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    service_collections()
     events = EventLog(cfg.log_file, prefix="tracehook-gate",
                       stderr=None if args.quiet else sys.stderr, journal=True)
     server = build_server(cfg, events)

@@ -125,6 +125,24 @@ class Graph:
         return sorted(seen, key=lambda p: (self.heights[p], p))
 
 
+#: The young generation's threshold in a long-running service (CPython's default: 700).
+SERVICE_YOUNG_THRESHOLD = 20_000
+
+
+def service_collections() -> None:
+    """Tune the cyclic garbage collector for a long-running service (the gate), whose heap
+    is mostly long-lived: parsed derivations, the verified set, answers in the memo. With
+    CPython's default (a young collection every 700 container allocations, a full one
+    after ten middle ones, when the old generation grew by a quarter) a gate deciding a
+    10,000-step closure spent about a quarter of its time in the collector, mostly in
+    eight full collections of 400,000 objects (180 ms each). A young generation of 20,000
+    makes those rare; the collector keeps running (a service cannot pause it as
+    :func:`fewer_collections` does for one verification), so cycles are still freed.
+    Process-wide: call it once, from the service's entry point."""
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(SERVICE_YOUNG_THRESHOLD, middle, old)
+
+
 @contextlib.contextmanager
 def fewer_collections() -> Iterator[None]:
     """Pause the cyclic garbage collector while a closure is verified: the verifier
