@@ -439,6 +439,34 @@ def test_slow_clients_do_not_block_others(syn: Synthetic, tmp_path: Path) -> Non
         assert get(gate.url, "/nix-cache-info")[0] == 200
 
 
+def test_idle_keep_alive_connection_is_closed_after_the_idle_limit(
+        syn: Synthetic, tmp_path: Path) -> None:
+    """A kept-alive connection that asks nothing for ``idle_timeout`` seconds is closed (the
+    kernel's receive timeout, a fraction of a second here), one that keeps asking is not."""
+    with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
+                      tmp_path / "gate.log", http=HttpLimits(idle_timeout=0.6)) as gate:
+        host, port = gate.url.removeprefix("http://").split(":")
+        busy = http.client.HTTPConnection(host, int(port), timeout=5)
+        idle = socket.create_connection((host, int(port)))
+        idle.sendall(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle.settimeout(5)
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        for _ in range(6):  # 0.2 s apart: never idle for the limit
+            busy.request("GET", "/nix-cache-info")
+            resp = busy.getresponse()
+            assert resp.status == 200
+            resp.read()
+            time.sleep(0.2)
+        with contextlib.suppress(ConnectionResetError):
+            assert idle.recv(64) == b""  # closed by the gate, without an answer
+        assert 0.5 < time.monotonic() - started < 4.0
+        busy.request("GET", "/nix-cache-info")
+        assert busy.getresponse().status == 200
+        busy.close()
+        idle.close()
+
+
 def test_keep_alive_connection_serves_many(gate: RunningGate, syn: Synthetic) -> None:
     host, port = gate.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=5)

@@ -27,6 +27,7 @@ import io
 import logging
 import socket
 import socketserver
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -81,10 +82,12 @@ class _Handler(socketserver.BaseRequestHandler):
         rfile: io.BufferedReader = sock.makefile("rb", buffering=65536)  # type: ignore[assignment]
         conn = self.server.enter(sock)
         limits = self.server.limits
-        # One socket timeout for the connection's life (each settimeout is a system call
-        # that gives up the GIL, twice a request before): the idle limit bounds the wait
-        # for a request, the watchdog the whole head, and a NAR stream sets its own.
-        sock.settimeout(limits.idle_timeout)
+        # The idle limit bounds the wait for a request, the watchdog the whole head, and a
+        # NAR stream sets its own timeout. The idle limit is the kernel's (SO_RCVTIMEO,
+        # SO_SNDTIMEO on a blocking socket), not Python's socket timeout: that one polls
+        # before every recv and send, two more system calls a request, each giving up the
+        # interpreter lock to another thread.
+        _kernel_timeouts(sock, limits.idle_timeout)
         try:
             while True:
                 self.server.mark(conn, "idle")
@@ -132,8 +135,18 @@ class _Handler(socketserver.BaseRequestHandler):
                 return _stream(sock, result, head, req.keep_alive, req.target)
             finally:
                 with contextlib.suppress(OSError):
-                    sock.settimeout(limits.idle_timeout)
+                    _kernel_timeouts(sock, limits.idle_timeout)
         return _send(sock, result, head, req.keep_alive)
+
+
+def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` blocking with a receive and a send timeout of ``seconds`` kept by the
+    kernel: a read or write waiting longer fails (EAGAIN), and the connection closes."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 def _read_head(rfile: io.BufferedReader) -> _Request | Answer:
