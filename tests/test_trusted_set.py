@@ -188,3 +188,24 @@ def test_a_resolution_is_answered_only_with_a_value_attested_for_it() -> None:
         == [OUT]
     assert [dict(c.value) for c in trusted.values_for_resolution(STEP, OUTS,
                                                                  OTHER.rdrv_path)] == [ALT]
+
+
+@pytest.mark.parametrize(("case", "outputs", "problem"), [
+    ("an-output-the-derivation-lacks",
+     {**OUT, "dev": OutputClaim("/nix/store/" + "d" * 32 + "-step-dev", OUT["out"].nar_hash)},
+     "claims output 'dev', which the derivation does not have"),
+    ("a-path-named-after-another-step",
+     {"out": OutputClaim("/nix/store/" + "a" * 32 + "-other", OUT["out"].nar_hash)},
+     "which is not named after this derivation"),
+])
+def test_a_claim_whose_outputs_cannot_be_the_steps_is_tamper_evidence(
+        case: str, outputs: dict[str, OutputClaim], problem: str) -> None:
+    """A validly signed claim that names outputs the step cannot have is rejected as
+    wrong-output (tamper evidence), and counts for nothing."""
+    p = policy()
+    trusted = TrustedSet(p.require)
+    _record(trusted, KeyRing(p, NOW), [token(outputs=outputs)])
+    assert trusted.values(STEP, OUTS) == []
+    [rejected] = trusted.rejected(STEP)
+    assert rejected.kind == "wrong-output" and problem in rejected.detail, rejected
+    assert any(problem in seen for seen in trusted.sightings(STEP))

@@ -221,7 +221,8 @@ class TrustedSet:
             Candidate(v, signers, self._evaluate(signers))
             for v, signers in ((v, frozenset(s)) for v, s in groups.items())
         ]
-        found.sort(key=lambda c: (-len(c.signers), show_value(c.value)))
+        if len(found) > 1:  # (one value, as almost always: nothing to order)
+            found.sort(key=lambda c: (-len(c.signers), show_value(c.value)))
         return found
 
     def _evaluate(self, signers: frozenset[str]) -> TrustResult:
@@ -276,8 +277,8 @@ class TrustedSet:
 
 def _output_problem(drv: Derivation, res: Resolution, claim: Claim) -> str | None:
     """Why a claim's outputs cannot be this step's, or None."""
-    extra = sorted(set(claim.outputs) - set(drv.outputs))
-    if extra:
+    if not claim.outputs.keys() <= drv.outputs.keys():
+        extra = sorted(set(claim.outputs) - set(drv.outputs))
         return f"claims output '{extra[0]}', which the derivation does not have"
     for name, oc in claim.outputs.items():
         if drv.kind in ("input-addressed", "deferred"):
