@@ -28,15 +28,32 @@ from tracehook.verify.values import Candidate
 WEAK_HASHES = frozenset({"md5", "sha1"})
 
 
+#: What one verified value of an input fixes: ((input drv, output), its path and hash) each.
+Entries = tuple[tuple[tuple[str, str], InputOutput], ...]
+
+
 @dataclass(frozen=True)
 class StepInput:
     """One input derivation of a step: the outputs the step references and their verified
-    values (an empty ``values`` means the input did not verify)."""
+    values (an empty ``values`` means the input did not verify); ``entries``, when given,
+    is :func:`input_entries` of it (a caller deciding many steps on one input computes them
+    once)."""
 
     drv_path: str
     outputs: tuple[str, ...]
     content_addressed: bool  # its producer is fixed-output or floating-CA
     values: Sequence[Candidate]
+    entries: tuple[Entries, ...] | None = None
+
+
+def input_entries(inp: StepInput) -> tuple[Entries, ...]:
+    """Per verified value of the input (in order), what choosing it fixes for a consumer:
+    each output's path, and its NAR hash unless the producer is content-addressed."""
+    ca = inp.content_addressed
+    return tuple(
+        tuple(((inp.drv_path, name), InputOutput(oc.path, ca, None if ca else oc.nar_hash))
+              for name, oc in cand.value)
+        for cand in inp.values)
 
 
 @dataclass(frozen=True)
@@ -86,13 +103,10 @@ def plan_step(
             f"cap of {limits.max_resolutions}; builders disagree on inputs this step uses: "
             "fix the divergence or raise --max-resolutions")
     resolutions: dict[str, Resolution] = {}
-    for combo in itertools.product(*(inp.values for inp in inputs)):
-        chosen: dict[tuple[str, str], InputOutput] = {}
-        for inp, cand in zip(inputs, combo, strict=True):
-            ca = inp.content_addressed
-            for name, oc in cand.value:
-                chosen[(inp.drv_path, name)] = InputOutput(oc.path, ca,
-                                                           None if ca else oc.nar_hash)
+    per_input = [inp.entries if inp.entries is not None else input_entries(inp)
+                 for inp in inputs]
+    for combo in itertools.product(*per_input):
+        chosen = dict(itertools.chain.from_iterable(combo))
         try:
             res = resolve(drv, chosen)
         except TracehookError as exc:

@@ -34,6 +34,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from tracehook.errors import EnvironmentFault, Failure, GraphError
@@ -51,7 +52,13 @@ from tracehook.verify._checkpool import (
 )
 from tracehook.verify.cachekeys import CacheKeys, CacheOutput, Refused
 from tracehook.verify.cachesigs import CacheSigs
-from tracehook.verify.decide import PlanLimits, StepInput, cache_lookups, plan_step
+from tracehook.verify.decide import (
+    PlanLimits,
+    StepInput,
+    cache_lookups,
+    input_entries,
+    plan_step,
+)
 from tracehook.verify.limits import Limits
 from tracehook.verify.policy import Policy
 from tracehook.verify.reliance import Reading
@@ -119,6 +126,7 @@ class Engine:
         self._outstanding = 0  # futures whose completion has not been handled
         self._in_flight = 0  # batches with the checker processes
         self._waiters: dict[str, list[Future[None]]] = {}
+        self._entries: dict[tuple[str, tuple[str, ...]], StepInput] = {}  # see _input
         self._walking = False  # the walk is not re-entrant: targets arriving meanwhile wait
         self._later: collections.deque[tuple[Target, Future[None] | None]] = (
             collections.deque())
@@ -393,6 +401,21 @@ class Engine:
         else:
             self._record(path, plan)
 
+    def _input(self, inp: str, outputs: tuple[str, ...]) -> StepInput:
+        """The input as a step's plan takes it, with its entries computed once for every
+        consumer while its verified values stay the same list (they are final once it is
+        decided; values signed by a cache come as a new list each time, and are not kept)."""
+        values = self.trusted.values(inp, frozenset(outputs))
+        key = (inp, outputs)
+        kept = self._entries.get(key)
+        if kept is not None and kept.values is values:
+            return kept
+        step_input = StepInput(inp, outputs,
+                               producer_is_content_addressed(self.graph.drvs[inp]), values)
+        step_input = replace(step_input, entries=input_entries(step_input))
+        self._entries[key] = step_input
+        return step_input
+
     def _plan(self, path: str) -> list[Resolution] | None:
         """The step's candidate resolutions, or None when it was decided without evidence."""
         drv = self.graph.drvs[path]
@@ -400,9 +423,7 @@ class Engine:
         for inp, outputs in drv.input_drvs.items():
             if inp in self.tainted:
                 self.tainted.add(path)
-            inputs.append(StepInput(inp, outputs,
-                                    producer_is_content_addressed(self.graph.drvs[inp]),
-                                    self.trusted.values(inp, frozenset(outputs))))
+            inputs.append(self._input(inp, outputs))
         plan = plan_step(drv, inputs, self.policy.traces_can_verify, self.plan_limits,
                          step_key if self.facts is None else remembered(self.facts, path))
         if plan == "fixed":
