@@ -19,6 +19,12 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
   and the aggregates above it are new derivations), restarted with the same ``--cache-dir``:
   ratio to cold, the number of changed steps, and the target (0.1 x cold plus the changed
   steps' share of the cold time);
+- **changed only**: the same change, as Nix asks after it when it has everything else
+  (a consumer that substituted the closure before: its store holds every unchanged path
+  and its realisation): a gate restarted with (a copy of) the same ``--cache-dir`` asked
+  only for the changed steps' realisations and narinfos; their time against the cold
+  time and the same target as **leaf** (deciding a changed aggregate needs the whole
+  closure below it decided in the new gate, from the facts);
 - **memo**: the same requests asked again of the cold gate, before it stops: every decision
   is then in its memory (the decision memo), so this is what the gate's own HTTP front and
   answer path cost without deciding anything;
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,9 +82,11 @@ def peak_rss_mib(pid: int) -> float:
     return total
 
 
-def ask_all(port: int, closure: Closure, clients: int, seed: int) -> float:
-    """Every path of the closure, as Nix asks for it; seconds from first to last answer."""
-    work = closure.requests()
+def ask_all(port: int, closure: Closure, clients: int, seed: int,
+            only: set[str] | None = None) -> float:
+    """Every path of the closure (with ``only``, of those steps), as Nix asks for it;
+    seconds from first to last answer."""
+    work = closure.requests(only)
     random.Random(seed).shuffle(work)
     lock = threading.Lock()
     failures: list[str] = []
@@ -112,7 +121,8 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int) -> float:
 
 
 def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
-             seed: int, again: bool = False) -> tuple[float, float, float, float]:
+             seed: int, again: bool = False, only: set[str] | None = None,
+             ) -> tuple[float, float, float, float]:
     """Seconds to ask for every path, the gate's peak RSS, with ``again`` the seconds to
     ask for every path a second time from the same gate (its decisions memoized), and the
     seconds from the process's start until it answered (start-up: reading the last run's
@@ -129,7 +139,7 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
         wait_ready(port, proc)
         ready = time.perf_counter() - started
         try:
-            elapsed = ask_all(port, closure, clients, seed)
+            elapsed = ask_all(port, closure, clients, seed, only)
             second = ask_all(port, closure, clients, seed + 7) if again else 0.0
         except SystemExit:
             print(log.read_text()[-3000:], file=sys.stderr)
@@ -185,7 +195,8 @@ def main() -> None:
     print(f"{'steps':>7} {'verify s':>9} {'gate cold s':>12} {'us/step':>8} {'ratio':>6} "
           f"{'RSS MiB':>8} {'warm s':>7} {'warm/cold':>9} {'leaf s':>7} {'changed':>8} "
           f"{'leaf target s':>13} {'floor s':>8} {'warm/floor':>10} {'memo s':>7} "
-          f"{'start cold s':>12} {'start warm s':>12}")
+          f"{'start cold s':>12} {'start warm s':>12} {'changed only s':>13} "
+          f"{'changed/cold':>11}")
     per_step: dict[int, list[float]] = {}
     for n in args.sizes:
         for run in range(args.runs):
@@ -200,17 +211,24 @@ def main() -> None:
                                                   run + 1)
                 last = f"pkg-{n - max(1, n // 50) - 1}"
                 changed = generate(tmp, n, changed=last, store=closure.root)
+                count = len(closure.steps)
+                new_steps = {d for d, _ in changed.steps} - {d for d, _ in closure.steps}
+                # Nix's own pattern: it has every path but the changed steps' and asks for
+                # those alone (on a copy of the directory: the runs below start as this one)
+                shutil.copytree(cache_dir, tmp / "cache-dir-incremental")
+                incremental, _, _, _ = run_gate(policy, changed, tmp / "cache-dir-incremental",
+                                                args.clients, run + 3, only=new_steps)
                 leaf, _, _, _ = run_gate(policy, changed, cache_dir, args.clients, run + 2)
                 floor = run_floor(closure, tmp, args.clients, run)
-                count = len(closure.steps)
-                new = len({d for d, _ in changed.steps} - {d for d, _ in closure.steps})
+                new = len(new_steps)
                 leaf_target = 0.1 * cold + cold * new / count
                 per_step.setdefault(n, []).append(cold / count * 1e6)
                 print(f"{count:>7} {verify_s:>9.2f} {cold:>12.2f} {cold / count * 1e6:>8.0f} "
                       f"{cold / verify_s:>6.2f} {rss:>8.0f} {warm:>7.2f} {warm / cold:>9.2f} "
                       f"{leaf:>7.2f} {new:>8} {leaf_target:>13.2f} {floor:>8.2f} "
                       f"{warm / floor:>10.2f} {memo:>7.2f} {ready_cold:>12.2f} "
-                      f"{ready_warm:>12.2f}", flush=True)
+                      f"{ready_warm:>12.2f} {incremental:>13.2f} "
+                      f"{incremental / cold:>11.2f}", flush=True)
     if len(per_step) > 1:
         sizes = sorted(per_step)
         small, large = statistics.median(per_step[sizes[0]]), statistics.median(per_step[sizes[-1]])

@@ -66,10 +66,13 @@ class Closure:
     sources: list[tuple[str, str]] = field(default_factory=list)  # (drv, out) per source
     realisation_ids: dict[str, str] = field(default_factory=dict)  # drv -> id of "out"
 
-    def requests(self) -> list[tuple[str, str]]:
-        """What Nix asks a gate for each path of the closure: (realisation, narinfo)."""
+    def requests(self, only: set[str] | None = None) -> list[tuple[str, str]]:
+        """What Nix asks a gate for each path of the closure: (realisation, narinfo); with
+        ``only``, for those build steps alone (what Nix asks when it has the rest)."""
         out = [(f"/realisations/{self.realisation_ids[d]}.doi", f"/{hash_part(o)}.narinfo")
-               for d, o in self.steps]
+               for d, o in self.steps if only is None or d in only]
+        if only is not None:
+            return out
         return out + [("", f"/{hash_part(o)}.narinfo") for _, o in self.sources]
 
 
