@@ -1,6 +1,7 @@
 """Benchmark of the gate at NixOS scale: a whole closure requested as Nix requests it.
 
     .venv/bin/python bench/gate_scale.py [--sizes 1000 10000] [--clients 8] [--runs 1]
+                                         [--client lean|stdlib]
 
 For each size, a synthetic closure shaped like a package set (bench/synth.py: floating-CA
 steps, two signers, a file trace store and a file binary cache) and, in one run:
@@ -9,8 +10,9 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
 - **cold**: ``tracehook gate`` (a subprocess, a fresh ``--cache-dir``) asked for every path
   of the closure as Nix substitutes it: for each build step its realisation, then its
   narinfo (each source: its narinfo), steps in random order, ``--clients`` clients at once,
-  each on its own keep-alive connection; total time, cost per step, the gate's peak RSS
-  (VmHWM, and its checker processes' when there are any), and the ratio to verify;
+  each on its own keep-alive connection (a lean HTTP/1.1 client, about what libcurl costs
+  Nix a request; ``--client stdlib`` for http.client); total time, cost per step, the
+  gate's peak RSS (VmHWM, and its checker processes' when there are any), and the ratio to verify;
 - **warm**: the same after a gate restart with the same ``--cache-dir`` (the first gate
   kept its answers when it stopped; the second replays them if every file they were
   decided from is unchanged: tracehook.gate.warmstart); the start-up of both gates (from
@@ -42,6 +44,7 @@ import argparse
 import http.client
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -82,6 +85,62 @@ def peak_rss_mib(pid: int) -> float:
     return total
 
 
+class LeanClient:
+    """One keep-alive HTTP/1.1 connection that sends a GET and reads the answer by its
+    Content-Length, and nothing else: about what a request costs Nix's libcurl, where
+    http.client costs several times that in the benchmark's own process, on the cores the
+    gate runs on (``--client stdlib`` measures with it instead)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        self.sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            self._more()
+        head, rest = self.buf[:end], self.buf[end + 4:]
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(rest) < length:
+            self.buf = rest
+            self._more()
+            rest = self.buf
+        self.buf = rest[length:]
+        return status, rest[:length]
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class StdlibClient:
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        self.conn.request("GET", path)
+        resp = self.conn.getresponse()
+        return resp.status, resp.read()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+CLIENTS = {"lean": LeanClient, "stdlib": StdlibClient}
+CLIENT = ["lean"]  # set from --client
+
+
 def ask_all(port: int, closure: Closure, clients: int, seed: int,
             only: set[str] | None = None) -> float:
     """Every path of the closure (with ``only``, of those steps), as Nix asks for it;
@@ -92,7 +151,7 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
     failures: list[str] = []
 
     def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn = CLIENTS[CLIENT[0]](port)
         while True:
             with lock:
                 if not work:
@@ -101,11 +160,9 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
             for path in pair:
                 if not path:
                     continue
-                conn.request("GET", path)
-                resp = conn.getresponse()
-                body = resp.read()
-                if resp.status != 200:
-                    failures.append(f"{path}: {resp.status} {body[:200]!r}")
+                status, body = conn.get(path)
+                if status != 200:
+                    failures.append(f"{path}: {status} {body[:200]!r}")
         conn.close()
 
     start = time.perf_counter()
@@ -191,7 +248,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--client", choices=sorted(CLIENTS), default="lean",
+                    help="the benchmark's HTTP client (default lean: see LeanClient)")
     args = ap.parse_args()
+    CLIENT[0] = args.client
     print(f"{'steps':>7} {'verify s':>9} {'gate cold s':>12} {'us/step':>8} {'ratio':>6} "
           f"{'RSS MiB':>8} {'warm s':>7} {'warm/cold':>9} {'leaf s':>7} {'changed':>8} "
           f"{'leaf target s':>13} {'floor s':>8} {'warm/floor':>10} {'memo s':>7} "
