@@ -137,7 +137,8 @@ class StdlibClient:
         self.conn.close()
 
 
-CLIENTS = {"lean": LeanClient, "stdlib": StdlibClient}
+CLIENTS: dict[str, type[LeanClient] | type[StdlibClient]] = {
+    "lean": LeanClient, "stdlib": StdlibClient}
 CLIENT = ["lean"]  # set from --client
 
 

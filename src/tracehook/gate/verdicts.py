@@ -245,9 +245,10 @@ class GateVerifier:
         if known is not None:
             return known
         started = self.clock()
-        fut = engine.submit(Target(step, step, frozenset((output,))))
+        target = Target(step, step, frozenset((output,)))
         try:
-            fut.result(timeout=self.deadline)
+            if not engine.decided(target):  # (a step decided below another asks nothing)
+                engine.submit(target).result(timeout=self.deadline)
         except concurrent.futures.TimeoutError:
             return Verdict(step, _name(step), "?", fault=f"not decided within "
                            f"{self.deadline:g} s (a trace store or cache is slow)",

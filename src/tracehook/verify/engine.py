@@ -157,13 +157,17 @@ class Engine:
                                         daemon=True)
         self._thread.start()
 
+    def decided(self, target: Target) -> bool:
+        """Whether ``target`` is decided already (then :meth:`submit` need not be asked)."""
+        step = target.drv_path
+        return step in self._done and (self.cache_sigs is None or target.outputs
+                                       in self.graph.requests.get(step, ()))
+
     def submit(self, target: Target) -> Future[None]:
         """Decide ``target``'s step (and everything below it); the future is done when it
         is, or fails with the GraphError or fault that stopped it."""
         fut: Future[None] = Future()
-        step = target.drv_path
-        if step in self._done and (self.cache_sigs is None or target.outputs
-                                   in self.graph.requests.get(step, ())):
+        if self.decided(target):
             fut.set_result(None)  # decided already: no need to wait behind other work
             return fut
         self._events.put(("target", target, fut))
