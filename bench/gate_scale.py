@@ -1,7 +1,7 @@
 """Benchmark of the gate at NixOS scale: a whole closure requested as Nix requests it.
 
     .venv/bin/python bench/gate_scale.py [--sizes 1000 10000] [--clients 8] [--runs 1]
-                                         [--client lean|stdlib]
+                                         [--client stdlib|lean]
 
 For each size, a synthetic closure shaped like a package set (bench/synth.py: floating-CA
 steps, two signers, a file trace store and a file binary cache) and, in one run:
@@ -10,9 +10,10 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
 - **cold**: ``tracehook gate`` (a subprocess, a fresh ``--cache-dir``) asked for every path
   of the closure as Nix substitutes it: for each build step its realisation, then its
   narinfo (each source: its narinfo), steps in random order, ``--clients`` clients at once,
-  each on its own keep-alive connection (a lean HTTP/1.1 client, about what libcurl costs
-  Nix a request; ``--client stdlib`` for http.client); total time, cost per step, the
-  gate's peak RSS (VmHWM, and its checker processes' when there are any), and the ratio to verify;
+  each on its own keep-alive connection (http.client, which costs about what curl does a
+  request; ``--client lean`` for a diagnostic client that costs a third of that); total
+  time, cost per step, the gate's peak RSS (VmHWM, and its checker processes' when there
+  are any), and the ratio to verify;
 - **warm**: the same after a gate restart with the same ``--cache-dir`` (the first gate
   kept its answers when it stopped; the second replays them if every file they were
   decided from is unchanged: tracehook.gate.warmstart); the start-up of both gates (from
@@ -87,9 +88,11 @@ def peak_rss_mib(pid: int) -> float:
 
 class LeanClient:
     """One keep-alive HTTP/1.1 connection that sends a GET and reads the answer by its
-    Content-Length, and nothing else: about what a request costs Nix's libcurl, where
-    http.client costs several times that in the benchmark's own process, on the cores the
-    gate runs on (``--client stdlib`` measures with it instead)."""
+    Content-Length, and nothing else: a diagnostic (``--client lean``), to see how much
+    of a run is the clients' own work on the cores the gate runs on. The default is
+    http.client, whose cost per request is about curl's (``bench/client_cost.py --runs 3``:
+    curl 79 to 100 us of CPU a request, http.client 75 to 100, this client 35 to 49), so
+    about what a substituting Nix spends."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=120)
@@ -139,7 +142,7 @@ class StdlibClient:
 
 CLIENTS: dict[str, type[LeanClient] | type[StdlibClient]] = {
     "lean": LeanClient, "stdlib": StdlibClient}
-CLIENT = ["lean"]  # set from --client
+CLIENT = ["stdlib"]  # set from --client
 
 
 def ask_all(port: int, closure: Closure, clients: int, seed: int,
@@ -249,8 +252,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--client", choices=sorted(CLIENTS), default="lean",
-                    help="the benchmark's HTTP client (default lean: see LeanClient)")
+    ap.add_argument("--client", choices=sorted(CLIENTS), default="stdlib",
+                    help="the benchmark's HTTP client (default stdlib, http.client; lean: "
+                    "a diagnostic, see LeanClient)")
     args = ap.parse_args()
     CLIENT[0] = args.client
     print(f"{'steps':>7} {'verify s':>9} {'gate cold s':>12} {'us/step':>8} {'ratio':>6} "

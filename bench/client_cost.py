@@ -1,0 +1,90 @@
+"""What one request costs the client: curl, http.client and bench/gate_scale.py's lean client.
+
+    .venv/bin/python bench/client_cost.py [--steps 1000] [--runs 3]
+
+bench/gate_scale.py stands in for a substituting Nix with Python clients on the same cores
+as the gate, so their cost per request is part of every figure it prints. This measures
+it against a gate answering from memory (a synthetic closure of ``--steps`` build steps,
+every path asked once first): each client asks for every path once on one keep-alive
+connection, and the CPU seconds it used (its process's, from getrusage) are divided by the
+requests. curl (the command-line tool over libcurl, as Nix uses libcurl) reads its URLs
+from a config file and writes each answer to /dev/null. The order of the clients rotates
+from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import gate_scale  # noqa: E402
+from gate import free_port  # noqa: E402
+from synth import with_policy  # noqa: E402
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    curl = shutil.which("curl")
+    if curl is None:
+        raise SystemExit("client_cost: curl is not installed (apt-get install curl)")
+    with tempfile.TemporaryDirectory(prefix="tracehook-client-cost-") as d:
+        tmp = Path(d)
+        closure, policy = with_policy(tmp, args.steps)
+        port = free_port()
+        proc = subprocess.Popen(
+            [gate_scale.TRACEHOOK, "gate", "--policy", str(policy), "--upstream",
+             f"file://{closure.cache}", "--store", str(closure.root), "--listen",
+             f"127.0.0.1:{port}", "--quiet", "--cache-dir", str(tmp / "cache-dir")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            gate_scale.wait_ready(port, proc)
+            gate_scale.ask_all(port, closure, 8, 0)  # every answer in the gate's memory
+            paths = [p for pair in closure.requests() for p in pair if p]
+            config = tmp / "curl.cfg"
+            config.write_text("".join(f'url = "http://127.0.0.1:{port}{p}"\n'
+                                      'output = "/dev/null"\n' for p in paths))
+            costs: dict[str, list[float]] = {"curl": [], "stdlib": [], "lean": []}
+            order = list(costs)
+            print(f"{'run':>4} " + " ".join(f"{n + ' us/request':>18}" for n in order))
+            for run in range(args.runs):
+                got: dict[str, float] = {}
+                for name in order[run % 3:] + order[:run % 3]:
+                    if name == "curl":
+                        before = _cpu(resource.RUSAGE_CHILDREN)
+                        subprocess.run([curl, "-s", "--fail", "-K", str(config)], check=True)
+                        used = _cpu(resource.RUSAGE_CHILDREN) - before
+                    else:
+                        gate_scale.CLIENT[0] = name
+                        before = _cpu(resource.RUSAGE_SELF)
+                        gate_scale.ask_all(port, closure, 1, run)
+                        used = _cpu(resource.RUSAGE_SELF) - before
+                    got[name] = used / len(paths) * 1e6
+                    costs[name].append(got[name])
+                print(f"{run:>4} " + " ".join(f"{got[n]:>18.0f}" for n in order), flush=True)
+            for name in order:
+                v = sorted(costs[name])
+                print(f"{name}: median {v[len(v) // 2]:.0f} us of CPU a request "
+                      f"(min {v[0]:.0f}, max {v[-1]:.0f}) over {len(v)} runs of {len(paths)}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()
