@@ -408,7 +408,8 @@ class Engine:
     def _input(self, inp: str, outputs: tuple[str, ...]) -> StepInput:
         """The input as a step's plan takes it, with its entries computed once for every
         consumer while its verified values stay the same list (they are final once it is
-        decided; values signed by a cache come as a new list each time, and are not kept)."""
+        decided; values signed by a cache come as a new list each time, so those entries
+        are computed again each time)."""
         values = self.trusted.values(inp, frozenset(outputs))
         key = (inp, outputs)
         kept = self._entries.get(key)
