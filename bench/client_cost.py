@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 import gate_scale  # noqa: E402
-from gate import free_port  # noqa: E402
 from synth import with_policy  # noqa: E402
 
 
@@ -46,14 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tracehook-client-cost-") as d:
         tmp = Path(d)
         closure, policy = with_policy(tmp, args.steps)
-        port = free_port()
-        proc = subprocess.Popen(
-            [gate_scale.TRACEHOOK, "gate", "--policy", str(policy), "--upstream",
-             f"file://{closure.cache}", "--store", str(closure.root), "--listen",
-             f"127.0.0.1:{port}", "--quiet", "--cache-dir", str(tmp / "cache-dir")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            gate_scale.wait_ready(port, proc)
+        with gate_scale.gate_process(policy, closure, tmp / "cache-dir") as (port, _):
             gate_scale.ask_all(port, closure, 8, 0)  # every answer in the gate's memory
             paths = [p for pair in closure.requests() for p in pair if p]
             config = tmp / "curl.cfg"
@@ -81,9 +73,6 @@ def main() -> None:
                 v = sorted(costs[name])
                 print(f"{name}: median {v[len(v) // 2]:.0f} us of CPU a request "
                       f"(min {v[0]:.0f}, max {v[-1]:.0f}) over {len(v)} runs of {len(paths)}")
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
 
 
 if __name__ == "__main__":

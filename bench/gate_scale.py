@@ -42,6 +42,7 @@ Every answer must be 200: a refusal or a fault stops the benchmark.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import random
 import shutil
@@ -52,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,16 +190,9 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
     ask for every path a second time from the same gate (its decisions memoized), and the
     seconds from the process's start until it answered (start-up: reading the last run's
     answers, with a warm --cache-dir, is part of it)."""
-    port = free_port()
     started = time.perf_counter()
     log = cache_dir.parent / "gate.stderr"
-    proc = subprocess.Popen(
-        [TRACEHOOK, "gate", "--policy", str(policy), "--upstream", f"file://{closure.cache}",
-         "--store", str(closure.root), "--listen", f"127.0.0.1:{port}", "--quiet",
-         "--cache-dir", str(cache_dir)],
-        stdout=subprocess.DEVNULL, stderr=log.open("ab"))
-    try:
-        wait_ready(port, proc)
+    with gate_process(policy, closure, cache_dir, log) as (port, proc):
         ready = time.perf_counter() - started
         try:
             elapsed = ask_all(port, closure, clients, seed, only)
@@ -206,13 +201,30 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
             print(log.read_text()[-3000:], file=sys.stderr)
             raise
         rss = peak_rss_mib(proc.pid)
+    return elapsed, rss, second, ready
+
+
+@contextlib.contextmanager
+def gate_process(policy: Path, closure: Closure, cache_dir: Path, log: Path | None = None,
+                 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A ``tracehook gate`` subprocess in front of the closure's file cache, ready to answer:
+    (its port, the process); stopped on leaving. Its stderr goes to ``log`` (appended)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [TRACEHOOK, "gate", "--policy", str(policy), "--upstream", f"file://{closure.cache}",
+         "--store", str(closure.root), "--listen", f"127.0.0.1:{port}", "--quiet",
+         "--cache-dir", str(cache_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if log is None else log.open("ab"))
+    try:
+        wait_ready(port, proc)
+        yield port, proc
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return elapsed, rss, second, ready
 
 
 def run_floor(closure: Closure, tmp: Path, clients: int, seed: int) -> float:

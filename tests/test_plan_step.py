@@ -12,7 +12,7 @@ from tracehook.errors import Failure
 from tracehook.nix.derivation import Derivation, DerivationOutput
 from tracehook.trace.claim import OutputClaim, TraceKey
 from tracehook.trace.stepkey import InputOutput, Resolution
-from tracehook.verify.decide import PlanLimits, Resolve, StepInput, input_entries, plan_step
+from tracehook.verify.decide import PlanLimits, Resolve, StepInput, plan_step
 from tracehook.verify.values import Candidate
 
 CA_IN = "/nix/store/" + "1" * 32 + "-lib.drv"
@@ -59,11 +59,11 @@ def test_one_resolution_per_combination_of_verified_input_values(precomputed: bo
     """Two verified values of one input (builders diverged, the policy accepts both): two
     candidate resolutions, each fixing every referenced output of every input, with the
     NAR hash only where the producer is input-addressed; the same whether the entries were
-    computed once by the caller or by the plan."""
+    computed before (a caller keeping the input for many steps) or by the plan."""
     inputs = _inputs([LIB_A, LIB_B], [TOOL])
     if precomputed:
-        inputs = [StepInput(i.drv_path, i.outputs, i.content_addressed, i.values,
-                            input_entries(i)) for i in inputs]
+        for i in inputs:
+            assert len(i.entries) == len(i.values)  # computed now, kept by the object
     seen: list[dict[tuple[str, str], InputOutput]] = []
     plan = plan_step(_drv(), inputs, True, PlanLimits(), _recording(seen))
     assert isinstance(plan, list) and len(plan) == 2

@@ -14,6 +14,7 @@ ask of it), calls one of these, and acts on the answer (fetch traces, record, as
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,25 +36,23 @@ Entries = tuple[tuple[tuple[str, str], InputOutput], ...]
 @dataclass(frozen=True)
 class StepInput:
     """One input derivation of a step: the outputs the step references and their verified
-    values (an empty ``values`` means the input did not verify); ``entries``, when given,
-    is :func:`input_entries` of it (a caller deciding many steps on one input computes them
-    once)."""
+    values (an empty ``values`` means the input did not verify)."""
 
     drv_path: str
     outputs: tuple[str, ...]
     content_addressed: bool  # its producer is fixed-output or floating-CA
     values: Sequence[Candidate]
-    entries: tuple[Entries, ...] | None = None
 
-
-def input_entries(inp: StepInput) -> tuple[Entries, ...]:
-    """Per verified value of the input (in order), what choosing it fixes for a consumer:
-    each output's path, and its NAR hash unless the producer is content-addressed."""
-    ca = inp.content_addressed
-    return tuple(
-        tuple(((inp.drv_path, name), InputOutput(oc.path, ca, None if ca else oc.nar_hash))
-              for name, oc in cand.value)
-        for cand in inp.values)
+    @functools.cached_property
+    def entries(self) -> tuple[Entries, ...]:
+        """Per verified value (in order), what choosing it fixes for a consumer: each
+        output's path, and its NAR hash unless the producer is content-addressed. Computed
+        once per object: a caller deciding many steps on one input can keep the object."""
+        ca = self.content_addressed
+        return tuple(
+            tuple(((self.drv_path, name), InputOutput(oc.path, ca, None if ca else oc.nar_hash))
+                  for name, oc in cand.value)
+            for cand in self.values)
 
 
 @dataclass(frozen=True)
@@ -103,9 +102,7 @@ def plan_step(
             f"cap of {limits.max_resolutions}; builders disagree on inputs this step uses: "
             "fix the divergence or raise --max-resolutions")
     resolutions: dict[str, Resolution] = {}
-    per_input = [inp.entries if inp.entries is not None else input_entries(inp)
-                 for inp in inputs]
-    for combo in itertools.product(*per_input):
+    for combo in itertools.product(*(inp.entries for inp in inputs)):
         chosen = dict(itertools.chain.from_iterable(combo))
         try:
             res = resolve(drv, chosen)

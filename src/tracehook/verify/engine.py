@@ -34,7 +34,6 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 from tracehook.errors import EnvironmentFault, Failure, GraphError
@@ -52,13 +51,7 @@ from tracehook.verify._checkpool import (
 )
 from tracehook.verify.cachekeys import CacheKeys, CacheOutput, Refused
 from tracehook.verify.cachesigs import CacheSigs
-from tracehook.verify.decide import (
-    PlanLimits,
-    StepInput,
-    cache_lookups,
-    input_entries,
-    plan_step,
-)
+from tracehook.verify.decide import PlanLimits, StepInput, cache_lookups, plan_step
 from tracehook.verify.limits import Limits
 from tracehook.verify.policy import Policy
 from tracehook.verify.reliance import Reading
@@ -126,7 +119,7 @@ class Engine:
         self._outstanding = 0  # futures whose completion has not been handled
         self._in_flight = 0  # batches with the checker processes
         self._waiters: dict[str, list[Future[None]]] = {}
-        self._entries: dict[tuple[str, tuple[str, ...]], StepInput] = {}  # see _input
+        self._inputs: dict[tuple[str, tuple[str, ...]], StepInput] = {}  # see _input
         self._walking = False  # the walk is not re-entrant: targets arriving meanwhile wait
         self._later: collections.deque[tuple[Target, Future[None] | None]] = (
             collections.deque())
@@ -406,20 +399,17 @@ class Engine:
             self._record(path, plan)
 
     def _input(self, inp: str, outputs: tuple[str, ...]) -> StepInput:
-        """The input as a step's plan takes it, with its entries computed once for every
-        consumer while its verified values stay the same list (they are final once it is
-        decided; values signed by a cache come as a new list each time, so those entries
-        are computed again each time)."""
+        """The input as a step's plan takes it: one object for every consumer while its
+        verified values stay the same list (they are final once it is decided; values
+        signed by a cache come as a new list each time, and so as a new object), so that
+        its entries are computed once."""
         values = self.trusted.values(inp, frozenset(outputs))
         key = (inp, outputs)
-        kept = self._entries.get(key)
-        if kept is not None and kept.values is values:
-            return kept
-        step_input = StepInput(inp, outputs,
-                               producer_is_content_addressed(self.graph.drvs[inp]), values)
-        step_input = replace(step_input, entries=input_entries(step_input))
-        self._entries[key] = step_input
-        return step_input
+        kept = self._inputs.get(key)
+        if kept is None or kept.values is not values:
+            kept = self._inputs[key] = StepInput(
+                inp, outputs, producer_is_content_addressed(self.graph.drvs[inp]), values)
+        return kept
 
     def _plan(self, path: str) -> list[Resolution] | None:
         """The step's candidate resolutions, or None when it was decided without evidence."""

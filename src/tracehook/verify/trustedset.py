@@ -277,9 +277,9 @@ class TrustedSet:
 
 def _output_problem(drv: Derivation, res: Resolution, claim: Claim) -> str | None:
     """Why a claim's outputs cannot be this step's, or None."""
-    if not claim.outputs.keys() <= drv.outputs.keys():
-        extra = sorted(set(claim.outputs) - set(drv.outputs))
-        return f"claims output '{extra[0]}', which the derivation does not have"
+    extra = claim.outputs.keys() - drv.outputs.keys()
+    if extra:
+        return f"claims output '{min(extra)}', which the derivation does not have"
     for name, oc in claim.outputs.items():
         if drv.kind in ("input-addressed", "deferred"):
             expected = res.rdrv.outputs[name].path
