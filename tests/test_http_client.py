@@ -186,6 +186,24 @@ def test_watchdog_shuts_a_socket_down_at_its_deadline_and_not_before() -> None:
         assert c.recv(1) == b"x"  # c was not shut down
 
 
+def test_watchdog_is_not_woken_by_deadlines_after_its_next_look() -> None:
+    dog = Watchdog()
+    a, b = socket.socketpair()
+    with a, b:
+        with dog.deadline(a, 10):
+            pass
+        time.sleep(0.05)  # the thread has started and sleeps until its next look
+        looks = dog.looks
+        for _ in range(2_000):  # request after request, as a gate's front registers them
+            with dog.deadline(a, 10):
+                pass
+        assert dog.looks - looks <= 2  # (at most its periodic looks), not one a request
+        start = time.monotonic()
+        with dog.deadline(a, 0.2):  # one before its next look still wakes it in time
+            assert a.recv(1) == b""
+        assert 0.15 <= time.monotonic() - start < 0.9
+
+
 def test_watchdog_heap_stays_bounded_under_many_short_requests() -> None:
     dog = Watchdog()
     a, b = socket.socketpair()

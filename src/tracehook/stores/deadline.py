@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+LOOK_EVERY = 1.0  # seconds: the thread looks at the heap at least this often
+
 
 class Watchdog:
     def __init__(self) -> None:
@@ -25,22 +27,24 @@ class Watchdog:
         self._live: set[int] = set()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._wakes_at = 0.0  # when the sleeping thread looks next (0: it is not asleep)
+        self.looks = 0  # how often the thread has looked at the heap (tests, diagnostics)
 
     def watch(self, sock: socket.socket, deadline: float) -> int:
         """Shut ``sock`` down at ``deadline`` (time.monotonic) unless released first."""
         token = next(self._ids)
         with self._cond:
             # The thread sleeps until the earliest deadline in the heap (released ones
-            # included): it needs waking only when this one comes before all of them. On a
-            # busy gate that is almost never (every deadline is "now + the same timeout"),
-            # so a request costs no thread switch.
-            wake = not self._heap or deadline < self._heap[0][0]
+            # included), or for LOOK_EVERY seconds when it holds none: it needs waking only
+            # when this deadline comes before that. On a gate that is almost never (every
+            # deadline is "now + the same timeout", and one request's is released before
+            # the next one's is registered), so a request costs no thread switch.
+            wake = deadline < self._wakes_at
             if len(self._heap) > 2 * len(self._live) + 1024:
-                # released entries wait in the heap until the thread wakes; drop them now
+                # released entries wait in the heap until the thread looks; drop them now
                 # and then so that a high request rate cannot pile them up (amortised O(1))
                 self._heap = [e for e in self._heap if e[1] in self._live]
                 heapq.heapify(self._heap)
-                wake = True
             heapq.heappush(self._heap, (deadline, token, sock))
             self._live.add(token)
             if self._thread is None:
@@ -66,16 +70,17 @@ class Watchdog:
     def _run(self) -> None:
         with self._cond:
             while True:
+                self.looks += 1
                 while self._heap and self._heap[0][1] not in self._live:
                     heapq.heappop(self._heap)  # finished in time
-                if not self._heap:
-                    self._cond.wait()
+                now = time.monotonic()
+                if not self._heap or self._heap[0][0] > now:
+                    self._wakes_at = (min(self._heap[0][0], now + LOOK_EVERY) if self._heap
+                                      else now + LOOK_EVERY)
+                    self._cond.wait(self._wakes_at - now)
+                    self._wakes_at = 0.0
                     continue
-                deadline, token, sock = self._heap[0]
-                wait = deadline - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
+                _, token, sock = self._heap[0]
                 heapq.heappop(self._heap)
                 self._live.discard(token)
                 with contextlib.suppress(OSError):
