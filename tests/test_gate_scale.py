@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 import threading
@@ -341,6 +342,32 @@ def test_drv_files_written_while_the_gate_runs_are_indexed_before_a_request(
         (root / "moved").rename(store)
         assert _wait_for(lambda: "can be read again" in caplog.text)
     assert index._watch is None  # stopped with the server
+
+
+def test_a_drv_read_while_it_was_being_written_is_indexed_once_it_is_whole(
+        tmp_path: Path) -> None:
+    """Nix writes a .drv in place: the index may read it half written (it does not parse).
+    Its end changes the file, not the directory: the index still looks at it again and
+    indexes it once it is whole, without any other change to the store."""
+    closure, policy = with_policy(tmp_path / "built", 5)
+    root = tmp_path / "consumer"
+    store = root / "nix" / "store"
+    store.mkdir(parents=True)
+    drvs = sorted((closure.root / "nix" / "store").glob("*.drv"))
+    for drv in drvs[:-1]:
+        shutil.copy(drv, store / drv.name)
+    last = drvs[-1]
+    whole = last.read_bytes()
+    with running_gate(policy, [f"file://{closure.cache}"], str(root), tmp_path / "gate.log",
+                      index_interval=0.05) as gate:
+        index = gate.server.service.index
+        assert _wait_for(lambda: len(index) == len(drvs) - 1)
+        with (store / last.name).open("wb") as f:
+            f.write(whole[: len(whole) // 2])
+            f.flush()
+            assert _wait_for(lambda: f"{index.store_dir}/{last.name}" in index.skipped)
+            f.write(whole[len(whole) // 2:])
+        assert _wait_for(lambda: len(index) == len(drvs), within=5)
 
 
 def test_index_interval_0_indexes_only_when_a_request_asks(tmp_path: Path) -> None:

@@ -58,6 +58,9 @@ def next_look(interval: float, took: float) -> float:
     return max(interval, 10 * took)
 
 
+YOUNG_NS = 2_000_000_000  # a .drv that failed to parse and changed this recently is looked at again
+
+
 class DrvIndex:
     """Thread-safe, incremental. ``refresh()`` is cheap when nothing changed (one stat)."""
 
@@ -117,6 +120,11 @@ class DrvIndex:
                     continue
                 if self._add(path, entry):
                     added += 1
+            young = time.time_ns() - YOUNG_NS
+            if any(mtime_ns > young for _, mtime_ns in self._broken.values()):
+                # one that failed may still be being written (Nix writes a .drv in place):
+                # its end does not change the directory, so the next look lists it again
+                self._mtime = None
             if added:
                 log.info("indexed %d new derivation(s), %d in all", added, len(self._seen))
             return added
