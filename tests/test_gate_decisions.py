@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -65,3 +66,61 @@ def test_single_flight() -> None:
     for t in threads:
         t.join()
     assert results == [42] * 20 and len(calls) == 1
+
+
+def test_no_waiting_hands_back_instead_of_waiting_for_another_computation() -> None:
+    """The HTTP front's loop thread asks inside no_waiting(): a computation in progress in
+    another thread raises WouldWait there instead of blocking it; outside, it is waited
+    for as before."""
+    from tracehook.gate import nowait
+
+    cache: DecisionCache[int] = DecisionCache(CacheConfig())
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> int:
+        started.set()
+        release.wait(5)
+        return 7
+
+    owner = threading.Thread(target=lambda: cache.get("k", slow))
+    owner.start()
+    assert started.wait(5)
+    with nowait.no_waiting(), pytest.raises(nowait.WouldWait):
+        cache.get("k", lambda: 1)
+    release.set()
+    owner.join(5)
+    with nowait.no_waiting():
+        assert cache.get("k", lambda: 1) == (7, False)  # done: no waiting needed
+
+
+def test_would_wait_is_not_an_error_for_whoever_waits() -> None:
+    """A computation that gives up with WouldWait (in the loop thread) is neither cached
+    nor passed on: a thread waiting for it computes the answer itself."""
+    from tracehook.gate import nowait
+
+    cache: DecisionCache[str] = DecisionCache(CacheConfig())
+    inside, go_on = threading.Event(), threading.Event()
+
+    def gives_up() -> str:
+        inside.set()
+        go_on.wait(5)
+        nowait.check()
+        return "never"
+
+    def loop_thread() -> None:
+        with nowait.no_waiting(), contextlib.suppress(nowait.WouldWait):
+            cache.get("k", gives_up)
+
+    first = threading.Thread(target=loop_thread)
+    first.start()
+    assert inside.wait(5)
+    got: list[tuple[str, bool]] = []
+    waiter = threading.Thread(target=lambda: got.append(cache.get("k", lambda: "worker")))
+    waiter.start()
+    time.sleep(0.1)  # the waiter waits for the first computation
+    go_on.set()
+    first.join(5)
+    waiter.join(5)
+    assert got == [("worker", True)]
+    assert cache.get("k", lambda: "again") == ("worker", False)
+    assert nowait.waiting_allowed()  # (outside the block, in this thread)

@@ -478,6 +478,49 @@ def test_keep_alive_connection_serves_many(gate: RunningGate, syn: Synthetic) ->
     conn.close()
 
 
+def test_pipelined_requests_are_answered_in_order(gate: RunningGate, syn: Synthetic) -> None:
+    """Two requests sent at once on one connection: two answers, in the order asked."""
+    host, port = gate.url.removeprefix("http://").split(":")
+    first, second = f"/{hash_part(syn.ia_out)}.narinfo", "/nix-cache-info"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET {first} HTTP/1.1\r\nHost: x\r\n\r\n"
+                     f"GET {second} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                     .encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    heads = [part for part in data.split(b"HTTP/1.1 ")[1:]]
+    assert [h[:3] for h in heads] == [b"200", b"200"]
+    assert b"StorePath: " + syn.ia_out.encode() in heads[0]
+    assert b"StoreDir: " in heads[1]
+
+
+def test_answers_at_hand_start_no_worker_and_a_bug_answers_500(
+        gate: RunningGate, syn: Synthetic) -> None:
+    """With file:// upstreams the front's loop answers what needs no waiting itself (no
+    worker thread for answers already decided); a bug in a handler answers 500, closes that
+    connection and leaves the gate serving."""
+    path = f"/{hash_part(syn.ia_out)}.narinfo"
+    assert get(gate.url, path)[0] == 200  # (decides the step: in a worker)
+    workers = gate.server._workers
+    before = workers._threads
+    for _ in range(50):
+        assert get(gate.url, path)[0] == 200
+        assert get(gate.url, "/nix-cache-info")[0] == 200
+    assert workers._threads == before
+    routes = gate.server.routes
+    original = routes.route
+
+    def broken(target: str) -> object:
+        if target == "/nix-cache-info":
+            raise RuntimeError("a bug")
+        return original(target)
+
+    routes.route = broken  # type: ignore[method-assign,assignment]
+    assert get(gate.url, "/nix-cache-info")[0] == 500
+    assert get(gate.url, path)[0] == 200
+
+
 def test_single_flight_under_contention(syn: Synthetic, tmp_path: Path) -> None:
     with running_gate(syn.policy, [f"file://{syn.cache}"], str(syn.root),
                       tmp_path / "gate.log") as gate:

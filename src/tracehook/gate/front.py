@@ -1,16 +1,27 @@
 """The gate's HTTP front: Nix's binary-cache protocol on a loopback socket.
 
 A lean HTTP/1.1 server (GET and HEAD; anything else is 405) with keep-alive, since Nix
-reuses connections; the routes are :mod:`tracehook.gate.routes`. Each answer is written
-with one ``send``. Limits, all documented in docs/OPERATIONS.md:
+reuses connections; the routes are :mod:`tracehook.gate.routes`.
+
+One thread, the loop (:meth:`GateHTTPServer.serve_forever`), accepts, reads and writes
+every connection without blocking, and answers a request itself when every upstream is a
+``file://`` cache and the answer needs nothing still in progress (:mod:`tracehook.gate.nowait`:
+a verdict decided, an answer in the memo, a file read). A request that would wait (a step
+still being verified, another request computing the same answer, an index rescan, a NAR
+scan, an upstream over the network) goes to a worker thread, which routes it again and
+hands the answer back to the loop to write; a NAR is streamed by a worker. So a slow
+verification or upstream holds its own request only, and the common answer costs no
+hand-over of the interpreter between threads (a thread per connection, as before, spent
+more in those hand-overs than in the answers). Limits, all documented in
+docs/OPERATIONS.md:
 
 - a request line over 8 KiB is 414, more than 64 headers 431, a request body 413;
 - **the whole request head** (request line and headers) must arrive within
-  ``header_timeout`` seconds of its first byte, however it trickles in (a watchdog shuts the
-  socket down at the deadline);
+  ``header_timeout`` seconds of its first byte, however it trickles in, or the connection is
+  closed;
 - a kept-alive connection with no request for ``idle_timeout`` seconds is closed;
-- a NAR stream waits at most ``header_timeout`` seconds for each write to a client that
-  stopped reading (other answers are small enough to be written at once);
+- an answer the client does not read for ``header_timeout`` seconds (for a NAR: each write)
+  closes the connection;
 - at most ``max_connections`` connections: when a new one would exceed it, the connection
   that has waited longest without a request in progress is closed to make room (idle
   keep-alive connections first, then ones still sending their head), so a flood of slow
@@ -23,31 +34,36 @@ A bug in a handler answers 500 and is logged; it never answers 200.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
+import queue
+import selectors
 import socket
-import socketserver
-import struct
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from tracehook.errors import EnvironmentFault
+from tracehook.gate import nowait
 from tracehook.gate.policywatch import PolicyWatch
 from tracehook.gate.routes import Routes
 from tracehook.gate.service import Answer, GateService, NarAnswer
 from tracehook.gate.warmstart import WarmStart
-from tracehook.stores.deadline import WATCHDOG
+from tracehook.stores.binarycache import FileUpstream
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_LINE = 8192
 MAX_HEADERS = 64
+SWEEP = 0.05  # seconds between two looks at the connections' deadlines
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+_INTERNAL = Answer(500, b"internal error\n")
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+         b"Connection: close\r\n\r\n")
 
 
 @dataclass(frozen=True)
@@ -55,13 +71,6 @@ class HttpLimits:
     header_timeout: float = 10.0  # seconds from a request's first byte to its last header
     idle_timeout: float = 60.0  # seconds a kept-alive connection may wait for a request
     max_connections: int = 512
-
-
-@dataclass
-class _Conn:
-    sock: socket.socket
-    state: str = "idle"  # idle, reading (the request head), serving
-    since: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,110 +81,74 @@ class _Request:
     has_body: bool
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    server: GateHTTPServer
+class _Conn:
+    """One connection, as the loop sees it. ``state``: idle (waiting for a request), reading
+    (its head), serving (a worker or the loop is answering), writing (the answer waits for
+    the client to read it), closed."""
 
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        rfile: io.BufferedReader = sock.makefile("rb", buffering=65536)  # type: ignore[assignment]
-        conn = self.server.enter(sock)
-        limits = self.server.limits
-        # The idle limit bounds the wait for a request, the watchdog the whole head, and a
-        # NAR stream sets its own timeout. The idle limit is the kernel's (SO_RCVTIMEO,
-        # SO_SNDTIMEO on a blocking socket), not Python's socket timeout: that one polls
-        # before every recv and send, two more system calls a request, each giving up the
-        # interpreter lock to another thread.
-        _kernel_timeouts(sock, limits.idle_timeout)
-        try:
-            while True:
-                self.server.mark(conn, "idle")
-                try:
-                    if not rfile.peek(1):
-                        return  # the client closed the connection
-                except OSError:
-                    return  # idle too long, evicted, or reset
-                self.server.mark(conn, "reading")
-                try:
-                    with WATCHDOG.deadline(sock, limits.header_timeout):
-                        request = _read_head(rfile)
-                except OSError:
-                    return  # too slow: the watchdog or the timeout cut it off
-                self.server.mark(conn, "serving")
-                if isinstance(request, Answer):
-                    _send(sock, request, head=False, keep_alive=False)
-                    return
-                if not self._answer(sock, request):
-                    return
-        finally:
-            self.server.leave(conn)
-            rfile.close()
+    __slots__ = ("buf", "events", "keep", "line_end", "out", "since", "sock", "state")
 
-    def _answer(self, sock: socket.socket, req: _Request) -> bool:
-        """Answer one request; False when the connection must close."""
-        head = req.method == "HEAD"
-        if req.method not in ("GET", "HEAD"):
-            _send(sock, Answer(405, b"only GET and HEAD\n"), False, False,
-                  b"Allow: GET, HEAD\r\n")
-            return False
-        if req.has_body:
-            _send(sock, Answer(413, b"no request bodies\n"), head, False)
-            return False
-        try:
-            result = self.server.routes.route(req.target)
-        except Exception:  # a bug must not kill the connection thread or answer "yes"
-            log.exception("internal error serving %r", req.target[:200])
-            _send(sock, Answer(500, b"internal error\n"), head, False)
-            return False
-        if isinstance(result, NarAnswer):
-            limits = self.server.limits
-            sock.settimeout(limits.header_timeout)  # a client that stops reading a NAR
-            try:
-                return _stream(sock, result, head, req.keep_alive, req.target)
-            finally:
-                with contextlib.suppress(OSError):
-                    _kernel_timeouts(sock, limits.idle_timeout)
-        return _send(sock, result, head, req.keep_alive)
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.state = "idle"
+        self.since = now  # when it entered this state
+        self.buf = bytearray()  # received, not yet a request
+        self.line_end = 0  # where the last complete line in ``buf`` ends
+        self.out = memoryview(b"")  # answer bytes still to send
+        self.keep = False  # keep the connection once ``out`` is sent
+        self.events = 0  # what the selector watches it for
 
 
-def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
-    """Make ``sock`` blocking with a receive and a send timeout of ``seconds`` kept by the
-    kernel: a read or write waiting longer fails (EAGAIN), and the connection closes."""
-    sock.settimeout(None)
-    whole = int(seconds)
-    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-
-def _read_head(rfile: io.BufferedReader) -> _Request | Answer:
-    """The request line and headers, or the error answer for a malformed head."""
-    line = rfile.readline(MAX_REQUEST_LINE + 1)
-    if len(line) > MAX_REQUEST_LINE:
-        return Answer(414, b"request line too long\n")
-    parts = line.split()
+def parse_head(buf: bytes | bytearray) -> tuple[_Request | Answer, int] | None:
+    """The request head at the start of ``buf`` and how many bytes it took, or the error
+    answer for a malformed one; None while it is incomplete and within the limits."""
+    end = buf.find(b"\n")
+    if end < 0 or end + 1 > MAX_REQUEST_LINE:
+        if end < 0 and len(buf) <= MAX_REQUEST_LINE:
+            return None
+        return Answer(414, b"request line too long\n"), len(buf) if end < 0 else end + 1
+    parts = bytes(buf[:end + 1]).split()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-        return Answer(400, b"bad request line\n")
+        return Answer(400, b"bad request line\n"), end + 1
     method, target, version = (p.decode("latin-1") for p in parts)
     headers: dict[bytes, bytes] = {}
+    pos = end + 1
     while True:
-        raw = rfile.readline(MAX_HEADER_LINE + 1)
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if len(buf) - pos > MAX_HEADER_LINE:
+                return Answer(431, b"too many or too long headers\n"), len(buf)
+            return None
+        raw = bytes(buf[pos:nl + 1])
+        pos = nl + 1
         if raw in (b"\r\n", b"\n"):
             break
-        if not raw:
-            raise OSError("connection closed in the request head")
         if len(raw) > MAX_HEADER_LINE or len(headers) >= MAX_HEADERS:
-            return Answer(431, b"too many or too long headers\n")
+            return Answer(431, b"too many or too long headers\n"), pos
         name, sep, value = raw.partition(b":")
         if not sep:
-            return Answer(400, b"bad header line\n")
+            return Answer(400, b"bad header line\n"), pos
         headers[name.strip().lower()] = value.strip()
     connection = headers.get(b"connection", b"").lower()
     keep = (connection != b"close" if version == "HTTP/1.1" else connection == b"keep-alive")
     length = headers.get(b"content-length", b"0").strip()
     has_body = length not in (b"", b"0") or b"transfer-encoding" in headers
-    return _Request(method, target, keep, has_body)
+    return _Request(method, target, keep, has_body), pos
+
+
+def victim(conns: Iterable[_Conn]) -> _Conn | None:
+    """The connection to close for a new one at the cap: the one waiting longest without a
+    request in progress, idle ones first; None when every one is being answered."""
+    waiting = [c for c in conns if c.state in ("idle", "reading")]
+    return min(waiting, key=lambda c: (c.state != "idle", c.since), default=None)
+
+
+def expired(conn: _Conn, limits: HttpLimits, now: float) -> bool:
+    """Whether ``conn`` waited past its state's limit (a request being answered has none
+    here: its verification has its own deadline)."""
+    limit = {"idle": limits.idle_timeout, "reading": limits.header_timeout,
+             "writing": limits.header_timeout}.get(conn.state)
+    return limit is not None and now - conn.since > limit
 
 
 def _head(status: int, content_type: str, length: int | None, keep_alive: bool,
@@ -187,16 +160,6 @@ def _head(status: int, content_type: str, length: int | None, keep_alive: bool,
     if not keep_alive:
         lines.append(b"Connection: close\r\n")
     return b"".join(lines) + extra + b"\r\n"
-
-
-def _send(sock: socket.socket, answer: Answer, head: bool, keep_alive: bool,
-          extra: bytes = b"") -> bool:
-    data = _head(answer.status, answer.content_type, len(answer.body), keep_alive, extra)
-    try:
-        sock.sendall(data if head else data + answer.body)
-    except OSError:
-        return False
-    return keep_alive
 
 
 def _stream(sock: socket.socket, nar: NarAnswer, head: bool, keep_alive: bool,
@@ -224,11 +187,51 @@ def _stream(sock: socket.socket, nar: NarAnswer, head: bool, keep_alive: bool,
         body.close()
 
 
-class GateHTTPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = 128
+class _Workers:
+    """Daemon threads for requests that wait, started as needed, at most ``most``: each
+    request gets one at once (a connection has one request in progress at a time, and there
+    are at most as many connections). A stopping gate does not wait for them."""
+
+    def __init__(self, most: int) -> None:
+        self._most = most
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]] | None] = (
+            queue.SimpleQueue())
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads = 0
+
+    def submit(self, job: Callable[..., None], *args: object) -> None:
+        with self._lock:
+            start = self._idle == 0 and self._threads < self._most
+            if start:
+                self._threads += 1
+            elif self._idle:
+                self._idle -= 1
+        self._jobs.put((job, args))
+        if start:
+            threading.Thread(target=self._run, name="tracehook-front-worker",
+                             daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, args = item
+            job(*args)
+            with self._lock:
+                self._idle += 1
+
+    def close(self) -> None:
+        with self._lock:
+            threads, self._threads = self._threads, 0
+        for _ in range(threads):
+            self._jobs.put(None)
+
+
+class GateHTTPServer:
+    """The listening socket and the loop; ``serve_forever``, ``shutdown`` and
+    ``server_close`` as socketserver's servers have them."""
 
     def __init__(
         self, address: tuple[str, int], service: GateService, limits: HttpLimits | None = None
@@ -238,50 +241,250 @@ class GateHTTPServer(socketserver.ThreadingTCPServer):
         self.policies: PolicyWatch | None = None  # set by build_server: SIGHUP reloads it
         self.warm: WarmStart | None = None  # set by build_server with a --cache-dir
         self.limits = limits or HttpLimits()
-        self._conns: dict[int, _Conn] = {}
-        self._lock = threading.Lock()
-        super().__init__(address, _Handler)
+        # answers in the loop's own thread only when no upstream is read over the network
+        self.inline = all(isinstance(u, FileUpstream) for u in service.upstreams)
+        self.socket = socket.create_server(address, backlog=128)
+        self.socket.setblocking(False)
+        self.server_address: tuple[str, int] = self.socket.getsockname()[:2]
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.socket, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        self._conns: set[_Conn] = set()
+        # from the workers: (connection, the answer or whether a NAR stream kept it, HEAD,
+        # keep-alive)
+        self._done: deque[tuple[_Conn, Answer | bool, bool, bool]] = deque()
+        self._workers = _Workers(self.limits.max_connections)
+        self._stop = False
+        self._stopped = threading.Event()
+        self._stopped.set()
+
+    # the loop -------------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._stopped.clear()
+        next_sweep = 0.0
+        try:
+            while not self._stop:
+                wait = poll_interval
+                if self._conns:
+                    wait = max(0.0, min(wait, next_sweep - time.monotonic()))
+                for key, mask in self._selector.select(wait):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    elif mask & selectors.EVENT_WRITE:
+                        self._writable(key.data)
+                    else:
+                        self._readable(key.data)
+                while self._done:
+                    self._handed_back(*self._done.popleft())
+                now = time.monotonic()
+                if now >= next_sweep:
+                    for conn in [c for c in self._conns if expired(c, self.limits, now)]:
+                        self._close(conn)
+                    next_sweep = now + SWEEP
+        finally:
+            self._stop = False
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop :meth:`serve_forever` (from another thread) and wait until it has."""
+        self._stop = True
+        self._wake()
+        self._stopped.wait()
 
     def server_close(self) -> None:
-        super().server_close()
+        self._workers.close()
+        for conn in list(self._conns):
+            self._close(conn)
+        self._selector.close()
+        for sock in (self.socket, self._wake_r, self._wake_w):
+            sock.close()
         self.service.index.close()  # its background indexing
 
-    # connections -----------------------------------------------------------------------
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (it is woken already) or closed
+            self._wake_w.send(b"x")
 
-    def enter(self, sock: socket.socket) -> _Conn:
-        conn = _Conn(sock, "idle", time.monotonic())
-        with self._lock:
-            self._conns[id(conn)] = conn
-        return conn
+    # connections ----------------------------------------------------------------------
 
-    def leave(self, conn: _Conn) -> None:
-        with self._lock:
-            self._conns.pop(id(conn), None)
-
-    def mark(self, conn: _Conn, state: str) -> None:
-        conn.state, conn.since = state, time.monotonic()
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        """At the cap: make room by closing the connection that has waited longest without
-        a request in progress; 503 only when every connection is being answered."""
-        with self._lock:
-            if len(self._conns) < self.limits.max_connections:
-                return True
-            waiting = [c for c in self._conns.values() if c.state != "serving"]
-            victim = min(waiting, key=lambda c: (c.state != "idle", c.since), default=None)
-            if victim is not None:
-                del self._conns[id(victim)]
-        if victim is not None:
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: the next look retries
+                log.warning("cannot accept a connection: %s", exc.strerror)
+                return
+            if len(self._conns) >= self.limits.max_connections:
+                gone = victim(self._conns)
+                if gone is None:
+                    with contextlib.suppress(OSError):
+                        sock.setblocking(False)
+                        sock.send(_BUSY)
+                    sock.close()
+                    continue
+                self._close(gone)
+            sock.setblocking(False)
             with contextlib.suppress(OSError):
-                victim.sock.shutdown(socket.SHUT_RDWR)
-            return True
-        with contextlib.suppress(OSError):
-            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                            b"Connection: close\r\n\r\n")
-        return False
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sock, time.monotonic())
+            self._conns.add(conn)
+            self._watch(conn, selectors.EVENT_READ)
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+    def _watch(self, conn: _Conn, events: int) -> None:
+        if events == conn.events:
+            return
+        if not conn.events:
+            self._selector.register(conn.sock, events, conn)
+        elif not events:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _close(self, conn: _Conn) -> None:
+        if conn.state == "closed":
+            return
+        self._watch(conn, 0)
+        conn.state = "closed"
+        self._conns.discard(conn)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    def _readable(self, conn: _Conn) -> None:
+        if conn.state not in ("idle", "reading"):
+            return
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)  # the client closed the connection (or reset it)
+            return
+        if conn.state == "idle":
+            conn.state, conn.since = "reading", time.monotonic()
+        conn.buf += data
+        last = data.rfind(b"\n")
+        if last >= 0:
+            conn.line_end = len(conn.buf) - len(data) + last + 1
+        elif len(conn.buf) - conn.line_end <= MAX_HEADER_LINE:
+            return  # no new line, none too long: nothing to look at yet
+        self._next_request(conn)
+
+    def _next_request(self, conn: _Conn) -> None:
+        parsed = parse_head(conn.buf)
+        if parsed is None:
+            return
+        request, used = parsed
+        del conn.buf[:used]
+        conn.line_end = conn.buf.rfind(b"\n") + 1
+        conn.state, conn.since = "serving", time.monotonic()
+        self._watch(conn, 0)  # (nothing more is read until it is answered)
+        if isinstance(request, Answer):
+            self._answer(conn, request, head=False, keep=False)
+        elif request.method not in ("GET", "HEAD"):
+            self._answer(conn, Answer(405, b"only GET and HEAD\n"), False, False,
+                         b"Allow: GET, HEAD\r\n")
+        elif request.has_body:
+            self._answer(conn, Answer(413, b"no request bodies\n"), request.method == "HEAD",
+                         False)
+        elif not self.inline:
+            self._workers.submit(self._work, conn, request, None)
+        else:
+            try:
+                with nowait.no_waiting():
+                    result = self._route(request.target)
+            except nowait.WouldWait:
+                self._workers.submit(self._work, conn, request, None)
+                return
+            if isinstance(result, NarAnswer):
+                self._workers.submit(self._work, conn, request, result)
+            else:
+                self._answer(conn, result, request.method == "HEAD",
+                             request.keep_alive and result is not _INTERNAL)
+
+    def _route(self, target: str) -> Answer | NarAnswer:
+        try:
+            return self.routes.route(target)
+        except Exception:  # a bug must not stop the loop or a worker, or answer "yes"
+            log.exception("internal error serving %r", target[:200])
+            return _INTERNAL
+
+    def _answer(self, conn: _Conn, answer: Answer, head: bool, keep: bool,
+                extra: bytes = b"") -> None:
+        data = _head(answer.status, answer.content_type, len(answer.body), keep, extra)
+        conn.out = memoryview(data if head else data + answer.body)
+        conn.keep = keep
+        conn.state, conn.since = "writing", time.monotonic()
+        self._writable(conn)
+
+    def _writable(self, conn: _Conn) -> None:
+        if conn.state != "writing":
+            return
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        now = time.monotonic()
+        if sent < len(conn.out):
+            conn.out = conn.out[sent:]
+            if sent:
+                conn.since = now  # (the limit is on a client that reads nothing)
+            self._watch(conn, selectors.EVENT_WRITE)
+            return
+        conn.out = memoryview(b"")
+        self._answered(conn, conn.keep, now)
+
+    def _answered(self, conn: _Conn, keep: bool, now: float) -> None:
+        if not keep:
+            self._close(conn)
+            return
+        conn.state, conn.since = "idle", now
+        self._watch(conn, selectors.EVENT_READ)
+        if conn.buf:  # the client sent its next request already
+            conn.state = "reading"
+            self._next_request(conn)
+
+    # the workers ----------------------------------------------------------------------
+
+    def _work(self, conn: _Conn, request: _Request, nar: NarAnswer | None) -> None:
+        """In a worker: route the request, waiting as long as it takes (a NAR is streamed
+        here), and hand the answer back to the loop."""
+        head = request.method == "HEAD"
+        result = nar or self._route(request.target)
+        if isinstance(result, NarAnswer):
+            limits = self.limits
+            try:
+                conn.sock.settimeout(limits.header_timeout)  # a client that stops reading
+                keep = _stream(conn.sock, result, head, request.keep_alive, request.target)
+                conn.sock.setblocking(False)
+            except OSError:
+                keep = False
+            self._done.append((conn, keep, head, keep))
+        else:
+            self._done.append((conn, result, head, request.keep_alive))
+        self._wake()
+
+    def _handed_back(self, conn: _Conn, result: Answer | bool, head: bool, keep: bool
+                     ) -> None:
+        if conn.state != "serving":
+            return  # closed meanwhile (the gate is stopping)
+        if isinstance(result, Answer):
+            self._answer(conn, result, head, keep and result is not _INTERNAL)
+        else:
+            self._answered(conn, keep, time.monotonic())
 
 
 def serve_in_thread(server: GateHTTPServer) -> threading.Thread:
@@ -293,5 +496,4 @@ def serve_in_thread(server: GateHTTPServer) -> threading.Thread:
 
 
 def bound_port(server: GateHTTPServer) -> int:
-    sock: socket.socket = server.socket
-    return int(sock.getsockname()[1])
+    return server.server_address[1]

@@ -41,6 +41,7 @@ import time
 from collections.abc import MutableMapping
 
 from tracehook.errors import EnvironmentFault, TracehookError
+from tracehook.gate import nowait
 from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.nix.storepath import hash_part
 from tracehook.stores.nixstore import StoreReader
@@ -198,12 +199,14 @@ class DrvIndex:
         """Index one derivation now (e.g. one a request named directly)."""
         if drv_path in self._seen:
             return True
+        nowait.check()  # a scan may hold the lock
         with self._scan_lock:
             return drv_path in self._seen or self._add(drv_path)
 
     def by_realisation_id(self, rid: str) -> DrvOutput | None:
         found = self._by_id.get(rid)
         if found is None:
+            nowait.check()
             self.refresh()  # (or wait for the scan another request started)
             found = self._by_id.get(rid)
         return found
@@ -212,6 +215,7 @@ class DrvIndex:
         """Derivations whose .drv names an output with this hash part (usually one)."""
         found = list(self._by_output.get(hp, ()))
         if not found:
+            nowait.check()
             self.refresh()
             found = list(self._by_output.get(hp, ()))
         return found

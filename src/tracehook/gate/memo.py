@@ -19,6 +19,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from tracehook.gate import nowait
 from tracehook.lru import Lru
 
 V = TypeVar("V")
@@ -32,10 +33,20 @@ class CacheConfig:
 
 
 class _Flight(Generic[V]):
+    """One computation in progress: its owner holds ``running`` until it is done (a bare
+    lock, cheaper to make than an Event; most computations have no one waiting)."""
+
+    __slots__ = ("error", "running", "value")
+
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.running = threading.Lock()
+        self.running.acquire()
         self.error: BaseException | None = None
         self.value: V | None = None
+
+    def wait(self) -> None:
+        with self.running:
+            pass
 
 
 class DecisionCache(Generic[V]):
@@ -78,14 +89,15 @@ class DecisionCache(Generic[V]):
                     return value, False
                 flight = self._flights.get(key)
                 if flight is None:
-                    flight = _Flight[V]()
+                    flight = _Flight()
                     self._flights[key] = flight
                     mine = True
                     self.misses += 1
                 else:
                     mine = False
             if not mine:
-                flight.done.wait()
+                nowait.check()  # (the HTTP front's thread hands this request on instead)
+                flight.wait()
                 if flight.error is not None:
                     raise flight.error
                 if flight.value is not None:  # the owner's answer, cached or not
@@ -93,11 +105,16 @@ class DecisionCache(Generic[V]):
                 continue
             try:
                 value = compute()
+            except nowait.WouldWait:
+                with self._lock:  # not an error: whoever waits computes it again
+                    del self._flights[key]
+                flight.running.release()
+                raise
             except BaseException as exc:
                 flight.error = exc
                 with self._lock:
                     del self._flights[key]
-                flight.done.set()
+                flight.running.release()
                 raise
             lifetime = self.config.ttl if ttl is None else ttl(value)
             with self._lock:
@@ -105,7 +122,7 @@ class DecisionCache(Generic[V]):
                     self._entries.put(key, (self.clock() + lifetime, value))
                 del self._flights[key]
             flight.value = value
-            flight.done.set()
+            flight.running.release()
             return value, True
 
     def put(self, key: Hashable, value: V) -> None:

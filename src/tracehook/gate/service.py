@@ -35,6 +35,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
 from tracehook.errors import ConfigError, EnvironmentFault, ParseError, Refusal, TracehookError
+from tracehook.gate import nowait
 from tracehook.gate.decide import (
     NAR_URL,
     Expected,
@@ -444,6 +445,8 @@ class GateService:
     def _tamper_check(self, kind: str, request: str, verdict: Verdict) -> None:
         """Tamper evidence in the chain is logged as its own event, even when the path is
         admitted another way; with ``fail_on_tamper`` it is a refusal."""
+        if verdict.tampered:
+            nowait.check()  # logged once: before anything that may be asked again
         self.log.tampered(kind, request, verdict, self.fail_on_tamper)
         if verdict.tampered and self.fail_on_tamper:
             step, what = verdict.tampered[0]

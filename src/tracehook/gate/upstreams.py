@@ -12,6 +12,7 @@ import marshal
 from collections.abc import Sequence
 
 from tracehook.errors import ParseError, UpstreamFault
+from tracehook.gate import nowait
 from tracehook.gate.decide import Fetched
 from tracehook.nix import realisation
 from tracehook.nix.refscan import Scanned, scan
@@ -71,6 +72,7 @@ def scan_nar(upstream: Upstream, url: str, compression: str | None,
             with contextlib.suppress(ValueError, TypeError, EOFError):
                 found, size = marshal.loads(data)
                 return Scanned(frozenset(found), nar_hash, size)
+    nowait.check()  # reading a whole NAR: not in the HTTP front's thread
     note_opaque(f"scanned {url}")  # a decision from a NAR's bytes: not kept for a restart
     body = upstream.open(url)
     if body is None:

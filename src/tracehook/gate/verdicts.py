@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tracehook.errors import EnvironmentFault, GraphError
+from tracehook.gate import nowait
 from tracehook.lru import Lru
 from tracehook.nix.storepath import hash_part
 from tracehook.stores.binarycache import Upstream
@@ -167,19 +168,25 @@ class GateVerifier:
         if (engine is not None and now < self._recheck_at and digest == self._engine_key[0]
                 and not engine.faults):
             return engine, (digest, self._serial)  # checked a moment ago: no stat, no lock
-        with self._lock:
+        if not self._lock.acquire(blocking=nowait.waiting_allowed()):
+            raise nowait.WouldWait  # another thread is starting a generation
+        try:
             engine = self._engine
             if engine is None or self._engine_key[0] != digest:
+                nowait.check()
                 self._stores = self.open_stores(policy)
                 self._watched = [os.path.join(s.root, "traces") for s in self._stores
                                  if isinstance(s, FileTraceStore)]
             key = (digest, self._trace_state())
             if (engine is None or key != self._engine_key or now >= self._ends_at
                     or engine.faults):
+                nowait.check()
                 engine = self._new_engine(policy, key, now)
             self._recheck_at = min(now + self.recheck, self._ends_at)
             self._close_retired(now)
             return engine, (digest, self._serial)
+        finally:
+            self._lock.release()
 
     def _new_engine(self, policy: Policy, key: tuple[object, ...], now: float) -> Engine:
         if self._engine is not None:
@@ -204,7 +211,11 @@ class GateVerifier:
         keep = []
         for retired_at, engine in self._retired:
             if now - retired_at > self.deadline + 5:
-                engine.close()
+                if nowait.waiting_allowed():
+                    engine.close()
+                else:  # (closing joins its thread: not in the HTTP front's thread)
+                    threading.Thread(target=engine.close, name="tracehook-retire",
+                                     daemon=True).start()
             else:
                 keep.append((retired_at, engine))
         self._retired = keep
@@ -248,6 +259,7 @@ class GateVerifier:
         target = Target(step, step, frozenset((output,)))
         try:
             if not engine.decided(target):  # (a step decided below another asks nothing)
+                nowait.check()
                 engine.submit(target).result(timeout=self.deadline)
         except concurrent.futures.TimeoutError:
             return Verdict(step, _name(step), "?", fault=f"not decided within "
