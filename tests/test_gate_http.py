@@ -493,6 +493,15 @@ def test_pipelined_requests_are_answered_in_order(gate: RunningGate, syn: Synthe
     assert [h[:3] for h in heads] == [b"200", b"200"]
     assert b"StorePath: " + syn.ia_out.encode() in heads[0]
     assert b"StoreDir: " in heads[1]
+    # thousands at once (read from one buffer, one after the other, not by recursion)
+    many = 3000
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n" * many
+                     + b"GET /nix-cache-info HTTP/1.1\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == many + 1
 
 
 def test_answers_at_hand_start_no_worker_and_a_bug_answers_500(

@@ -257,6 +257,8 @@ class GateHTTPServer:
         # keep-alive)
         self._done: deque[tuple[_Conn, Answer | bool, bool, bool]] = deque()
         self._workers = _Workers(self.limits.max_connections)
+        self._woken = False  # a worker has woken the loop since it last looked
+        self._buffered: deque[_Conn] = deque()  # connections with a request received
         self._stop = False
         self._stopped = threading.Event()
         self._stopped.set()
@@ -277,12 +279,17 @@ class GateHTTPServer:
                     elif key.data is self._wake_r:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
-                    elif mask & selectors.EVENT_WRITE:
-                        self._writable(key.data)
                     else:
-                        self._readable(key.data)
+                        self._guarded(key.data, self._writable if mask & selectors.EVENT_WRITE
+                                      else self._readable)
+                self._woken = False  # (before looking: a later answer wakes it again)
                 while self._done:
-                    self._handed_back(*self._done.popleft())
+                    conn, result, head, keep = self._done.popleft()
+                    self._guarded(conn, self._handed_back, result, head, keep)
+                while self._buffered:
+                    conn = self._buffered.popleft()
+                    if conn.state == "reading":
+                        self._guarded(conn, self._next_request)
                 now = time.monotonic()
                 if now >= next_sweep:
                     for conn in [c for c in self._conns if expired(c, self.limits, now)]:
@@ -291,6 +298,14 @@ class GateHTTPServer:
         finally:
             self._stop = False
             self._stopped.set()
+
+    def _guarded(self, conn: _Conn, handle: Callable[..., None], *args: object) -> None:
+        """A bug handling one connection closes it; the loop goes on serving the others."""
+        try:
+            handle(conn, *args)
+        except Exception:
+            log.exception("internal error on a connection; closing it")
+            self._close(conn)
 
     def shutdown(self) -> None:
         """Stop :meth:`serve_forever` (from another thread) and wait until it has."""
@@ -388,7 +403,6 @@ class GateHTTPServer:
         del conn.buf[:used]
         conn.line_end = conn.buf.rfind(b"\n") + 1
         conn.state, conn.since = "serving", time.monotonic()
-        self._watch(conn, 0)  # (nothing more is read until it is answered)
         if isinstance(request, Answer):
             self._answer(conn, request, head=False, keep=False)
         elif request.method not in ("GET", "HEAD"):
@@ -398,16 +412,16 @@ class GateHTTPServer:
             self._answer(conn, Answer(413, b"no request bodies\n"), request.method == "HEAD",
                          False)
         elif not self.inline:
-            self._workers.submit(self._work, conn, request, None)
+            self._hand_over(conn, request, None)
         else:
             try:
                 with nowait.no_waiting():
                     result = self._route(request.target)
             except nowait.WouldWait:
-                self._workers.submit(self._work, conn, request, None)
+                self._hand_over(conn, request, None)
                 return
             if isinstance(result, NarAnswer):
-                self._workers.submit(self._work, conn, request, result)
+                self._hand_over(conn, request, result)
             else:
                 self._answer(conn, result, request.method == "HEAD",
                              request.keep_alive and result is not _INTERNAL)
@@ -453,11 +467,15 @@ class GateHTTPServer:
             return
         conn.state, conn.since = "idle", now
         self._watch(conn, selectors.EVENT_READ)
-        if conn.buf:  # the client sent its next request already
+        if conn.buf:  # the client sent its next request already: the loop reads it next
             conn.state = "reading"
-            self._next_request(conn)
+            self._buffered.append(conn)
 
     # the workers ----------------------------------------------------------------------
+
+    def _hand_over(self, conn: _Conn, request: _Request, nar: NarAnswer | None) -> None:
+        self._watch(conn, 0)  # (nothing more is read until it is answered)
+        self._workers.submit(self._work, conn, request, nar)
 
     def _work(self, conn: _Conn, request: _Request, nar: NarAnswer | None) -> None:
         """In a worker: route the request, waiting as long as it takes (a NAR is streamed
@@ -475,7 +493,9 @@ class GateHTTPServer:
             self._done.append((conn, keep, head, keep))
         else:
             self._done.append((conn, result, head, request.keep_alive))
-        self._wake()
+        if not self._woken:
+            self._woken = True
+            self._wake()
 
     def _handed_back(self, conn: _Conn, result: Answer | bool, head: bool, keep: bool
                      ) -> None:
