@@ -378,6 +378,24 @@ def test_nar_streams_through_http_upstream(syn: Synthetic, tmp_path: Path) -> No
         assert hashlib.sha256(body).digest() == hashlib.sha256(bytes(len(body))).digest()
 
 
+def test_a_bug_in_a_worker_closes_its_connection_and_the_gate_goes_on(
+        gate: RunningGate, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NAR is streamed by a worker thread: a bug there cuts that connection off (never a
+    connection left waiting for ever), and every other request is still answered."""
+    import tracehook.gate.front as front
+
+    big = sparse_file(Path(gate.server.service.upstreams[0].url.removeprefix("file://"))
+                      / "nar" / ("3" * 52 + ".nar"), 1024 * 1024)
+
+    def broken(*args: object) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(front, "_stream", broken)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        get(gate.url, "/nar/" + big.name)
+    assert get(gate.url, "/nix-cache-info")[0] == 200
+
+
 def test_nar_broken_off_upstream_gives_short_body(syn: Synthetic, tmp_path: Path) -> None:
     big = sparse_file(syn.cache / "nar" / ("2" * 52 + ".nar"), 8 * 1024 * 1024)
     with serve_cache(syn.cache, CacheState(break_after=1024 * 1024)) as up, running_gate(

@@ -481,18 +481,25 @@ class GateHTTPServer:
         """In a worker: route the request, waiting as long as it takes (a NAR is streamed
         here), and hand the answer back to the loop."""
         head = request.method == "HEAD"
-        result = nar or self._route(request.target)
-        if isinstance(result, NarAnswer):
-            limits = self.limits
-            try:
-                conn.sock.settimeout(limits.header_timeout)  # a client that stops reading
-                keep = _stream(conn.sock, result, head, request.keep_alive, request.target)
-                conn.sock.setblocking(False)
-            except OSError:
-                keep = False
-            self._done.append((conn, keep, head, keep))
-        else:
-            self._done.append((conn, result, head, request.keep_alive))
+        item: tuple[_Conn, Answer | bool, bool, bool]
+        streaming = False
+        try:
+            result = nar or self._route(request.target)
+            if isinstance(result, NarAnswer):
+                streaming = True
+                try:
+                    conn.sock.settimeout(self.limits.header_timeout)  # a client that stops
+                    keep = _stream(conn.sock, result, head, request.keep_alive, request.target)
+                    conn.sock.setblocking(False)
+                except OSError:
+                    keep = False
+                item = (conn, keep, head, keep)
+            else:
+                item = (conn, result, head, request.keep_alive)
+        except Exception:  # a bug: answered 500 (or, in a NAR stream, cut off) and closed
+            log.exception("internal error serving %r", request.target[:200])
+            item = (conn, False, head, False) if streaming else (conn, _INTERNAL, head, False)
+        self._done.append(item)
         if not self._woken:
             self._woken = True
             self._wake()
