@@ -86,14 +86,13 @@ class _Conn:
     (its head), serving (a worker or the loop is answering), writing (the answer waits for
     the client to read it), closed."""
 
-    __slots__ = ("buf", "events", "keep", "line_end", "out", "since", "sock", "state")
+    __slots__ = ("buf", "events", "keep", "out", "since", "sock", "state")
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
         self.state = "idle"
         self.since = now  # when it entered this state
         self.buf = bytearray()  # received, not yet a request
-        self.line_end = 0  # where the last complete line in ``buf`` ends
         self.out = memoryview(b"")  # answer bytes still to send
         self.keep = False  # keep the connection once ``out`` is sent
         self.events = 0  # what the selector watches it for
@@ -253,9 +252,9 @@ class GateHTTPServer:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
         self._conns: set[_Conn] = set()
-        # from the workers: (connection, the answer or whether a NAR stream kept it, HEAD,
-        # keep-alive)
-        self._done: deque[tuple[_Conn, Answer | bool, bool, bool]] = deque()
+        # from the workers: (connection, the answer to write or None when a NAR stream
+        # wrote it, HEAD, keep the connection)
+        self._done: deque[tuple[_Conn, Answer | None, bool, bool]] = deque()
         self._workers = _Workers(self.limits.max_connections)
         self._woken = False  # a worker has woken the loop since it last looked
         self._buffered: deque[_Conn] = deque()  # connections with a request received
@@ -388,11 +387,8 @@ class GateHTTPServer:
         if conn.state == "idle":
             conn.state, conn.since = "reading", time.monotonic()
         conn.buf += data
-        last = data.rfind(b"\n")
-        if last >= 0:
-            conn.line_end = len(conn.buf) - len(data) + last + 1
-        elif len(conn.buf) - conn.line_end <= MAX_HEADER_LINE:
-            return  # no new line, none too long: nothing to look at yet
+        if b"\n" not in data and len(conn.buf) - conn.buf.rfind(b"\n") - 1 <= MAX_HEADER_LINE:
+            return  # no new line, and the one it adds to is not too long: nothing to look at
         self._next_request(conn)
 
     def _next_request(self, conn: _Conn) -> None:
@@ -401,7 +397,6 @@ class GateHTTPServer:
             return
         request, used = parsed
         del conn.buf[:used]
-        conn.line_end = conn.buf.rfind(b"\n") + 1
         conn.state, conn.since = "serving", time.monotonic()
         if isinstance(request, Answer):
             self._answer(conn, request, head=False, keep=False)
@@ -481,7 +476,7 @@ class GateHTTPServer:
         """In a worker: route the request, waiting as long as it takes (a NAR is streamed
         here), and hand the answer back to the loop."""
         head = request.method == "HEAD"
-        item: tuple[_Conn, Answer | bool, bool, bool]
+        item: tuple[_Conn, Answer | None, bool, bool]
         streaming = False
         try:
             result = nar or self._route(request.target)
@@ -493,25 +488,25 @@ class GateHTTPServer:
                     conn.sock.setblocking(False)
                 except OSError:
                     keep = False
-                item = (conn, keep, head, keep)
+                item = (conn, None, head, keep)
             else:
                 item = (conn, result, head, request.keep_alive)
         except Exception:  # a bug: answered 500 (or, in a NAR stream, cut off) and closed
             log.exception("internal error serving %r", request.target[:200])
-            item = (conn, False, head, False) if streaming else (conn, _INTERNAL, head, False)
+            item = (conn, None if streaming else _INTERNAL, head, False)
         self._done.append(item)
         if not self._woken:
             self._woken = True
             self._wake()
 
-    def _handed_back(self, conn: _Conn, result: Answer | bool, head: bool, keep: bool
+    def _handed_back(self, conn: _Conn, result: Answer | None, head: bool, keep: bool
                      ) -> None:
         if conn.state != "serving":
             return  # closed meanwhile (the gate is stopping)
-        if isinstance(result, Answer):
-            self._answer(conn, result, head, keep and result is not _INTERNAL)
-        else:
+        if result is None:  # a NAR stream, written by the worker
             self._answered(conn, keep, time.monotonic())
+        else:
+            self._answer(conn, result, head, keep and result is not _INTERNAL)
 
 
 def serve_in_thread(server: GateHTTPServer) -> threading.Thread:
