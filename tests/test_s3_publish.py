@@ -45,7 +45,9 @@ def events(tmp: Path) -> list[dict[str, object]]:
     log = tmp / "publish.log"
     if not log.exists():
         return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line]
+    # the daemon may be writing a line this moment: read the lines it has ended
+    text = log.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line]
 
 
 # ------------------------------------------------------------ the precondition probe
