@@ -10,16 +10,24 @@ connection, and the CPU seconds it used (its process's, from getrusage) are divi
 requests. curl (the command-line tool over libcurl, as Nix uses libcurl) reads its URLs
 from a config file and writes each answer to /dev/null. The order of the clients rotates
 from run to run.
+
+The last column is http.client again, as 8 threads of one process sharing the work (how
+bench/gate_scale.py ran its clients before it forked them): the CPU the process used, per
+request. Threads of one interpreter take turns at its lock, and handing it over costs CPU
+of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import random
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +40,33 @@ from synth import with_policy  # noqa: E402
 def _cpu(who: int) -> float:
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
+
+
+def in_threads(port: int, paths: list[str], threads: int, seed: int) -> None:
+    """Every path once, by ``threads`` http.client threads of this process."""
+    work = list(paths)
+    random.Random(seed).shuffle(work)
+    lock = threading.Lock()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while True:
+            with lock:
+                if not work:
+                    break
+                path = work.pop()
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise SystemExit(f"{path}: {resp.status}")
+        conn.close()
+
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
 
 
 def main() -> None:
@@ -51,21 +86,24 @@ def main() -> None:
             config = tmp / "curl.cfg"
             config.write_text("".join(f'url = "http://127.0.0.1:{port}{p}"\n'
                                       'output = "/dev/null"\n' for p in paths))
-            costs: dict[str, list[float]] = {"curl": [], "stdlib": [], "lean": []}
+            costs: dict[str, list[float]] = {"curl": [], "stdlib": [], "lean": [],
+                                             "stdlib-8-threads": []}
             order = list(costs)
             print(f"{'run':>4} " + " ".join(f"{n + ' us/request':>18}" for n in order))
             for run in range(args.runs):
                 got: dict[str, float] = {}
-                for name in order[run % 3:] + order[:run % 3]:
+                for name in order[run % 4:] + order[:run % 4]:
+                    who = (resource.RUSAGE_SELF if name == "stdlib-8-threads"
+                           else resource.RUSAGE_CHILDREN)
+                    before = _cpu(who)
                     if name == "curl":
-                        before = _cpu(resource.RUSAGE_CHILDREN)
                         subprocess.run([curl, "-s", "--fail", "-K", str(config)], check=True)
-                        used = _cpu(resource.RUSAGE_CHILDREN) - before
-                    else:
+                    elif name == "stdlib-8-threads":
+                        in_threads(port, paths, 8, run)
+                    else:  # one client process
                         gate_scale.CLIENT[0] = name
-                        before = _cpu(resource.RUSAGE_SELF)
                         gate_scale.ask_all(port, closure, 1, run)
-                        used = _cpu(resource.RUSAGE_SELF) - before
+                    used = _cpu(who) - before
                     got[name] = used / len(paths) * 1e6
                     costs[name].append(got[name])
                 print(f"{run:>4} " + " ".join(f"{got[n]:>18.0f}" for n in order), flush=True)

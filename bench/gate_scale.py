@@ -10,8 +10,9 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
 - **cold**: ``tracehook gate`` (a subprocess, a fresh ``--cache-dir``) asked for every path
   of the closure as Nix substitutes it: for each build step its realisation, then its
   narinfo (each source: its narinfo), steps in random order, ``--clients`` clients at once,
-  each on its own keep-alive connection (http.client, which costs about what curl does a
-  request; ``--client lean`` for a diagnostic client that costs a third of that); total
+  each a process of its own on its own keep-alive connection (http.client, which costs
+  about what curl does a request; ``--client lean`` for a diagnostic client that costs
+  half of that); total
   time, cost per step, the gate's peak RSS (VmHWM, and its checker processes' when there
   are any), and the ratio to verify;
 - **warm**: the same after a gate restart with the same ``--cache-dir`` (the first gate
@@ -44,6 +45,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import multiprocessing
+import multiprocessing.queues
 import random
 import shutil
 import socket
@@ -51,7 +54,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,36 +152,52 @@ CLIENT = ["stdlib"]  # set from --client
 def ask_all(port: int, closure: Closure, clients: int, seed: int,
             only: set[str] | None = None) -> float:
     """Every path of the closure (with ``only``, of those steps), as Nix asks for it;
-    seconds from first to last answer."""
+    seconds from first to last answer. Each client is a process of its own (forked, its
+    connection open before the clock starts) taking the next pair from a shared counter:
+    client threads of one interpreter take turns at its lock, which costs CPU of its own
+    (``bench/client_cost.py``), taken from the gate on these 2 cores."""
     work = closure.requests(only)
     random.Random(seed).shuffle(work)
-    lock = threading.Lock()
-    failures: list[str] = []
+    ctx = multiprocessing.get_context("fork")
+    taken = ctx.Value("i", 0)
+    ready = ctx.Barrier(clients + 1)
+    failures: multiprocessing.queues.SimpleQueue[tuple[int, str]] = ctx.SimpleQueue()
+    kind = CLIENTS[CLIENT[0]]
 
     def client() -> None:
-        conn = CLIENTS[CLIENT[0]](port)
+        conn = kind(port)
+        ready.wait()
+        failed, first = 0, ""
         while True:
-            with lock:
-                if not work:
-                    break
-                pair = work.pop()
-            for path in pair:
+            with taken.get_lock():
+                i = taken.value
+                taken.value = i + 1
+            if i >= len(work):
+                break
+            for path in work[i]:
                 if not path:
                     continue
                 status, body = conn.get(path)
                 if status != 200:
-                    failures.append(f"{path}: {status} {body[:200]!r}")
+                    failed, first = failed + 1, first or f"{path}: {status} {body[:200]!r}"
         conn.close()
+        if failed:
+            failures.put((failed, first))
 
+    procs = [ctx.Process(target=client, daemon=True) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    ready.wait(timeout=60)
     start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for p in procs:
+        p.join()
     elapsed = time.perf_counter() - start
-    if failures:
-        raise SystemExit(f"{len(failures)} request(s) failed, e.g. {failures[0]}")
+    if not failures.empty():
+        failed, first = failures.get()
+        raise SystemExit(f"{failed} request(s) failed, e.g. {first}")
+    crashed = [p.exitcode for p in procs if p.exitcode != 0]
+    if crashed:
+        raise SystemExit(f"{len(crashed)} client process(es) failed (exit {crashed[0]})")
     return elapsed
 
 

@@ -28,7 +28,7 @@ WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
     from tracehook.stores.factcache import FactCache
-    cache = FactCache(Path(sys.argv[1]))
+    cache = FactCache(Path(sys.argv[1]), background=sys.argv[4:] == ["background"])
     tag = sys.argv[2].encode()
     for i in range(int(sys.argv[3])):
         key = tag + b"%d" % i
@@ -43,8 +43,10 @@ def _all_rows(directory: Path) -> list[tuple[str, bytes]]:
         return [(ns, bytes(k)) for ns, k in db.execute("SELECT ns, key FROM facts")]
 
 
-def test_killed_mid_write_leaves_a_cache_that_reads_right(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "k", "10000000"])
+@pytest.mark.parametrize("mode", ["inline", "background"])
+def test_killed_mid_write_leaves_a_cache_that_reads_right(tmp_path: Path, mode: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "k", "10000000",
+                             mode])
     time.sleep(1.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -149,8 +151,9 @@ def test_a_damaged_row_is_dropped_not_believed(tmp_path: Path,
     assert _all_rows(tmp_path) == []
 
 
-def test_two_writers_at_once_lose_nothing(tmp_path: Path) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), tag, "3000"],
+@pytest.mark.parametrize("mode", ["inline", "background"])
+def test_two_writers_at_once_lose_nothing(tmp_path: Path, mode: str) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), tag, "3000", mode],
                               stdout=subprocess.PIPE, text=True) for tag in ("a", "b")]
     for p in procs:
         out, _ = p.communicate(timeout=120)
@@ -164,6 +167,28 @@ def test_two_writers_at_once_lose_nothing(tmp_path: Path) -> None:
             got = cache.get("test", key)
             assert got in (None, b"value-" + key * 20)
     assert len(_all_rows(tmp_path)) > 5000
+
+
+def test_a_background_writer_writes_while_the_putting_thread_goes_on(tmp_path: Path) -> None:
+    """With ``background``, a write that falls due is done by the cache's own thread (the
+    facts reach the file with no flush from the thread that put them); close() writes
+    the rest and stops it; a put after that is written as without a writer."""
+    cache = FactCache(tmp_path, background=True)
+    for i in range(600):
+        cache.put("test", b"%04d" % i, b"v%d" % i)
+    writer = cache._writer
+    assert writer is not None and writer.name == "tracehook-facts" and writer.is_alive()
+    deadline = time.monotonic() + 10
+    while len(_all_rows(tmp_path)) < 512 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(_all_rows(tmp_path)) >= 512  # two writes of 256 fell due and were done
+    assert cache.get("test", b"0599") == b"v599"  # pending or written: read back either way
+    cache.close()
+    assert not writer.is_alive()
+    assert len(_all_rows(tmp_path)) == 600
+    cache.put("test", b"late", b"x")
+    cache.flush()
+    assert FactCache(tmp_path).get("test", b"late") == b"x"
 
 
 def test_a_database_locked_by_another_process_is_left_alone(

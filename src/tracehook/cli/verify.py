@@ -99,7 +99,7 @@ def _facts(directory: str | None) -> FactCache | None:
     if directory is None:
         return None
     try:
-        return FactCache(Path(directory))
+        return FactCache(Path(directory), background=True)
     except (OSError, sqlite3.Error) as exc:
         print(f"tracehook: warning: verification cache {directory} unusable ({exc}); "
               "verifying without it", file=sys.stderr)

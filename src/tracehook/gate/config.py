@@ -83,7 +83,7 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
                           "refuse everything")
     upstreams = [open_upstream(url, cfg.upstream_timeout) for url in cfg.upstreams]
     key = crypto.read_secret_key_file(cfg.signing_key) if cfg.signing_key else None
-    facts = FactCache(cfg.cache_dir) if cfg.cache_dir is not None else None
+    facts = FactCache(cfg.cache_dir, background=True) if cfg.cache_dir is not None else None
     reader = StoreReader(cfg.store_root, max_cached=cfg.drv_cache_size,
                          max_bytes=cfg.drv_cache_bytes, facts=facts)
     index = DrvIndex(reader)

@@ -82,8 +82,16 @@ class FactCache:
     """Thread-safe (one connection per thread)."""
 
     def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES,
-                 busy_timeout: float = 2.0) -> None:
+                 busy_timeout: float = 2.0, background: bool = False) -> None:
+        """``background``: facts are written by a thread of the cache's own (started at
+        the first write due), while the threads that put them go on; SQLite leaves the
+        interpreter's lock while it writes, so the writing overlaps their work (a gate
+        indexing a store). Without it the thread that finds a write due does it."""
         self.directory = Path(directory)
+        self.background = background
+        self._writer: threading.Thread | None = None
+        self._due = threading.Event()
+        self._stopping = False
         self.path = self.directory / "facts.sqlite"
         self.max_bytes = max_bytes
         self.busy_timeout = busy_timeout
@@ -110,7 +118,7 @@ class FactCache:
     def __getstate__(self) -> dict[str, object]:
         """For a checker process: where the cache is, not its connections."""
         return {"directory": self.directory, "path": self.path, "max_bytes": self.max_bytes,
-                "busy_timeout": self.busy_timeout}
+                "busy_timeout": self.busy_timeout, "background": False}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
@@ -125,6 +133,9 @@ class FactCache:
         self._loaded = {}
         self._touched = set()
         self._off = False
+        self._writer = None
+        self._due = threading.Event()
+        self._stopping = False
 
     # ------------------------------------------------------------------ opening
 
@@ -220,6 +231,11 @@ class FactCache:
     def close(self) -> None:
         """Write what is pending (a few tries while another process is writing) and
         close this thread's connection."""
+        writer = self._writer
+        if writer is not None:
+            self._stopping = True
+            self._due.set()
+            writer.join()
         for attempt in range(_OPEN_ATTEMPTS):
             if not self._pending:
                 break
@@ -301,9 +317,12 @@ class FactCache:
 
     def put(self, ns: str, key: bytes, value: bytes) -> None:
         """Remember a fact; written with others in one transaction (at most a second or
-        256 facts later, and at :meth:`flush`) by the thread that finds the write due,
-        unless another thread of this process is writing: they never contend for the
-        database, and a busy writer takes what piled up meanwhile in its next batch."""
+        256 facts later, and at :meth:`flush`) by the cache's writer thread
+        (``background``) or else by the thread that finds the write due, unless another
+        thread of this process is writing: they never contend for the database, and a busy
+        writer takes what piled up meanwhile in its next batch. While over
+        ``_MAX_PENDING`` facts wait, the thread that puts one writes them itself if no
+        one else is writing."""
         if self._off:
             return
         with self._lock:
@@ -313,11 +332,36 @@ class FactCache:
                 loaded[key] = (value, _check(ns, key, value), int(time.time()))
             due = (len(self._pending) >= _FLUSH_ROWS
                    or time.monotonic() - self._flushed >= _FLUSH_SECONDS)
-        if due and self._flush_lock.acquire(blocking=False):
+            behind = len(self._pending) >= _MAX_PENDING
+        if due and self.background and not behind and not self._stopping:
+            self._wake_writer()
+        elif due and self._flush_lock.acquire(blocking=False):
             try:
                 self._flush()
             finally:
                 self._flush_lock.release()
+
+    def _wake_writer(self) -> None:
+        if self._writer is None:
+            with self._lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_on, daemon=True,
+                                                    name="tracehook-facts")
+                    self._writer.start()
+        self._due.set()
+
+    def _write_on(self) -> None:
+        """The background writer: what is pending, whenever a write is due."""
+        while not self._stopping:
+            self._due.wait(_FLUSH_SECONDS)
+            self._due.clear()
+            if self._pending:
+                try:
+                    with self._flush_lock:
+                        self._flush()
+                except Exception:  # never let one bad write stop the writer
+                    log.exception("verification cache %s: writing failed", self.path)
+        self._close_conn()
 
     def flush(self) -> None:
         """Write what is pending now."""
