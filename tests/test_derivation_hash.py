@@ -287,6 +287,22 @@ def test_realisation_ids_match_nix(drvs: dict[str, Derivation]) -> None:
     assert set(computed) == set(NIX_REALISATIONS)
 
 
+def test_realisation_ids_with_a_path_keep_its_unmasked_hash(
+        drvs: dict[str, Derivation]) -> None:
+    """Given the derivation's own path, realisation_ids computes its masked and unmasked
+    hashes together (one serialization of what they share) and keeps the unmasked one:
+    the ids are Nix's, and the kept hash is hashDerivationModulo's without masking."""
+    cache: dict[str, DrvHash] = {}
+    computed: dict[str, str] = {}
+    for path, drv in drvs.items():
+        ids = realisation_ids(drv, drvs.__getitem__, cache, path=path)
+        assert ids == realisation_ids(drv, drvs.__getitem__)
+        assert cache[path] == hash_derivation_modulo(drv, drvs.__getitem__)
+        if path != SA:
+            computed.update({rid: path for rid in ids.values()})
+    assert set(computed) == set(NIX_REALISATIONS)
+
+
 @pytest.mark.parametrize(
     "path",
     [IA1, SA, "/nix/store/gz4qrn4wgf9mb1zk6v7f2aam1wq6cy1k-ia2.drv", NIX_RESOLVED[DEFERRED]],

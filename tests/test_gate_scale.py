@@ -294,6 +294,52 @@ def test_a_restarted_index_reads_what_it_found_from_the_facts(tmp_path: Path) ->
     facts.close()
 
 
+def test_a_restarted_index_reads_only_the_new_drv_files(tmp_path: Path) -> None:
+    """A derivation's own (unmasked) hash modulo is kept with what the index found in it:
+    a .drv added while the gate was stopped is indexed from its own file alone, without
+    reading the closure below it again (before, every input was read and hashed anew), and
+    its ids are the ones a fresh index finds. A row in the format before (without the
+    hash) is indexed from the file again."""
+    import marshal
+
+    from tracehook.gate.index import DrvIndex
+    from tracehook.stores.factcache import FactCache
+    from tracehook.stores.nixstore import StoreReader
+
+    closure = generate(tmp_path, 40)
+    facts = FactCache(tmp_path / "facts")
+    DrvIndex(StoreReader(str(closure.root), facts=facts)).refresh()
+    facts.close()
+    changed = generate(tmp_path / "changed", 40, changed="pkg-30", store=closure.root)
+    new = {d for d, _ in changed.steps} - {d for d, _ in closure.steps}
+    assert 0 < len(new) < 10
+    facts = FactCache(tmp_path / "facts")
+    reader = StoreReader(str(closure.root), facts=facts)
+    reads: list[str] = []
+    real = reader.read_derivation
+
+    def counting(path: str) -> Any:
+        reads.append(path)
+        return real(path)
+
+    reader.read_derivation = counting  # type: ignore[method-assign,assignment]
+    again = DrvIndex(reader)
+    again.refresh()
+    assert set(reads) == new
+    fresh = DrvIndex(StoreReader(str(closure.root)))
+    fresh.refresh()
+    assert again._by_id == fresh._by_id and again._by_output == fresh._by_output
+    assert all(changed.realisation_ids[d] in again._by_id for d in new)
+    old = sorted(again._seen - new)[0]
+    ids, outputs, _, _ = marshal.loads(facts.get("index", old.encode()) or b"")
+    facts.put("index", old.encode(), marshal.dumps((ids, outputs)))
+    reads.clear()
+    third = DrvIndex(reader)
+    third.refresh()
+    assert old in reads and third._by_id == fresh._by_id
+    facts.close()
+
+
 def _wait_for(cond: Any, within: float = 10.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:

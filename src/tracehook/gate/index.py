@@ -115,11 +115,18 @@ class DrvIndex:
                                        f"{exc.strerror or exc}") from None
             self._mtime = mtime
             added = 0
+            new: list[tuple[str, os.DirEntry[str]]] = []
             for name, entry in found:
                 path = f"{self.store_dir}/{name}"
                 if path in self._seen or self._unchanged_failure(path, entry):
                     continue
-                if self._add(path, entry):
+                if self._known(path):
+                    added += 1
+                else:
+                    new.append((path, entry))
+            # the ones read before first: a new .drv's inputs' hashes are then at hand
+            for path, entry in new:
+                if self._read(path, entry):
                     added += 1
             young = time.time_ns() - YOUNG_NS
             if any(mtime_ns > young for _, mtime_ns in self._broken.values()):
@@ -140,15 +147,22 @@ class DrvIndex:
             return True
         return known == (st.st_size, st.st_mtime_ns)
 
-    def _add(self, drv_path: str, entry: os.DirEntry[str] | None = None) -> bool:
+    def _known(self, drv_path: str) -> bool:
+        """Index ``drv_path`` from what indexing it found before, if that is known."""
         known = self._from_facts(drv_path)
-        if known is not None:
-            self._enter(drv_path, *known)
-            return True
+        if known is None:
+            return False
+        ids, outputs, own = known
+        self._hashes.setdefault(drv_path, own)
+        self._enter(drv_path, ids, outputs)
+        return True
+
+    def _read(self, drv_path: str, entry: os.DirEntry[str] | None = None) -> bool:
+        """Index ``drv_path`` from the file."""
         try:
             drv = self.reader.read_derivation(drv_path)
             ids = realisation_ids(drv, self.reader.read_derivation, self._hashes,
-                                  self.store_dir)
+                                  self.store_dir, drv_path)
         except EnvironmentFault as exc:
             # An input .drv is missing or unreadable: try again when the store changes.
             self._waiting.add(drv_path)
@@ -166,22 +180,29 @@ class DrvIndex:
             return False
         outputs = {name: out.path for name, out in drv.outputs.items() if out.path}
         if self.reader.facts is not None:
+            own = self._hashes[drv_path]
             self.reader.facts.put("index", drv_path.encode(), marshal.dumps(
-                (tuple(ids.items()), tuple(outputs.items()))))
+                (tuple(ids.items()), tuple(outputs.items()), own.kind,
+                 tuple(own.hashes.items()))))
         self._enter(drv_path, ids, outputs)
         return True
 
-    def _from_facts(self, drv_path: str) -> tuple[dict[str, str], dict[str, str]] | None:
-        """What indexing ``drv_path`` found before (realisation ids and the output paths
-        the .drv names), from the persistent cache: a function of the .drv files, which
-        their paths name; kept only after the .drv was read and checked."""
+    def _from_facts(self, drv_path: str
+                    ) -> tuple[dict[str, str], dict[str, str], DrvHash] | None:
+        """What indexing ``drv_path`` found before (realisation ids, the output paths the
+        .drv names, and its own unmasked hash modulo, which a new .drv that uses it needs),
+        from the persistent cache: a function of the .drv files, which their paths name;
+        kept only after the .drv was read and checked."""
         facts = self.reader.facts
         data = facts.get("index", drv_path.encode()) if facts is not None else None
         if data is None:
             return None
         try:
-            ids, outputs = marshal.loads(data)
-            return dict(ids), dict(outputs)
+            ids, outputs, kind, hashes = marshal.loads(data)
+            if kind not in ("regular", "deferred") or not all(
+                    isinstance(d, bytes) and len(d) == 32 for _, d in hashes):
+                return None
+            return dict(ids), dict(outputs), DrvHash(dict(hashes), kind)
         except (ValueError, TypeError, EOFError):
             return None  # a row of another shape: index the file again
 
@@ -201,7 +222,7 @@ class DrvIndex:
             return True
         nowait.check()  # a scan may hold the lock
         with self._scan_lock:
-            return drv_path in self._seen or self._add(drv_path)
+            return drv_path in self._seen or self._known(drv_path) or self._read(drv_path)
 
     def by_realisation_id(self, rid: str) -> DrvOutput | None:
         found = self._by_id.get(rid)

@@ -240,21 +240,38 @@ def serialize_modulo(
     hashes); ``mask_outputs`` blanks the output paths and the env vars named after outputs.
     Output fields, input paths and names, sources and the platform are written unescaped.
     """
+    return _unparse(drv, _middle(drv, actual_inputs), mask_outputs)
+
+
+def serialize_modulo_both(
+    drv: Derivation, actual_inputs: Mapping[str, Iterable[str]]
+) -> tuple[str, str]:
+    """``serialize_modulo`` unmasked and masked, what they share written once."""
+    middle = _middle(drv, actual_inputs)
+    return _unparse(drv, middle, False), _unparse(drv, middle, True)
+
+
+def _middle(drv: Derivation, actual_inputs: Mapping[str, Iterable[str]] | None) -> str:
+    """From the input derivations to the arguments: what masking leaves alone."""
+    inputs = drv.input_drvs if actual_inputs is None else actual_inputs
+    entries = ",".join(f'("{key}",[{quote_list(_sorted(inputs[key]))}])' for key in _sorted(inputs))
+    return "".join((
+        "],[", entries, "],[", quote_list(_sorted(drv.input_srcs)),
+        "],", _unquoted(drv.platform), ",", _quoted(drv.builder), ",[",
+        ",".join([_quoted(a) for a in drv.args]), "],[",
+    ))
+
+
+def _unparse(drv: Derivation, middle: str, mask_outputs: bool) -> str:
     outputs = drv.outputs
     outs = ",".join(
         f'("{name}","{"" if mask_outputs else o.path}","{o.hash_algo}","{o.hash}")'
         for name in _sorted(outputs)
         for o in (outputs[name],)
     )
-    inputs = drv.input_drvs if actual_inputs is None else actual_inputs
-    entries = ",".join(f'("{key}",[{quote_list(_sorted(inputs[key]))}])' for key in _sorted(inputs))
     env = drv.env
     pairs = ",".join(
         f"({_quoted(key)},{_quoted('' if mask_outputs and key in outputs else env[key])})"
         for key in _sorted(env)
     )
-    return "".join((
-        "Derive([", outs, "],[", entries, "],[", quote_list(_sorted(drv.input_srcs)),
-        "],", _unquoted(drv.platform), ",", _quoted(drv.builder), ",[",
-        ",".join([_quoted(a) for a in drv.args]), "],[", pairs, "])",
-    ))
+    return "".join(("Derive([", outs, middle, pairs, "])"))

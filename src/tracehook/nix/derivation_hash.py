@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tracehook.errors import ParseError
-from tracehook.nix.derivation import Derivation, encode_drv, serialize_modulo
+from tracehook.nix.derivation import (
+    Derivation,
+    encode_drv,
+    serialize_modulo,
+    serialize_modulo_both,
+)
 from tracehook.nix.storepath import (
     STORE_DIR,
     basename,
@@ -69,10 +74,28 @@ def _hash_one(
     store_dir: str,
 ) -> DrvHash:
     """One step, with every input's hash already in ``cache``."""
-    kind_of_drv = drv.kind
-    if kind_of_drv == "fixed":
+    if drv.kind == "fixed":
         return _fixed_hash(drv, store_dir)
-    kind: HashKind = "deferred" if kind_of_drv in ("floating-ca", "impure") else "regular"
+    kind, inputs = _actual_inputs(drv, cache)
+    return _digest(drv, serialize_modulo(drv, inputs, mask_outputs), kind)
+
+
+def _hash_both(drv: Derivation, cache: MutableMapping[str, DrvHash], store_dir: str
+               ) -> tuple[DrvHash, DrvHash]:
+    """``_hash_one`` unmasked and masked, serialized together."""
+    if drv.kind == "fixed":
+        fixed = _fixed_hash(drv, store_dir)
+        return fixed, fixed
+    kind, inputs = _actual_inputs(drv, cache)
+    unmasked, masked = serialize_modulo_both(drv, inputs)
+    return _digest(drv, unmasked, kind), _digest(drv, masked, kind)
+
+
+def _actual_inputs(drv: Derivation, cache: MutableMapping[str, DrvHash]
+                   ) -> tuple[HashKind, dict[str, set[str]]]:
+    """Whether the hash is deferred, and the inputs as hashDerivationModulo writes them
+    (each input derivation's hex hash for the outputs used)."""
+    kind: HashKind = "deferred" if drv.kind in ("floating-ca", "impure") else "regular"
     inputs: dict[str, set[str]] = {}
     for path, names in drv.input_drvs.items():
         res = cache[path]
@@ -83,7 +106,10 @@ def _hash_one(
             if digest is None:
                 raise ParseError(f"derivation {drv.name!r}", f"input {path} has no output {name!r}")
             inputs.setdefault(digest.hex(), set()).add(name)
-    text = serialize_modulo(drv, inputs, mask_outputs)
+    return kind, inputs
+
+
+def _digest(drv: Derivation, text: str, kind: HashKind) -> DrvHash:
     digest = hashlib.sha256(encode_drv(text)).digest()
     return DrvHash({name: digest for name in drv.outputs}, kind)
 
@@ -165,8 +191,15 @@ def realisation_ids(
     load: Loader = _no_inputs,
     cache: MutableMapping[str, DrvHash] | None = None,
     store_dir: str = STORE_DIR,
+    path: str | None = None,
 ) -> dict[str, str]:
-    """Every output's realisation id (masked hash modulo)."""
-    h = hash_derivation_modulo(drv, load, True, cache, store_dir)
+    """Every output's realisation id (masked hash modulo). With ``path`` (the
+    derivation's own) and ``cache``, its unmasked hash goes into ``cache`` too, computed
+    with the masked one (indexing a store needs both of almost every derivation)."""
+    if path is None or cache is None or path in cache:
+        h = hash_derivation_modulo(drv, load, True, cache, store_dir)
+    else:
+        _fill_cache(list(drv.input_drvs), load, cache, store_dir)
+        cache[path], h = _hash_both(drv, cache, store_dir)
     return {name: realisation_id(digest, name) for name, digest in h.hashes.items()}
 

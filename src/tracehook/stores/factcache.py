@@ -13,7 +13,7 @@ costs time to compute and can never become wrong, because its key names all of i
   and the exact input values it was resolved with;
 - ``refs``: the references found by scanning a NAR, keyed by its NAR hash.
 - ``index``: what the gate's .drv index found in a .drv (its realisation ids, the output
-  paths it names), keyed by its path.
+  paths it names, its own unmasked hash modulo), keyed by its path.
 
 Decisions are never cached: which traces a store holds, which keys the policy trusts, and
 what satisfies the trust model are read and evaluated anew on every run, so a revoked key,
