@@ -7,9 +7,11 @@ content-addressed derivation, signed by builderA.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -546,6 +548,50 @@ def test_answers_at_hand_start_no_worker_and_a_bug_answers_500(
     routes.route = broken  # type: ignore[method-assign,assignment]
     assert get(gate.url, "/nix-cache-info")[0] == 500
     assert get(gate.url, path)[0] == 200
+
+
+class _AcceptFails:
+    """The gate's listening socket, whose accept fails while ``failing`` (as it does when
+    the process has no file descriptor left: EMFILE)."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.failing = True
+        self.calls = 0
+
+    def accept(self) -> tuple[socket.socket, object]:
+        self.calls += 1
+        if self.failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.real.accept()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+def test_out_of_descriptors_the_loop_waits_instead_of_spinning(
+        gate: RunningGate, caplog: pytest.LogCaptureFixture) -> None:
+    """When accept fails (no descriptor left), the connection stays in the backlog and the
+    listening socket readable: the loop stops looking at it for a while (before, it tried
+    again at once, at one core, with a warning each time), warns once, and accepts the
+    waiting client when it can."""
+    server = gate.server
+    failing = _AcceptFails(server.socket)
+    server.socket = failing  # type: ignore[assignment]
+    port = int(gate.url.rsplit(":", 1)[1])
+    with caplog.at_level(logging.INFO, logger="tracehook.gate.front"):
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.6)
+        assert 1 <= failing.calls <= 12  # about every 0.1 s, not thousands of times
+        failing.failing = False
+        data = client.recv(4096)
+        client.close()
+    assert data.startswith(b"HTTP/1.1 200 OK")
+    warned = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(warned) == 1 and "Too many open files" in warned[0].getMessage()
+    assert any("accepting connections again" in r.getMessage() for r in caplog.records)
+    assert get(gate.url, "/nix-cache-info")[0] == 200
 
 
 def test_single_flight_under_contention(syn: Synthetic, tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADER_LINE = 8192
 MAX_HEADERS = 64
 SWEEP = 0.05  # seconds between two looks at the connections' deadlines
+ACCEPT_PAUSE = 0.1  # seconds without accepting after accept failed (e.g. no descriptors)
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
@@ -258,6 +259,8 @@ class GateHTTPServer:
         self._workers = _Workers(self.limits.max_connections)
         self._woken = False  # a worker has woken the loop since it last looked
         self._buffered: deque[_Conn] = deque()  # connections with a request received
+        self._accept_at: float | None = None  # accepting again then, after a failure
+        self._accept_failed = False
         self._stop = False
         self._stopped = threading.Event()
         self._stopped.set()
@@ -272,6 +275,8 @@ class GateHTTPServer:
                 wait = poll_interval
                 if self._conns:
                     wait = max(0.0, min(wait, next_sweep - time.monotonic()))
+                if self._accept_at is not None:
+                    wait = max(0.0, min(wait, self._accept_at - time.monotonic()))
                 for key, mask in self._selector.select(wait):
                     if key.data is None:
                         self._accept()
@@ -290,6 +295,9 @@ class GateHTTPServer:
                     if conn.state == "reading":
                         self._guarded(conn, self._next_request)
                 now = time.monotonic()
+                if self._accept_at is not None and now >= self._accept_at:
+                    self._accept_at = None
+                    self._selector.register(self.socket, selectors.EVENT_READ, None)
                 if now >= next_sweep:
                     for conn in [c for c in self._conns if expired(c, self.limits, now)]:
                         self._close(conn)
@@ -333,9 +341,19 @@ class GateHTTPServer:
                 sock, _ = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # e.g. out of file descriptors: the next look retries
-                log.warning("cannot accept a connection: %s", exc.strerror)
+            except OSError as exc:  # e.g. out of file descriptors
+                # The connection waits in the backlog: the listening socket stays readable,
+                # so the loop looks away from it a while instead of failing again at once.
+                if not self._accept_failed:  # once until it works again
+                    log.warning("cannot accept connections (%s): trying again every %g s",
+                                exc.strerror, ACCEPT_PAUSE)
+                self._accept_failed = True
+                self._selector.unregister(self.socket)
+                self._accept_at = time.monotonic() + ACCEPT_PAUSE
                 return
+            if self._accept_failed:
+                self._accept_failed = False
+                log.info("accepting connections again")
             if len(self._conns) >= self.limits.max_connections:
                 gone = victim(self._conns)
                 if gone is None:
