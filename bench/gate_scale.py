@@ -27,8 +27,8 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
   (a consumer that substituted the closure before: its store holds every unchanged path
   and its realisation): a gate restarted with (a copy of) the same ``--cache-dir`` asked
   only for the changed steps' realisations and narinfos; their time against the cold
-  time and the same target as **leaf** (deciding a changed aggregate needs the whole
-  closure below it decided in the new gate, from the facts);
+  time and the same target as **leaf** (the changed steps are decided on the verified
+  steps the first gate kept, which the restarted one takes back: tracehook.gate.warmstart);
 - **memo**: the same requests asked again of the cold gate, before it stops: every decision
   is then in its memory (the decision memo), so this is what the gate's own HTTP front and
   answer path cost without deciding anything;

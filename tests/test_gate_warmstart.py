@@ -19,7 +19,7 @@ from tracehook.trace import crypto
 from traceserver import serve_traces
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synth import SIGNERS, Closure, policy_text, with_policy
+from synth import SIGNERS, Closure, generate, policy_text, with_policy
 
 
 def _paths(c: Closure) -> list[str]:
@@ -161,3 +161,62 @@ def test_a_damaged_record_is_removed_and_decided_again(closure: tuple[Closure, P
     assert f"verification record {record} unusable" in STDERR[-1]
     third, records = _run(c, policy, tmp_path)  # the second run kept a good one again
     assert _warm(records) == len(first) and third == first
+
+
+def _changed_only(tmp: Path, c: Closure, policy: Path, cache_dir: str, *, tamper: bool = False,
+                  ) -> tuple[Answers, list[dict[str, object]]]:
+    """The closure's last ordinary step changed (it and the aggregates above it are new),
+    and only the new steps asked of a gate on ``cache_dir``, as Nix asks when it has the
+    rest; with ``tamper``, a trace of an unchanged step below is forged first."""
+    changed = generate(tmp, 25, changed="pkg-23", store=c.root)
+    new = {d for d, _ in changed.steps} - {d for d, _ in c.steps}
+    assert len(new) >= 2
+    if tamper:
+        tamper_claimed_hash(_first_trace(c))
+    argv = gate_argv(policy, [f"file://{changed.cache}"], changed.root, tmp / "gate.log",
+                     "--cache-dir", str(tmp / cache_dir))
+    with gate_process(argv) as gate:
+        answers = {p: get(gate.url + p) for pair in changed.requests(new) for p in pair}
+    STDERR.append(gate.stderr)
+    return answers, gate.records()
+
+
+def _stopped(records: list[dict[str, object]]) -> dict[str, object]:
+    (stop,) = [r for r in records if r["event"] == "gate-stop" and r["outcome"] == "ok"]
+    return stop
+
+
+def test_a_changed_step_after_a_restart_is_decided_on_the_kept_steps_below_it(
+        closure: tuple[Closure, Path], tmp_path: Path) -> None:
+    c, policy = closure
+    first, records = _run(c, policy, tmp_path)
+    kept = _stopped(records)["steps"]
+    # every build step, and each source some step uses (a fixed-output step)
+    assert len(c.steps) < kept <= len(c.steps) + len(c.sources)  # type: ignore[operator]
+    cold_dir = tmp_path / "cold"
+    cold_dir.mkdir()
+    cold, cold_records = _changed_only(cold_dir, *with_policy(cold_dir, 25), "cache-dir")
+    warm, records = _changed_only(tmp_path, c, policy, "cache-dir")
+    assert _warm(records) == len(first)
+    assert {s for s, _ in warm.values()} == {200}
+    # the same answers as a gate that kept nothing (the closures are generated alike)
+    here, there = str(tmp_path / "cache").encode(), str(cold_dir / "cache").encode()
+    assert list(warm.values()) == [(s, b.replace(there, here)) for s, b in cold.values()]
+    stop, cold_stop = _stopped(records), _stopped(cold_records)
+    new = len(warm) // 2
+    # the warm gate decided the new steps alone, on the kept steps they build on; the
+    # cold one walked and decided the whole closure below them
+    assert stop["planned"] == new and 0 < int(stop["taken_back"]) < len(c.steps)  # type: ignore[call-overload]
+    assert cold_stop["planned"] >= len(c.steps)  # type: ignore[operator]
+    assert cold_stop["taken_back"] == 0
+
+
+def test_kept_steps_are_not_taken_back_when_a_trace_below_changed(
+        closure: tuple[Closure, Path], tmp_path: Path) -> None:
+    c, policy = closure
+    _run(c, policy, tmp_path)
+    answers, records = _changed_only(tmp_path, c, policy, "cache-dir", tamper=True)
+    assert _warm(records) == 0
+    assert "taken back" not in STDERR[-1]
+    # the changed steps rest on the forged one (the aggregates gather every leaf): refused
+    assert 404 in {s for s, _ in answers.values()}

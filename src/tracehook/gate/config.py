@@ -118,29 +118,38 @@ def _warm_start(cfg: GateConfig, key: crypto.SecretKey | None, policies: PolicyW
     service.verifier.on_generation = warm.begin_generation
     policy, _ = policies.current()
     started = time.monotonic()
-    count = warm.restore(service.memo, service.verifier.generation(), policy)
+    gen = service.verifier.generation()
+    count = warm.restore(service.memo, gen, policy)
     if count:
+        service.verifier.take_back(gen, warm.kept)
         events.emit("gate-warm-start", "ok",
-                    f"{count} answers of the last run replayed: every file they were decided "
-                    f"from is unchanged (checked in {time.monotonic() - started:.2f} s)",
-                    answers=count)
+                    f"{count} answers and {len(warm.kept)} verified steps of the last run "
+                    f"kept: every file they were decided from is unchanged (checked in "
+                    f"{time.monotonic() - started:.2f} s)", answers=count, steps=len(warm.kept))
     return warm
 
 
 def save_warm_start(server: GateHTTPServer, events: EventLog) -> None:
-    """At shutdown: keep the current generation's allowed answers for the next start."""
+    """At shutdown: keep the current generation's allowed answers and verified steps for
+    the next start."""
     warm = server.warm
     if warm is None or server.policies is None:
         return
     try:
         policy, _ = server.policies.current()
         gen = server.service.verifier.generation()
-        count = warm.save(server.service.memo, gen, policy)
+        steps = server.service.verifier.keep(gen)
+        count = warm.save(server.service.memo, gen, policy, steps=steps)
     except (TracehookError, OSError) as exc:
         events.emit("gate-stop", "warning", f"answers not kept for the next start: {exc}",
                     reason=str(exc))
         return
     finally:
         warm.close()
+    verifier = server.service.verifier
     if count:
-        events.emit("gate-stop", "ok", f"{count} answers kept for the next start", answers=count)
+        events.emit("gate-stop", "ok", f"{count} answers and {len(steps)} verified steps kept "
+                    f"for the next start ({verifier.steps_planned} steps decided, "
+                    f"{verifier.steps_taken_back} taken back from the last run)",
+                    answers=count, steps=len(steps), planned=verifier.steps_planned,
+                    taken_back=verifier.steps_taken_back)

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -45,6 +45,7 @@ from tracehook.verify.engine import Engine
 from tracehook.verify.evidencecheck import EvidenceInfo
 from tracehook.verify.limits import Limits
 from tracehook.verify.policy import Policy
+from tracehook.verify.trustedset import KeptStep
 from tracehook.verify.walk import Target
 
 log = logging.getLogger(__name__)
@@ -220,11 +221,38 @@ class GateVerifier:
                 keep.append((retired_at, engine))
         self._retired = keep
 
+    def take_back(self, gen: tuple[str, int], kept: Mapping[str, tuple[int, KeptStep]]) -> None:
+        """Give the engine of generation ``gen`` the steps the last run kept (if that
+        generation is still the current one; :mod:`tracehook.gate.warmstart` checked that
+        nothing they rest on changed)."""
+        with self._lock:
+            if self._engine is not None and self._serial == gen[1] and kept:
+                self._engine.take_back(kept)
+
+    def keep(self, gen: tuple[str, int], timeout: float = 30.0,
+             ) -> dict[str, tuple[int, KeptStep]]:
+        """The verified steps of generation ``gen``'s engine, for the next start (nothing
+        if another generation has begun since)."""
+        with self._lock:
+            engine = self._engine if self._serial == gen[1] else None
+        if engine is None:
+            return {}
+        try:
+            return engine.keep().result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            return {}
+
     @property
     def steps_planned(self) -> int:
         """Steps the current generation's engine has planned (each at most once)."""
         engine = self._engine
         return 0 if engine is None else engine.planned
+
+    @property
+    def steps_taken_back(self) -> int:
+        """Kept steps of the last run the current generation's engine took back."""
+        engine = self._engine
+        return 0 if engine is None else engine.taken_back
 
     def close(self) -> None:
         with self._lock:

@@ -15,7 +15,19 @@ stops, it records the current generation's allowed answers (200) with those note
 Then the answers go into the decision memo of the first generation, as if decided now,
 and live as any decision does (``--cache-ttl``, the generation: a changed policy or trace
 store ends it); the files they rest on are noted in that generation, so what it records in
-turn still names all of them. Nothing else is kept: refusals and faults are decided again;
+turn still names all of them.
+
+The verified build steps of that generation are kept with them, on the same condition (as
+plain values: trace keys, accepted claims, rejections; :meth:`TrustedSet.keep`), and given
+to the first generation's engine (:meth:`Engine.take_back`): a step asked for after the
+restart whose inputs are kept steps (one that changed, above an unchanged closure) is then
+decided from them, without walking and deciding the closure below it again. Each kept claim
+comes back through :func:`tracehook.verify.trusted.readmit` (its signer must still be a
+current key of the policy); a kept step that does not is a fault, never an allow. Steps are
+kept only from a generation that saw no fault, no tamper evidence, and under a policy that
+trusts no cache key (a cache signature's reliance below a step is part of its answer).
+
+Nothing else is kept: refusals and faults are decided again;
 a generation that read an HTTP or S3 store, scanned a NAR for references, saw a file change
 while reading it, or runs under a policy with hardware evidence (certificates have dates of
 their own) records nothing. The verification facts (:mod:`tracehook.stores.factcache`) are
@@ -27,13 +39,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tracehook.gate.memo import DecisionCache
 from tracehook.gate.service import Answer
 from tracehook.stores import readlog
 from tracehook.verify import replay
 from tracehook.verify.policy import Policy
+from tracehook.verify.trustedset import KeptStep
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +63,9 @@ class WarmStart:
         self.shape = repr(list(shape))
         self.log = readlog.ReadLog()
         readlog.attach(self.log)
+        #: the verified steps the last run kept, set by :meth:`restore` (step -> height and
+        #: plain values)
+        self.kept: dict[str, tuple[int, KeptStep]] = {}
 
     def key(self, digest: str) -> str:
         text = repr([replay.code_mark(), digest, self.shape])
@@ -82,12 +98,17 @@ class WarmStart:
         self.log.merge(files, [])  # what the replayed answers rest on, checked just now
         for key, status, body, content_type in good:
             memo.put((key, gen), Answer(status, body, content_type))
+        steps = record.get("steps", {})
+        if isinstance(steps, dict) and all(_step_shaped(k, v) for k, v in steps.items()):
+            self.kept = steps
         return len(good)
 
     def save(self, memo: DecisionCache[Answer], gen: tuple[str, int], policy: Policy,
-             now: float | None = None) -> int:
-        """Record the allowed answers of generation ``gen`` with what it read; how many
-        (0: nothing recorded, and why is logged)."""
+             now: float | None = None,
+             steps: Mapping[str, tuple[int, KeptStep]] | None = None) -> int:
+        """Record the allowed answers of generation ``gen`` with what it read, and the
+        verified ``steps`` of its engine; how many answers (0: nothing recorded, and why is
+        logged)."""
         seen = self.log
         if seen.opaque or policy.evidence:
             log.info("gate answers not kept for a restart: %s",
@@ -103,11 +124,17 @@ class WarmStart:
             "stats": dict(seen.stats),
             "now": time.time() if now is None else now,
             "bounds": replay.not_after_bounds(policy),
-            "answers": answers})
+            "answers": answers,
+            "steps": dict(steps or {})})
         return len(answers)
 
     def close(self) -> None:
         readlog.detach(self.log)
+
+
+def _step_shaped(path: object, item: object) -> bool:
+    return (isinstance(path, str) and isinstance(item, tuple) and len(item) == 2
+            and isinstance(item[0], int) and isinstance(item[1], tuple) and len(item[1]) == 6)
 
 
 def _answer_shaped(item: object) -> bool:

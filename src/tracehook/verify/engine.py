@@ -32,7 +32,7 @@ import datetime as dt
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from typing import Any
 
@@ -57,7 +57,7 @@ from tracehook.verify.policy import Policy
 from tracehook.verify.reliance import Reading
 from tracehook.verify.remembered import remembered
 from tracehook.verify.trusted import Checked, Facts, KeyRing
-from tracehook.verify.trustedset import TrustedSet
+from tracehook.verify.trustedset import KeptStep, TrustedSet
 from tracehook.verify.walk import Graph, Loader, Target, fewer_collections
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ class Engine:
         self._key_waiters: dict[str, list[str]] = {}
         self._batch: list[TraceKey] = []
         self.planned = 0  # steps planned (each at most once)
+        self.taken_back = 0  # kept steps recorded as they were (see take_back)
+        self._kept: dict[str, KeptStep] = {}
         self._outstanding = 0  # futures whose completion has not been handled
         self._in_flight = 0  # batches with the checker processes
         self._waiters: dict[str, list[Future[None]]] = {}
@@ -165,6 +167,39 @@ class Engine:
             return fut
         self._events.put(("target", target, fut))
         return fut
+
+    def take_back(self, kept: Mapping[str, tuple[int, KeptStep]]) -> None:
+        """Steps a gate's last run verified (:meth:`keep`), given back at its start when
+        every file they were decided from is unchanged (:mod:`tracehook.gate.warmstart`):
+        a walk that reaches one records it as it was and goes no further below it. Before
+        any target (the engine's thread takes them in turn with the targets)."""
+        self._events.put(("take-back", dict(kept), None))
+
+    def keep(self) -> Future[dict[str, tuple[int, KeptStep]]]:
+        """The steps verified so far, with their heights, as plain values (and the kept
+        steps not walked to yet), for a gate's next start; nothing when this engine saw a
+        fault, a taint or tamper evidence, or trusts cache keys (what a step rests on
+        below it is then part of its answer). Done in the engine's thread."""
+        fut: Future[dict[str, tuple[int, KeptStep]]] = Future()
+        if self._closed or self._thread is None:
+            fut.set_result({})  # (no thread to ask: a batch engine, or a closed one)
+            return fut
+        self._events.put(("keep", None, fut))
+        return fut
+
+    def _keep(self) -> dict[str, tuple[int, KeptStep]]:
+        if (self.cache_sigs is not None or self.faults or self.tainted or self.tampered
+                or self.ring.wants_evidence):
+            return {}
+        kept = {path: (self.graph.leaves[path], step) for path, step in self._kept.items()
+                if path in self.graph.leaves}
+        for path in self._done:
+            wanted = (self.graph.requests.get(path)
+                      or {frozenset(self.graph.drvs[path].outputs)})
+            step = self.trusted.keep(path, wanted)
+            if step is not None:
+                kept[path] = (self.graph.heights[path], step)
+        return kept
 
     def close(self) -> None:
         """Stop the engine's thread (if any) and its workers."""
@@ -296,6 +331,14 @@ class Engine:
         if kind == "target":
             self._add_target(payload, fut)
             return
+        if kind == "take-back":
+            self._kept.update({path: step for path, (_, step) in payload.items()})
+            self.graph.leaves.update({path: height for path, (height, _) in payload.items()})
+            return
+        if kind == "keep":
+            assert fut is not None
+            fut.set_result(self._keep())
+            return
         self._outstanding -= 1
         assert fut is not None
         if kind == "key":
@@ -370,6 +413,10 @@ class Engine:
     # ------------------------------------------------------------------------ the steps
 
     def _start(self, path: str) -> None:
+        kept = self._kept.pop(path, None)
+        if kept is not None:
+            self._take_back(path, kept)
+            return
         self.planned += 1
         plan = self._plan(path)
         if plan is None:
@@ -397,6 +444,23 @@ class Engine:
             self._missing_keys[path] = missing
         else:
             self._record(path, plan)
+
+    def _take_back(self, path: str, kept: KeptStep) -> None:
+        drv = self.graph.drvs[path]
+        try:
+            self.trusted.take_back(path, drv, kept, self.ring)
+        except (ValueError, TypeError) as exc:  # not what keep() wrote: a fault, never trust
+            message = f"a kept step of the last run could not be taken back: {exc}"
+            log.warning("%s (%s)", message, path)
+            self.faults.append(StoreFault("cache-dir", message))
+            self.tainted.add(path)
+            self.trusted.refuse(path, drv, Failure("unreadable", message))
+            self._recorded(path)
+            return
+        self.taken_back += 1
+        if self.on_recorded is not None:
+            self.on_recorded(self, path)
+        self._recorded(path)
 
     def _input(self, inp: str, outputs: tuple[str, ...]) -> StepInput:
         """The input as a step's plan takes it: one object for every consumer while its

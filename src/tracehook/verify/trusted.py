@@ -2,8 +2,9 @@
 
 An :class:`Accepted` claim (and a :class:`Checked` result) is made only here, by
 :meth:`KeyRing.check`, which verifies the signature itself, or by :func:`readmit`, the one way
-back in for what a checker process computed with the same code. :class:`KeyRing` says why
-every other signature does not count. No I/O.
+back in for what a checker process computed with the same code (and for what the last gate
+run accepted, kept with the files it was decided from). :class:`KeyRing` says why every
+other signature does not count. No I/O.
 
 Hardware evidence too: an ``evidence`` entry that satisfies an evidence element (checked by
 :class:`~tracehook.verify.evidencecheck.EvidenceRing`) for the step being checked becomes an
@@ -89,18 +90,22 @@ PlainAccepted = tuple[str, str, PlainClaim, tuple[str, ...] | None]
 Plain = tuple[tuple[PlainAccepted, ...], tuple[Rejected, ...], int, int]
 
 
+def accepted_to_plain(accepted: Accepted) -> PlainAccepted:
+    return (accepted.signer, accepted.claim.compact, claim_to_plain(accepted.claim),
+            accepted.evidence.to_plain() if accepted.evidence is not None else None)
+
+
 def to_plain(checked: Checked) -> Plain:
-    claims = tuple((a.signer, a.claim.compact, claim_to_plain(a.claim),
-                    a.evidence.to_plain() if a.evidence is not None else None)
-                   for a in checked.accepted)
+    claims = tuple(accepted_to_plain(a) for a in checked.accepted)
     return claims, checked.rejected, checked.seen, checked.evidence_seen
 
 
 def readmit(plain: Plain, key: TraceKey, ring: KeyRing) -> Checked:
     """A result a checker process computed with :meth:`KeyRing.check` for ``key``, back as
-    a Checked. The signatures were verified there; what can be checked cheaply is checked
-    again here: the signer is a current key (or evidence element) of this policy and the
-    claim is for ``key``."""
+    a Checked (or a claim the last gate run accepted, kept with every file it was decided
+    from, which are unchanged: :mod:`tracehook.gate.warmstart`). The signatures were
+    verified there; what can be checked cheaply is checked again here: the signer is a
+    current key (or evidence element) of this policy and the claim is for ``key``."""
     claims, rejected, seen, evidence_seen = plain
     accepted = []
     for signer, compact, fields, evidence in claims:

@@ -17,7 +17,7 @@ makes no :class:`~tracehook.verify.trusted.Accepted` claim of its own:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tracehook.errors import Failure, Rejected
@@ -28,11 +28,28 @@ from tracehook.trace.stepkey import Resolution
 from tracehook.verify.cachekeys import CacheOutput, Refused
 from tracehook.verify.evidencecheck import EvidenceInfo
 from tracehook.verify.policy import TrustModel, TrustResult, evaluate
-from tracehook.verify.trusted import Accepted, Checked
+from tracehook.verify.trusted import (
+    Accepted,
+    Checked,
+    KeyRing,
+    PlainAccepted,
+    accepted_to_plain,
+    readmit,
+)
 from tracehook.verify.values import Candidate, Value, show_value
 
 #: Rejections that mean someone forged or altered something (not merely "not trusted").
 TAMPER_KINDS = frozenset({"bad-signature", "wrong-output"})
+
+
+#: A verified step as plain values (what :mod:`marshal` writes), kept by a gate for its next
+#: start (:mod:`tracehook.gate.warmstart`): whether it is a fixed output, its trace keys
+#: (kind, key, resolved derivation, pins), the claims accepted for it, the signatures that did
+#: not count (kind, kid, detail), and how many signatures and evidence entries were seen.
+#: A claim taken back has no JWS text (``compact`` is empty, as for a claim of evidence).
+PlainKey = tuple[str, str, str, tuple[tuple[str, bytes], ...]]
+KeptStep = tuple[bool, tuple[PlainKey, ...], tuple[PlainAccepted, ...],
+                 tuple[tuple[str, str | None, str], ...], int, int]
 
 
 @dataclass
@@ -93,6 +110,47 @@ class TrustedSet:
                 else:
                     step.rejected.append(Rejected("wrong-output", acc.claim.kid,
                                                   f"'{acc.signer}' {problem}"))
+        self._steps[drv_path] = step
+
+    def keep(self, drv_path: str, wanted: Iterable[frozenset[str]]) -> KeptStep | None:
+        """The step as plain values, if it is a fixed output or verified for every set of
+        outputs in ``wanted`` (what its consumers reference) on traces alone; else None."""
+        step = self._steps.get(drv_path)
+        if step is None or step.failure is not None or step.cache:
+            return None
+        if not step.fixed and not all(
+                any(c.basis == "traces" for c in self.values(drv_path, w)) for w in wanted):
+            return None
+        if any(a.evidence is not None for a in step.accepted):
+            return None  # (hardware evidence has dates of its own: never kept)
+        # (without each claim's JWS text: nothing reads it again, and it is most of the size)
+        return (step.fixed, tuple((k.kind, k.key, k.rdrv_path, k.pins) for k in step.keys),
+                tuple((signer, "", fields, evidence) for signer, _, fields, evidence
+                      in map(accepted_to_plain, step.accepted)),
+                tuple((r.kind, r.kid, r.detail) for r in step.rejected),
+                step.seen, step.evidence_seen)
+
+    def take_back(self, drv_path: str, drv: Derivation, kept: KeptStep, ring: KeyRing) -> None:
+        """A step :meth:`keep` gave, recorded as it was, its claims admitted again through
+        :func:`~tracehook.verify.trusted.readmit` (each signer still a current key of the
+        policy, each claim for one of the step's keys). ValueError (or TypeError) if the
+        values are not what :meth:`keep` gives; then nothing is recorded."""
+        fixed, keys, accepted, rejected, seen, evidence_seen = kept
+        if fixed:
+            self._steps[drv_path] = _Step(drv, fixed=True)
+            return
+        trace_keys = [TraceKey(kind, key, rdrv, tuple((p, h) for p, h in pins))  # type: ignore[arg-type]
+                      for kind, key, rdrv, pins in keys]
+        by_key = {(k.kind, k.key): k for k in trace_keys}
+        step = _Step(drv, keys=trace_keys, seen=int(seen), evidence_seen=int(evidence_seen),
+                     rejected=[Rejected(kind, kid, detail)  # type: ignore[arg-type]
+                               for kind, kid, detail in rejected])
+        for plain in accepted:
+            fields = plain[2]
+            key = by_key.get((fields[0], fields[1]))
+            if key is None:
+                raise ValueError(f"a kept claim of {drv_path} is for none of its trace keys")
+            step.accepted.extend(readmit(((plain,), (), 1, 0), key, ring).accepted)
         self._steps[drv_path] = step
 
     # queries -----------------------------------------------------------------------

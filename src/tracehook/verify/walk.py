@@ -39,6 +39,10 @@ class Graph:
         self.drvs: dict[str, Derivation] = {}
         self.heights: dict[str, int] = {}  # 1 = no inputs; set once a step is walked
         self.requests: dict[str, set[frozenset[str]]] = {}
+        #: steps decided without walking below them (a gate's kept steps,
+        #: :meth:`tracehook.verify.engine.Engine.take_back`): path -> height; a walk that
+        #: reaches one reads it, emits it and does not go below it
+        self.leaves: dict[str, int] = {}
 
     def read(self, drv_path: str, referrer: str | None = None) -> Derivation:
         drv = self.drvs.get(drv_path)
@@ -80,6 +84,9 @@ class Graph:
         step not seen before, after all of its inputs."""
         if root in self.heights:
             return
+        if root in self.leaves:
+            self._leaf(root, None, emit)
+            return
         max_depth = self.max_depth
         stack = [(root, iter(self.read(root).input_drvs.items()))]
         on_stack = {root: 0}
@@ -88,6 +95,9 @@ class Graph:
             for child, outputs in children:
                 self.request(child, frozenset(outputs))
                 if child in self.heights:
+                    continue
+                if child in self.leaves:
+                    self._leaf(child, path, emit)
                     continue
                 if child in on_stack:
                     cycle = [p for p, _ in stack[on_stack[child]:]] + [child]
@@ -110,6 +120,15 @@ class Graph:
                                      f"at {basename(path)} (raise --max-depth)")
                 self.heights[path] = height
                 emit(path)
+
+    def _leaf(self, path: str, referrer: str | None, emit: Callable[[str], None]) -> None:
+        self.read(path, referrer)
+        height = self.leaves.pop(path)
+        if height > self.max_depth:
+            raise GraphError(path, f"derivation graph deeper than {self.max_depth} steps "
+                             f"at {basename(path)} (raise --max-depth)")
+        self.heights[path] = height
+        emit(path)
 
     def closure(self, root: str) -> list[str]:
         """Every walked step below ``root``, itself included, lowest first."""
