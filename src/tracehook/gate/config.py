@@ -121,11 +121,12 @@ def _warm_start(cfg: GateConfig, key: crypto.SecretKey | None, policies: PolicyW
     gen = service.verifier.generation()
     count = warm.restore(service.memo, gen, policy)
     if count:
-        service.verifier.take_back(gen, warm.kept)
+        kept, warm.kept = warm.kept, {}  # (the engine holds them from now on)
+        service.verifier.take_back(gen, kept)
         events.emit("gate-warm-start", "ok",
-                    f"{count} answers and {len(warm.kept)} verified steps of the last run "
+                    f"{count} answers and {len(kept)} verified steps of the last run "
                     f"kept: every file they were decided from is unchanged (checked in "
-                    f"{time.monotonic() - started:.2f} s)", answers=count, steps=len(warm.kept))
+                    f"{time.monotonic() - started:.2f} s)", answers=count, steps=len(kept))
     return warm
 
 
