@@ -61,3 +61,29 @@ def test_keys_planned_but_unsent_when_the_checker_dies_go_to_threads(tmp_path: P
         assert [c.paths() for c in engine.trusted.values(step, frozenset({"out"}))] == [
             {"out": ca_path(name, "a")}]
     assert len(pool.sent) == 1  # nothing more was handed to the dead checker
+
+
+def test_a_thousand_targets_at_once_are_walked_in_turn(tmp_path: Path) -> None:
+    """Targets that come in while one is walked wait for it and are then walked one after
+    the other (a gate with hundreds of connections waiting): not by recursion, which made
+    the engine fail every waiting target with RecursionError."""
+    g = Graph(tmp_path, processes=0)
+    prev = g.fod("src")
+    used = g.drvs[prev].outputs["out"].path
+    steps = []
+    for i in range(50):
+        step = g.ca(f"s{i}", {prev: ("out",)})
+        g.sign(step, {(prev, "out"): used}, {"out": ca_path(f"s{i}", "a")}, "builderA")
+        steps.append(step)
+        prev, used = step, ca_path(f"s{i}", "a")
+    text = f'[keys]\nbuilderA = "{public_text("builderA")}"\n[trust]\nrequire = "builderA"\n'
+    engine = Engine(parse_policy(text), [g.store], g.load, NOW, Limits(processes=0))
+    # queued before the engine's thread starts: all of them come in during the first walk
+    futures = [engine.submit(Target(s, s)) for _ in range(20) for s in reversed(steps)]
+    engine.start()
+    try:
+        for fut in futures:
+            assert fut.result(timeout=60) is None
+    finally:
+        engine.close()
+    assert engine.planned == 51

@@ -232,16 +232,15 @@ class Engine:
     # --------------------------------------------------------------------------- targets
 
     def _add_target(self, target: Target, fut: Future[None] | None) -> None:
+        self._later.append((target, fut))
         if self._walking:  # a target that came in while another is walked waits for it
-            self._later.append((target, fut))
             return
         self._walking = True
-        try:
-            self._walk_target(target, fut)
+        try:  # (in turn, not by recursion: any number of targets may come in meanwhile)
+            while self._later:
+                self._walk_target(*self._later.popleft())
         finally:
             self._walking = False
-        while self._later:
-            self._add_target(*self._later.popleft())
 
     def _walk_target(self, target: Target, fut: Future[None] | None) -> None:
         try:
