@@ -54,7 +54,7 @@ from tracehook.verify.cachesigs import CacheSigs
 from tracehook.verify.decide import PlanLimits, StepInput, cache_lookups, plan_step
 from tracehook.verify.limits import Limits
 from tracehook.verify.policy import Policy
-from tracehook.verify.reliance import Reading
+from tracehook.verify.reliance import Reading, traced
 from tracehook.verify.remembered import remembered
 from tracehook.verify.trusted import Checked, Facts, KeyRing
 from tracehook.verify.trustedset import KeptStep, TrustedSet
@@ -194,9 +194,10 @@ class Engine:
         kept = {path: (self.graph.leaves[path], step) for path, step in self._kept.items()
                 if path in self.graph.leaves}
         for path in self._done:
-            wanted = (self.graph.requests.get(path)
-                      or {frozenset(self.graph.drvs[path].outputs)})
-            step = self.trusted.keep(path, wanted)
+            # a fixed output, or verified on traces for every set of outputs consumers use
+            if not (self.trusted.is_fixed(path) or traced(self.graph, self.trusted, path)):
+                continue
+            step = self.trusted.keep(path)
             if step is not None:
                 kept[path] = (self.graph.heights[path], step)
         return kept

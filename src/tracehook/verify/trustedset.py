@@ -17,7 +17,7 @@ makes no :class:`~tracehook.verify.trusted.Accepted` claim of its own:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tracehook.errors import Failure, Rejected
@@ -112,14 +112,13 @@ class TrustedSet:
                                                   f"'{acc.signer}' {problem}"))
         self._steps[drv_path] = step
 
-    def keep(self, drv_path: str, wanted: Iterable[frozenset[str]]) -> KeptStep | None:
-        """The step as plain values, if it is a fixed output or verified for every set of
-        outputs in ``wanted`` (what its consumers reference) on traces alone; else None."""
+    def keep(self, drv_path: str) -> KeptStep | None:
+        """The step as plain values (the caller chooses which: those verified for what
+        their consumers use, :func:`tracehook.verify.reliance.traced`); None for a step
+        refused before any evidence, one that rests on a cache signature, or one with
+        hardware evidence."""
         step = self._steps.get(drv_path)
         if step is None or step.failure is not None or step.cache:
-            return None
-        if not step.fixed and not all(
-                any(c.basis == "traces" for c in self.values(drv_path, w)) for w in wanted):
             return None
         if any(a.evidence is not None for a in step.accepted):
             return None  # (hardware evidence has dates of its own: never kept)
