@@ -13,8 +13,9 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
   each a process of its own on its own keep-alive connection (http.client, which costs
   about what curl does a request; ``--client lean`` for a diagnostic client that costs
   half of that); total
-  time, cost per step, the gate's peak RSS (VmHWM, and its checker processes' when there
-  are any), and the ratio to verify;
+  time, cost per step, the peak RSS of the gate and all its processes together (checker
+  processes, index workers: the largest sum of their resident sets, looked at every 0.1 s,
+  or the sum of their VmHWM at the end if larger), and the ratio to verify;
 - **warm**: the same after a gate restart with the same ``--cache-dir`` (the first gate
   kept its answers when it stopped; the second replays them if every file they were
   decided from is unchanged: tracehook.gate.warmstart); the start-up of both gates (from
@@ -54,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,22 +74,54 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
     gate.wait_ready(port, proc, within=30.0)
 
 
+def _family(pid: int) -> list[int]:
+    """``pid`` and its descendants (children of every thread: the gate starts its
+    checker processes from its engine's thread, its index workers from the index's)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _status_mib(pid: int, field: str) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def peak_rss_mib(pid: int) -> float:
-    total = 0.0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    return total
+    """The sum of the peak RSS (VmHWM) of the gate and the processes it still has."""
+    return sum(_status_mib(p, "VmHWM:") for p in _family(pid))
+
+
+class RssWatch:
+    """The largest sum of the resident sets of the gate and all its processes, looked at
+    every 0.1 s while it runs (processes that end before the gate, its index workers,
+    are in no VmHWM read at the end)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, sum(_status_mib(p, "VmRSS:") for p in
+                                           _family(self.pid)))
+
+    def stop(self) -> float:
+        """The peak: the largest sum seen, or the sum of peaks at the end if larger."""
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, peak_rss_mib(self.pid))
 
 
 class LeanClient:
@@ -212,13 +246,15 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
     log = cache_dir.parent / "gate.stderr"
     with gate_process(policy, closure, cache_dir, log) as (port, proc):
         ready = time.perf_counter() - started
+        watch = RssWatch(proc.pid)
         try:
             elapsed = ask_all(port, closure, clients, seed, only)
             second = ask_all(port, closure, clients, seed + 7) if again else 0.0
         except SystemExit:
             print(log.read_text()[-3000:], file=sys.stderr)
             raise
-        rss = peak_rss_mib(proc.pid)
+        finally:
+            rss = watch.stop()
     return elapsed, rss, second, ready
 
 

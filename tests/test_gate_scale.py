@@ -416,6 +416,44 @@ def test_a_drv_read_while_it_was_being_written_is_indexed_once_it_is_whole(
         assert _wait_for(lambda: len(index) == len(drvs), within=5)
 
 
+def test_a_drv_whose_writing_ends_just_after_a_failed_read_is_read_again(
+        tmp_path: Path) -> None:
+    """The race in the test above at its narrowest: the read finds the file half written,
+    and the writing ends before the index notes the failure. What the failure is
+    remembered by is the file as it was read, so the whole file differs from it and is
+    indexed (it was remembered by the whole file's size and time, and never read again)."""
+    from tracehook.gate.index import DrvIndex
+    from tracehook.stores.nixstore import StoreReader
+
+    closure = generate(tmp_path / "built", 5)
+    root = tmp_path / "consumer"
+    store = root / "nix" / "store"
+    store.mkdir(parents=True)
+    drvs = sorted((closure.root / "nix" / "store").glob("*.drv"))
+    for drv in drvs[:-1]:
+        shutil.copy(drv, store / drv.name)
+    last = drvs[-1]
+    whole = last.read_bytes()
+    (store / last.name).write_bytes(whole[: len(whole) // 2])
+    index = DrvIndex(StoreReader(str(root)))
+    real = index.reader.read_derivation
+    path = f"{index.store_dir}/{last.name}"
+
+    def read_then_finish(drv_path: str) -> Any:
+        try:
+            return real(drv_path)
+        finally:
+            if drv_path == path and (store / last.name).stat().st_size < len(whole):
+                with (store / last.name).open("ab") as f:  # the writer ends meanwhile
+                    f.write(whole[len(whole) // 2:])
+
+    index.reader.read_derivation = read_then_finish  # type: ignore[method-assign,assignment]
+    index.refresh()
+    assert path in index.skipped and len(index) == len(drvs) - 1
+    index.refresh()  # (a failure this young makes the next look list the store again)
+    assert len(index) == len(drvs) and path not in index.skipped
+
+
 def test_index_interval_0_indexes_only_when_a_request_asks(tmp_path: Path) -> None:
     import shutil
 

@@ -65,17 +65,33 @@ class StoreReader:
         known = self._drvs.get(drv_path)
         if known is not None:
             return known[0]
+        drv, size = self.load(drv_path)
+        self.remember(drv_path, drv, size)
+        return drv
+
+    def load(self, drv_path: str) -> tuple[Derivation, int]:
+        """:meth:`read_derivation` without the memo: the derivation (from the verification
+        cache, or read, parsed and checked) and its size in bytes, not remembered here."""
         _, name = parse_store_path(drv_path, self.store_dir)
         if not name.endswith(".drv"):
             raise ParseError("derivation path", f"{drv_path} is not a .drv", len(drv_path))
         drv, size = self._from_facts(drv_path)
         if drv is None:
             drv, size = self._read(drv_path, name)
+        return drv, size
+
+    def remember(self, drv_path: str, drv: Derivation, size: int) -> None:
+        """Keep a derivation that was read and checked elsewhere (by :meth:`load` in a
+        worker process: :mod:`tracehook.stores.drvpool`) as if this reader had read it."""
         if isinstance(self._drvs, Lru):
             self._drvs.put(drv_path, (drv, size))
         else:
             self._drvs[drv_path] = (drv, size)
-        return drv
+
+    @property
+    def capacity(self) -> int | None:
+        """How many parsed derivations this reader keeps at most (None: every one)."""
+        return self._drvs.max_entries if isinstance(self._drvs, Lru) else None
 
     def _from_facts(self, drv_path: str) -> tuple[Derivation | None, int]:
         if self.facts is None:

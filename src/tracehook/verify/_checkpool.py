@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import gc
 import logging
-import os
 import pickle
 import threading
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tracehook.errors import EnvironmentFault, ParseError, Rejected
 from tracehook.stores import readlog
+from tracehook.stores.drvpool import cores
 from tracehook.stores.tracestore import TraceStore
 from tracehook.trace.claim import KeyKind, TraceKey
 from tracehook.trace.tracefile import TraceDocument
@@ -287,7 +287,7 @@ def start_pool(policy: Policy, now: dt.datetime, stores: Sequence[TraceStore],
                wanted: int | None, facts: Facts | None) -> CheckPool | None:
     """Checker processes: ``wanted`` of them (None: one per core, if there is more than
     one); None when they are not wanted or cannot start (then threads do the checks)."""
-    workers = wanted or default_workers()
+    workers = wanted or cores()
     if wanted is None and (workers < 2 or not all(s.url.startswith("file://") for s in stores)):
         # Processes pay off where checking is CPU-bound: traces read from local files.
         # Remote stores are bound by the network, and threads waiting on it are cheaper.
@@ -297,12 +297,3 @@ def start_pool(policy: Policy, now: dt.datetime, stores: Sequence[TraceStore],
     except Exception as exc:
         log.warning("checker processes failed (%s); checking traces in threads", exc)
         return None
-
-
-def default_workers() -> int:
-    """One worker per core the process may run on, at least one."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores)

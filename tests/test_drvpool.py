@@ -1,0 +1,157 @@
+"""Reading many .drv files in worker processes (tracehook.stores.drvpool): the gate's
+index read that way is the index read in its own thread, broken files included, and a
+pool that cannot start or dies leaves the rest to the caller, never an error."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tracehook.gate.index import DrvIndex
+from tracehook.stores import drvpool
+from tracehook.stores.factcache import FactCache
+from tracehook.stores.nixstore import StoreReader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from synth import Closure, generate
+
+
+def _store(tmp_path: Path) -> tuple[Closure, dict[str, str]]:
+    """A 60-step closure, and beside it what a local user can leave in a store: junk, a
+    .drv whose bytes are another's (they do not hash to its path), one whose input is
+    missing. Returns the closure and the broken paths with the words the index says."""
+    closure = generate(tmp_path, 60)
+    store = closure.root / "nix" / "store"
+    drvs = sorted(p for p in store.iterdir() if p.name.endswith(".drv"))
+    (store / ("a" * 32 + "-junk.drv")).write_text("Derive([junk")
+    shutil.copy(drvs[0], store / ("b" * 32 + "-copy.drv"))
+    # a real .drv whose one input that nothing else uses is then removed
+    texts = {p: p.read_text() for p in drvs}
+    users = {d: [p for p in drvs if d.name in texts[p]] for d in drvs}
+    missing = next(d for d in drvs if len(users[d]) == 1)
+    orphan = users[missing][0]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(str(orphan), moved / orphan.name)
+    shutil.move(str(missing), moved / missing.name)
+    shutil.copy(moved / orphan.name, store / orphan.name)
+    return closure, {
+        f"/nix/store/{'a' * 32}-junk.drv": "junk",
+        f"/nix/store/{'b' * 32}-copy.drv": "hash to",
+        f"/nix/store/{orphan.name}": missing.name,
+    }
+
+
+def _index(root: Path, facts: FactCache | None = None) -> DrvIndex:
+    index = DrvIndex(StoreReader(str(root), max_cached=20_000, facts=facts))
+    index.refresh()
+    return index
+
+
+def _same(a: DrvIndex, b: DrvIndex) -> None:
+    assert a._by_id == b._by_id and a._by_output == b._by_output and a._seen == b._seen
+    assert a.skipped == b.skipped
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes for a few dozen files, in batches of 8 (the defaults wait for 2,000)."""
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 10)
+    monkeypatch.setattr(drvpool, "BATCH", 8)
+
+
+def test_an_index_read_in_processes_is_the_index_read_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_batches: None) -> None:
+    closure, broken = _store(tmp_path)
+    store = closure.root / "nix" / "store"
+    paths = sorted(f"/nix/store/{p.name}" for p in store.iterdir() if p.name.endswith(".drv"))
+    reader = StoreReader(str(closure.root))
+    read = drvpool.read_all(reader, paths, workers=2)
+    # every .drv that reads was read by the pool (or by this thread while it started),
+    # the orphan too (its missing input matters only to its hash); junk and the copy
+    # were left to the caller
+    unreadable = [p for p, words in broken.items() if words in ("junk", "hash to")]
+    assert read == len(paths) - len(unreadable)
+    here = StoreReader(str(closure.root))
+    for path in paths:
+        if path not in unreadable:
+            assert reader.read_derivation(path) == here.read_derivation(path)
+
+    pooled = _index(closure.root)
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 10**9)
+    alone = _index(closure.root)
+    _same(pooled, alone)
+    for path, words in broken.items():
+        assert words in pooled.skipped[path], pooled.skipped[path]
+    # (the steps above the removed input cannot be indexed: the others are, by the ids
+    # Nix asks with)
+    indexed = [d for d, _ in closure.steps if d in pooled._seen]
+    assert len(indexed) >= 20
+    assert all(closure.realisation_ids[d] in pooled._by_id for d in indexed)
+
+
+def test_the_workers_write_the_parses_to_the_verification_cache(
+        tmp_path: Path, small_batches: None) -> None:
+    closure = generate(tmp_path, 30)
+    facts = FactCache(tmp_path / "facts")
+    _index(closure.root, facts)
+    facts.close()
+    again = FactCache(tmp_path / "facts")
+    drvs = [f"/nix/store/{p.name}" for p in (closure.root / "nix" / "store").iterdir()
+            if p.name.endswith(".drv")]
+    assert len(drvs) > 30
+    assert all(again.get("drv", d.encode()) is not None for d in drvs)
+    assert all(again.get("index", d.encode()) is not None for d in drvs)
+    again.close()
+
+
+def _dying_pool(reader: StoreReader, workers: int) -> ProcessPoolExecutor:
+    import multiprocessing
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=os._exit, initargs=(3,))
+
+
+def test_a_pool_that_dies_or_cannot_start_leaves_the_rest_to_the_caller(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_batches: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    closure, _ = _store(tmp_path)
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 10**9)
+    alone = _index(closure.root)
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 10)
+    monkeypatch.setattr(drvpool, "_start", _dying_pool)
+    with caplog.at_level(logging.WARNING, logger="tracehook.stores.drvpool"):
+        _same(_index(closure.root), alone)
+    assert "reading the rest here" in caplog.text
+
+    def cannot(reader: StoreReader, workers: int) -> ProcessPoolExecutor:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(drvpool, "_start", cannot)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tracehook.stores.drvpool"):
+        _same(_index(closure.root), alone)
+    assert "cannot start processes" in caplog.text
+
+
+def test_few_files_or_one_core_are_read_in_the_calling_thread(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    closure = generate(tmp_path, 20)
+    paths = [f"/nix/store/{p.name}" for p in (closure.root / "nix" / "store").iterdir()
+             if p.name.endswith(".drv")]
+
+    def never(reader: StoreReader, workers: int) -> ProcessPoolExecutor:
+        raise AssertionError("no processes for this")
+
+    monkeypatch.setattr(drvpool, "_start", never)
+    reader = StoreReader(str(closure.root))
+    assert drvpool.read_all(reader, paths) == 0  # under MIN_PATHS
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 10)
+    assert drvpool.read_all(reader, paths, workers=1) == 0
