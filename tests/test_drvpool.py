@@ -140,6 +140,52 @@ def test_a_pool_that_dies_or_cannot_start_leaves_the_rest_to_the_caller(
     assert "cannot start processes" in caplog.text
 
 
+def _big_drvs(store: Path, count: int, size: int) -> list[str]:
+    """``count`` valid fixed-output .drv files of about ``size`` bytes (a long env var)."""
+    import hashlib
+
+    from tracehook.nix.derivation import Derivation, DerivationOutput, encode_drv, serialize
+    from tracehook.nix.storepath import derivation_path, make_fixed_output_path
+
+    paths = []
+    for i in range(count):
+        name = f"big-{i}"
+        digest = hashlib.sha256(name.encode()).digest()
+        out = make_fixed_output_path("flat", "sha256", digest, name)
+        drv = Derivation({"out": DerivationOutput(out, "sha256", digest.hex())}, {}, (),
+                         "x86_64-linux", "/bin/sh", ("-c", "fetch"),
+                         {"name": name, "out": out, "blob": "x" * size})
+        path = derivation_path(drv)
+        (store / path.rsplit("/", 1)[1]).write_bytes(encode_drv(serialize(drv)))
+        paths.append(path)
+    return paths
+
+
+def test_what_a_worker_sends_back_is_bounded_in_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_batches: None) -> None:
+    """A local user can add .drv files of up to 32 MiB: a worker leaves one over LARGE
+    unread, and sends at most ANSWER_BYTES of parses in one answer; the caller reads the
+    rest itself, so the index is the same."""
+    closure = generate(tmp_path, 20)
+    store = closure.root / "nix" / "store"
+    big = _big_drvs(store, 3, 200_000)
+    small = sorted(f"/nix/store/{p.name}" for p in store.iterdir()
+                   if p.name.endswith(".drv") and f"/nix/store/{p.name}" not in big)
+    drvpool._init(str(closure.root), "/nix/store", True, None, (100_000, 10_000))
+    answer = drvpool._read_batch(big + small)
+    sent = [path for path, _, _ in answer]
+    assert not set(sent) & set(big)  # over LARGE: not read at all
+    assert 0 < len(sent) < len(small)  # the budget ran out before the small ones did
+    assert sum(len(plain) for _, plain, _ in answer) <= 10_000
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 10**9)
+    alone = _index(closure.root)
+    assert all(p in alone._seen for p in big)
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 10)
+    monkeypatch.setattr(drvpool, "LARGE", 100_000)
+    monkeypatch.setattr(drvpool, "ANSWER_BYTES", 10_000)
+    _same(_index(closure.root), alone)
+
+
 def test_few_files_or_one_core_are_read_in_the_calling_thread(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:

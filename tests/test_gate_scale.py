@@ -447,7 +447,7 @@ def test_a_drv_whose_writing_ends_just_after_a_failed_read_is_read_again(
                 with (store / last.name).open("ab") as f:  # the writer ends meanwhile
                     f.write(whole[len(whole) // 2:])
 
-    index.reader.read_derivation = read_then_finish  # type: ignore[method-assign,assignment]
+    index.reader.read_derivation = read_then_finish  # type: ignore[method-assign]
     index.refresh()
     assert path in index.skipped and len(index) == len(drvs) - 1
     index.refresh()  # (a failure this young makes the next look list the store again)

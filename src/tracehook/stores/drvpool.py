@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 
 BATCH = 128  # paths a worker reads per message
 MIN_PATHS = 2000  # fewer are read in the calling thread: starting processes costs more
+# What a worker sends back is bounded in bytes, not only in files (a local user can add
+# .drv files of up to 32 MiB to the store): a .drv file larger than LARGE is left to the
+# caller unread, and an answer holds parses of at most ANSWER_BYTES (the rest: the
+# caller). At most two answers per worker are in flight.
+LARGE = 1024 * 1024
+ANSWER_BYTES = 8 * 1024 * 1024
 
 Read = tuple[str, bytes, int]  # (drv path, marshalled plain derivation, size)
 
@@ -53,22 +59,35 @@ def cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_limits = (LARGE, ANSWER_BYTES)
+
+
 def _init(root: str | None, store_dir: str, verify_paths: bool,
-          facts: FactCache | None) -> None:
-    global _reader
+          facts: FactCache | None, limits: tuple[int, int]) -> None:
+    global _reader, _limits
     _reader = StoreReader(root, store_dir, verify_paths=verify_paths, facts=facts)
+    _limits = limits
 
 
 def _read_batch(paths: Sequence[str]) -> list[Read]:
-    """In a worker: every path of the batch that reads, parses and checks."""
+    """In a worker: every path of the batch that reads, parses and checks, within the
+    limits in bytes (:data:`LARGE`, :data:`ANSWER_BYTES`)."""
     assert _reader is not None, "worker not initialised"
+    large, answer_bytes = _limits
     out: list[Read] = []
+    sent = 0
     for path in paths:
         try:
+            if os.stat(_reader.real_path(path)).st_size > large:
+                continue  # the caller reads it, bounded by its own memory
             drv, size = _reader.load(path)
-        except TracehookError:
+        except (OSError, TracehookError):
             continue  # the caller reads it again and says why
-        out.append((path, marshal.dumps(to_plain(drv)), size))
+        plain = marshal.dumps(to_plain(drv))
+        if sent + len(plain) > answer_bytes:
+            continue
+        sent += len(plain)
+        out.append((path, plain, size))
     if _reader.facts is not None:
         _reader.facts.flush()  # the parses, for the next start
     return out
@@ -135,4 +154,4 @@ def _start(reader: StoreReader, workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init,
                                initargs=(reader.root, reader.store_dir, reader.verify_paths,
-                                         reader.facts))
+                                         reader.facts, (LARGE, ANSWER_BYTES)))
