@@ -139,6 +139,22 @@ def test_a_pool_that_dies_or_cannot_start_leaves_the_rest_to_the_caller(
         _same(_index(closure.root), alone)
     assert "cannot start processes" in caplog.text
 
+    class NoProcess:
+        """An executor that cannot start its process when the first batch comes (a
+        service at its task limit: EAGAIN from fork)."""
+
+        def submit(self, *args: object) -> None:
+            raise OSError(11, "Resource temporarily unavailable")
+
+        def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+            pass
+
+    monkeypatch.setattr(drvpool, "_start", lambda reader, workers: NoProcess())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tracehook.stores.drvpool"):
+        _same(_index(closure.root), alone)
+    assert "reading the rest here" in caplog.text
+
 
 def _big_drvs(store: Path, count: int, size: int) -> list[str]:
     """``count`` valid fixed-output .drv files of about ``size`` bytes (a long env var)."""

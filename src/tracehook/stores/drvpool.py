@@ -116,7 +116,7 @@ def read_all(reader: StoreReader, paths: Sequence[str], workers: int | None = No
         paths = paths[:reader.capacity // 2]  # (more would push out what was just read)
     try:
         pool = _start(reader, workers)
-    except (OSError, RuntimeError, ImportError) as exc:
+    except Exception as exc:  # e.g. no semaphore for its queues in a sandbox
         log.warning("cannot start processes to read .drv files (%s): reading them here", exc)
         return 0
     todo = collections.deque(paths[i:i + BATCH] for i in range(0, len(paths), BATCH))
@@ -126,7 +126,13 @@ def read_all(reader: StoreReader, paths: Sequence[str], workers: int | None = No
     try:
         while todo or pending:
             while todo and len(pending) < 2 * workers:
-                pending.append(pool.submit(_read_batch, todo.popleft()))
+                try:  # (a process is started here, as it is needed)
+                    pending.append(pool.submit(_read_batch, todo[0]))
+                except Exception as exc:  # e.g. no process can be started (EAGAIN)
+                    log.warning("cannot start processes to read .drv files (%s): reading "
+                                "the rest here", exc)
+                    return done
+                todo.popleft()
             if not answered and todo and not pending[0].done():
                 done += _read_here(reader, todo.pop())  # the workers are still starting
                 continue
