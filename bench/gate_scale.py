@@ -1,7 +1,7 @@
 """Benchmark of the gate at NixOS scale: a whole closure requested as Nix requests it.
 
     .venv/bin/python bench/gate_scale.py [--sizes 1000 10000] [--clients 8] [--runs 1]
-                                         [--client stdlib|lean]
+                                         [--client stdlib|lean] [--against-src DIR]
 
 For each size, a synthetic closure shaped like a package set (bench/synth.py: floating-CA
 steps, two signers, a file trace store and a file binary cache) and, in one run:
@@ -38,6 +38,11 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
   files (every narinfo, and a realisation file per step): what serving those requests over
   HTTP costs with no decision at all, in the same language; warm / floor.
 
+With ``--against-src DIR`` (the ``src`` directory of another checkout: ``git worktree add
+/tmp/old REV``), each run also asks a cold gate running that code for the whole closure
+(first or second, in turn), and prints the two cold times' ratio: a change measured
+against the code before it in the same run, as these noisy machines need.
+
 Every answer must be 200: a refusal or a fault stops the benchmark.
 """
 
@@ -48,6 +53,7 @@ import contextlib
 import http.client
 import multiprocessing
 import multiprocessing.queues
+import os
 import random
 import shutil
 import socket
@@ -237,14 +243,15 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
 
 def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
              seed: int, again: bool = False, only: set[str] | None = None,
-             ) -> tuple[float, float, float, float]:
+             src: str | None = None) -> tuple[float, float, float, float]:
     """Seconds to ask for every path, the gate's peak RSS, with ``again`` the seconds to
     ask for every path a second time from the same gate (its decisions memoized), and the
     seconds from the process's start until it answered (start-up: reading the last run's
-    answers, with a warm --cache-dir, is part of it)."""
+    answers, with a warm --cache-dir, is part of it). ``src``: the gate's code from this
+    directory (another checkout's ``src``) instead of this one."""
     started = time.perf_counter()
     log = cache_dir.parent / "gate.stderr"
-    with gate_process(policy, closure, cache_dir, log) as (port, proc):
+    with gate_process(policy, closure, cache_dir, log, src) as (port, proc):
         ready = time.perf_counter() - started
         watch = RssWatch(proc.pid)
         try:
@@ -260,15 +267,17 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
 
 @contextlib.contextmanager
 def gate_process(policy: Path, closure: Closure, cache_dir: Path, log: Path | None = None,
-                 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+                 src: str | None = None) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """A ``tracehook gate`` subprocess in front of the closure's file cache, ready to answer:
-    (its port, the process); stopped on leaving. Its stderr goes to ``log`` (appended)."""
+    (its port, the process); stopped on leaving. Its stderr goes to ``log`` (appended).
+    ``src``: put first on its PYTHONPATH (another checkout's ``src``: its code runs)."""
     port = free_port()
+    env = None if src is None else {**os.environ, "PYTHONPATH": src}
     proc = subprocess.Popen(
         [TRACEHOOK, "gate", "--policy", str(policy), "--upstream", f"file://{closure.cache}",
          "--store", str(closure.root), "--listen", f"127.0.0.1:{port}", "--quiet",
          "--cache-dir", str(cache_dir)],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, env=env,
         stderr=subprocess.DEVNULL if log is None else log.open("ab"))
     try:
         wait_ready(port, proc)
@@ -321,14 +330,23 @@ def main() -> None:
     ap.add_argument("--client", choices=sorted(CLIENTS), default="stdlib",
                     help="the benchmark's HTTP client (default stdlib, http.client; lean: "
                     "a diagnostic, see LeanClient)")
+    ap.add_argument("--against-src", metavar="DIR",
+                    help="also a cold gate run with the code in DIR (the src directory of "
+                    "another checkout, e.g. `git worktree add /tmp/old REV`: /tmp/old/src), "
+                    "alternated with this one's, and their ratio")
     args = ap.parse_args()
+    against = str(Path(args.against_src).resolve()) if args.against_src else None
+    if against is not None and not (Path(against) / "tracehook" / "__init__.py").is_file():
+        raise SystemExit(f"--against-src {args.against_src}: no tracehook package there")
     CLIENT[0] = args.client
     print(f"{'steps':>7} {'verify s':>9} {'gate cold s':>12} {'us/step':>8} {'ratio':>6} "
           f"{'RSS MiB':>8} {'warm s':>7} {'warm/cold':>9} {'leaf s':>7} {'changed':>8} "
           f"{'leaf target s':>13} {'floor s':>8} {'warm/floor':>10} {'memo s':>7} "
           f"{'start cold s':>12} {'start warm s':>12} {'changed only s':>13} "
-          f"{'changed/cold':>11}")
+          f"{'changed/cold':>11}" + (f" {'against s':>9} {'cold/against':>12}" if against
+                                      else ""))
     per_step: dict[int, list[float]] = {}
+    versus: dict[int, list[float]] = {}
     for n in args.sizes:
         for run in range(args.runs):
             with tempfile.TemporaryDirectory(prefix="tracehook-gate-scale-") as d:
@@ -336,8 +354,15 @@ def main() -> None:
                 closure, policy = with_policy(tmp, n)
                 cache_dir = tmp / "cache-dir"
                 verify_s = run_verify(policy, closure, tmp / "verify-cache")
+                other = 0.0
+                if against is not None and run % 2:  # (the other code first every other run)
+                    other = run_gate(policy, closure, tmp / "cache-dir-against", args.clients,
+                                     run, src=against)[0]
                 cold, rss, memo, ready_cold = run_gate(policy, closure, cache_dir,
                                                        args.clients, run, again=True)
+                if against is not None and not run % 2:
+                    other = run_gate(policy, closure, tmp / "cache-dir-against", args.clients,
+                                     run, src=against)[0]
                 warm, _, _, ready_warm = run_gate(policy, closure, cache_dir, args.clients,
                                                   run + 1)
                 last = f"pkg-{n - max(1, n // 50) - 1}"
@@ -359,7 +384,14 @@ def main() -> None:
                       f"{leaf:>7.2f} {new:>8} {leaf_target:>13.2f} {floor:>8.2f} "
                       f"{warm / floor:>10.2f} {memo:>7.2f} {ready_cold:>12.2f} "
                       f"{ready_warm:>12.2f} {incremental:>13.2f} "
-                      f"{incremental / cold:>11.2f}", flush=True)
+                      f"{incremental / cold:>11.2f}"
+                      + (f" {other:>9.2f} {cold / other:>12.2f}" if other else ""), flush=True)
+                if other:
+                    versus.setdefault(count, []).append(cold / other)
+    for count, ratios in versus.items():
+        print(f"cold / cold with --against-src at {count} steps: median "
+              f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}) "
+              f"over {len(ratios)} runs")
     if len(per_step) > 1:
         sizes = sorted(per_step)
         small, large = statistics.median(per_step[sizes[0]]), statistics.median(per_step[sizes[-1]])
