@@ -77,11 +77,16 @@ def test_an_index_read_in_processes_is_the_index_read_here(
     # the orphan too (its missing input matters only to its hash); junk and the copy
     # were left to the caller
     unreadable = [p for p, words in broken.items() if words in ("junk", "hash to")]
-    assert read == len(paths) - len(unreadable)
+    assert sorted(p for p, _, _ in read) == [p for p in paths if p not in unreadable]
+    # given back inputs first, each the derivation this thread reads from the file
     here = StoreReader(str(closure.root))
-    for path in paths:
-        if path not in unreadable:
-            assert reader.read_derivation(path) == here.read_derivation(path)
+    given: list[str] = []
+    for path, drv, size in drvpool.in_dependency_order(read):
+        assert drv == here.read_derivation(path) and size > 0
+        assert all(inp in given for inp in drv.input_drvs if inp in paths
+                   and inp not in unreadable), path
+        given.append(path)
+    assert len(given) == len(paths) - len(unreadable)
 
     pooled = _index(closure.root)
     monkeypatch.setattr(drvpool, "MIN_PATHS", 10**9)
@@ -202,6 +207,36 @@ def test_what_a_worker_sends_back_is_bounded_in_bytes(
     _same(_index(closure.root), alone)
 
 
+def test_a_store_larger_than_the_readers_memory_is_parsed_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_batches: None) -> None:
+    """The gate keeps 20,000 parses; a NixOS store can hold more .drv files. Indexed in
+    directory order, hashing one read inputs that were pushed out meanwhile, again and
+    again; indexed inputs first, each parse handed over just before it is hashed, no .drv
+    is parsed twice (here: keeping 10)."""
+    from tracehook.nix.derivation import Derivation
+
+    closure, broken = _store(tmp_path)
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 10**9)
+    alone = _index(closure.root)
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 4)
+    reader = StoreReader(str(closure.root), max_cached=10)
+    parsed: list[str] = []
+    real = reader._read
+
+    def counting(drv_path: str, name: str) -> tuple[Derivation, int]:
+        parsed.append(drv_path)
+        return real(drv_path, name)
+
+    reader._read = counting  # type: ignore[method-assign]
+    index = DrvIndex(reader)
+    index.refresh()
+    _same(index, alone)
+    # this thread read what the processes left to it (what it read itself while they
+    # started, and the broken files, which it reads again to say why), each good one once
+    good = [p for p in parsed if p not in broken]
+    assert len(good) == len(set(good))
+
+
 def test_few_files_or_one_core_are_read_in_the_calling_thread(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
@@ -214,6 +249,6 @@ def test_few_files_or_one_core_are_read_in_the_calling_thread(tmp_path: Path,
 
     monkeypatch.setattr(drvpool, "_start", never)
     reader = StoreReader(str(closure.root))
-    assert drvpool.read_all(reader, paths) == 0  # under MIN_PATHS
+    assert drvpool.read_all(reader, paths) == []  # under MIN_PATHS
     monkeypatch.setattr(drvpool, "MIN_PATHS", 10)
-    assert drvpool.read_all(reader, paths, workers=1) == 0
+    assert drvpool.read_all(reader, paths, workers=1) == []

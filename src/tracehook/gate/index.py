@@ -12,10 +12,11 @@ a .drv that could not be read yet) and records
   (input-addressed and fixed-output derivations, and resolved copies of deferred ones).
 
 Many new .drv files at once (the first scan of a large store) are read, parsed and
-checked in worker processes first (:mod:`tracehook.stores.drvpool`), their parses handed
-to the store reader, so that the gate's own interpreter only hashes them: the gate
-answers its first requests after 1.1 s instead of 1.7 s on a store of 10,000 .drv files
-(2 cores).
+checked in worker processes first (:mod:`tracehook.stores.drvpool`), and their parses
+handed to the store reader inputs first, each just before it is hashed, so that the
+gate's own interpreter only hashes them, and never needs an input it let go of: on 2
+cores, a store of 10,000 .drv files is indexed in 1.1 s instead of 1.7 s, one of 25,000
+(more than the reader keeps) in 4.8 to 5.1 s instead of 7.9.
 
 Floating content-addressed output paths are not in any .drv: the gate learns them from
 verified traces (see :mod:`tracehook.gate.service`).
@@ -131,12 +132,7 @@ class DrvIndex:
                     added += 1
                 else:
                     new.append((path, entry))
-            # the ones read before first: a new .drv's inputs' hashes are then at hand;
-            # many new ones are read in processes first (their parses kept by the reader)
-            drvpool.read_all(self.reader, [path for path, _ in new])
-            for path, entry in new:
-                if self._read(path, entry):
-                    added += 1
+            added += self._read_new(new)
             young = time.time_ns() - YOUNG_NS
             if any(mtime_ns > young for _, mtime_ns in self._broken.values()):
                 # one that failed may still be being written (Nix writes a .drv in place):
@@ -145,6 +141,24 @@ class DrvIndex:
             if added:
                 log.info("indexed %d new derivation(s), %d in all", added, len(self._seen))
             return added
+
+    def _read_new(self, new: list[tuple[str, os.DirEntry[str]]]) -> int:
+        """Index new .drv files (after the ones indexed before: a new .drv's inputs'
+        hashes are then at hand); returns how many. Many are read in processes first
+        (:mod:`tracehook.stores.drvpool`) and indexed inputs first, each parse handed to
+        the reader just before it is hashed; the rest (few files, what the processes
+        could not read) are read here."""
+        entries = dict(new)
+        added = 0
+        for path, drv, size in drvpool.in_dependency_order(
+                drvpool.read_all(self.reader, list(entries))):
+            self.reader.remember(path, drv, size)
+            if self._read(path, entries.pop(path)):
+                added += 1
+        for path, entry in entries.items():
+            if self._read(path, entry):
+                added += 1
+        return added
 
     def _unchanged_failure(self, path: str, entry: os.DirEntry[str]) -> bool:
         known = self._broken.get(path)

@@ -23,12 +23,13 @@ import collections
 import logging
 import marshal
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from tracehook.errors import TracehookError
 from tracehook.nix.aterm import from_plain, to_plain
+from tracehook.nix.derivation import Derivation
 from tracehook.stores.factcache import FactCache
 from tracehook.stores.nixstore import StoreReader
 
@@ -45,6 +46,7 @@ MIN_PATHS = 2000  # fewer are read in the calling thread: starting processes cos
 # caller). At most two answers per worker are in flight.
 LARGE = 1024 * 1024
 ANSWER_BYTES = 8 * 1024 * 1024
+TOTAL_BYTES = 64 * 1024 * 1024  # parses held for the caller at once, at most (the rest: its)
 
 Read = tuple[str, bytes, int]  # (drv path, marshalled plain derivation, size)
 
@@ -93,39 +95,40 @@ def _read_batch(paths: Sequence[str]) -> list[Read]:
     return out
 
 
-def _read_here(reader: StoreReader, paths: Sequence[str]) -> int:
-    done = 0
+def _read_here(reader: StoreReader, paths: Sequence[str]) -> list[Read]:
+    out: list[Read] = []
     for path in paths:
         try:
-            reader.read_derivation(path)
-            done += 1
+            drv, size = reader.load(path)
         except TracehookError:
-            pass  # the caller reads it again and says why
-    return done
+            continue  # the caller reads it again and says why
+        out.append((path, marshal.dumps(to_plain(drv)), size))
+    return out
 
 
-def read_all(reader: StoreReader, paths: Sequence[str], workers: int | None = None) -> int:
-    """Read, parse and check the .drv files at ``paths`` into ``reader``'s memory, in
-    ``workers`` processes (default: one per core) when there are at least
-    :data:`MIN_PATHS` of them and more than one core, else not at all (the caller's own
-    reads do it). Returns how many were read here; the others are left to the caller."""
+def read_all(reader: StoreReader, paths: Sequence[str], workers: int | None = None
+             ) -> list[Read]:
+    """Read, parse and check the .drv files at ``paths`` in ``workers`` processes (default:
+    one per core) when there are at least :data:`MIN_PATHS` of them and more than one
+    core, else not at all (the caller's own reads do it): the parses, as plain values
+    (:func:`in_dependency_order` gives them back as derivations), of at most
+    :data:`TOTAL_BYTES`. What is not among them is left to the caller."""
     workers = workers or cores()
     if len(paths) < MIN_PATHS or workers < 2:
-        return 0
-    if reader.capacity is not None:
-        paths = paths[:reader.capacity // 2]  # (more would push out what was just read)
+        return []
     try:
         pool = _start(reader, workers)
     except Exception as exc:  # e.g. no semaphore for its queues in a sandbox
         log.warning("cannot start processes to read .drv files (%s): reading them here", exc)
-        return 0
+        return []
     todo = collections.deque(paths[i:i + BATCH] for i in range(0, len(paths), BATCH))
     pending: collections.deque[Future[list[Read]]] = collections.deque()
     answered = False
-    done = 0
+    done: list[Read] = []
+    held = 0
     try:
         while todo or pending:
-            while todo and len(pending) < 2 * workers:
+            while todo and len(pending) < 2 * workers and held < TOTAL_BYTES:
                 try:  # (a process is started here, as it is needed)
                     pending.append(pool.submit(_read_batch, todo[0]))
                 except Exception as exc:  # e.g. no process can be started (EAGAIN)
@@ -133,8 +136,12 @@ def read_all(reader: StoreReader, paths: Sequence[str], workers: int | None = No
                                 "the rest here", exc)
                     return done
                 todo.popleft()
+            if not pending:
+                break  # TOTAL_BYTES held: the rest is the caller's
             if not answered and todo and not pending[0].done():
-                done += _read_here(reader, todo.pop())  # the workers are still starting
+                here = _read_here(reader, todo.pop())  # the workers are still starting
+                done += here
+                held += sum(len(plain) for _, plain, _ in here)
                 continue
             try:
                 batch = pending.popleft().result()
@@ -143,14 +150,44 @@ def read_all(reader: StoreReader, paths: Sequence[str], workers: int | None = No
                             "here", exc)
                 break
             answered = True
-            for path, plain, size in batch:
-                reader.remember(path, from_plain(marshal.loads(plain)), size)
-            done += len(batch)
+            done += batch
+            held += sum(len(plain) for _, plain, _ in batch)
     finally:
         for fut in pending:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
     return done
+
+
+def in_dependency_order(read: list[Read]) -> Iterator[tuple[str, Derivation, int]]:
+    """The parses :func:`read_all` gave, as (drv path, derivation, size), each after those
+    of its inputs that are among them: so the caller that hashes them in this order never
+    needs an input it has not hashed yet (it would read it again, and on a store larger
+    than its memory of parses, again and again). Each is decoded once, and let go of as
+    it is given."""
+    plains = {path: (marshal.loads(plain), size) for path, plain, size in read}
+    read.clear()
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1: being walked, 2: placed
+    for root in plains:
+        if root in state:
+            continue
+        state[root] = 1
+        stack = [(root, iter(plains[root][0][1]))]
+        while stack:
+            path, inputs = stack[-1]
+            for inp, _ in inputs:
+                if inp in plains and inp not in state:
+                    state[inp] = 1
+                    stack.append((inp, iter(plains[inp][0][1])))
+                    break
+            else:  # (an input being walked is a cycle: the caller's read reports it)
+                stack.pop()
+                state[path] = 2
+                order.append(path)
+    for path in order:
+        plain, size = plains.pop(path)
+        yield path, from_plain(plain), size
 
 
 def _start(reader: StoreReader, workers: int) -> ProcessPoolExecutor:
