@@ -9,7 +9,8 @@ the same :meth:`~tracehook.stores.nixstore.StoreReader.load` (the path checked a
 bytes; the parse written to the verification cache by the worker itself) and sending the
 parse back as plain values, which cost the caller a fifth of parsing. Until the first
 worker answers (starting an interpreter takes a while) the calling thread reads batches
-too.
+too. The caller takes the parses inputs first (:func:`in_dependency_order`), each just
+before it hashes it, so that it never needs an input it let go of.
 
 What a worker could not read or parse is not sent back: the caller reads it again itself
 and reports it as it always does, so a broken, missing or half-written .drv is handled in
@@ -46,7 +47,7 @@ MIN_PATHS = 2000  # fewer are read in the calling thread: starting processes cos
 # caller). At most two answers per worker are in flight.
 LARGE = 1024 * 1024
 ANSWER_BYTES = 8 * 1024 * 1024
-TOTAL_BYTES = 64 * 1024 * 1024  # parses held for the caller at once, at most (the rest: its)
+TOTAL_BYTES = 64 * 1024 * 1024  # parses held for the caller at once (the rest: the caller's)
 
 Read = tuple[str, bytes, int]  # (drv path, marshalled plain derivation, size)
 
