@@ -390,18 +390,25 @@ def test_drv_files_written_while_the_gate_runs_are_indexed_before_a_request(
     assert index._watch is None  # stopped with the server
 
 
+def _consumer_without_last(tmp_path: Path, built: Path) -> tuple[Path, Path, list[Path]]:
+    """A consumer store (its root, its store directory) holding every .drv file of the
+    store at ``built`` but the last by name, and those .drv files, the last one included."""
+    root = tmp_path / "consumer"
+    store = root / "nix" / "store"
+    store.mkdir(parents=True)
+    drvs = sorted((built / "nix" / "store").glob("*.drv"))
+    for drv in drvs[:-1]:
+        shutil.copy(drv, store / drv.name)
+    return root, store, drvs
+
+
 def test_a_drv_read_while_it_was_being_written_is_indexed_once_it_is_whole(
         tmp_path: Path) -> None:
     """Nix writes a .drv in place: the index may read it half written (it does not parse).
     Its end changes the file, not the directory: the index still looks at it again and
     indexes it once it is whole, without any other change to the store."""
     closure, policy = with_policy(tmp_path / "built", 5)
-    root = tmp_path / "consumer"
-    store = root / "nix" / "store"
-    store.mkdir(parents=True)
-    drvs = sorted((closure.root / "nix" / "store").glob("*.drv"))
-    for drv in drvs[:-1]:
-        shutil.copy(drv, store / drv.name)
+    root, store, drvs = _consumer_without_last(tmp_path, closure.root)
     last = drvs[-1]
     whole = last.read_bytes()
     with running_gate(policy, [f"file://{closure.cache}"], str(root), tmp_path / "gate.log",
@@ -426,12 +433,7 @@ def test_a_drv_whose_writing_ends_just_after_a_failed_read_is_read_again(
     from tracehook.stores.nixstore import StoreReader
 
     closure = generate(tmp_path / "built", 5)
-    root = tmp_path / "consumer"
-    store = root / "nix" / "store"
-    store.mkdir(parents=True)
-    drvs = sorted((closure.root / "nix" / "store").glob("*.drv"))
-    for drv in drvs[:-1]:
-        shutil.copy(drv, store / drv.name)
+    root, store, drvs = _consumer_without_last(tmp_path, closure.root)
     last = drvs[-1]
     whole = last.read_bytes()
     (store / last.name).write_bytes(whole[: len(whole) // 2])

@@ -73,37 +73,34 @@ def _init(root: str | None, store_dir: str, verify_paths: bool,
 
 
 def _read_batch(paths: Sequence[str]) -> list[Read]:
-    """In a worker: every path of the batch that reads, parses and checks, within the
-    limits in bytes (:data:`LARGE`, :data:`ANSWER_BYTES`)."""
+    """In a worker: :func:`_parses` of the batch, written to the verification cache."""
     assert _reader is not None, "worker not initialised"
-    large, answer_bytes = _limits
-    out: list[Read] = []
-    sent = 0
-    for path in paths:
-        try:
-            if os.stat(_reader.real_path(path)).st_size > large:
-                continue  # the caller reads it, bounded by its own memory
-            drv, size = _reader.load(path)
-        except (OSError, TracehookError):
-            continue  # the caller reads it again and says why
-        plain = marshal.dumps(to_plain(drv))
-        if sent + len(plain) > answer_bytes:
-            continue
-        sent += len(plain)
-        out.append((path, plain, size))
+    out = _parses(_reader, paths, _limits)
     if _reader.facts is not None:
         _reader.facts.flush()  # the parses, for the next start
     return out
 
 
-def _read_here(reader: StoreReader, paths: Sequence[str]) -> list[Read]:
+def _parses(reader: StoreReader, paths: Sequence[str], limits: tuple[int, int]
+            ) -> list[Read]:
+    """Every path that reads, parses and checks, within ``limits`` in bytes
+    (:data:`LARGE`, :data:`ANSWER_BYTES`); what is not among them the caller reads again
+    and says why."""
+    large, answer_bytes = limits
     out: list[Read] = []
+    sent = 0
     for path in paths:
         try:
+            if os.stat(reader.real_path(path)).st_size > large:
+                continue  # the caller reads it, bounded by its own memory
             drv, size = reader.load(path)
-        except TracehookError:
-            continue  # the caller reads it again and says why
-        out.append((path, marshal.dumps(to_plain(drv)), size))
+        except (OSError, TracehookError):
+            continue
+        plain = marshal.dumps(to_plain(drv))
+        if sent + len(plain) > answer_bytes:
+            continue
+        sent += len(plain)
+        out.append((path, plain, size))
     return out
 
 
@@ -140,17 +137,16 @@ def read_all(reader: StoreReader, paths: Sequence[str], workers: int | None = No
             if not pending:
                 break  # TOTAL_BYTES held: the rest is the caller's
             if not answered and todo and not pending[0].done():
-                here = _read_here(reader, todo.pop())  # the workers are still starting
-                done += here
-                held += sum(len(plain) for _, plain, _ in here)
-                continue
-            try:
-                batch = pending.popleft().result()
-            except Exception as exc:  # a worker died (BrokenProcessPool), or a bug in one
-                log.warning("reading .drv files in processes failed (%s): reading the rest "
-                            "here", exc)
-                break
-            answered = True
+                # the workers are still starting: this thread reads a batch meanwhile
+                batch = _parses(reader, todo.pop(), (LARGE, ANSWER_BYTES))
+            else:
+                try:
+                    batch = pending.popleft().result()
+                except Exception as exc:  # a worker died (BrokenProcessPool), or a bug
+                    log.warning("reading .drv files in processes failed (%s): reading the "
+                                "rest here", exc)
+                    break
+                answered = True
             done += batch
             held += sum(len(plain) for _, plain, _ in batch)
     finally:

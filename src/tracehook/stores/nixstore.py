@@ -88,11 +88,6 @@ class StoreReader:
         else:
             self._drvs[drv_path] = (drv, size)
 
-    @property
-    def capacity(self) -> int | None:
-        """How many parsed derivations this reader keeps at most (None: every one)."""
-        return self._drvs.max_entries if isinstance(self._drvs, Lru) else None
-
     def _from_facts(self, drv_path: str) -> tuple[Derivation | None, int]:
         if self.facts is None:
             return None, 0
