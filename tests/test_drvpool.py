@@ -1,6 +1,7 @@
 """Reading many .drv files in worker processes (tracehook.stores.drvpool): the gate's
-index read that way is the index read in its own thread, broken files included, and a
-pool that cannot start or dies leaves the rest to the caller, never an error."""
+index read that way is the index read in its own thread, broken files included, a store
+larger than the gate may hold parsed at once is read in rounds, inputs first, and a pool
+that cannot start or dies leaves the rest to the caller, never an error."""
 
 from __future__ import annotations
 
@@ -235,6 +236,71 @@ def test_a_store_larger_than_the_readers_memory_is_parsed_once(
     # started, and the broken files, which it reads again to say why), each good one once
     good = [p for p in parsed if p not in broken]
     assert len(good) == len(set(good))
+
+
+def test_a_store_larger_than_a_round_is_read_in_rounds_inputs_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_batches: None) -> None:
+    """A store whose .drv files come to more than ROUND_BYTES (a NixOS store of 60,000:
+    the parses of all of them are more than the gate may hold at once) is read in rounds
+    of at most that many bytes, in an order worked out from the inputs each file names:
+    every parse comes after its inputs' across the rounds, the index is the one read in
+    this thread, and this thread parses none of the good .drv files (it used to read every
+    one past the budget itself, in directory order)."""
+    from tracehook.nix.derivation import Derivation
+
+    closure, broken = _store(tmp_path)
+    store = closure.root / "nix" / "store"
+    paths = sorted(f"/nix/store/{p.name}" for p in store.iterdir() if p.name.endswith(".drv"))
+    sizes = {p: (store / p.rsplit("/", 1)[1]).stat().st_size for p in paths}
+    here = StoreReader(str(closure.root))
+    # the inputs a file names, without parsing it: what parsing it finds
+    edges = dict(drvpool._edges(here, paths))
+    assert set(edges) == set(paths)  # (junk too: it reads; it names no input)
+    for path in paths:
+        if path not in broken:
+            assert set(edges[path]) == set(here.read_derivation(path).input_drvs), path
+
+    # the parses (about twice their files) are more than may be held at once
+    monkeypatch.setattr(drvpool, "TOTAL_BYTES", sum(sizes.values()))
+    monkeypatch.setattr(drvpool, "ROUND_BYTES", sum(sizes.values()) // 5)
+    rounds: list[list[str]] = []
+    parses = drvpool._Readers.parses
+
+    def recorded(self: drvpool._Readers, todo: list[str]) -> list[drvpool.Read]:
+        rounds.append(list(todo))
+        return parses(self, todo)
+
+    monkeypatch.setattr(drvpool._Readers, "parses", recorded)
+    given: list[str] = []
+    for path, drv, _ in drvpool.read_ordered(here, paths, sizes, workers=2):
+        assert drv == here.read_derivation(path)
+        assert all(inp in given for inp in drv.input_drvs if inp in paths
+                   and inp not in broken), path
+        given.append(path)
+    assert len(rounds) >= 5
+    assert all(sum(sizes[p] for p in r) <= drvpool.ROUND_BYTES for r in rounds if len(r) > 1)
+    assert sorted(given) == sorted(p for p in paths if p not in broken
+                                   or broken[p] not in ("junk", "hash to"))
+
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 10**9)
+    alone = _index(closure.root)
+    monkeypatch.setattr(drvpool, "MIN_PATHS", 4)
+    rounds.clear()
+    reader = StoreReader(str(closure.root), max_cached=10)
+    parsed: list[str] = []
+    real = reader._read
+
+    def counting(drv_path: str, name: str) -> tuple[Derivation, int]:
+        parsed.append(drv_path)
+        return real(drv_path, name)
+
+    reader._read = counting  # type: ignore[method-assign]
+    index = DrvIndex(reader)
+    index.refresh()
+    _same(index, alone)
+    assert len(rounds) >= 5
+    # (what else it tried to read: the input that is not in the store)
+    assert [p for p in parsed if p in paths and p not in broken] == []
 
 
 def test_few_files_or_one_core_are_read_in_the_calling_thread(tmp_path: Path,

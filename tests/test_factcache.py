@@ -237,6 +237,42 @@ def test_bounded_in_size_least_recently_used_out(tmp_path: Path) -> None:
     assert cache.get("test", b"%06d" % 1999) == b"v" * 300  # the newest stay
 
 
+def test_what_a_process_writes_is_kept_in_memory_only_within_the_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A namespace read into memory takes what the process writes after (so it finds it
+    again), but only up to MEMORY_BOUND: a gate writes facts all day, and the namespace in
+    memory grew with every one of them. Past the bound it is let go of and read row by
+    row, every fact still found; a process that mostly writes (a drvpool worker) keeps
+    none in memory at all."""
+    from tracehook.stores import factcache
+
+    monkeypatch.setattr(factcache, "MEMORY_BOUND", 50_000)
+    cache = FactCache(tmp_path / "a")
+    cache.put("test", b"first", b"v")
+    cache.flush()
+    assert cache.get("test", b"first") == b"v"  # (the namespace is now in memory)
+    for i in range(40):
+        cache.put("test", b"%04d" % i, b"x" * 1000)
+    assert cache._loaded["test"] is not None and len(cache._loaded["test"]) == 41
+    for i in range(40, 200):
+        cache.put("test", b"%04d" % i, b"x" * 1000)
+    assert cache._loaded["test"] is None  # let go of: 200 kB is over the bound
+    cache.flush()
+    assert all(cache.get("test", b"%04d" % i) == b"x" * 1000 for i in range(200))
+    assert cache.get("test", b"first") == b"v" and cache.get("test", b"none") is None
+    cache.close()
+
+    writer = FactCache(tmp_path / "b")
+    writer.mirror = False
+    for i in range(200):
+        writer.put("test", b"%04d" % i, b"x" * 1000)
+    assert writer.get("test", b"0001") == b"x" * 1000
+    writer.flush()
+    assert writer.get("test", b"0199") == b"x" * 1000
+    assert writer._loaded == {}
+    writer.close()
+
+
 # ----------------------------------------------------------------- never wrong, warm
 
 

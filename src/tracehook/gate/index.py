@@ -150,8 +150,8 @@ class DrvIndex:
         could not read) are read here."""
         entries = dict(new)
         added = 0
-        for path, drv, size in drvpool.in_dependency_order(
-                drvpool.read_all(self.reader, list(entries))):
+        for path, drv, size in drvpool.read_ordered(self.reader, list(entries),
+                                                    _sizes(entries)):
             self.reader.remember(path, drv, size)
             if self._read(path, entries.pop(path)):
                 added += 1
@@ -189,7 +189,7 @@ class DrvIndex:
         before: tuple[int, int] | None = None
         if entry is not None:
             with contextlib.suppress(OSError):
-                st = os.stat(entry.path, follow_symlinks=False)
+                st = entry.stat(follow_symlinks=False)  # (kept from the scan, if it looked)
                 before = (st.st_size, st.st_mtime_ns)
         try:
             drv = self.reader.read_derivation(drv_path)
@@ -310,3 +310,13 @@ class DrvIndex:
         if drv_path in self._seen:
             return True
         return self.reader.exists(drv_path) and self.add(drv_path)
+
+
+def _sizes(entries: dict[str, os.DirEntry[str]]) -> dict[str, int]:
+    """The files' sizes (each entry keeps what it looked up, which indexing the file
+    then uses as the state it was read in)."""
+    sizes: dict[str, int] = {}
+    for path, entry in entries.items():
+        with contextlib.suppress(OSError):
+            sizes[path] = entry.stat(follow_symlinks=False).st_size
+    return sizes

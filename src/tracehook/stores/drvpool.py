@@ -10,7 +10,11 @@ bytes; the parse written to the verification cache by the worker itself) and sen
 parse back as plain values, which cost the caller a fifth of parsing. Until the first
 worker answers (starting an interpreter takes a while) the calling thread reads batches
 too. The caller takes the parses inputs first (:func:`in_dependency_order`), each just
-before it hashes it, so that it never needs an input it let go of.
+before it hashes it, so that it never needs an input it let go of. A store larger than
+the parses the caller may hold at once (a NixOS store of tens of thousands of .drv files)
+is read in rounds (:func:`read_ordered`): the workers first read each file for the input
+paths it names, which gives an order in which no round needs a later one's, then parse
+round after round, the next while the caller hashes this one.
 
 What a worker could not read or parse is not sent back: the caller reads it again itself
 and reports it as it always does, so a broken, missing or half-written .drv is handled in
@@ -24,14 +28,16 @@ import collections
 import logging
 import marshal
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
-from typing import TYPE_CHECKING
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
 
 from tracehook.errors import TracehookError
 from tracehook.nix.aterm import from_plain, to_plain
 from tracehook.nix.derivation import Derivation
 from tracehook.stores.factcache import FactCache
+from tracehook.stores.files import read_bounded
 from tracehook.stores.nixstore import StoreReader
 
 if TYPE_CHECKING:
@@ -49,7 +55,14 @@ LARGE = 1024 * 1024
 ANSWER_BYTES = 8 * 1024 * 1024
 TOTAL_BYTES = 64 * 1024 * 1024  # parses held for the caller at once (the rest: the caller's)
 
+# .drv file bytes a round reads (:func:`read_ordered`): their parses, about twice that, of
+# one round in the caller and of the next on their way, well within TOTAL_BYTES each
+ROUND_BYTES = TOTAL_BYTES // 6
+
 Read = tuple[str, bytes, int]  # (drv path, marshalled plain derivation, size)
+Edges = tuple[str, tuple[str, ...]]  # (drv path, its input .drv paths)
+T = TypeVar("T")
+_INPUT_DRV = re.compile(rb'\("(/[^"\\]*\.drv)",\[')
 
 _reader: StoreReader | None = None
 
@@ -68,6 +81,8 @@ _limits = (LARGE, ANSWER_BYTES)
 def _init(root: str | None, store_dir: str, verify_paths: bool,
           facts: FactCache | None, limits: tuple[int, int]) -> None:
     global _reader, _limits
+    if facts is not None:
+        facts.mirror = False  # (a worker writes parses; it keeps none of them in memory)
     _reader = StoreReader(root, store_dir, verify_paths=verify_paths, facts=facts)
     _limits = limits
 
@@ -78,6 +93,30 @@ def _read_batch(paths: Sequence[str]) -> list[Read]:
     out = _parses(_reader, paths, _limits)
     if _reader.facts is not None:
         _reader.facts.flush()  # the parses, for the next start
+    return out
+
+
+def _graph_batch(paths: Sequence[str]) -> list[Edges]:
+    """In a worker: :func:`_edges` of the batch."""
+    assert _reader is not None, "worker not initialised"
+    return _edges(_reader, paths)
+
+
+def _edges(reader: StoreReader, paths: Sequence[str]) -> list[Edges]:
+    """(path, the input .drv paths its text names) for every path that reads (a file
+    larger than :data:`LARGE` is passed over: the caller reads it). Not parsed: this
+    only orders the reading (:func:`read_ordered`), which parses and checks each file;
+    in a .drv's text, ``("<path>.drv",[`` starts an entry of its inputDrvs and nothing
+    else (a quote inside a string is escaped)."""
+    out: list[Edges] = []
+    for path in paths:
+        try:
+            data = read_bounded(reader.real_path(path), LARGE, "derivation")
+        except TracehookError:
+            continue
+        if data is not None:
+            out.append((path, tuple(m.decode("utf-8", "replace")
+                                    for m in _INPUT_DRV.findall(data))))
     return out
 
 
@@ -114,46 +153,184 @@ def read_all(reader: StoreReader, paths: Sequence[str], workers: int | None = No
     workers = workers or cores()
     if len(paths) < MIN_PATHS or workers < 2:
         return []
-    try:
-        pool = _start(reader, workers)
-    except Exception as exc:  # e.g. no semaphore for its queues in a sandbox
-        log.warning("cannot start processes to read .drv files (%s): reading them here", exc)
-        return []
-    todo = collections.deque(paths[i:i + BATCH] for i in range(0, len(paths), BATCH))
-    pending: collections.deque[Future[list[Read]]] = collections.deque()
-    answered = False
-    done: list[Read] = []
-    held = 0
-    try:
-        while todo or pending:
-            while todo and len(pending) < 2 * workers and held < TOTAL_BYTES:
-                try:  # (a process is started here, as it is needed)
-                    pending.append(pool.submit(_read_batch, todo[0]))
-                except Exception as exc:  # e.g. no process can be started (EAGAIN)
-                    log.warning("cannot start processes to read .drv files (%s): reading "
-                                "the rest here", exc)
-                    return done
-                todo.popleft()
-            if not pending:
-                break  # TOTAL_BYTES held: the rest is the caller's
-            if not answered and todo and not pending[0].done():
-                # the workers are still starting: this thread reads a batch meanwhile
-                batch = _parses(reader, todo.pop(), (LARGE, ANSWER_BYTES))
-            else:
-                try:
-                    batch = pending.popleft().result()
-                except Exception as exc:  # a worker died (BrokenProcessPool), or a bug
-                    log.warning("reading .drv files in processes failed (%s): reading the "
-                                "rest here", exc)
+    with _Readers(reader, workers) as readers:
+        return readers.parses(paths)
+
+
+def read_ordered(reader: StoreReader, paths: Sequence[str],
+                 sizes: Mapping[str, int] | None = None, workers: int | None = None
+                 ) -> Iterator[tuple[str, Derivation, int]]:
+    """The .drv files at ``paths`` that workers read, parse and check (as
+    :func:`read_all`), as (drv path, derivation, size), each after those of its inputs
+    that are among them (:func:`in_dependency_order`), however many there are. When their
+    files (``sizes``: path -> bytes) come to more than :data:`ROUND_BYTES` (a parse holds
+    about twice its file), they are read in rounds of at most that many bytes, in an
+    order worked out first (the workers read every file once for the inputs it names), so
+    that the caller never holds more than a round's parses (and the workers read the next
+    meanwhile) and never needs an input of a later round. What is not given, the caller
+    reads itself."""
+    workers = workers or cores()
+    if len(paths) < MIN_PATHS or workers < 2:
+        return
+    with _Readers(reader, workers) as readers:
+        graph = None
+        if sizes is not None and sum(sizes.get(p, 0) for p in paths) > ROUND_BYTES:
+            graph = readers.graph(paths)
+        if graph is None:  # one round: few enough bytes, or no order could be worked out
+            read = readers.parses(paths)
+            readers.close()  # (the workers' memory is given back before the caller's grows)
+            yield from in_dependency_order(read)
+            return
+        assert sizes is not None
+        rounds: list[list[str]] = [[]]
+        held = 0
+        for path in _inputs_first(graph):
+            size = sizes.get(path, 0)
+            if held + size > ROUND_BYTES and rounds[-1]:
+                rounds.append([])
+                held = 0
+            rounds[-1].append(path)
+            held += size
+        del graph
+        with ThreadPoolExecutor(1, thread_name_prefix="tracehook-drvpool") as ahead:
+            coming = ahead.submit(readers.parses, rounds[0])
+            for i in range(len(rounds)):
+                read = coming.result()
+                if i + 1 < len(rounds):
+                    coming = ahead.submit(readers.parses, rounds[i + 1])
+                else:
+                    readers.close()
+                yield from in_dependency_order(read)
+
+
+class _Readers:
+    """The worker processes of one scan (started when first needed, stopped on exit)."""
+
+    def __init__(self, reader: StoreReader, workers: int) -> None:
+        self.reader = reader
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._failed = False
+        self._answered = False  # a worker has answered: the pool is up
+
+    def __enter__(self) -> _Readers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers (they are started again if asked for more)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def parses(self, paths: Sequence[str]) -> list[Read]:
+        """The parses of ``paths`` (at most :data:`TOTAL_BYTES`); what is not among them is
+        the caller's."""
+        done: list[Read] = []
+
+        def take(batch: list[Read]) -> int:
+            done.extend(batch)
+            return sum(len(plain) for _, plain, _ in batch)
+
+        self._run(paths, _read_batch,
+                  lambda batch: _parses(self.reader, batch, (LARGE, ANSWER_BYTES)), take)
+        return done
+
+    def graph(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]] | None:
+        """Each file's input .drv paths (what does not read is not among them); None when
+        the workers could not read them all, or the inputs named would pass
+        :data:`TOTAL_BYTES`."""
+        found: dict[str, tuple[str, ...]] = {}
+
+        def take(batch: list[Edges]) -> int:
+            found.update(batch)
+            return sum(len(p) + sum(map(len, inputs)) for p, inputs in batch)
+
+        complete = self._run(paths, _graph_batch, lambda batch: _edges(self.reader, batch),
+                             take)
+        return found if complete else None
+
+    def _run(self, paths: Sequence[str], remote: Callable[[Sequence[str]], list[T]],
+             local: Callable[[Sequence[str]], list[T]], take: Callable[[list[T]], int]
+             ) -> bool:
+        """Hand ``paths`` to the workers in batches (``remote`` in a worker; ``local`` in this
+        thread while the workers start); ``take`` each answer, which says how many bytes it
+        holds. False when it stopped before the end: :data:`TOTAL_BYTES` taken, or the
+        workers failed (the rest is then the caller's)."""
+        pool = self._start()
+        if pool is None:
+            return False
+        todo = collections.deque(paths[i:i + BATCH] for i in range(0, len(paths), BATCH))
+        pending: collections.deque[Future[list[T]]] = collections.deque()
+        held = 0
+        try:
+            while todo or pending:
+                while todo and len(pending) < 2 * self.workers and held < TOTAL_BYTES:
+                    try:  # (a process is started here, as it is needed)
+                        pending.append(pool.submit(remote, todo[0]))
+                    except Exception as exc:  # e.g. no process can be started (EAGAIN)
+                        self._broken(f"cannot start processes to read .drv files ({exc})")
+                        return False
+                    todo.popleft()
+                if not pending:
+                    return False  # TOTAL_BYTES held: the rest is the caller's
+                if not self._answered and todo and not pending[0].done():
+                    # the workers are still starting: this thread reads a batch meanwhile
+                    batch = local(todo.pop())
+                else:
+                    try:
+                        batch = pending.popleft().result()
+                    except Exception as exc:  # a worker died (BrokenProcessPool), or a bug
+                        self._broken(f"reading .drv files in processes failed ({exc})")
+                        return False
+                    self._answered = True
+                held += take(batch)
+        finally:
+            for fut in pending:
+                fut.cancel()
+        return True
+
+    def _start(self) -> ProcessPoolExecutor | None:
+        if self._pool is None and not self._failed:
+            try:
+                self._pool = _start(self.reader, self.workers)
+            except Exception as exc:  # e.g. no semaphore for its queues in a sandbox
+                self._broken(f"cannot start processes to read .drv files ({exc})")
+        return self._pool
+
+    def _broken(self, why: str) -> None:
+        log.warning("%s: reading the rest here", why)
+        self._failed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _inputs_first(graph: dict[str, tuple[str, ...]]) -> list[str]:
+    """Every path of ``graph`` (path -> its inputs), each after those of its inputs that
+    are in it; an input being walked (a cycle) is passed over: the caller's read
+    reports it."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1: being walked, 2: placed
+    for root in graph:
+        if root in state:
+            continue
+        state[root] = 1
+        stack = [(root, iter(graph[root]))]
+        while stack:
+            path, inputs = stack[-1]
+            for inp in inputs:
+                if inp in graph and inp not in state:
+                    state[inp] = 1
+                    stack.append((inp, iter(graph[inp])))
                     break
-                answered = True
-            done += batch
-            held += sum(len(plain) for _, plain, _ in batch)
-    finally:
-        for fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-    return done
+            else:
+                stack.pop()
+                state[path] = 2
+                order.append(path)
+    return order
 
 
 def in_dependency_order(read: list[Read]) -> Iterator[tuple[str, Derivation, int]]:
@@ -164,24 +341,8 @@ def in_dependency_order(read: list[Read]) -> Iterator[tuple[str, Derivation, int
     it is given."""
     plains = {path: (marshal.loads(plain), size) for path, plain, size in read}
     read.clear()
-    order: list[str] = []
-    state: dict[str, int] = {}  # 1: being walked, 2: placed
-    for root in plains:
-        if root in state:
-            continue
-        state[root] = 1
-        stack = [(root, iter(plains[root][0][1]))]
-        while stack:
-            path, inputs = stack[-1]
-            for inp, _ in inputs:
-                if inp in plains and inp not in state:
-                    state[inp] = 1
-                    stack.append((inp, iter(plains[inp][0][1])))
-                    break
-            else:  # (an input being walked is a cycle: the caller's read reports it)
-                stack.pop()
-                state[path] = 2
-                order.append(path)
+    order = _inputs_first({path: tuple(inp for inp, _ in plain[1])
+                           for path, (plain, _) in plains.items()})
     for path in order:
         plain, size = plains.pop(path)
         yield path, from_plain(plain), size

@@ -78,6 +78,11 @@ def _check(ns: str, key: bytes, value: bytes) -> bytes:
     return h.digest()
 
 
+def _size(key: bytes, value: bytes) -> int:
+    """What a fact counts for against the cache's bounds (its row, roughly)."""
+    return len(key) + len(value) + 40
+
+
 class FactCache:
     """Thread-safe (one connection per thread)."""
 
@@ -104,6 +109,10 @@ class FactCache:
         self._pending: dict[tuple[str, bytes], bytes] = {}
         self._flushed = time.monotonic()
         self._loaded: dict[str, dict[bytes, tuple[bytes, bytes, int]] | None] = {}
+        self._loaded_bytes: dict[str, int] = {}  # what each namespace in memory holds
+        #: whole namespaces are read into memory (up to MEMORY_BOUND each); a process that
+        #: mostly writes (drvpool's workers) sets this False and reads row by row
+        self.mirror = True
         self._touched: set[tuple[str, bytes]] = set()
         self._off = False  # set when the database cannot be used: then nothing is cached
         try:
@@ -131,6 +140,8 @@ class FactCache:
         self._pending = {}
         self._flushed = time.monotonic()
         self._loaded = {}
+        self._loaded_bytes = {}
+        self.mirror = True
         self._touched = set()
         self._off = False
         self._writer = None
@@ -298,7 +309,10 @@ class FactCache:
         than :data:`MEMORY_BOUND` (then it is read a row at a time)."""
         if ns in self._loaded:
             return self._loaded[ns]
+        if not self.mirror:
+            return None
         rows: dict[bytes, tuple[bytes, bytes, int]] | None = None
+        size = 0
         try:
             conn = self._conn()
             size = int(conn.execute("SELECT coalesce(sum(size), 0) FROM facts WHERE ns = ?",
@@ -312,7 +326,9 @@ class FactCache:
             self._rebuild(exc)
             return None
         with self._lock:
-            self._loaded.setdefault(ns, rows)
+            if ns not in self._loaded:
+                self._loaded[ns] = rows
+                self._loaded_bytes[ns] = size
         return self._loaded[ns]
 
     def put(self, ns: str, key: bytes, value: bytes) -> None:
@@ -329,7 +345,18 @@ class FactCache:
             self._pending[(ns, key)] = value
             loaded = self._loaded.get(ns)
             if loaded is not None:
-                loaded[key] = (value, _check(ns, key, value), int(time.time()))
+                # what is written joins the namespace in memory, as long as that stays
+                # within MEMORY_BOUND (a long-running gate writes facts all day): past it,
+                # the namespace is let go of and read row by row
+                old = loaded.get(key)
+                held = self._loaded_bytes.get(ns, 0) + _size(key, value) - (
+                    0 if old is None else _size(key, old[0]))
+                if held > MEMORY_BOUND:
+                    self._loaded[ns] = None
+                    self._loaded_bytes.pop(ns, None)
+                else:
+                    loaded[key] = (value, _check(ns, key, value), int(time.time()))
+                    self._loaded_bytes[ns] = held
             due = (len(self._pending) >= _FLUSH_ROWS
                    or time.monotonic() - self._flushed >= _FLUSH_SECONDS)
             behind = len(self._pending) >= _MAX_PENDING
@@ -395,7 +422,7 @@ class FactCache:
         if self._off:
             return True
         now = int(time.time())
-        rows = [(ns, k, v, _check(ns, k, v), len(k) + len(v) + 40, now) for k, v in items]
+        rows = [(ns, k, v, _check(ns, k, v), _size(k, v), now) for k, v in items]
         if not rows:
             return True
         conn = self._conn()
