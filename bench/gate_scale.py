@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gate_scale.py [--sizes 1000 10000] [--clients 8] [--runs 1]
                                          [--client stdlib|lean] [--against-src DIR]
+                                         [--top-first]
 
 For each size, a synthetic closure shaped like a package set (bench/synth.py: floating-CA
 steps, two signers, a file trace store and a file binary cache) and, in one run:
@@ -37,6 +38,12 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
   a subprocess: ``http.server``, threads, keep-alive) serving precomputed answers as static
   files (every narinfo, and a realisation file per step): what serving those requests over
   HTTP costs with no decision at all, in the same language; warm / floor.
+
+With ``--top-first``, each run also asks a cold gate (a fresh ``--cache-dir``) for the
+closure's top step alone first (its realisation: the whole closure is then decided at
+once, before any other request), then for every path as above, the whole on the clock:
+what the random order costs the gate (its engine is handed the steps one by one as they
+are asked for, and decisions and answers then alternate in one interpreter).
 
 With ``--against-src DIR`` (the ``src`` directory of another checkout: ``git worktree add
 /tmp/old REV``), each run also asks a cold gate running that code for the whole closure
@@ -190,7 +197,7 @@ CLIENT = ["stdlib"]  # set from --client
 
 
 def ask_all(port: int, closure: Closure, clients: int, seed: int,
-            only: set[str] | None = None) -> float:
+            only: set[str] | None = None, first: str | None = None) -> float:
     """Every path of the closure (with ``only``, of those steps), as Nix asks for it;
     seconds from first to last answer. Each client is a process of its own (forked, its
     connection open before the clock starts) taking the next pair from a shared counter:
@@ -227,8 +234,16 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
     procs = [ctx.Process(target=client, daemon=True) for _ in range(clients)]
     for p in procs:
         p.start()
-    ready.wait(timeout=60)
     start = time.perf_counter()
+    if first is not None:  # asked alone before the clients start, on the clock
+        conn = kind(port)
+        status, body = conn.get(first)
+        conn.close()
+        if status != 200:
+            raise SystemExit(f"{first}: {status} {body[:200]!r}")
+    ready.wait(timeout=60)
+    if first is None:
+        start = time.perf_counter()
     for p in procs:
         p.join()
     elapsed = time.perf_counter() - start
@@ -243,7 +258,8 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
 
 def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
              seed: int, again: bool = False, only: set[str] | None = None,
-             src: str | None = None) -> tuple[float, float, float, float]:
+             src: str | None = None, first: str | None = None
+             ) -> tuple[float, float, float, float]:
     """Seconds to ask for every path, the gate's peak RSS, with ``again`` the seconds to
     ask for every path a second time from the same gate (its decisions memoized), and the
     seconds from the process's start until it answered (start-up: reading the last run's
@@ -255,7 +271,7 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
         ready = time.perf_counter() - started
         watch = RssWatch(proc.pid)
         try:
-            elapsed = ask_all(port, closure, clients, seed, only)
+            elapsed = ask_all(port, closure, clients, seed, only, first)
             second = ask_all(port, closure, clients, seed + 7) if again else 0.0
         except SystemExit:
             print(log.read_text()[-3000:], file=sys.stderr)
@@ -330,6 +346,9 @@ def main() -> None:
     ap.add_argument("--client", choices=sorted(CLIENTS), default="stdlib",
                     help="the benchmark's HTTP client (default stdlib, http.client; lean: "
                     "a diagnostic, see LeanClient)")
+    ap.add_argument("--top-first", action="store_true",
+                    help="also a cold gate asked first for the closure's top step alone (its "
+                    "realisation: the whole closure decided at once), then for every path")
     ap.add_argument("--against-src", metavar="DIR",
                     help="also a cold gate run with the code in DIR (the src directory of "
                     "another checkout, e.g. `git worktree add /tmp/old REV`: /tmp/old/src), "
@@ -344,7 +363,8 @@ def main() -> None:
           f"{'leaf target s':>13} {'floor s':>8} {'warm/floor':>10} {'memo s':>7} "
           f"{'start cold s':>12} {'start warm s':>12} {'changed only s':>13} "
           f"{'changed/cold':>11}" + (f" {'against s':>9} {'cold/against':>12}" if against
-                                      else ""))
+                                      else "")
+          + (f" {'top first s':>11} {'top/verify':>10}" if args.top_first else ""))
     per_step: dict[int, list[float]] = {}
     versus: dict[int, list[float]] = {}
     for n in args.sizes:
@@ -365,6 +385,11 @@ def main() -> None:
                                      run, src=against)[0]
                 warm, _, _, ready_warm = run_gate(policy, closure, cache_dir, args.clients,
                                                   run + 1)
+                top = 0.0
+                if args.top_first:
+                    top = run_gate(policy, closure, tmp / "cache-dir-top", args.clients, run,
+                                   first=f"/realisations/"
+                                   f"{closure.realisation_ids[closure.target]}.doi")[0]
                 last = f"pkg-{n - max(1, n // 50) - 1}"
                 changed = generate(tmp, n, changed=last, store=closure.root)
                 count = len(closure.steps)
@@ -385,7 +410,8 @@ def main() -> None:
                       f"{warm / floor:>10.2f} {memo:>7.2f} {ready_cold:>12.2f} "
                       f"{ready_warm:>12.2f} {incremental:>13.2f} "
                       f"{incremental / cold:>11.2f}"
-                      + (f" {other:>9.2f} {cold / other:>12.2f}" if other else ""), flush=True)
+                      + (f" {other:>9.2f} {cold / other:>12.2f}" if other else "")
+                      + (f" {top:>11.2f} {top / verify_s:>10.2f}" if top else ""), flush=True)
                 if other:
                     versus.setdefault(count, []).append(cold / other)
     for count, ratios in versus.items():
