@@ -60,6 +60,22 @@ def _same(a: DrvIndex, b: DrvIndex) -> None:
     assert a.skipped == b.skipped
 
 
+def _counting_reader(root: Path, parsed: list[str]) -> StoreReader:
+    """A reader that keeps 10 parses and notes in ``parsed`` every .drv it reads from its
+    file itself (what the worker processes left to this thread)."""
+    from tracehook.nix.derivation import Derivation
+
+    reader = StoreReader(str(root), max_cached=10)
+    real = reader._read
+
+    def counting(drv_path: str, name: str) -> tuple[Derivation, int]:
+        parsed.append(drv_path)
+        return real(drv_path, name)
+
+    reader._read = counting  # type: ignore[method-assign]
+    return reader
+
+
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Processes for a few dozen files, in batches of 8 (the defaults wait for 2,000)."""
@@ -73,21 +89,19 @@ def test_an_index_read_in_processes_is_the_index_read_here(
     store = closure.root / "nix" / "store"
     paths = sorted(f"/nix/store/{p.name}" for p in store.iterdir() if p.name.endswith(".drv"))
     reader = StoreReader(str(closure.root))
-    read = drvpool.read_all(reader, paths, workers=2)
-    # every .drv that reads was read by the pool (or by this thread while it started),
-    # the orphan too (its missing input matters only to its hash); junk and the copy
-    # were left to the caller
     unreadable = [p for p, words in broken.items() if words in ("junk", "hash to")]
-    assert sorted(p for p, _, _ in read) == [p for p in paths if p not in unreadable]
     # given back inputs first, each the derivation this thread reads from the file
     here = StoreReader(str(closure.root))
     given: list[str] = []
-    for path, drv, size in drvpool.in_dependency_order(read):
+    for path, drv, size in drvpool.read_ordered(reader, paths, workers=2):
         assert drv == here.read_derivation(path) and size > 0
         assert all(inp in given for inp in drv.input_drvs if inp in paths
                    and inp not in unreadable), path
         given.append(path)
-    assert len(given) == len(paths) - len(unreadable)
+    # every .drv that reads was read by the pool (or by this thread while it started),
+    # the orphan too (its missing input matters only to its hash); junk and the copy
+    # were left to the caller
+    assert sorted(given) == [p for p in paths if p not in unreadable]
 
     pooled = _index(closure.root)
     monkeypatch.setattr(drvpool, "MIN_PATHS", 10**9)
@@ -214,22 +228,12 @@ def test_a_store_larger_than_the_readers_memory_is_parsed_once(
     directory order, hashing one read inputs that were pushed out meanwhile, again and
     again; indexed inputs first, each parse handed over just before it is hashed, no .drv
     is parsed twice (here: keeping 10)."""
-    from tracehook.nix.derivation import Derivation
-
     closure, broken = _store(tmp_path)
     monkeypatch.setattr(drvpool, "MIN_PATHS", 10**9)
     alone = _index(closure.root)
     monkeypatch.setattr(drvpool, "MIN_PATHS", 4)
-    reader = StoreReader(str(closure.root), max_cached=10)
     parsed: list[str] = []
-    real = reader._read
-
-    def counting(drv_path: str, name: str) -> tuple[Derivation, int]:
-        parsed.append(drv_path)
-        return real(drv_path, name)
-
-    reader._read = counting  # type: ignore[method-assign]
-    index = DrvIndex(reader)
+    index = DrvIndex(_counting_reader(closure.root, parsed))
     index.refresh()
     _same(index, alone)
     # this thread read what the processes left to it (what it read itself while they
@@ -246,8 +250,6 @@ def test_a_store_larger_than_a_round_is_read_in_rounds_inputs_first(
     every parse comes after its inputs' across the rounds, the index is the one read in
     this thread, and this thread parses none of the good .drv files (it used to read every
     one past the budget itself, in directory order)."""
-    from tracehook.nix.derivation import Derivation
-
     closure, broken = _store(tmp_path)
     store = closure.root / "nix" / "store"
     paths = sorted(f"/nix/store/{p.name}" for p in store.iterdir() if p.name.endswith(".drv"))
@@ -286,16 +288,8 @@ def test_a_store_larger_than_a_round_is_read_in_rounds_inputs_first(
     alone = _index(closure.root)
     monkeypatch.setattr(drvpool, "MIN_PATHS", 4)
     rounds.clear()
-    reader = StoreReader(str(closure.root), max_cached=10)
     parsed: list[str] = []
-    real = reader._read
-
-    def counting(drv_path: str, name: str) -> tuple[Derivation, int]:
-        parsed.append(drv_path)
-        return real(drv_path, name)
-
-    reader._read = counting  # type: ignore[method-assign]
-    index = DrvIndex(reader)
+    index = DrvIndex(_counting_reader(closure.root, parsed))
     index.refresh()
     _same(index, alone)
     assert len(rounds) >= 5
@@ -315,6 +309,6 @@ def test_few_files_or_one_core_are_read_in_the_calling_thread(tmp_path: Path,
 
     monkeypatch.setattr(drvpool, "_start", never)
     reader = StoreReader(str(closure.root))
-    assert drvpool.read_all(reader, paths) == []  # under MIN_PATHS
+    assert list(drvpool.read_ordered(reader, paths)) == []  # under MIN_PATHS
     monkeypatch.setattr(drvpool, "MIN_PATHS", 10)
-    assert drvpool.read_all(reader, paths, workers=1) == []
+    assert list(drvpool.read_ordered(reader, paths, workers=1)) == []

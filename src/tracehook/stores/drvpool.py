@@ -3,7 +3,7 @@
 A gate starting on a store of 10,000 derivations reads, parses and checks each .drv
 before it can answer the first request (the index: :mod:`tracehook.gate.index`); in the
 gate's own process that is 1.7 s of one core under the interpreter's lock, which the HTTP
-front and the engine then wait for. :func:`read_all` hands batches of paths to worker
+front and the engine then wait for. :func:`read_ordered` hands batches of paths to worker
 processes (``spawn``: fresh interpreters, safe beside the gate's threads), each running
 the same :meth:`~tracehook.stores.nixstore.StoreReader.load` (the path checked against the
 bytes; the parse written to the verification cache by the worker itself) and sending the
@@ -143,32 +143,20 @@ def _parses(reader: StoreReader, paths: Sequence[str], limits: tuple[int, int]
     return out
 
 
-def read_all(reader: StoreReader, paths: Sequence[str], workers: int | None = None
-             ) -> list[Read]:
-    """Read, parse and check the .drv files at ``paths`` in ``workers`` processes (default:
-    one per core) when there are at least :data:`MIN_PATHS` of them and more than one
-    core, else not at all (the caller's own reads do it): the parses, as plain values
-    (:func:`in_dependency_order` gives them back as derivations), of at most
-    :data:`TOTAL_BYTES`. What is not among them is left to the caller."""
-    workers = workers or cores()
-    if len(paths) < MIN_PATHS or workers < 2:
-        return []
-    with _Readers(reader, workers) as readers:
-        return readers.parses(paths)
-
-
 def read_ordered(reader: StoreReader, paths: Sequence[str],
                  sizes: Mapping[str, int] | None = None, workers: int | None = None
                  ) -> Iterator[tuple[str, Derivation, int]]:
-    """The .drv files at ``paths`` that workers read, parse and check (as
-    :func:`read_all`), as (drv path, derivation, size), each after those of its inputs
-    that are among them (:func:`in_dependency_order`), however many there are. When their
-    files (``sizes``: path -> bytes) come to more than :data:`ROUND_BYTES` (a parse holds
-    about twice its file), they are read in rounds of at most that many bytes, in an
-    order worked out first (the workers read every file once for the inputs it names), so
-    that the caller never holds more than a round's parses (and the workers read the next
-    meanwhile) and never needs an input of a later round. What is not given, the caller
-    reads itself."""
+    """The .drv files at ``paths`` that ``workers`` processes (default: one per core) read,
+    parse and check, when there are at least :data:`MIN_PATHS` of them and more than one
+    core (else none: the caller's own reads do it), as (drv path, derivation, size), each
+    after those of its inputs that are among them (:func:`in_dependency_order`), however
+    many there are: the parses the caller holds at once are at most :data:`TOTAL_BYTES`
+    (what does not fit is the caller's). When their files (``sizes``: path -> bytes) come
+    to more than :data:`ROUND_BYTES` (a parse holds about twice its file), they are read
+    in rounds of at most that many bytes, in an order worked out first (the workers read
+    every file once for the inputs it names), so that the caller never holds more than a
+    round's parses (and the workers read the next meanwhile) and never needs an input of a
+    later round. What is not given, the caller reads itself."""
     workers = workers or cores()
     if len(paths) < MIN_PATHS or workers < 2:
         return
@@ -334,7 +322,7 @@ def _inputs_first(graph: dict[str, tuple[str, ...]]) -> list[str]:
 
 
 def in_dependency_order(read: list[Read]) -> Iterator[tuple[str, Derivation, int]]:
-    """The parses :func:`read_all` gave, as (drv path, derivation, size), each after those
+    """The parses :meth:`_Readers.parses` gave, as (drv path, derivation, size), each after those
     of its inputs that are among them: so the caller that hashes them in this order never
     needs an input it has not hashed yet (it would read it again, and on a store larger
     than its memory of parses, again and again). Each is decoded once, and let go of as
