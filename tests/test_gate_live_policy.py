@@ -181,7 +181,9 @@ def test_gate_does_not_start_on_a_store_it_cannot_list(case: str, syn: Synthetic
 
 @pytest.mark.parametrize("flag,value,ok", [
     ("--index-interval", "-1", False), ("--index-interval", "nan", False),
-    ("--verify-deadline", "0", False), ("--index-interval", "0", True)])
+    ("--verify-deadline", "0", False), ("--index-interval", "0", True),
+    ("--generation-max-age", "0", False), ("--generation-max-age", "inf", False),
+    ("--generation-max-age", "5", True)])
 def test_gate_checks_its_intervals(flag: str, value: str, ok: bool, syn: Synthetic,
                                    tmp_path: Path) -> None:
     """A negative or non-finite number of seconds is a one-line usage error (exit 2); 0

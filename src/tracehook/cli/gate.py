@@ -116,13 +116,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between background looks at the store directory for new "
                         ".drv files to index (default %(default)g; 0: only when a request "
                         "names one the index does not know)")
+    p.add_argument("--generation-max-age", type=float, default=60.0, metavar="S",
+                   help="seconds a generation of decisions lasts at most: HTTP and S3 trace "
+                        "stores are read again after it (default %(default)g; with "
+                        "--cache-dir the verified steps pass to the next generation when "
+                        "every file they were decided from is unchanged)")
+    p.add_argument("--no-handover", action="store_true",
+                   help="each generation decides afresh: the verified steps and answers of "
+                        "the last one are not taken over even when nothing they were "
+                        "decided from changed")
     p.add_argument("--quiet", action="store_true", help="no human lines on stderr")
 
 
 def config_from_args(args: argparse.Namespace) -> GateConfig:
     host, port = parse_listen(args.listen)
     for flag in ("policy_interval", "cache_ttl", "upstream_timeout", "verify_deadline",
-                 "index_interval"):
+                 "index_interval", "generation_max_age"):
         value = getattr(args, flag)
         zero = flag in ("cache_ttl", "index_interval")  # 0: off
         if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
@@ -145,6 +154,8 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
         direct_nars=args.nar_urls == "direct",
         policy_interval=args.policy_interval,
         index_interval=args.index_interval,
+        generation_max_age=args.generation_max_age,
+        handover=not args.no_handover,
     )
 
 

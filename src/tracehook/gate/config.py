@@ -22,7 +22,7 @@ from tracehook.gate.policywatch import PolicyWatch
 from tracehook.gate.service import Answer, GateService
 from tracehook.gate.verdicts import GateVerifier
 from tracehook.gate.warmstart import WarmStart
-from tracehook.stores.binarycache import open_upstream
+from tracehook.stores.binarycache import FileUpstream, open_upstream
 from tracehook.stores.eventlog import EventLog
 from tracehook.stores.factcache import FactCache
 from tracehook.stores.http import DEFAULT_TIMEOUT
@@ -55,6 +55,7 @@ class GateConfig:
     fail_on_tamper: bool = False  # tamper evidence in a chain refuses the path
     direct_nars: bool = True  # a file:// upstream's narinfo names its NAR file (file:// URL)
     index_interval: float = 1.0  # seconds between background looks at the store (0: none)
+    handover: bool = True  # a generation's steps and answers pass to the next if unchanged
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -115,7 +116,11 @@ def _warm_start(cfg: GateConfig, key: crypto.SecretKey | None, policies: PolicyW
     shape = [None if key is None else crypto.format_public_key(key.public), cfg.upstreams,
              cfg.store_root, cfg.fail_on_tamper, cfg.priority, cfg.direct_nars]
     warm = WarmStart(str(cfg.cache_dir), shape)
-    service.verifier.on_generation = warm.begin_generation
+    if cfg.handover:
+        warm.follow(service.verifier, service.memo, policies.current, events,
+                    [str(u.root) for u in service.upstreams if isinstance(u, FileUpstream)])
+    else:
+        service.verifier.on_generation = warm.begin_generation
     policy, _ = policies.current()
     started = time.monotonic()
     gen = service.verifier.generation()

@@ -125,16 +125,29 @@ class DecisionCache(Generic[V]):
             flight.running.release()
             return value, True
 
-    def put(self, key: Hashable, value: V) -> None:
-        """Keep ``value`` for ``key`` (for the configured TTL), as if computed now."""
+    def put(self, key: Hashable, value: V, expires: float | None = None) -> None:
+        """Keep ``value`` for ``key`` (for the configured TTL, as if computed now, or until
+        ``expires`` on this cache's clock)."""
         with self._lock:
-            self._entries.put(key, (self.clock() + self.config.ttl, value))
+            until = self.clock() + self.config.ttl if expires is None else expires
+            self._entries.put(key, (until, value))
 
     def fresh_items(self) -> list[tuple[Hashable, V]]:
         """Every entry not expired, least recently used first."""
+        return [(k, v) for k, _, v in self.fresh_entries()]
+
+    def fresh_entries(self) -> list[tuple[Hashable, float, V]]:
+        """Every entry not expired with its expiry, least recently used first."""
         with self._lock:
-            keys = self._entries.keys()  # a copy: _fresh drops what has expired
-            return [(k, v) for k in keys if (v := self._fresh(k)) is not None]
+            now, found = self.clock(), []
+            keys = self._entries.keys()  # a copy: what has expired is dropped
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is not None and now >= entry[0]:
+                    self._entries.pop(key)
+                elif entry is not None:
+                    found.append((key, entry[0], entry[1]))
+            return found
 
     def clear(self) -> None:
         with self._lock:

@@ -12,6 +12,11 @@ generation, so serving a whole closure costs each step once. A generation ends w
   expiry is checked against the reference time fixed when the generation started),
 - a trace store or a cache could not be read (its evidence is incomplete).
 
+A generation that ends with the policy unchanged hands the next one a :class:`Succession`
+(through ``on_generation``): its engine's verified steps, which the next may take back when
+every file they were decided from is unchanged (:mod:`tracehook.gate.warmstart`), so a
+gate that runs for hours does not decide its closures again every ``max_age`` seconds.
+
 Every verification has an overall deadline: a step not decided in time is a fault (502,
 never cached, never an allow), and so is a step decided on incomplete evidence. A
 :class:`Verdict` carries only what the gate answers from: the verified values of the
@@ -66,6 +71,20 @@ class Value:
     references: frozenset[str] | None = None
     conflict: bool = False
     source: str | None = None  # for a cache signature: the cache whose narinfo was checked
+
+
+@dataclass(frozen=True)
+class Succession:
+    """A generation that ended under the same policy (by age, a trace store's change, a
+    key's expiry, a fault) and the one that follows it."""
+
+    old: tuple[str, int]
+    new: tuple[str, int]
+    started: float  # the old generation's reference time, seconds since the epoch
+    #: asks the old engine for its verified steps (:meth:`Engine.keep`: nothing if it saw
+    #: a fault), done in its thread; to be called at once (a retired engine is closed
+    #: ``deadline`` seconds later)
+    keep: Callable[[], concurrent.futures.Future[dict[str, tuple[int, KeptStep]]]]
 
 
 @dataclass(frozen=True)
@@ -140,7 +159,9 @@ class GateVerifier:
         # hash part of an output path -> (step, output) that claims made it
         self.path_hints: Lru[str, tuple[tuple[str, str], ...]] = Lru(HINTS_MAX)
         self.rdrv_hints: Lru[str, tuple[str, ...]] = Lru(HINTS_MAX)  # resolved drv -> steps
-        self.on_generation: Callable[[], None] | None = None  # told when one begins
+        #: told when a generation begins (with what the last one hands on, if anything)
+        self.on_generation: Callable[[Succession | None], None] | None = None
+        self._started_wall = 0.0  # the current generation's reference time (epoch seconds)
         # (engine serial, step, output, resolved drv) -> verdict: a step decided in a
         # generation stays decided, so the narinfo request after a realisation's (and any
         # request after the first) needs no round trip through the engine
@@ -190,8 +211,9 @@ class GateVerifier:
             self._lock.release()
 
     def _new_engine(self, policy: Policy, key: tuple[object, ...], now: float) -> Engine:
-        if self._engine is not None:
-            self._retired.append((now, self._engine))
+        old, old_digest = self._engine, self._engine_key[:1]
+        if old is not None:
+            self._retired.append((now, old))
         wall = self.wall()
         engine = Engine(policy, self._stores, self.reader.read_derivation, wall, self.limits,
                         self.caches, self.facts)
@@ -199,8 +221,14 @@ class GateVerifier:
         engine.start()
         self._engine, self._engine_key = engine, key
         self._serial += 1
+        succession = None
+        if old is not None and old_digest == key[:1]:
+            digest = str(key[0])
+            succession = Succession((digest, self._serial - 1), (digest, self._serial),
+                                    self._started_wall, old.keep)
+        self._started_wall = wall.timestamp()
         if self.on_generation is not None:
-            self.on_generation()
+            self.on_generation(succession)
         self._verdicts.clear()  # keyed by serial: the old generation's are never asked for
         self._started = now
         ends = [k.not_after for k in policy.keys] + [e.not_after for e in policy.evidence]
@@ -221,13 +249,21 @@ class GateVerifier:
                 keep.append((retired_at, engine))
         self._retired = keep
 
-    def take_back(self, gen: tuple[str, int], kept: Mapping[str, tuple[int, KeptStep]]) -> None:
-        """Give the engine of generation ``gen`` the steps the last run kept (if that
-        generation is still the current one; :mod:`tracehook.gate.warmstart` checked that
-        nothing they rest on changed)."""
+    def take_back(self, gen: tuple[str, int], kept: Mapping[str, tuple[int, KeptStep]]) -> bool:
+        """Give the engine of generation ``gen`` the steps the last run (or generation)
+        kept, if that generation is still the current one (:mod:`tracehook.gate.warmstart`
+        checked that nothing they rest on changed); whether it was."""
         with self._lock:
-            if self._engine is not None and self._serial == gen[1] and kept:
+            if self._engine is None or self._serial != gen[1]:
+                return False
+            if kept:
                 self._engine.take_back(kept)
+            return True
+
+    def trace_dirs(self) -> list[str]:
+        """The ``traces/`` directories of the current generation's file trace stores."""
+        with self._lock:
+            return list(self._watched)
 
     def keep(self, gen: tuple[str, int], timeout: float = 30.0,
              ) -> dict[str, tuple[int, KeptStep]]:

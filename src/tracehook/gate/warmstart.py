@@ -27,6 +27,14 @@ current key of the policy); a kept step that does not is a fault, never an allow
 kept only from a generation that saw no fault, no tamper evidence, and under a policy that
 trusts no cache key (a cache signature's reliance below a step is part of its answer).
 
+The same holds from one generation to the next while the gate runs (:meth:`WarmStart.follow`):
+a generation that ends with the policy unchanged (by age, a trace store's change, a key's
+expiry) hands its engine's verified steps to the next one, which takes them back when
+every file they rest on is unchanged (read again then, in a thread of its own: everything
+the generation read but the files of the binary caches, which only its answers rest on)
+and no ``not-after`` was crossed; else the next generation decides afresh. Its answers are
+not handed on: they are decided again (from the steps taken back) under ``--cache-ttl``.
+
 Nothing else is kept: refusals and faults are decided again;
 a generation that read an HTTP or S3 store, scanned a NAR for references, saw a file change
 while reading it, or runs under a policy with hardware evidence (certificates have dates of
@@ -36,14 +44,20 @@ used as before either way.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
+import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+from tracehook.errors import ConfigError
 from tracehook.gate.memo import DecisionCache
 from tracehook.gate.service import Answer
+from tracehook.gate.verdicts import GateVerifier, Succession
 from tracehook.stores import readlog
+from tracehook.stores.eventlog import EventLog
 from tracehook.verify import replay
 from tracehook.verify.policy import Policy
 from tracehook.verify.trustedset import KeptStep
@@ -51,6 +65,7 @@ from tracehook.verify.trustedset import KeptStep
 log = logging.getLogger(__name__)
 
 KIND = "gate"
+HANDOVER_WAIT = 30.0  # seconds to wait for the last generation's engine to give its steps
 
 
 class WarmStart:
@@ -66,16 +81,92 @@ class WarmStart:
         #: the verified steps the last run kept, set by :meth:`restore` (step -> height and
         #: plain values)
         self.kept: dict[str, tuple[int, KeptStep]] = {}
+        self._follow: tuple[GateVerifier, DecisionCache[Answer],
+                            Callable[[], tuple[Policy, str]], EventLog,
+                            tuple[str, ...]] | None = None
+        #: the thread taking the last generation's steps over, while one runs (tests wait)
+        self.handover: threading.Thread | None = None
 
     def key(self, digest: str) -> str:
         text = repr([replay.code_mark(), digest, self.shape])
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def begin_generation(self) -> None:
-        """A new generation reads afresh: note only its reads from now on."""
+    def follow(self, verifier: GateVerifier, memo: DecisionCache[Answer],
+               policy: Callable[[], tuple[Policy, str]], events: EventLog,
+               cache_roots: Sequence[str]) -> None:
+        """Note each of ``verifier``'s generations apart, and hand a generation's verified
+        steps (and allowed answers in ``memo``) to the next under the same policy when
+        nothing they rest on changed; ``cache_roots``: the directories of the file binary
+        caches (what only answers rest on)."""
+        self._follow = (verifier, memo, policy, events, tuple(cache_roots))
+        verifier.on_generation = self.begin_generation
+
+    def begin_generation(self, succession: Succession | None = None) -> None:
+        """A new generation reads afresh: note only its reads from now on. (In the
+        verifier's lock: what takes the last generation's steps over runs in a thread.)"""
         old, self.log = self.log, readlog.ReadLog()
         readlog.attach(self.log)
-        readlog.detach(old)
+        if succession is None or self._follow is None:
+            readlog.detach(old)
+            return
+        self.handover = threading.Thread(target=self._hand_over, args=(old, self.log, succession),
+                                         name="tracehook-handover", daemon=True)
+        self.handover.start()
+
+    def _hand_over(self, old: readlog.ReadLog, new: readlog.ReadLog, s: Succession) -> None:
+        """(A thread of its own.) Give generation ``s.new`` the steps and answers of
+        ``s.old`` if nothing they rest on changed (``old``: what ``s.old`` read); log it."""
+        assert self._follow is not None
+        verifier, memo, current, events, cache_roots = self._follow
+        started = time.monotonic()
+        try:
+            try:
+                kept = s.keep().result(timeout=HANDOVER_WAIT)
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                kept = {}
+            answers = [(key[0], expires, a) for key, expires, a in memo.fresh_entries()
+                       if isinstance(key, tuple) and len(key) == 2 and key[1] == s.old
+                       and a.status == 200]
+        finally:
+            readlog.detach(old)  # (each step kept, each answer taken was read while it noted)
+        if not kept and not answers:
+            log.debug("generation %d: nothing of generation %d to take over", s.new[1], s.old[1])
+            return
+        files, stats, opaque = old.snapshot()
+        why, bounds = _why_not(current, s, opaque)
+        steps, answered = 0, 0
+        if why is None:
+            now = time.time()
+            seen = {path: replay.observe_file(path) for path in files}
+            seen_stats = {path: readlog.stat_of(path) for path in stats}
+            resting = resting_on(files, cache_roots, verifier.trace_dirs())
+            if kept and _holds(s, bounds, resting, stats, {p: seen[p] for p in resting},
+                               seen_stats, now):
+                new.merge(resting, [], stats)  # (what the next record must name in turn)
+                if not verifier.take_back(s.new, kept):
+                    why = "another generation began meanwhile"
+                steps = len(kept)
+            if why is None and answers and _holds(s, bounds, files, stats, seen, seen_stats,
+                                                  now):
+                new.merge(files, [], stats)
+                for key, expires, answer in answers:  # (each for what it had left to live)
+                    memo.put((key, s.new), answer, expires)
+                answered = len(answers)
+            if why is None and not steps and not answered:
+                why = "a file they were decided from changed, or a not-after has passed"
+        what = f"{len(kept)} verified steps and {len(answers)} answers"
+        if why is None:
+            events.emit("gate-generation", "ok",
+                        f"generation {s.new[1]} took over {steps} verified steps and "
+                        f"{answered} answers of generation {s.old[1]} (of {what}): the "
+                        f"{len(files)} files they were decided from are unchanged (checked "
+                        f"in {time.monotonic() - started:.2f} s)",
+                        steps=steps, answers=answered, files=len(files), generation=s.new[1])
+        else:
+            events.emit("gate-generation", "ok",
+                        f"generation {s.new[1]} decides afresh, without the {what} of "
+                        f"generation {s.old[1]}: {why}",
+                        reason=why, steps=0, answers=0, generation=s.new[1])
 
     def restore(self, memo: DecisionCache[Answer], gen: tuple[str, int], policy: Policy,
                 now: float | None = None) -> int:
@@ -95,7 +186,9 @@ class WarmStart:
         good = [a for a in answers if _answer_shaped(a)]
         if len(good) != len(answers):
             return 0  # written by something else: decide again
-        self.log.merge(files, [])  # what the replayed answers rest on, checked just now
+        stats = record["stats"]
+        assert isinstance(stats, dict)
+        self.log.merge(files, [], stats)  # what the replayed answers rest on, checked now
         for key, status, body, content_type in good:
             memo.put((key, gen), Answer(status, body, content_type))
         steps = record.get("steps", {})
@@ -130,6 +223,43 @@ class WarmStart:
 
     def close(self) -> None:
         readlog.detach(self.log)
+
+
+def _why_not(current: Callable[[], tuple[Policy, str]], s: Succession,
+             opaque: Sequence[str]) -> tuple[str | None, list[float]]:
+    """Why nothing of ``s.old`` may be taken over, whatever the files (None: it may), and
+    the policy's ``not-after`` bounds."""
+    try:
+        policy, digest = current()
+    except ConfigError as exc:
+        return f"the policy cannot be read: {exc.diagnostics()}", []
+    if digest != s.new[0]:
+        return "the policy changed meanwhile", []
+    if opaque:
+        return f"{opaque[0]} (cannot be checked again)", []
+    if policy.evidence:
+        return "hardware evidence in the policy (certificates have dates of their own)", []
+    return None, replay.not_after_bounds(policy)
+
+
+def _holds(s: Succession, bounds: list[float], files: dict[str, str | None],
+           stats: dict[str, readlog.Stat | None], seen: dict[str, str | None],
+           seen_stats: dict[str, readlog.Stat | None], now: float) -> bool:
+    """Whether what was read as ``files`` and ``stats`` is as it was (``seen`` now) and no
+    ``not-after`` in ``bounds`` was crossed since the generation ``s.old`` began."""
+    return replay.holds({"files": files, "stats": stats, "now": s.started,
+                         "bounds": bounds}, seen, seen_stats, now)
+
+
+def resting_on(files: Mapping[str, str | None], cache_roots: Sequence[str],
+               trace_dirs: Sequence[str]) -> dict[str, str | None]:
+    """Pure: of the files a generation read, those its verified steps rest on: all but
+    the ones in a file binary cache's directory (its narinfos and realisations, which only
+    answers rest on), unless they are in a trace store's ``traces/`` too."""
+    caches = tuple(os.path.join(os.path.abspath(r), "") for r in cache_roots)
+    traces = tuple(os.path.join(os.path.abspath(d), "") for d in trace_dirs)
+    return {path: digest for path, digest in files.items()
+            if not path.startswith(caches) or path.startswith(traces)}
 
 
 def _step_shaped(path: object, item: object) -> bool:

@@ -52,12 +52,23 @@ class ReadLog:
                 self.opaque.append(f"{key} changed while it was read")
             self.stats[key] = got
 
-    def merge(self, files: dict[str, str | None], opaque: list[str]) -> None:
-        """What another process (a checker) read for this run."""
+    def merge(self, files: dict[str, str | None], opaque: list[str],
+              stats: dict[str, Stat | None] | None = None) -> None:
+        """What another process (a checker) read for this run (or what an earlier one
+        read, checked again, that this one rests on)."""
         with self._lock:
             for key, digest in files.items():
                 self._file(key, digest)
+            for key, got in (stats or {}).items():
+                if self.stats.get(key, got) != got:
+                    self.opaque.append(f"{key} changed while it was read")
+                self.stats[key] = got
             self.opaque.extend(w for w in opaque if w not in self.opaque)
+
+    def snapshot(self) -> tuple[dict[str, str | None], dict[str, Stat | None], list[str]]:
+        """Copies of (files, stats, opaque), taken at once."""
+        with self._lock:
+            return dict(self.files), dict(self.stats), list(self.opaque)
 
     def make_opaque(self, why: str) -> None:
         with self._lock:

@@ -1,0 +1,143 @@
+"""Benchmark of a gate that runs longer than a generation: the whole closure asked for
+again after the generation it was decided in ended by age.
+
+    .venv/bin/python bench/gate_generations.py [--sizes 10000] [--runs 3] [--clients 8]
+                                               [--age 30]
+
+A generation of the gate's decisions ends after ``--generation-max-age`` seconds (60 by
+default: HTTP and S3 trace stores are read again after it), and a `nixos-rebuild` that
+substitutes for longer than that asks the next generation for paths the last one decided.
+For each size, a synthetic closure shaped like a package set (bench/synth.py) and in each
+run, in turn (which goes first alternates from run to run):
+
+- **handover**: ``tracehook gate --cache-dir DIR --generation-max-age AGE`` (a fresh DIR)
+  asked for every path as Nix asks (``gate_scale.ask_all``: realisation then narinfo,
+  random order, ``--clients`` client processes): **cold**; then, once ``AGE`` seconds have
+  passed since it started, one request that begins the next generation and every path
+  again: **next**, on the clock from that request, the next generation's taking over the
+  last one's steps and answers (every file they rest on read again: the ``gate-generation``
+  line in its log) included;
+- **afresh**: the same gate with ``--no-handover``: the next generation decides every step
+  again (from the verification cache's facts) and answers again.
+
+Prints, per run, cold and next of each and their ratios; then the median (min to max) of
+next / cold for each and of next (handover) / next (afresh). Every answer must be 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from gate import free_port  # noqa: E402
+from gate_scale import TRACEHOOK, ask_all, wait_ready  # noqa: E402
+from synth import Closure, with_policy  # noqa: E402
+
+NO_STEP = "/" + "0" * 32 + ".narinfo"  # a path no step makes: begins a generation, decides nothing
+
+
+@contextlib.contextmanager
+def gate(policy: Path, closure: Closure, tmp: Path, age: float, *extra: str
+         ) -> Iterator[tuple[int, Path]]:
+    """A gate process on a fresh --cache-dir: (its port, its log file)."""
+    port, log = free_port(), tmp / f"gate-{time.monotonic_ns()}.log"
+    proc = subprocess.Popen(
+        [TRACEHOOK, "gate", "--policy", str(policy), "--upstream", f"file://{closure.cache}",
+         "--store", str(closure.root), "--listen", f"127.0.0.1:{port}", "--quiet",
+         "--log-file", str(log), "--cache-dir", str(tmp / f"cache-{time.monotonic_ns()}"),
+         "--generation-max-age", f"{age:g}", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port, proc)
+        yield port, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def handed_over(log: Path) -> dict[str, object] | None:
+    """The ``gate-generation`` record in the gate's log, once there."""
+    with contextlib.suppress(OSError):
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("event") == "gate-generation":
+                return dict(record)
+    return None
+
+
+def one(policy: Path, closure: Closure, tmp: Path, age: float, clients: int, seed: int,
+        handover: bool) -> tuple[float, float]:
+    """(cold, next) seconds for one gate."""
+    import http.client
+
+    extra = () if handover else ("--no-handover",)
+    with gate(policy, closure, tmp, age, *extra) as (port, log):
+        started = time.monotonic()
+        cold = ask_all(port, closure, clients, seed)
+        if time.monotonic() - started > age - 1:
+            raise SystemExit(f"the cold run took {cold:.1f} s: give a larger --age than {age:g}")
+        time.sleep(age + 0.5 - (time.monotonic() - started))
+        begin = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", NO_STEP)
+        conn.getresponse().read()
+        conn.close()
+        if handover:
+            while (record := handed_over(log)) is None:
+                if time.perf_counter() - begin > 60:
+                    raise SystemExit("no gate-generation line within 60 s")
+                time.sleep(0.01)
+            if record.get("answers") == 0:
+                raise SystemExit(f"nothing handed over: {record.get('reason')}")
+        ask_all(port, closure, clients, seed + 1)
+        return cold, time.perf_counter() - begin
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10000])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--age", type=float, default=30.0,
+                    help="--generation-max-age of the gates (longer than a cold run)")
+    args = ap.parse_args()
+    print(f"{'steps':>7} {'cold s':>7} {'next s':>7} {'next/cold':>9} {'afresh cold s':>13} "
+          f"{'afresh next s':>13} {'next/cold':>9} {'next / afresh next':>18}")
+    for n in args.sizes:
+        mine, theirs, versus = [], [], []
+        for run in range(args.runs):
+            with tempfile.TemporaryDirectory(prefix="tracehook-gate-generations-") as d:
+                tmp = Path(d)
+                closure, policy = with_policy(tmp, n)
+                order = [True, False] if run % 2 == 0 else [False, True]
+                got = {h: one(policy, closure, tmp, args.age, args.clients, run, h)
+                       for h in order}
+            (cold, nxt), (a_cold, a_next) = got[True], got[False]
+            mine.append(nxt / cold)
+            theirs.append(a_next / a_cold)
+            versus.append(nxt / a_next)
+            print(f"{len(closure.steps):>7} {cold:>7.2f} {nxt:>7.2f} {nxt / cold:>9.2f} "
+                  f"{a_cold:>13.2f} {a_next:>13.2f} {a_next / a_cold:>9.2f} "
+                  f"{nxt / a_next:>18.2f}", flush=True)
+        for name, ratios in (("next / cold, handover", mine), ("next / cold, afresh", theirs),
+                             ("next: handover / afresh", versus)):
+            print(f"{name} at {n} steps: median {statistics.median(ratios):.2f} "
+                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}) over {len(ratios)} runs")
+
+
+if __name__ == "__main__":
+    main()

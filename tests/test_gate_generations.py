@@ -1,0 +1,250 @@
+"""A generation that ends with the policy unchanged hands its verified steps and allowed
+answers to the next one only when nothing they rest on changed
+(tracehook.gate.warmstart.WarmStart.follow): real gate processes with --cache-dir and a
+short --generation-max-age, the whole closure asked in one generation and again in the
+next."""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from attackkit import tamper_claimed_hash
+from gateproc import GateProcess, gate_argv, gate_process, get, wait_for
+from tracehook.gate.memo import CacheConfig, DecisionCache
+from tracehook.gate.warmstart import resting_on
+from tracehook.verify import replay
+from traceserver import serve_traces
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from synth import SIGNERS, Closure, policy_text, with_policy
+
+AGE = 3.0  # --generation-max-age: one round of the 25-step closure takes a fraction of it
+
+
+def _paths(c: Closure) -> list[str]:
+    return [p for pair in c.requests() for p in pair if p]
+
+
+@pytest.fixture
+def closure(tmp_path: Path) -> tuple[Closure, Path]:
+    return with_policy(tmp_path, 25)
+
+
+@pytest.fixture
+def gate(closure: tuple[Closure, Path], tmp_path: Path) -> Iterator[GateProcess]:
+    c, policy = closure
+    argv = gate_argv(policy, [f"file://{c.cache}"], c.root, tmp_path / "gate.log",
+                     "--cache-dir", str(tmp_path / "cache-dir"),
+                     "--generation-max-age", str(AGE))
+    with gate_process(argv) as running:
+        yield running
+
+
+def _ask_all(gate: GateProcess, c: Closure) -> dict[str, tuple[int, bytes]]:
+    return {p: get(gate.url + p) for p in _paths(c)}
+
+
+def _next_generation(gate: GateProcess, c: Closure, began: float) -> dict[str, Any]:
+    """Wait for the first generation (begun at ``began``) to end by age, start the next
+    with one request, and give its ``gate-generation`` record once the hand-over is done."""
+    time.sleep(max(0.0, began + AGE + 0.3 - time.monotonic()))
+    # a generation begins at the next request that needs one (a path no step makes,
+    # which decides nothing)
+    assert get(f"{gate.url}/{'0' * 32}.narinfo")[0] == 404
+    wait_for(lambda: bool(gate.events("gate-generation")), 30)
+    (record,) = gate.events("gate-generation")
+    return record
+
+
+def _allowed(gate: GateProcess) -> int:
+    return len([r for r in gate.records() if r["outcome"] == "allowed"])
+
+
+def test_the_next_generation_takes_over_the_steps_and_answers(
+        closure: tuple[Closure, Path], gate: GateProcess) -> None:
+    c, _ = closure
+    began = time.monotonic()
+    first = _ask_all(gate, c)
+    assert {s for s, _ in first.values()} == {200}
+    decided = _allowed(gate)
+    record = _next_generation(gate, c, began)
+    assert record["answers"] == len(first), record
+    # every build step and each source a step uses (a fixed-output step)
+    assert len(c.steps) < record["steps"] <= len(c.steps) + len(c.sources)
+    assert record["generation"] == 2 and record["reason"] is None
+    assert _ask_all(gate, c) == first  # the same bytes, and nothing decided again:
+    assert _allowed(gate) == decided  # no answer was made afresh
+
+
+def test_the_traces_checker_processes_read_are_checked_again(tmp_path: Path) -> None:
+    """A closure large enough for the engine's checker processes (limits.process_from):
+    every trace file they read is among the files the hand-over reads again."""
+    c, policy = with_policy(tmp_path, 600)
+    traces = [p for p in (c.traces / "traces").iterdir() if not p.name.startswith(".")]
+    age = 20.0
+    argv = gate_argv(policy, [f"file://{c.cache}"], c.root, tmp_path / "gate.log",
+                     "--cache-dir", str(tmp_path / "cache-dir"), "--generation-max-age", str(age))
+    with gate_process(argv) as gate:
+        began = time.monotonic()
+        assert get(f"{gate.url}/realisations/{c.realisation_ids[c.target]}.doi")[0] == 200
+        assert time.monotonic() - began < age - 2, "the closure took too long to decide"
+        time.sleep(max(0.0, began + age + 0.3 - time.monotonic()))
+        assert get(f"{gate.url}/{'0' * 32}.narinfo")[0] == 404
+        wait_for(lambda: bool(gate.events("gate-generation")), 30)
+        (record,) = gate.events("gate-generation")
+        assert record["steps"] > 600 and record["reason"] is None, record
+    # what the next generation rests on (its record for a restart, written at the stop)
+    # names every trace file the last one read, in the checker processes too
+    (path,) = (tmp_path / "cache-dir" / "gate").glob("*.run")
+    kept = replay.load_record(str(path), {"files": dict})
+    assert kept is not None
+    files = kept["files"]
+    assert isinstance(files, dict) and len(traces) > 600
+    assert all(files.get(str(t.resolve())) for t in traces)
+
+
+def test_a_changed_trace_hands_nothing_on(closure: tuple[Closure, Path],
+                                          gate: GateProcess) -> None:
+    c, _ = closure
+    began = time.monotonic()
+    assert {s for s, _ in _ask_all(gate, c).values()} == {200}
+    trace = sorted(p for p in (c.traces / "traces").iterdir() if not p.name.startswith("."))[0]
+    tamper_claimed_hash(trace)
+    record = _next_generation(gate, c, began)
+    assert record["steps"] == 0 and record["answers"] == 0
+    assert "changed" in record["reason"]
+    assert 404 in {s for s, _ in _ask_all(gate, c).values()}  # decided afresh: refused
+
+
+def test_a_changed_upstream_narinfo_hands_on_the_steps_alone(
+        closure: tuple[Closure, Path], gate: GateProcess, tmp_path: Path) -> None:
+    c, _ = closure
+    began = time.monotonic()
+    first = _ask_all(gate, c)
+    assert {s for s, _ in first.values()} == {200}
+    # the cache now lies about one output: its NarHash no longer matches the traces
+    lying = _paths(c)[1]
+    narinfo = c.cache / lying.lstrip("/")
+    lines = narinfo.read_text().splitlines()
+    narinfo.write_text("\n".join((ln[:-1] + ("0" if ln[-1] != "0" else "1"))
+                                 if ln.startswith("NarHash:") else ln for ln in lines) + "\n")
+    record = _next_generation(gate, c, began)
+    assert record["answers"] == 0 and record["steps"] > len(c.steps), record
+    second = _ask_all(gate, c)
+    (pair,) = [pair for pair in c.requests() if lying in pair]  # its realisation and itself
+    assert {second[p][0] for p in pair if p} == {404}
+    assert {p: a for p, a in second.items() if p not in pair} == {
+        p: a for p, a in first.items() if p not in pair}
+    # the answers were made again from the steps taken over: none was decided again
+    gate.proc.terminate()
+    gate.proc.wait(timeout=15)
+    wait_for(lambda: bool(gate.events("gate-stop", "ok")), 10)
+    (stop,) = gate.events("gate-stop", "ok")
+    assert stop["planned"] == 0 and stop["taken_back"] > 0, stop
+
+
+def test_a_changed_policy_hands_nothing_on(closure: tuple[Closure, Path],
+                                           gate: GateProcess) -> None:
+    c, policy = closure
+    assert {s for s, _ in _ask_all(gate, c).values()} == {200}
+    text = policy.read_text()
+    pub = text.split(f'{SIGNERS[0]} = "', 1)[1].split('"', 1)[0]
+    policy.write_text(text.replace(f'{SIGNERS[0]} = "{pub}"',
+                                   f'{SIGNERS[0]} = {{ key = "{pub}", revoked = true }}'))
+    gate.proc.send_signal(signal.SIGHUP)  # (read again at once)
+    first = _paths(c)[0]
+    wait_for(lambda: get(gate.url + first)[0] == 404, 10)  # both signers are required
+    assert 404 in {s for s, _ in _ask_all(gate, c).values()}
+    assert gate.events("policy-reload", "ok")
+    assert not gate.events("gate-generation")  # another policy: nothing to hand on
+
+
+def test_nothing_is_handed_on_past_a_not_after(closure: tuple[Closure, Path],
+                                               tmp_path: Path) -> None:
+    c, policy = closure
+    text = policy.read_text()
+    pub = text.split(f'{SIGNERS[1]} = "', 1)[1].split('"', 1)[0]
+    soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5)
+    policy.write_text(text.replace(
+        f'{SIGNERS[1]} = "{pub}"',
+        f'{SIGNERS[1]} = {{ key = "{pub}", not-after = {soon:%Y-%m-%dT%H:%M:%SZ} }}'))
+    argv = gate_argv(policy, [f"file://{c.cache}"], c.root, tmp_path / "gate.log",
+                     "--cache-dir", str(tmp_path / "cache-dir"), "--generation-max-age", "60")
+    with gate_process(argv) as gate:
+        assert {s for s, _ in _ask_all(gate, c).values()} == {200}
+        # the generation ends at the key's not-after (whole seconds: up to a second early)
+        time.sleep(max(0.0, (soon - dt.datetime.now(dt.timezone.utc)).total_seconds() + 1.2))
+        assert get(f"{gate.url}/{'0' * 32}.narinfo")[0] == 404
+        wait_for(lambda: bool(gate.events("gate-generation")), 30)
+        (record,) = gate.events("gate-generation")
+        assert record["steps"] == 0 and record["answers"] == 0
+        assert "not-after" in record["reason"]
+        assert 404 in {s for s, _ in _ask_all(gate, c).values()}  # the key has expired
+
+
+def test_what_was_read_over_http_is_not_handed_on(closure: tuple[Closure, Path],
+                                                  tmp_path: Path) -> None:
+    c, policy = closure
+    with serve_traces() as server:
+        for f in (c.traces / "traces").iterdir():
+            server.state.files[f.name] = f.read_bytes()
+        policy.write_text(policy_text(c.traces).replace(f"file://{c.traces}", server.url))
+        argv = gate_argv(policy, [f"file://{c.cache}"], c.root, tmp_path / "gate.log",
+                         "--cache-dir", str(tmp_path / "cache-dir"),
+                         "--generation-max-age", str(AGE))
+        with gate_process(argv) as gate:
+            began = time.monotonic()
+            assert {s for s, _ in _ask_all(gate, c).values()} == {200}
+            record = _next_generation(gate, c, began)
+            assert record["steps"] == 0 and record["answers"] == 0
+            assert "cannot be checked again" in record["reason"]
+            assert server.url in record["reason"]
+
+
+@pytest.mark.parametrize("flags", [("--cache-dir", ""), ("--no-handover",)])
+def test_without_a_cache_dir_or_with_no_handover_each_generation_decides_afresh(
+        closure: tuple[Closure, Path], tmp_path: Path, flags: tuple[str, ...]) -> None:
+    c, policy = closure
+    argv = gate_argv(policy, [f"file://{c.cache}"], c.root, tmp_path / "gate.log",
+                     "--cache-dir", str(tmp_path / "cache-dir"), *flags,
+                     "--generation-max-age", str(AGE))
+    with gate_process(argv) as gate:
+        began = time.monotonic()
+        first = _ask_all(gate, c)
+        decided = _allowed(gate)
+        time.sleep(max(0.0, began + AGE + 0.3 - time.monotonic()))
+        assert _ask_all(gate, c) == first
+        assert _allowed(gate) == 2 * decided
+        assert not gate.events("gate-generation")
+
+
+def test_an_answer_handed_on_lives_no_longer_than_it_had_left() -> None:
+    now = [100.0]
+    memo: DecisionCache[str] = DecisionCache(CacheConfig(ttl=10.0), clock=lambda: now[0])
+    memo.put(("a", 1), "x")
+    now[0] = 104.0
+    ((key, expires, value),) = memo.fresh_entries()
+    assert (key, expires, value) == (("a", 1), 110.0, "x")
+    memo.put(("a", 2), value, expires)
+    now[0] = 109.0
+    assert memo.peek(("a", 2)) == "x"
+    now[0] = 110.0
+    assert memo.peek(("a", 2)) is None and memo.fresh_entries() == []
+
+
+def test_the_steps_rest_on_all_but_the_binary_caches_files(tmp_path: Path) -> None:
+    cache, traces = tmp_path / "cache", tmp_path / "cache" / "ts" / "traces"
+    files: dict[str, str | None] = {
+        f"{cache}/abc.narinfo": "1", f"{cache}/realisations/x.doi": None,
+        f"{traces}/key": "2", f"{tmp_path}/store/x.drv": "3", f"{cache}x/other": "4"}
+    assert resting_on(files, [str(cache) + "/"], [str(traces)]) == {
+        f"{traces}/key": "2", f"{tmp_path}/store/x.drv": "3", f"{cache}x/other": "4"}
+    assert resting_on(files, [], []) == files
