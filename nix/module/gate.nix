@@ -272,7 +272,10 @@ in
             default = "/var/cache/tracehook-gate";
             description = ''
               The persistent verification cache (facts that never change: parsed .drv files,
-              signature checks), in the service's CacheDirectory: a restart starts warm.
+              signature checks), in the service's CacheDirectory: a restart starts warm, and
+              a generation of decisions (`generation-max-age`, 60 s) hands its verified steps
+              to the next while nothing they were decided from changed (`no-handover = true`
+              turns that off).
             '';
           };
           signing-key = mkOption {
