@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from gateproc import gate_argv, gate_process, get
 from tracehook.gate.memo import CacheConfig, DecisionCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from synth import with_policy
 
 
 class Clock:
@@ -124,3 +130,18 @@ def test_would_wait_is_not_an_error_for_whoever_waits() -> None:
     assert got == [("worker", True)]
     assert cache.get("k", lambda: "again") == ("worker", False)
     assert nowait.waiting_allowed()  # (outside the block, in this thread)
+
+
+def test_a_path_no_verified_step_makes_yet_is_not_remembered_as_not_found(
+        tmp_path: Path) -> None:
+    """A narinfo asked for before the realisation of the step that makes it (the gate does
+    not know the path yet: 404) is answered once the step is verified, not "not found"
+    until the answer expires."""
+    c, policy = with_policy(tmp_path, 25)
+    real, narinfo = c.requests()[5]
+    argv = gate_argv(policy, [f"file://{c.cache}"], c.root, tmp_path / "gate.log")
+    with gate_process(argv) as gate:
+        assert get(gate.url + narinfo) == (404, b"not found\n")
+        assert get(gate.url + real)[0] == 200
+        status, body = get(gate.url + narinfo)
+        assert status == 200 and body.startswith(b"StorePath: ")

@@ -151,6 +151,24 @@ def test_a_changed_upstream_narinfo_hands_on_the_steps_alone(
     assert stop["planned"] == 0 and stop["taken_back"] > 0, stop
 
 
+def test_a_generation_that_saw_a_fault_hands_nothing_on(closure: tuple[Closure, Path],
+                                                         gate: GateProcess) -> None:
+    """A trace that cannot be read (a directory where the file should be) is a fault: 502,
+    the generation ends at the next request, and nothing of it is handed on."""
+    c, _ = closure
+    trace = sorted(p for p in (c.traces / "traces").iterdir() if not p.name.startswith("."))[0]
+    data = trace.read_bytes()
+    trace.unlink()
+    trace.mkdir()
+    first = _ask_all(gate, c)
+    assert 502 in {s for s, _ in first.values()}
+    trace.rmdir()
+    trace.write_bytes(data)
+    second = _ask_all(gate, c)  # decided afresh: every path is served
+    assert {s for s, _ in second.values()} == {200}, [p for p, a in second.items() if a[0] != 200]
+    assert not gate.events("gate-generation")
+
+
 def test_a_changed_policy_hands_nothing_on(closure: tuple[Closure, Path],
                                            gate: GateProcess) -> None:
     c, policy = closure

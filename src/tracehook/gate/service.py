@@ -459,9 +459,11 @@ class GateService:
 
     def _refuse_quiet(self, reason: str) -> Answer:
         """Not a refusal of anything the consumer builds: no log line (Nix probes many
-        paths the local store does not know about)."""
+        paths the local store does not know about). Never reused: it rests on what the
+        gate has verified so far, and the step that makes the path may be decided next
+        (its realisation asked for after this narinfo)."""
         log.debug("404: %s", reason)
-        return Answer(404, b"not found\n", reason=reason)
+        return Answer(404, b"not found\n", reason=reason, transient=True)
 
     def _fault(self, kind: str, request: str, subject: str | None, message: str) -> Answer:
         self.log.failed(kind, request, subject, message)

@@ -12,10 +12,11 @@ generation, so serving a whole closure costs each step once. A generation ends w
   expiry is checked against the reference time fixed when the generation started),
 - a trace store or a cache could not be read (its evidence is incomplete).
 
-A generation that ends with the policy unchanged hands the next one a :class:`Succession`
-(through ``on_generation``): its engine's verified steps, which the next may take back when
-every file they were decided from is unchanged (:mod:`tracehook.gate.warmstart`), so a
-gate that runs for hours does not decide its closures again every ``max_age`` seconds.
+A generation that ends with the policy unchanged and saw no fault hands the next one a
+:class:`Succession` (through ``on_generation``): its engine's verified steps, which the
+next may take back when every file they were decided from is unchanged
+(:mod:`tracehook.gate.warmstart`), so a gate that runs for hours does not decide its
+closures again every ``max_age`` seconds.
 
 Every verification has an overall deadline: a step not decided in time is a fault (502,
 never cached, never an allow), and so is a step decided on incomplete evidence. A
@@ -75,8 +76,8 @@ class Value:
 
 @dataclass(frozen=True)
 class Succession:
-    """A generation that ended under the same policy (by age, a trace store's change, a
-    key's expiry, a fault) and the one that follows it."""
+    """A generation that ended under the same policy and without a fault (by age, a
+    trace store's change, a key's expiry) and the one that follows it."""
 
     old: tuple[str, int]
     new: tuple[str, int]
@@ -222,7 +223,7 @@ class GateVerifier:
         self._engine, self._engine_key = engine, key
         self._serial += 1
         succession = None
-        if old is not None and old_digest == key[:1]:
+        if old is not None and old_digest == key[:1] and not old.faults:
             digest = str(key[0])
             succession = Succession((digest, self._serial - 1), (digest, self._serial),
                                     self._started_wall, old.keep)

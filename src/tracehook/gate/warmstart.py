@@ -28,12 +28,13 @@ kept only from a generation that saw no fault, no tamper evidence, and under a p
 trusts no cache key (a cache signature's reliance below a step is part of its answer).
 
 The same holds from one generation to the next while the gate runs (:meth:`WarmStart.follow`):
-a generation that ends with the policy unchanged (by age, a trace store's change, a key's
-expiry) hands its engine's verified steps to the next one, which takes them back when
-every file they rest on is unchanged (read again then, in a thread of its own: everything
-the generation read but the files of the binary caches, which only its answers rest on)
-and no ``not-after`` was crossed; else the next generation decides afresh. Its answers are
-not handed on: they are decided again (from the steps taken back) under ``--cache-ttl``.
+a generation that ends with the policy unchanged and saw no fault (it ended by age, a
+trace store's change, a key's expiry) hands its engine's verified steps to the next one,
+which takes them back when every file they rest on is unchanged (read again then, in a
+thread of its own: everything the generation read but the files of the binary caches,
+which only answers rest on) and no ``not-after`` was crossed; its allowed answers go into
+the next generation's memo, each for what it had left of ``--cache-ttl``, when the binary
+caches' files are unchanged too. Else the next generation decides afresh.
 
 Nothing else is kept: refusals and faults are decided again;
 a generation that read an HTTP or S3 store, scanned a NAR for references, saw a file change
