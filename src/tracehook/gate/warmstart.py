@@ -85,8 +85,6 @@ class WarmStart:
         self._follow: tuple[GateVerifier, DecisionCache[Answer],
                             Callable[[], tuple[Policy, str]], EventLog,
                             tuple[str, ...]] | None = None
-        #: the thread taking the last generation's steps over, while one runs (tests wait)
-        self.handover: threading.Thread | None = None
 
     def key(self, digest: str) -> str:
         text = repr([replay.code_mark(), digest, self.shape])
@@ -110,9 +108,8 @@ class WarmStart:
         if succession is None or self._follow is None:
             readlog.detach(old)
             return
-        self.handover = threading.Thread(target=self._hand_over, args=(old, self.log, succession),
-                                         name="tracehook-handover", daemon=True)
-        self.handover.start()
+        threading.Thread(target=self._hand_over, args=(old, self.log, succession),
+                         name="tracehook-handover", daemon=True).start()
 
     def _hand_over(self, old: readlog.ReadLog, new: readlog.ReadLog, s: Succession) -> None:
         """(A thread of its own.) Give generation ``s.new`` the steps and answers of
@@ -121,8 +118,8 @@ class WarmStart:
         verifier, memo, current, events, cache_roots = self._follow
         started = time.monotonic()
         try:
-            try:
-                kept = s.keep().result(timeout=HANDOVER_WAIT)
+            try:  # (nothing to ask for when what it read cannot be checked again)
+                kept = {} if old.opaque else s.keep().result(timeout=HANDOVER_WAIT)
             except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
                 kept = {}
             answers = [(key[0], expires, a) for key, expires, a in memo.fresh_entries()
@@ -155,19 +152,21 @@ class WarmStart:
                 answered = len(answers)
             if why is None and not steps and not answered:
                 why = "a file they were decided from changed, or a not-after has passed"
-        what = f"{len(kept)} verified steps and {len(answers)} answers"
-        if why is None:
+        if why is not None:
             events.emit("gate-generation", "ok",
-                        f"generation {s.new[1]} took over {steps} verified steps and "
-                        f"{answered} answers of generation {s.old[1]} (of {what}): the "
-                        f"{len(files)} files they were decided from are unchanged (checked "
-                        f"in {time.monotonic() - started:.2f} s)",
-                        steps=steps, answers=answered, files=len(files), generation=s.new[1])
-        else:
-            events.emit("gate-generation", "ok",
-                        f"generation {s.new[1]} decides afresh, without the {what} of "
-                        f"generation {s.old[1]}: {why}",
-                        reason=why, steps=0, answers=0, generation=s.new[1])
+                        f"generation {s.new[1]} decides afresh, without the {len(kept)} "
+                        f"verified steps and {len(answers)} answers of generation {s.old[1]}: "
+                        f"{why}", reason=why, steps=0, answers=0, generation=s.new[1])
+            return
+        checked = len(files) if answered else len(resting)
+        events.emit("gate-generation", "ok",
+                    f"generation {s.new[1]} took over {steps} verified steps and {answered} "
+                    f"answers of generation {s.old[1]}: the {checked} files they were decided "
+                    f"from read the same (checked in {time.monotonic() - started:.2f} s)"
+                    + ("" if answered == len(answers) else
+                       f"; its {len(answers)} answers are decided again: a binary cache's "
+                       "file changed"),
+                    steps=steps, answers=answered, files=checked, generation=s.new[1])
 
     def restore(self, memo: DecisionCache[Answer], gen: tuple[str, int], policy: Policy,
                 now: float | None = None) -> int:
