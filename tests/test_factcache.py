@@ -43,11 +43,30 @@ def _all_rows(directory: Path) -> list[tuple[str, bytes]]:
         return [(ns, bytes(k)) for ns, k in db.execute("SELECT ns, key FROM facts")]
 
 
+def _written(directory: Path) -> bool:
+    """Whether some rows are committed (read only: the file is not created here)."""
+    try:
+        db = sqlite3.connect(f"file:{directory / 'facts.sqlite'}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT 1 FROM facts LIMIT 1").fetchone() is not None
+        finally:
+            db.close()
+    except sqlite3.Error:  # not there yet, or no table yet
+        return False
+
+
 @pytest.mark.parametrize("mode", ["inline", "background"])
 def test_killed_mid_write_leaves_a_cache_that_reads_right(tmp_path: Path, mode: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "k", "10000000",
                              mode])
-    time.sleep(1.5)
+    # killed once it is writing (a fixed sleep was too short on a loaded machine: the
+    # writer had not committed anything yet), well before its 10,000,000 rows are done
+    deadline = time.monotonic() + 60
+    while not _written(tmp_path):
+        assert proc.poll() is None, "the writer stopped before writing"
+        assert time.monotonic() < deadline, "the writer wrote nothing within 60 s"
+        time.sleep(0.05)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     cache = FactCache(tmp_path)

@@ -26,7 +26,7 @@ from traceserver import serve_traces
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from synth import SIGNERS, Closure, policy_text, with_policy
 
-AGE = 3.0  # --generation-max-age: one round of the 25-step closure takes a fraction of it
+AGE = 5.0  # --generation-max-age: one round of the 25-step closure takes a fraction of it
 
 
 def _paths(c: Closure) -> list[str]:
@@ -55,6 +55,8 @@ def _ask_all(gate: GateProcess, c: Closure) -> dict[str, tuple[int, bytes]]:
 def _next_generation(gate: GateProcess, c: Closure, began: float) -> dict[str, Any]:
     """Wait for the first generation (begun at ``began``) to end by age, start the next
     with one request, and give its ``gate-generation`` record once the hand-over is done."""
+    assert time.monotonic() - began < AGE - 1, "the first round took most of a generation"
+    assert not gate.events("gate-generation")
     time.sleep(max(0.0, began + AGE + 0.3 - time.monotonic()))
     # a generation begins at the next request that needs one (a path no step makes,
     # which decides nothing)
