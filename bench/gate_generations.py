@@ -20,8 +20,11 @@ run, in turn (which goes first alternates from run to run):
 - **afresh**: the same gate with ``--no-handover``: the next generation decides every step
   again (from the verification cache's facts) and answers again.
 
-Prints, per run, cold and next of each and their ratios; then the median (min to max) of
-next / cold for each and of next (handover) / next (afresh). Every answer must be 200.
+Prints, per run, cold and next of each and their ratios, and the peak RSS of each gate
+with its processes over the whole run (``gate_scale.RssWatch``: across the generation's
+end, when the last generation's engine is still held while the next decides); then the
+median (min to max) of next / cold for each and of next (handover) / next (afresh). Every
+answer must be 200.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from gate import free_port  # noqa: E402
-from gate_scale import TRACEHOOK, ask_all, wait_ready  # noqa: E402
+from gate_scale import TRACEHOOK, RssWatch, ask_all, wait_ready  # noqa: E402
 from synth import Closure, with_policy  # noqa: E402
 
 NO_STEP = "/" + "0" * 32 + ".narinfo"  # a path no step makes: begins a generation, decides nothing
@@ -49,8 +52,8 @@ NO_STEP = "/" + "0" * 32 + ".narinfo"  # a path no step makes: begins a generati
 
 @contextlib.contextmanager
 def gate(policy: Path, closure: Closure, tmp: Path, age: float, *extra: str
-         ) -> Iterator[tuple[int, Path]]:
-    """A gate process on a fresh --cache-dir: (its port, its log file)."""
+         ) -> Iterator[tuple[int, Path, int]]:
+    """A gate process on a fresh --cache-dir: (its port, its log file, its pid)."""
     port, log = free_port(), tmp / f"gate-{time.monotonic_ns()}.log"
     proc = subprocess.Popen(
         [TRACEHOOK, "gate", "--policy", str(policy), "--upstream", f"file://{closure.cache}",
@@ -60,7 +63,7 @@ def gate(policy: Path, closure: Closure, tmp: Path, age: float, *extra: str
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(port, proc)
-        yield port, log
+        yield port, log, proc.pid
     finally:
         proc.terminate()
         try:
@@ -80,12 +83,13 @@ def handed_over(log: Path) -> dict[str, object] | None:
 
 
 def one(policy: Path, closure: Closure, tmp: Path, age: float, clients: int, seed: int,
-        handover: bool) -> tuple[float, float]:
-    """(cold, next) seconds for one gate."""
+        handover: bool) -> tuple[float, float, float]:
+    """(cold, next) seconds for one gate, and its peak RSS in MiB."""
     import http.client
 
     extra = () if handover else ("--no-handover",)
-    with gate(policy, closure, tmp, age, *extra) as (port, log):
+    with gate(policy, closure, tmp, age, *extra) as (port, log, pid):
+        watch = RssWatch(pid)
         started = time.monotonic()
         cold = ask_all(port, closure, clients, seed)
         if time.monotonic() - started > age - 1:
@@ -104,7 +108,8 @@ def one(policy: Path, closure: Closure, tmp: Path, age: float, clients: int, see
             if record.get("answers") == 0:
                 raise SystemExit(f"nothing handed over: {record.get('reason')}")
         ask_all(port, closure, clients, seed + 1)
-        return cold, time.perf_counter() - begin
+        took = time.perf_counter() - begin
+        return cold, took, watch.stop()
 
 
 def main() -> None:
@@ -115,8 +120,9 @@ def main() -> None:
     ap.add_argument("--age", type=float, default=30.0,
                     help="--generation-max-age of the gates (longer than a cold run)")
     args = ap.parse_args()
-    print(f"{'steps':>7} {'cold s':>7} {'next s':>7} {'next/cold':>9} {'afresh cold s':>13} "
-          f"{'afresh next s':>13} {'next/cold':>9} {'next / afresh next':>18}")
+    print(f"{'steps':>7} {'cold s':>7} {'next s':>7} {'next/cold':>9} {'RSS MiB':>8} "
+          f"{'afresh cold s':>13} {'afresh next s':>13} {'next/cold':>9} {'RSS MiB':>8} "
+          f"{'next / afresh next':>18}")
     for n in args.sizes:
         mine, theirs, versus = [], [], []
         for run in range(args.runs):
@@ -126,13 +132,13 @@ def main() -> None:
                 order = [True, False] if run % 2 == 0 else [False, True]
                 got = {h: one(policy, closure, tmp, args.age, args.clients, run, h)
                        for h in order}
-            (cold, nxt), (a_cold, a_next) = got[True], got[False]
+            (cold, nxt, rss), (a_cold, a_next, a_rss) = got[True], got[False]
             mine.append(nxt / cold)
             theirs.append(a_next / a_cold)
             versus.append(nxt / a_next)
             print(f"{len(closure.steps):>7} {cold:>7.2f} {nxt:>7.2f} {nxt / cold:>9.2f} "
-                  f"{a_cold:>13.2f} {a_next:>13.2f} {a_next / a_cold:>9.2f} "
-                  f"{nxt / a_next:>18.2f}", flush=True)
+                  f"{rss:>8.0f} {a_cold:>13.2f} {a_next:>13.2f} {a_next / a_cold:>9.2f} "
+                  f"{a_rss:>8.0f} {nxt / a_next:>18.2f}", flush=True)
         for name, ratios in (("next / cold, handover", mine), ("next / cold, afresh", theirs),
                              ("next: handover / afresh", versus)):
             print(f"{name} at {n} steps: median {statistics.median(ratios):.2f} "
