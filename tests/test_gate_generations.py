@@ -18,8 +18,11 @@ import pytest
 
 from attackkit import tamper_claimed_hash
 from gateproc import GateProcess, gate_argv, gate_process, get, wait_for
+from tracehook.gate.config import GateConfig, build_server
 from tracehook.gate.memo import CacheConfig, DecisionCache
+from tracehook.gate.verdicts import Succession
 from tracehook.gate.warmstart import resting_on
+from tracehook.stores.eventlog import EventLog, parse_record
 from tracehook.verify import replay
 from traceserver import serve_traces
 
@@ -244,6 +247,40 @@ def test_without_a_cache_dir_or_with_no_handover_each_generation_decides_afresh(
         assert _ask_all(gate, c) == first
         assert _allowed(gate) == 2 * decided
         assert not gate.events("gate-generation")
+
+
+def test_nothing_is_handed_to_a_generation_that_is_no_longer_the_current_one(
+        closure: tuple[Closure, Path], tmp_path: Path) -> None:
+    """In process: a hand-over that ends after yet another generation began gives that
+    one nothing (its steps would be decided under another generation's reads)."""
+    c, policy = closure
+    log = tmp_path / "events.log"
+    cfg = GateConfig(policy=policy, upstreams=(f"file://{c.cache}",), store_root=str(c.root),
+                     cache_dir=tmp_path / "cache-dir", index_interval=0)
+    server = build_server(cfg, EventLog(log, stderr=None))
+    service, warm = server.service, server.warm
+    assert warm is not None
+    try:
+        assert service.realisation_v1(c.realisation_ids[c.target]).status == 200
+        digest, serial = service.verifier.generation()
+        engine = service.verifier._engine  # (the current generation's)
+        assert engine is not None
+        # a hand-over to a generation that is not the current one (another began meanwhile)
+        warm.begin_generation(Succession((digest, serial), (digest, serial + 1), time.time(),
+                                         engine.keep))
+
+        def records() -> list[dict[str, Any]]:
+            text = log.read_text() if log.exists() else ""
+            return [r for r in map(parse_record, text.splitlines()) if r is not None
+                    and r["event"] == "gate-generation"]
+
+        wait_for(lambda: bool(records()), 30)
+        (record,) = records()
+        assert record["steps"] == 0 and record["reason"] == "another generation began meanwhile"
+        assert service.verifier.steps_taken_back == 0
+    finally:
+        server.server_close()
+        service.verifier.close()
 
 
 def test_an_answer_handed_on_lives_no_longer_than_it_had_left() -> None:
