@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from gate import free_port  # noqa: E402
-from gate_scale import TRACEHOOK, RssWatch, ask_all, wait_ready  # noqa: E402
+from gate_scale import RssWatch, ask_all, gate_process  # noqa: E402
 from synth import Closure, with_policy  # noqa: E402
 
 NO_STEP = "/" + "0" * 32 + ".narinfo"  # a path no step makes: begins a generation, decides nothing
@@ -54,22 +52,11 @@ NO_STEP = "/" + "0" * 32 + ".narinfo"  # a path no step makes: begins a generati
 def gate(policy: Path, closure: Closure, tmp: Path, age: float, *extra: str
          ) -> Iterator[tuple[int, Path, int]]:
     """A gate process on a fresh --cache-dir: (its port, its log file, its pid)."""
-    port, log = free_port(), tmp / f"gate-{time.monotonic_ns()}.log"
-    proc = subprocess.Popen(
-        [TRACEHOOK, "gate", "--policy", str(policy), "--upstream", f"file://{closure.cache}",
-         "--store", str(closure.root), "--listen", f"127.0.0.1:{port}", "--quiet",
-         "--log-file", str(log), "--cache-dir", str(tmp / f"cache-{time.monotonic_ns()}"),
-         "--generation-max-age", f"{age:g}", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(port, proc)
+    run = time.monotonic_ns()
+    log = tmp / f"gate-{run}.log"
+    with gate_process(policy, closure, tmp / f"cache-{run}", extra=(
+            "--log-file", str(log), "--generation-max-age", f"{age:g}", *extra)) as (port, proc):
         yield port, log, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def handed_over(log: Path) -> dict[str, object] | None:

@@ -70,7 +70,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -283,16 +283,18 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
 
 @contextlib.contextmanager
 def gate_process(policy: Path, closure: Closure, cache_dir: Path, log: Path | None = None,
-                 src: str | None = None) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+                 src: str | None = None, extra: Sequence[str] = ()
+                 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """A ``tracehook gate`` subprocess in front of the closure's file cache, ready to answer:
     (its port, the process); stopped on leaving. Its stderr goes to ``log`` (appended).
-    ``src``: put first on its PYTHONPATH (another checkout's ``src``: its code runs)."""
+    ``src``: put first on its PYTHONPATH (another checkout's ``src``: its code runs);
+    ``extra``: more of its flags."""
     port = free_port()
     env = None if src is None else {**os.environ, "PYTHONPATH": src}
     proc = subprocess.Popen(
         [TRACEHOOK, "gate", "--policy", str(policy), "--upstream", f"file://{closure.cache}",
          "--store", str(closure.root), "--listen", f"127.0.0.1:{port}", "--quiet",
-         "--cache-dir", str(cache_dir)],
+         "--cache-dir", str(cache_dir), *extra],
         stdout=subprocess.DEVNULL, env=env,
         stderr=subprocess.DEVNULL if log is None else log.open("ab"))
     try:

@@ -217,8 +217,7 @@ def test_what_was_read_over_http_is_not_handed_on(closure: tuple[Closure, Path],
                                                   tmp_path: Path) -> None:
     c, policy = closure
     with serve_traces() as server:
-        for f in (c.traces / "traces").iterdir():
-            server.state.files[f.name] = f.read_bytes()
+        server.serve_copy(c.traces)
         policy.write_text(policy_text(c.traces).replace(f"file://{c.traces}", server.url))
         argv = gate_argv(policy, [f"file://{c.cache}"], c.root, tmp_path / "gate.log",
                          "--cache-dir", str(tmp_path / "cache-dir"),

@@ -139,8 +139,7 @@ def test_what_cannot_be_rechecked_is_not_kept(closure: tuple[Closure, Path],
     """A trace store over HTTP: its answers cannot be re-read at start; nothing is kept."""
     c, policy = closure
     with serve_traces() as server:
-        for f in (c.traces / "traces").iterdir():
-            server.state.files[f.name] = f.read_bytes()
+        server.serve_copy(c.traces)
         policy.write_text(policy_text(c.traces).replace(f"file://{c.traces}", server.url))
         first, records = _run(c, policy, tmp_path)
         assert {s for s, _ in first.values()} == {200}

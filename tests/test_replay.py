@@ -130,8 +130,7 @@ def test_what_cannot_be_rechecked_is_never_recorded(
     # an HTTP trace store: what a server says cannot be re-checked without asking it
     cache = tmp_path / "http"
     with serve_traces() as server:
-        for f in (c.traces / "traces").iterdir():
-            server.state.files[f.name] = f.read_bytes()
+        server.serve_copy(c.traces)
         got = _run(capsys, c, policy, cache, "--traces", server.url)
         assert got[0] == 0, got
     assert _records(cache) == []

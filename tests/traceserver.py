@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 _KEY = re.compile(r"/traces/([0-9a-df-np-sv-z]{32}|\.tracehook-probe)")
 PROBE = ".tracehook-probe"
@@ -140,6 +141,11 @@ class _Server(ThreadingHTTPServer):
 class TraceServer:
     url: str
     state: TraceServerState
+
+    def serve_copy(self, store: Path) -> None:
+        """Serve (a copy of) every trace of the file trace store at ``store``."""
+        for f in (store / "traces").iterdir():
+            self.state.files[f.name] = f.read_bytes()
 
 
 @contextlib.contextmanager

@@ -162,7 +162,6 @@ class GateVerifier:
         self.rdrv_hints: Lru[str, tuple[str, ...]] = Lru(HINTS_MAX)  # resolved drv -> steps
         #: told when a generation begins (with what the last one hands on, if anything)
         self.on_generation: Callable[[Succession | None], None] | None = None
-        self._started_wall = 0.0  # the current generation's reference time (epoch seconds)
         # (engine serial, step, output, resolved drv) -> verdict: a step decided in a
         # generation stays decided, so the narinfo request after a realisation's (and any
         # request after the first) needs no round trip through the engine
@@ -226,8 +225,7 @@ class GateVerifier:
         if old is not None and old_digest == key[:1] and not old.faults:
             digest = str(key[0])
             succession = Succession((digest, self._serial - 1), (digest, self._serial),
-                                    self._started_wall, old.keep)
-        self._started_wall = wall.timestamp()
+                                    old.now.timestamp(), old.keep)
         if self.on_generation is not None:
             self.on_generation(succession)
         self._verdicts.clear()  # keyed by serial: the old generation's are never asked for

@@ -48,9 +48,13 @@ class ReadLog:
         key = os.path.abspath(path)
         got = stat_of(key)
         with self._lock:
-            if self.stats.get(key, got) != got:
-                self.opaque.append(f"{key} changed while it was read")
-            self.stats[key] = got
+            self._stat(key, got)
+
+    def _stat(self, key: str, got: Stat | None) -> None:
+        """(Holding the lock.) A path seen twice in different states spoils the log."""
+        if self.stats.get(key, got) != got:
+            self.opaque.append(f"{key} changed while it was read")
+        self.stats[key] = got
 
     def merge(self, files: dict[str, str | None], opaque: list[str],
               stats: dict[str, Stat | None] | None = None) -> None:
@@ -60,9 +64,7 @@ class ReadLog:
             for key, digest in files.items():
                 self._file(key, digest)
             for key, got in (stats or {}).items():
-                if self.stats.get(key, got) != got:
-                    self.opaque.append(f"{key} changed while it was read")
-                self.stats[key] = got
+                self._stat(key, got)
             self.opaque.extend(w for w in opaque if w not in self.opaque)
 
     def snapshot(self) -> tuple[dict[str, str | None], dict[str, Stat | None], list[str]]:
