@@ -98,8 +98,9 @@ def choose_narinfo(expected: Expected, fetched: Sequence[Fetched],
         problem = narinfo_problem(expected, got, store_dir)
         if problem is None:
             url = relative_nar_url(got.narinfo.url, upstream_urls[index])
-            if isinstance(url, str):
-                return Serve(index, replace(got.narinfo, url=url))
+            if isinstance(url, str):  # (a relative URL, as most caches write it, as is)
+                ni = got.narinfo if url == got.narinfo.url else replace(got.narinfo, url=url)
+                return Serve(index, ni)
             problem = f"{got.url}: {url[0]}"
         wrong.append(problem)
     what = "fixed output " if expected.kind == "fixed" else ""

@@ -107,33 +107,36 @@ def parse_head(buf: bytes | bytearray) -> tuple[_Request | Answer, int] | None:
         if end < 0 and len(buf) <= MAX_REQUEST_LINE:
             return None
         return Answer(414, b"request line too long\n"), len(buf) if end < 0 else end + 1
-    parts = bytes(buf[:end + 1]).split()
+    parts = buf[:end + 1].split()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
         return Answer(400, b"bad request line\n"), end + 1
-    method, target, version = (p.decode("latin-1") for p in parts)
+    version = parts[2].decode("latin-1")
+    # the header lines, up to the blank line that ends them (a line of "\r\n" or "\n")
+    blank = buf.find(b"\n\r\n", end)
+    bare = buf.find(b"\n\n", end, len(buf) if blank < 0 else blank + 2)
+    if bare >= 0:
+        blank = bare
+    lines = (buf[end + 1:blank + 1] if blank >= 0 else buf[end + 1:]).split(b"\n")
     headers: dict[bytes, bytes] = {}
     pos = end + 1
-    while True:
-        nl = buf.find(b"\n", pos)
-        if nl < 0:
-            if len(buf) - pos > MAX_HEADER_LINE:
-                return Answer(431, b"too many or too long headers\n"), len(buf)
-            return None
-        raw = bytes(buf[pos:nl + 1])
-        pos = nl + 1
-        if raw in (b"\r\n", b"\n"):
-            break
-        if len(raw) > MAX_HEADER_LINE or len(headers) >= MAX_HEADERS:
+    for line in lines[:-1]:  # (the last one is what follows the last newline)
+        pos += len(line) + 1
+        if len(line) >= MAX_HEADER_LINE or len(headers) >= MAX_HEADERS:
             return Answer(431, b"too many or too long headers\n"), pos
-        name, sep, value = raw.partition(b":")
+        name, sep, value = line.partition(b":")
         if not sep:
             return Answer(400, b"bad header line\n"), pos
-        headers[name.strip().lower()] = value.strip()
+        headers[bytes(name.strip().lower())] = bytes(value.strip())
+    if blank < 0:  # incomplete
+        if len(lines[-1]) > MAX_HEADER_LINE:
+            return Answer(431, b"too many or too long headers\n"), len(buf)
+        return None
+    pos += 2 if buf[pos] == 0x0D else 1  # the blank line
     connection = headers.get(b"connection", b"").lower()
     keep = (connection != b"close" if version == "HTTP/1.1" else connection == b"keep-alive")
     length = headers.get(b"content-length", b"0").strip()
     has_body = length not in (b"", b"0") or b"transfer-encoding" in headers
-    return _Request(method, target, keep, has_body), pos
+    return _Request(parts[0].decode("latin-1"), parts[1].decode("latin-1"), keep, has_body), pos
 
 
 def victim(conns: Iterable[_Conn]) -> _Conn | None:

@@ -91,6 +91,8 @@ class GateLog:
 
     def allowed_path(self, request: str, step: str, ni: NarInfo, verdict: Verdict,
                      source: str) -> None:
+        if self.events.silent:  # (an answer's line: not even built for --quiet)
+            return
         name = step_name(step)
         self.events.emit(
             EVENT, "allowed",
@@ -105,6 +107,8 @@ class GateLog:
 
     def allowed_realisation(self, request: str, drv_path: str, output: str, value: Value,
                             verdict: Verdict) -> None:
+        if self.events.silent:  # (an answer's line: not even built for --quiet)
+            return
         self.events.emit(
             EVENT, "allowed",
             f"allowed {printable(verdict.name)}^{output} -> {value.path}: "

@@ -28,38 +28,39 @@ _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 class Routes:
     def __init__(self, service: GateService) -> None:
         self.service = service
+        self._prefixed: tuple[tuple[str, Callable[[str], Answer | NarAnswer]], ...] = (
+            ("/realisations/", self._realisation_v1),
+            ("/build-trace-v2/", self._realisation_v2),
+            ("/nar/", self._nar),
+        )
 
     def route(self, raw_path: str) -> Answer | NarAnswer:
-        path = raw_path.split("?", 1)[0].split("#", 1)[0]
-        if "%2f" in path.lower() or "%5c" in path.lower():
-            return _bad("encoded slash")
+        # (every request comes here: the checks that rarely apply are looked for first)
+        path = raw_path
+        if "?" in path or "#" in path:
+            path = path.split("?", 1)[0].split("#", 1)[0]
         if "%" in path:
+            if "%2f" in path.lower() or "%5c" in path.lower():
+                return _bad("encoded slash")
             try:
                 path = urllib.parse.unquote(path, errors="strict")
             except UnicodeDecodeError:
                 return _bad("percent-encoding that is not UTF-8")
         if (not path.startswith("/") or "//" in path or _BAD_CHARS.search(path)
-                or any(part in (".", "..") for part in path.split("/"))):
+                or ("/." in path and any(part in (".", "..") for part in path.split("/")))):
             return _bad("malformed path")
         service = self.service
-        if path == "/nix-cache-info":
-            return service.cache_info()
         m = _NARINFO.fullmatch(path)
         if m:
             return service.narinfo(m.group(1))
+        if path == "/nix-cache-info":
+            return service.cache_info()
         if path.endswith(".narinfo"):
             return _bad("a narinfo is /<32 nix-base32 characters>.narinfo")
-        for prefix, handler in self._prefixed():
+        for prefix, handler in self._prefixed:
             if path.startswith(prefix):
                 return handler(path[len(prefix):])
         return NOT_FOUND
-
-    def _prefixed(self) -> tuple[tuple[str, Callable[[str], Answer | NarAnswer]], ...]:
-        return (
-            ("/realisations/", self._realisation_v1),
-            ("/build-trace-v2/", self._realisation_v2),
-            ("/nar/", self._nar),
-        )
 
     def _realisation_v1(self, rest: str) -> Answer:
         if not rest.endswith(".doi"):

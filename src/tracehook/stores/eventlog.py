@@ -117,6 +117,11 @@ class EventLog:
     journal: bool = False
     _warned: bool = field(default=False, repr=False)
 
+    @property
+    def silent(self) -> bool:
+        """Whether events go nowhere (a caller may then skip building them)."""
+        return self.stderr is None and self.path is None
+
     def emit(
         self,
         event: str,
@@ -127,7 +132,7 @@ class EventLog:
         **fields: Any,
     ) -> None:
         """Report one event (nothing is rendered when it goes nowhere)."""
-        if self.stderr is None and self.path is None:
+        if self.silent:
             return
         line = render(event, outcome, reason, fields)
         if self.stderr is not None:
