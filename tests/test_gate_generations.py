@@ -6,7 +6,9 @@ next."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import signal
 import sys
 import time
@@ -18,12 +20,14 @@ import pytest
 
 from attackkit import tamper_claimed_hash
 from gateproc import GateProcess, gate_argv, gate_process, get, wait_for
+from tracehook.errors import ParseError
 from tracehook.gate.config import GateConfig, build_server
 from tracehook.gate.memo import CacheConfig, DecisionCache
 from tracehook.gate.verdicts import Succession
-from tracehook.gate.warmstart import resting_on
+from tracehook.gate.warmstart import resting_on, still_standing, trace_keys
 from tracehook.stores.eventlog import EventLog, parse_record
 from tracehook.verify import replay
+from tracehook.verify.trustedset import KeptStep
 from traceserver import serve_traces
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -116,17 +120,90 @@ def test_the_traces_checker_processes_read_are_checked_again(tmp_path: Path) -> 
     assert all(files.get(str(t.resolve())) for t in traces)
 
 
-def test_a_changed_trace_hands_nothing_on(closure: tuple[Closure, Path],
-                                          gate: GateProcess) -> None:
+def _trace_of(c: Closure, drv: str) -> Path:
+    """The trace file of the build step ``drv`` (the one whose claim names its output)."""
+    (out,) = [o for d, o in c.steps if d == drv]
+    (trace,) = [p for p in (c.traces / "traces").iterdir()
+                if not p.name.startswith(".") and f'"{out}"'.encode() in _payloads(p)]
+    return trace
+
+
+def _payloads(trace: Path) -> bytes:
+    doc = json.loads(trace.read_text())
+    return b"".join(base64.urlsafe_b64decode(s.split(".")[1] + "==")
+                    for s in doc["signatures"])
+
+
+def _middle(c: Closure) -> str:
+    """A build step with steps above it and steps that do not rest on it (pkg-1: the
+    synthetic set's second package; its consumers are some of the steps above it)."""
+    (drv,) = [d for d, _ in c.steps if d.endswith("-pkg-1.drv")]
+    return drv
+
+
+def _stop(gate: GateProcess) -> dict[str, Any]:
+    gate.proc.terminate()
+    gate.proc.wait(timeout=15)
+    wait_for(lambda: bool(gate.events("gate-stop", "ok")), 10)
+    (stop,) = gate.events("gate-stop", "ok")
+    return stop
+
+
+def test_a_changed_trace_hands_on_the_steps_that_do_not_rest_on_it(
+        closure: tuple[Closure, Path], gate: GateProcess) -> None:
+    """The step whose trace changed and every step above it are decided again; every other
+    step is taken over (the answers are made again from them: a file changed)."""
     c, _ = closure
     began = time.monotonic()
-    assert {s for s, _ in _ask_all(gate, c).values()} == {200}
-    trace = sorted(p for p in (c.traces / "traces").iterdir() if not p.name.startswith("."))[0]
-    tamper_claimed_hash(trace)
+    first = _ask_all(gate, c)
+    assert {s for s, _ in first.values()} == {200}
+    tamper_claimed_hash(_trace_of(c, _middle(c)))
     record = _next_generation(gate, c, began)
-    assert record["steps"] == 0 and record["answers"] == 0
-    assert "changed" in record["reason"]
-    assert 404 in {s for s, _ in _ask_all(gate, c).values()}  # decided afresh: refused
+    assert record["answers"] == 0 and record["reason"] is None, record
+    assert record["steps"] > 0, record
+    second = _ask_all(gate, c)
+    refused = {d for d, _ in c.steps
+               if second[f"/realisations/{c.realisation_ids[d]}.doi"][0] == 404}
+    assert _middle(c) in refused and 1 < len(refused) < len(c.steps), refused
+    assert record["steps_again"] == len(refused), record
+    assert {p: a for p, a in second.items() if a[0] == 200} == {
+        p: a for p, a in first.items() if second[p][0] == 200}
+    assert {s for s, _ in second.values()} == {200, 404}
+    # decided afresh: exactly the steps that rest on the changed trace (it and those above)
+    stop = _stop(gate)
+    assert stop["planned"] == len(refused) and stop["taken_back"] > 0, stop
+
+
+def test_a_trace_published_meanwhile_hands_on_every_step_taken(
+        closure: tuple[Closure, Path], tmp_path: Path) -> None:
+    """A step refused for want of a trace (a builder publishes it meanwhile, as the
+    post-build hook does for what Nix then builds itself): the steps verified without it
+    are taken over, and the step and those above it are decided with the new trace."""
+    c, policy = closure
+    trace = _trace_of(c, _middle(c))
+    data = trace.read_bytes()
+    trace.unlink()
+    argv = gate_argv(policy, [f"file://{c.cache}"], c.root, tmp_path / "gate.log",
+                     "--cache-dir", str(tmp_path / "cache-dir"), "--generation-max-age", "60")
+    with gate_process(argv) as gate:
+        first = _ask_all(gate, c)
+        refused = {d for d, _ in c.steps
+                   if first[f"/realisations/{c.realisation_ids[d]}.doi"][0] == 404}
+        assert _middle(c) in refused and 1 < len(refused) < len(c.steps), refused
+        time.sleep(0.05)  # (a new trace file ends the generation: its directory's mtime)
+        trace.write_bytes(data)
+        # the next generation begins with a request once the gate looks at the store again
+        wait_for(lambda: get(f"{gate.url}/{'0' * 32}.narinfo")[0] == 404
+                 and bool(gate.events("gate-generation")), 30)
+        (record,) = gate.events("gate-generation")
+        assert record["answers"] == 0 and record["reason"] is None, record
+        assert record["steps"] > 0 and record["steps_again"] == 0, record
+        second = _ask_all(gate, c)
+        assert {s for s, _ in second.values()} == {200}
+        assert {p: a for p, a in second.items() if first[p][0] == 200} == {
+            p: a for p, a in first.items() if a[0] == 200}
+        stop = _stop(gate)
+    assert stop["planned"] == len(refused) and stop["taken_back"] > 0, stop
 
 
 def test_a_changed_upstream_narinfo_hands_on_the_steps_alone(
@@ -304,3 +381,38 @@ def test_the_steps_rest_on_all_but_the_binary_caches_files(tmp_path: Path) -> No
     assert resting_on(files, [str(cache) + "/"], [str(traces)]) == {
         f"{traces}/key": "2", f"{tmp_path}/store/x.drv": "3", f"{cache}x/other": "4"}
     assert resting_on(files, [], []) == files
+
+
+def test_what_stands_when_traces_changed() -> None:
+    """still_standing: lowest first, a step falls with its own trace key, with an input
+    that fell or is not kept, or when its derivation cannot be read; a fixed output never
+    falls; trace_keys names the keys of changed trace files, or None for another file."""
+    def step(*keys: str, fixed: bool = False) -> KeptStep:
+        return (fixed, tuple(("ca", k, f"/r/{k}.drv", ()) for k in keys), (), (), 1, 0)
+
+    kept: dict[str, tuple[int, KeptStep]] = {
+        "f": (1, step(fixed=True)), "a": (1, step("ka")), "b": (2, step("kb1", "kb2")),
+        "c": (3, step("kc")), "d": (2, step("kd")), "e": (2, step("ke"))}
+    inputs = {"a": [], "b": ["a", "f"], "c": ["b", "d"], "d": ["a"], "e": ["a", "gone"],
+              "f": ["x"]}
+
+    def inputs_of(path: str) -> list[str]:
+        if path == "d" and broken:
+            raise ParseError("d.drv", "unreadable")
+        return inputs[path]
+
+    broken = False
+    assert still_standing(kept, frozenset(), inputs_of) == kept
+    # b's second key changed: b and c above it fall; e rests on a step that is not kept
+    assert set(still_standing(kept, frozenset({"kb2"}), inputs_of)) == {"f", "a", "d"}
+    assert set(still_standing(kept, frozenset({"ka"}), inputs_of)) == {"f"}
+    assert set(still_standing(kept, frozenset({"nobody's"}), inputs_of)) == {
+        "f", "a", "b", "c", "d"}
+    broken = True
+    assert set(still_standing(kept, frozenset({"kb1"}), inputs_of)) == {"f", "a"}
+
+    dirs = ["/s/one/traces", "/s/two/traces/"]
+    assert trace_keys(["/s/one/traces/k1", "/s/two/traces/k2"], dirs) == frozenset({"k1", "k2"})
+    assert trace_keys([], dirs) == frozenset()
+    assert trace_keys(["/s/one/traces/k1", "/s/one/store/x.drv"], dirs) is None
+    assert trace_keys(["/s/one/tracesX/k1"], dirs) is None

@@ -117,8 +117,10 @@ def _warm_start(cfg: GateConfig, key: crypto.SecretKey | None, policies: PolicyW
              cfg.store_root, cfg.fail_on_tamper, cfg.priority, cfg.direct_nars]
     warm = WarmStart(str(cfg.cache_dir), shape)
     if cfg.handover:
+        reader = service.index.reader
         warm.follow(service.verifier, service.memo, policies.current, events,
-                    [str(u.root) for u in service.upstreams if isinstance(u, FileUpstream)])
+                    [str(u.root) for u in service.upstreams if isinstance(u, FileUpstream)],
+                    lambda step: reader.read_derivation(step).input_drvs)
     else:
         service.verifier.on_generation = warm.begin_generation
     policy, _ = policies.current()

@@ -32,9 +32,12 @@ a generation that ends with the policy unchanged and saw no fault (it ended by a
 trace store's change, a key's expiry) hands its engine's verified steps to the next one,
 which takes them back when every file they rest on is unchanged (read again then, in a
 thread of its own: everything the generation read but the files of the binary caches,
-which only answers rest on) and no ``not-after`` was crossed; its allowed answers go into
-the next generation's memo, each for what it had left of ``--cache-ttl``, when the binary
-caches' files are unchanged too. Else the next generation decides afresh.
+which only answers rest on) and no ``not-after`` was crossed. When only trace files
+changed (a builder published meanwhile: the post-build hook writes a trace for what Nix
+then builds itself), the steps whose own trace keys changed and every step above them are
+decided again and the others taken back (:func:`still_standing`). Its allowed answers go
+into the next generation's memo, each for what it had left of ``--cache-ttl``, when
+nothing it read changed. Else the next generation decides afresh.
 
 Nothing else is kept: refusals and faults are decided again;
 a generation that read an HTTP or S3 store, scanned a NAR for references, saw a file change
@@ -51,9 +54,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from tracehook.errors import ConfigError
+from tracehook.errors import ConfigError, TracehookError
 from tracehook.gate.memo import DecisionCache
 from tracehook.gate.service import Answer
 from tracehook.gate.verdicts import GateVerifier, Succession
@@ -85,6 +88,7 @@ class WarmStart:
         self._follow: tuple[GateVerifier, DecisionCache[Answer],
                             Callable[[], tuple[Policy, str]], EventLog,
                             tuple[str, ...]] | None = None
+        self._inputs_of: Callable[[str], Iterable[str]] = lambda _: ()
 
     def key(self, digest: str) -> str:
         text = repr([replay.code_mark(), digest, self.shape])
@@ -92,12 +96,14 @@ class WarmStart:
 
     def follow(self, verifier: GateVerifier, memo: DecisionCache[Answer],
                policy: Callable[[], tuple[Policy, str]], events: EventLog,
-               cache_roots: Sequence[str]) -> None:
+               cache_roots: Sequence[str], inputs_of: Callable[[str], Iterable[str]]) -> None:
         """Note each of ``verifier``'s generations apart, and hand a generation's verified
         steps (and allowed answers in ``memo``) to the next under the same policy when
         nothing they rest on changed; ``cache_roots``: the directories of the file binary
-        caches (what only answers rest on)."""
+        caches (what only answers rest on); ``inputs_of``: a step's input derivations (the
+        steps above a trace that changed are decided again)."""
         self._follow = (verifier, memo, policy, events, tuple(cache_roots))
+        self._inputs_of = inputs_of
         verifier.on_generation = self.begin_generation
 
     def begin_generation(self, succession: Succession | None = None) -> None:
@@ -132,18 +138,22 @@ class WarmStart:
             return
         files, stats, opaque = old.snapshot()
         why, bounds = _why_not(current, s, opaque)
-        steps, answered = 0, 0
+        steps, answered, again = 0, 0, 0
         if why is None:
             now = time.time()
             seen = {path: replay.observe_file(path) for path in files}
             seen_stats = {path: readlog.stat_of(path) for path in stats}
-            resting = resting_on(files, cache_roots, verifier.trace_dirs())
-            if kept and _holds(s, bounds, resting, stats, {p: seen[p] for p in resting},
-                               seen_stats, now):
-                new.merge(resting, [], stats)  # (what the next record must name in turn)
-                if not verifier.take_back(s.new, kept):
+            trace_dirs = verifier.trace_dirs()
+            resting = resting_on(files, cache_roots, trace_dirs)
+            same = {path: digest for path, digest in resting.items() if seen[path] == digest}
+            changed = trace_keys([path for path in resting if path not in same], trace_dirs)
+            if kept and changed is not None and _holds(
+                    s, bounds, same, stats, {p: seen[p] for p in same}, seen_stats, now):
+                standing = still_standing(kept, changed, self._inputs_of)
+                new.merge(same, [], stats)  # (what the next record must name in turn)
+                if not verifier.take_back(s.new, standing):
                     why = "another generation began meanwhile"
-                steps = len(kept)
+                steps, again = len(standing), len(kept) - len(standing)
             if why is None and answers and _holds(s, bounds, files, stats, seen, seen_stats,
                                                   now):
                 new.merge(files, [], stats)
@@ -156,17 +166,22 @@ class WarmStart:
             events.emit("gate-generation", "ok",
                         f"generation {s.new[1]} decides afresh, without the {len(kept)} "
                         f"verified steps and {len(answers)} answers of generation {s.old[1]}: "
-                        f"{why}", reason=why, steps=0, answers=0, generation=s.new[1])
+                        f"{why}", reason=why, steps=0, answers=0, steps_again=0,
+                        generation=s.new[1])
             return
-        checked = len(files) if answered else len(resting)
+        checked = len(files) if answered else len(same)
         events.emit("gate-generation", "ok",
                     f"generation {s.new[1]} took over {steps} verified steps and {answered} "
                     f"answers of generation {s.old[1]}: the {checked} files they were decided "
                     f"from read the same (checked in {time.monotonic() - started:.2f} s)"
+                    + ("" if not again else
+                       f"; {again} steps are decided again: a trace they rest on changed")
                     + ("" if answered == len(answers) else
-                       f"; its {len(answers)} answers are decided again: a binary cache's "
-                       "file changed"),
-                    steps=steps, answers=answered, files=checked, generation=s.new[1])
+                       f"; its {len(answers)} answers are decided again: "
+                       + ("a trace changed" if len(same) < len(resting) else
+                          "a binary cache's file changed")),
+                    steps=steps, answers=answered, files=checked, steps_again=again,
+                    generation=s.new[1])
 
     def restore(self, memo: DecisionCache[Answer], gen: tuple[str, int], policy: Policy,
                 now: float | None = None) -> int:
@@ -260,6 +275,44 @@ def resting_on(files: Mapping[str, str | None], cache_roots: Sequence[str],
     traces = tuple(os.path.join(os.path.abspath(d), "") for d in trace_dirs)
     return {path: digest for path, digest in files.items()
             if not path.startswith(caches) or path.startswith(traces)}
+
+
+def trace_keys(paths: Iterable[str], trace_dirs: Sequence[str]) -> frozenset[str] | None:
+    """Pure: the trace keys whose files in a file trace store's ``traces/`` ``paths`` are;
+    None if one of them is not such a file."""
+    prefixes = tuple(os.path.join(os.path.abspath(d), "") for d in trace_dirs)
+    keys = set()
+    for path in paths:
+        prefix = next((p for p in prefixes if path.startswith(p)), None)
+        if prefix is None:
+            return None
+        keys.add(path[len(prefix):])
+    return frozenset(keys)
+
+
+def still_standing(kept: Mapping[str, tuple[int, KeptStep]], changed: frozenset[str],
+                   inputs_of: Callable[[str], Iterable[str]]
+                   ) -> dict[str, tuple[int, KeptStep]]:
+    """The kept steps that rest on no trace key in ``changed`` (pure but for
+    ``inputs_of``, which reads a step's derivation). Lowest first, a step falls when one
+    of its own keys changed, when an input fell, or when an input is not kept (what it
+    rests on below is then unknown), or its derivation cannot be read; a fixed output is
+    pinned by its hash and never falls."""
+    if not changed:
+        return dict(kept)
+    standing: dict[str, tuple[int, KeptStep]] = {}
+    for path, (height, step) in sorted(kept.items(), key=lambda item: item[1][0]):
+        fixed, keys = step[0], step[1]
+        if not fixed:
+            if any(key[1] in changed for key in keys):
+                continue
+            try:
+                if not all(inp in standing for inp in inputs_of(path)):
+                    continue
+            except TracehookError:
+                continue
+        standing[path] = (height, step)
+    return standing
 
 
 def _step_shaped(path: object, item: object) -> bool:
