@@ -115,25 +115,32 @@ def _warm_start(cfg: GateConfig, key: crypto.SecretKey | None, policies: PolicyW
     assert cfg.cache_dir is not None
     shape = [None if key is None else crypto.format_public_key(key.public), cfg.upstreams,
              cfg.store_root, cfg.fail_on_tamper, cfg.priority, cfg.direct_nars]
-    warm = WarmStart(str(cfg.cache_dir), shape)
+    reader = service.index.reader
+    warm = WarmStart(str(cfg.cache_dir), shape,
+                     lambda step: reader.read_derivation(step).input_drvs)
+    cache_roots = [str(u.root) for u in service.upstreams if isinstance(u, FileUpstream)]
     if cfg.handover:
-        reader = service.index.reader
-        warm.follow(service.verifier, service.memo, policies.current, events,
-                    [str(u.root) for u in service.upstreams if isinstance(u, FileUpstream)],
-                    lambda step: reader.read_derivation(step).input_drvs)
+        warm.follow(service.verifier, service.memo, policies.current, events, cache_roots)
     else:
         service.verifier.on_generation = warm.begin_generation
     policy, _ = policies.current()
     started = time.monotonic()
     gen = service.verifier.generation()
-    count = warm.restore(service.memo, gen, policy)
-    if count:
+    count, recorded = warm.restore(service.memo, gen, policy, cache_roots=cache_roots,
+                                   trace_dirs=service.verifier.trace_dirs())
+    if count or recorded:
         kept, warm.kept = warm.kept, {}  # (the engine holds them from now on)
         service.verifier.take_back(gen, kept)
-        events.emit("gate-warm-start", "ok",
-                    f"{count} answers and {len(kept)} verified steps of the last run "
-                    f"kept: every file they were decided from is unchanged (checked in "
-                    f"{time.monotonic() - started:.2f} s)", answers=count, steps=len(kept))
+        took = time.monotonic() - started
+        if count:
+            said = (f"{count} answers and {len(kept)} verified steps of the last run kept: "
+                    f"every file they were decided from is unchanged (checked in {took:.2f} s)")
+        else:
+            said = (f"{len(kept)} verified steps of the last run kept, {recorded - len(kept)} "
+                    "decided again and every answer: traces changed since (checked in "
+                    f"{took:.2f} s)")
+        events.emit("gate-warm-start", "ok", said, answers=count, steps=len(kept),
+                    steps_again=recorded - len(kept))
     return warm
 
 

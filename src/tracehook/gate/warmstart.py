@@ -76,9 +76,13 @@ class WarmStart:
     """Thread-safe as :class:`~tracehook.stores.readlog.ReadLog` is: generations begin in
     the verifier's lock; saving and restoring happen before serving and after it."""
 
-    def __init__(self, directory: str, shape: Sequence[object]) -> None:
-        """``shape``: what else the answers depend on (signing key, upstreams, flags)."""
+    def __init__(self, directory: str, shape: Sequence[object],
+                 inputs_of: Callable[[str], Iterable[str]]) -> None:
+        """``shape``: what else the answers depend on (signing key, upstreams, flags);
+        ``inputs_of``: a step's input derivations (the steps above a trace that changed
+        are decided again)."""
         self.directory = directory
+        self._inputs_of = inputs_of
         self.shape = repr(list(shape))
         self.log = readlog.ReadLog()
         readlog.attach(self.log)
@@ -88,7 +92,6 @@ class WarmStart:
         self._follow: tuple[GateVerifier, DecisionCache[Answer],
                             Callable[[], tuple[Policy, str]], EventLog,
                             tuple[str, ...]] | None = None
-        self._inputs_of: Callable[[str], Iterable[str]] = lambda _: ()
 
     def key(self, digest: str) -> str:
         text = repr([replay.code_mark(), digest, self.shape])
@@ -96,14 +99,12 @@ class WarmStart:
 
     def follow(self, verifier: GateVerifier, memo: DecisionCache[Answer],
                policy: Callable[[], tuple[Policy, str]], events: EventLog,
-               cache_roots: Sequence[str], inputs_of: Callable[[str], Iterable[str]]) -> None:
+               cache_roots: Sequence[str]) -> None:
         """Note each of ``verifier``'s generations apart, and hand a generation's verified
         steps (and allowed answers in ``memo``) to the next under the same policy when
         nothing they rest on changed; ``cache_roots``: the directories of the file binary
-        caches (what only answers rest on); ``inputs_of``: a step's input derivations (the
-        steps above a trace that changed are decided again)."""
+        caches (what only answers rest on)."""
         self._follow = (verifier, memo, policy, events, tuple(cache_roots))
-        self._inputs_of = inputs_of
         verifier.on_generation = self.begin_generation
 
     def begin_generation(self, succession: Succession | None = None) -> None:
@@ -184,32 +185,43 @@ class WarmStart:
                     generation=s.new[1])
 
     def restore(self, memo: DecisionCache[Answer], gen: tuple[str, int], policy: Policy,
-                now: float | None = None) -> int:
+                now: float | None = None, cache_roots: Sequence[str] = (),
+                trace_dirs: Sequence[str] = ()) -> tuple[int, int]:
         """Put the recorded answers into ``memo`` for the generation ``gen`` if every input
-        still holds; how many."""
+        still holds, and set :attr:`kept` to the recorded steps that hold (all of them then;
+        when only trace files changed, those that rest on none of them, as from one
+        generation to the next); (how many answers, how many steps the record had)."""
         if policy.evidence:
-            return 0
+            return 0, 0
         record = replay.load_record(replay.record_path(self.directory, self.key(gen[0]), KIND),
                                     {"answers": list, "now": float, "bounds": list})
         when = time.time() if now is None else now
         if record is None or record["bounds"] != replay.not_after_bounds(policy):
-            return 0
-        if not replay.inputs_hold(record, when):
-            return 0
-        files, answers = record["files"], record["answers"]
-        assert isinstance(files, dict) and isinstance(answers, list)
+            return 0, 0
+        files, answers, stats = record["files"], record["answers"], record["stats"]
+        assert isinstance(files, dict) and isinstance(answers, list) and isinstance(stats, dict)
         good = [a for a in answers if _answer_shaped(a)]
-        if len(good) != len(answers):
-            return 0  # written by something else: decide again
-        stats = record["stats"]
-        assert isinstance(stats, dict)
-        self.log.merge(files, [], stats)  # what the replayed answers rest on, checked now
-        for key, status, body, content_type in good:
-            memo.put((key, gen), Answer(status, body, content_type))
         steps = record.get("steps", {})
-        if isinstance(steps, dict) and all(_step_shaped(k, v) for k, v in steps.items()):
+        if len(good) != len(answers) or not (
+                isinstance(steps, dict) and all(_step_shaped(k, v) for k, v in steps.items())):
+            return 0, 0  # written by something else: decide again
+        seen = {path: replay.observe_file(path) for path in files}
+        seen_stats = {path: readlog.stat_of(path) for path in stats}
+        if replay.holds(record, seen, seen_stats, when):
+            self.log.merge(files, [], stats)  # what the replayed answers rest on, checked now
+            for key, status, body, content_type in good:
+                memo.put((key, gen), Answer(status, body, content_type))
             self.kept = steps
-        return len(good)
+            return len(good), len(steps)
+        resting = resting_on(files, cache_roots, trace_dirs)
+        same = {path: digest for path, digest in resting.items() if seen[path] == digest}
+        changed = trace_keys([path for path in resting if path not in same], trace_dirs)
+        if changed is None or not replay.holds({**record, "files": same}, {
+                p: seen[p] for p in same}, seen_stats, when):
+            return 0, 0
+        self.log.merge(same, [], stats)
+        self.kept = still_standing(steps, changed, self._inputs_of)
+        return 0, len(steps)
 
     def save(self, memo: DecisionCache[Answer], gen: tuple[str, int], policy: Policy,
              now: float | None = None,
