@@ -109,6 +109,27 @@ def test_a_step_above_kept_steps_is_decided_without_walking_below_them(tmp_path:
         cold.close()
 
 
+def test_a_kept_step_asked_for_takes_back_the_kept_steps_below_it(tmp_path: Path) -> None:
+    """Asked for itself (the whole closure asked again), a kept step is taken back with
+    every kept step below it in one walk: the requests for those find them decided; the
+    kept steps above it are not touched, and nothing is planned."""
+    g = Graph(tmp_path)
+    steps = _chain(g, 30)
+    kept = _kept(g, steps[-1])
+    engine = _engine(g, _policy())
+    try:
+        engine.take_back(kept)
+        _decide(engine, steps[20])
+        # steps 0 to 20 and the source below them
+        assert (engine.planned, engine.taken_back) == (0, 22)
+        assert engine.decided(Target(steps[0], steps[0], OUT))
+        assert not engine.decided(Target(steps[21], steps[21], OUT))
+        assert engine.trusted.values(steps[0], OUT)[0].signers == {"builderA", "builderB"}
+        assert set(engine.keep().result(timeout=30)) == set(kept)  # all kept again
+    finally:
+        engine.close()
+
+
 def test_a_kept_claim_of_a_key_no_longer_trusted_is_a_fault_not_an_allow(
         tmp_path: Path) -> None:
     """(A gate never gives back steps under another policy: its record is named by the

@@ -171,7 +171,9 @@ class Engine:
     def take_back(self, kept: Mapping[str, tuple[int, KeptStep]]) -> None:
         """Steps a gate's last run verified (:meth:`keep`), given back at its start when
         every file they were decided from is unchanged (:mod:`tracehook.gate.warmstart`):
-        a walk that reaches one records it as it was and goes no further below it. Before
+        a walk that reaches one records it as it was and goes no further below it (a walk
+        from a kept step itself records every kept step below it at once:
+        :meth:`Graph.walk`). Before
         any target (the engine's thread takes them in turn with the targets)."""
         self._events.put(("take-back", dict(kept), None))
 

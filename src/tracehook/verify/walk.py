@@ -85,7 +85,7 @@ class Graph:
         if root in self.heights:
             return
         if root in self.leaves:
-            self._leaf(root, None, emit)
+            self._leaf(root, None, emit, closure=True)
             return
         max_depth = self.max_depth
         stack = [(root, iter(self.read(root).input_drvs.items()))]
@@ -97,7 +97,7 @@ class Graph:
                 if child in self.heights:
                     continue
                 if child in self.leaves:
-                    self._leaf(child, path, emit)
+                    self._leaf(child, path, emit, closure=False)
                     continue
                 if child in on_stack:
                     cycle = [p for p, _ in stack[on_stack[child]:]] + [child]
@@ -121,14 +121,36 @@ class Graph:
                 self.heights[path] = height
                 emit(path)
 
-    def _leaf(self, path: str, referrer: str | None, emit: Callable[[str], None]) -> None:
-        self.read(path, referrer)
+    def _leaf(self, path: str, referrer: str | None, emit: Callable[[str], None],
+              closure: bool) -> None:
+        """A kept step reached: emitted, and nothing below it walked. With ``closure`` (the
+        kept step is itself a walk's root: someone asks for a step that was kept, as when
+        the whole closure is asked again), every kept step below it is emitted too, inputs
+        first, so that the requests for those find them decided instead of each walking to
+        its own; a new step above kept ones (what Nix asks for when it has the rest) takes
+        back only the kept steps it builds on."""
+        drv = self.read(path, referrer)
+        stack = [(path, iter(drv.input_drvs if closure else ()))]
+        self.heights[path] = self._leaf_height(path)  # (claimed: reached once)
+        while stack:
+            top, children = stack[-1]
+            for child in children:
+                if child not in self.leaves:  # not kept, or reached already
+                    continue
+                drv = self.read(child, top)
+                self.heights[child] = self._leaf_height(child)
+                stack.append((child, iter(drv.input_drvs)))
+                break
+            else:
+                stack.pop()
+                emit(top)
+
+    def _leaf_height(self, path: str) -> int:
         height = self.leaves.pop(path)
         if height > self.max_depth:
             raise GraphError(path, f"derivation graph deeper than {self.max_depth} steps "
                              f"at {basename(path)} (raise --max-depth)")
-        self.heights[path] = height
-        emit(path)
+        return height
 
     def closure(self, root: str) -> list[str]:
         """Every walked step below ``root``, itself included, lowest first."""
