@@ -21,10 +21,11 @@ import pytest
 from attackkit import tamper_claimed_hash
 from gateproc import GateProcess, gate_argv, gate_process, get, wait_for
 from tracehook.errors import ParseError
+from tracehook.gate import verdicts
 from tracehook.gate.config import GateConfig, build_server
 from tracehook.gate.memo import CacheConfig, DecisionCache
 from tracehook.gate.verdicts import Succession
-from tracehook.gate.warmstart import resting_on, still_standing, trace_keys
+from tracehook.gate.warmstart import WarmStart, resting_on, still_standing, trace_keys
 from tracehook.stores.eventlog import EventLog, parse_record
 from tracehook.verify import replay
 from tracehook.verify.trustedset import KeptStep
@@ -416,3 +417,44 @@ def test_what_stands_when_traces_changed() -> None:
     assert trace_keys([], dirs) == frozenset()
     assert trace_keys(["/s/one/traces/k1", "/s/one/store/x.drv"], dirs) is None
     assert trace_keys(["/s/one/tracesX/k1"], dirs) is None
+
+
+@pytest.mark.parametrize("hold", [5.0, 0.2])
+def test_a_new_generation_waits_for_what_the_last_one_hands_on(
+        closure: tuple[Closure, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        hold: float) -> None:
+    """In process: a request that comes while the hand-over is under way waits for it
+    (at most HANDOVER_HOLD seconds) rather than deciding afresh the steps it brings; past
+    the hold it decides them itself."""
+    c, policy = closure
+    slow = 1.0  # seconds the hand-over takes
+    original = WarmStart._take_over
+
+    def slowly(self: WarmStart, *args: Any) -> None:
+        time.sleep(slow)
+        original(self, *args)
+
+    monkeypatch.setattr(WarmStart, "_take_over", slowly)
+    monkeypatch.setattr(verdicts, "HANDOVER_HOLD", hold)
+    cfg = GateConfig(policy=policy, upstreams=(f"file://{c.cache}",), store_root=str(c.root),
+                     cache_dir=tmp_path / "cache-dir", index_interval=0,
+                     generation_max_age=1.0)
+    server = build_server(cfg, EventLog(tmp_path / "events.log", stderr=None))
+    service = server.service
+    top = c.realisation_ids[c.target]
+    try:
+        first = service.realisation_v1(top)
+        assert first.status == 200
+        time.sleep(1.1)  # the generation ends by age: the next request begins another
+        started = time.monotonic()
+        assert service.realisation_v1(top) == first
+        took = time.monotonic() - started
+        verifier = service.verifier
+        if hold > slow:  # waited for the steps handed on: none decided afresh
+            assert took >= slow - 0.1 and verifier.steps_planned == 0
+            assert verifier.steps_taken_back > len(c.steps)
+        else:  # waited no longer than the hold: decided afresh
+            assert took < slow - 0.1 and verifier.steps_planned >= len(c.steps)
+    finally:
+        server.server_close()
+        service.verifier.close()

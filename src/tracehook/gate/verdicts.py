@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 HINTS_MAX = 200_000
 VERDICTS_MAX = 50_000
+HANDOVER_HOLD = 5.0  # seconds a new generation's walks wait for the last one's steps
 H = TypeVar("H")
 Basis = str  # "traces", "cache", "fixed"
 
@@ -160,8 +161,14 @@ class GateVerifier:
         # hash part of an output path -> (step, output) that claims made it
         self.path_hints: Lru[str, tuple[tuple[str, str], ...]] = Lru(HINTS_MAX)
         self.rdrv_hints: Lru[str, tuple[str, ...]] = Lru(HINTS_MAX)  # resolved drv -> steps
-        #: told when a generation begins (with what the last one hands on, if anything)
-        self.on_generation: Callable[[Succession | None], None] | None = None
+        #: told when a generation begins (with what the last one hands on, if anything);
+        #: True: it takes that over and calls :meth:`handed` when done (until then, or
+        #: ``HANDOVER_HOLD`` seconds, the new generation's walks wait for what it gives)
+        self.on_generation: Callable[[Succession | None], bool] | None = None
+        self._handed = threading.Event()  # clear while a hand-over is under way
+        self._handed.set()
+        self._holding = 0  # the generation (serial) that waits for it
+        self._hold_until = 0.0
         # (engine serial, step, output, resolved drv) -> verdict: a step decided in a
         # generation stays decided, so the narinfo request after a realisation's (and any
         # request after the first) needs no round trip through the engine
@@ -226,8 +233,11 @@ class GateVerifier:
             digest = str(key[0])
             succession = Succession((digest, self._serial - 1), (digest, self._serial),
                                     old.now.timestamp(), old.keep)
-        if self.on_generation is not None:
-            self.on_generation(succession)
+        if self.on_generation is not None and self.on_generation(succession):
+            self._holding, self._hold_until = self._serial, now + HANDOVER_HOLD
+            self._handed.clear()
+        else:
+            self._handed.set()
         self._verdicts.clear()  # keyed by serial: the old generation's are never asked for
         self._started = now
         ends = [k.not_after for k in policy.keys] + [e.not_after for e in policy.evidence]
@@ -258,6 +268,12 @@ class GateVerifier:
             if kept:
                 self._engine.take_back(kept)
             return True
+
+    def handed(self, gen: tuple[str, int]) -> None:
+        """The hand-over to generation ``gen`` is done (whatever it gave): its walks go on."""
+        with self._lock:
+            if self._holding == gen[1]:
+                self._handed.set()
 
     def trace_dirs(self) -> list[str]:
         """The ``traces/`` directories of the current generation's file trace stores."""
@@ -323,6 +339,8 @@ class GateVerifier:
         try:
             if not engine.decided(target):  # (a step decided below another asks nothing)
                 nowait.check()
+                if not self._handed.is_set():  # (what the last generation hands on first)
+                    self._handed.wait(max(0.0, self._hold_until - self.clock()))
                 engine.submit(target).result(timeout=self.deadline)
         except concurrent.futures.TimeoutError:
             return Verdict(step, _name(step), "?", fault=f"not decided within "

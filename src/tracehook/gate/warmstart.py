@@ -107,20 +107,30 @@ class WarmStart:
         self._follow = (verifier, memo, policy, events, tuple(cache_roots))
         verifier.on_generation = self.begin_generation
 
-    def begin_generation(self, succession: Succession | None = None) -> None:
-        """A new generation reads afresh: note only its reads from now on. (In the
-        verifier's lock: what takes the last generation's steps over runs in a thread.)"""
+    def begin_generation(self, succession: Succession | None = None) -> bool:
+        """A new generation reads afresh: note only its reads from now on; whether the last
+        one's steps are being taken over (in a thread: the verifier is told when it is
+        done). (In the verifier's lock.)"""
         old, self.log = self.log, readlog.ReadLog()
         readlog.attach(self.log)
         if succession is None or self._follow is None:
             readlog.detach(old)
-            return
+            return False
         threading.Thread(target=self._hand_over, args=(old, self.log, succession),
                          name="tracehook-handover", daemon=True).start()
+        return True
 
     def _hand_over(self, old: readlog.ReadLog, new: readlog.ReadLog, s: Succession) -> None:
         """(A thread of its own.) Give generation ``s.new`` the steps and answers of
-        ``s.old`` if nothing they rest on changed (``old``: what ``s.old`` read); log it."""
+        ``s.old`` if nothing they rest on changed (``old``: what ``s.old`` read); log it;
+        and tell the verifier it is done, whatever happened."""
+        assert self._follow is not None
+        try:
+            self._take_over(old, new, s)
+        finally:
+            self._follow[0].handed(s.new)
+
+    def _take_over(self, old: readlog.ReadLog, new: readlog.ReadLog, s: Succession) -> None:
         assert self._follow is not None
         verifier, memo, current, events, cache_roots = self._follow
         started = time.monotonic()
