@@ -154,10 +154,7 @@ class WarmStart:
             now = time.time()
             seen = {path: replay.observe_file(path) for path in files}
             seen_stats = {path: readlog.stat_of(path) for path in stats}
-            trace_dirs = verifier.trace_dirs()
-            resting = resting_on(files, cache_roots, trace_dirs)
-            same = {path: digest for path, digest in resting.items() if seen[path] == digest}
-            changed = trace_keys([path for path in resting if path not in same], trace_dirs)
+            resting, same, changed = _compared(files, seen, cache_roots, verifier.trace_dirs())
             if kept and changed is not None and _holds(
                     s, bounds, same, stats, {p: seen[p] for p in same}, seen_stats, now):
                 standing = still_standing(kept, changed, self._inputs_of)
@@ -223,9 +220,7 @@ class WarmStart:
                 memo.put((key, gen), Answer(status, body, content_type))
             self.kept = steps
             return len(good), len(steps)
-        resting = resting_on(files, cache_roots, trace_dirs)
-        same = {path: digest for path, digest in resting.items() if seen[path] == digest}
-        changed = trace_keys([path for path in resting if path not in same], trace_dirs)
+        _, same, changed = _compared(files, seen, cache_roots, trace_dirs)
         if changed is None or not replay.holds({**record, "files": same}, {
                 p: seen[p] for p in same}, seen_stats, when):
             return 0, 0
@@ -297,6 +292,18 @@ def resting_on(files: Mapping[str, str | None], cache_roots: Sequence[str],
     traces = tuple(os.path.join(os.path.abspath(d), "") for d in trace_dirs)
     return {path: digest for path, digest in files.items()
             if not path.startswith(caches) or path.startswith(traces)}
+
+
+def _compared(files: Mapping[str, str | None], seen: Mapping[str, str | None],
+              cache_roots: Sequence[str], trace_dirs: Sequence[str]
+              ) -> tuple[dict[str, str | None], dict[str, str | None], frozenset[str] | None]:
+    """Of the files a generation read (``files``, read again as ``seen``): those the steps
+    rest on, those of them that read the same, and the trace keys of the others (None if
+    one of the others is not a trace file)."""
+    resting = resting_on(files, cache_roots, trace_dirs)
+    same = {path: digest for path, digest in resting.items() if seen[path] == digest}
+    return resting, same, trace_keys([path for path in resting if path not in same],
+                                     trace_dirs)
 
 
 def trace_keys(paths: Iterable[str], trace_dirs: Sequence[str]) -> frozenset[str] | None:
