@@ -2,7 +2,7 @@
 again after the generation it was decided in ended by age.
 
     .venv/bin/python bench/gate_generations.py [--sizes 10000] [--runs 3] [--clients 8]
-                                               [--age 30]
+                                               [--age 30] [--changed-trace]
 
 A generation of the gate's decisions ends after ``--generation-max-age`` seconds (60 by
 default: HTTP and S3 trace stores are read again after it), and a `nixos-rebuild` that
@@ -20,6 +20,13 @@ run, in turn (which goes first alternates from run to run):
 - **afresh**: the same gate with ``--no-handover``: the next generation decides every step
   again (from the verification cache's facts) and answers again.
 
+With ``--changed-trace``, one step's trace file (a step in the middle of the closure, the
+same in every run) is written again between the generations, its signatures in the other
+order (the same claims: a builder published it again): the next generation takes over the
+steps that do not rest on it and decides it and every step above it again (the line's
+``steps_again``), and makes every answer again (a file changed); the afresh gate decides
+everything again as before.
+
 Prints, per run, cold and next of each and their ratios, and the peak RSS of each gate
 with its processes over the whole run (``gate_scale.RssWatch``: across the generation's
 end, when the last generation's engine is still held while the next decides); then the
@@ -30,6 +37,7 @@ answer must be 200.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import statistics
@@ -69,18 +77,45 @@ def handed_over(log: Path) -> dict[str, object] | None:
     return None
 
 
+def middle_trace(closure: Closure) -> Path:
+    """The trace file of the build step in the middle of the closure's list of steps."""
+    drv, out = closure.steps[len(closure.steps) // 2]
+    for path in sorted((closure.traces / "traces").iterdir()):
+        if path.name.startswith("."):
+            continue
+        doc = json.loads(path.read_text())
+        if any(out.encode() in base64.urlsafe_b64decode(sig.split(".")[1] + "==")
+               for sig in doc["signatures"]):
+            return path
+    raise SystemExit(f"no trace names {out}, the output of {drv}")
+
+
+def republish(trace: Path) -> None:
+    """Write ``trace`` again with its signatures in the other order (the same claims)."""
+    doc = json.loads(trace.read_text())
+    doc["signatures"].reverse()
+    tmp = trace.with_name(f".{trace.name}.tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(trace)
+
+
 def one(policy: Path, closure: Closure, tmp: Path, age: float, clients: int, seed: int,
-        handover: bool) -> tuple[float, float, float]:
-    """(cold, next) seconds for one gate, and its peak RSS in MiB."""
+        handover: bool, changed: Path | None) -> tuple[float, float, float, int]:
+    """(cold, next) seconds for one gate, its peak RSS in MiB, and how many steps the next
+    generation decided again of those it was handed (-1: nothing handed on)."""
     import http.client
 
     extra = () if handover else ("--no-handover",)
+    again = -1
     with gate(policy, closure, tmp, age, *extra) as (port, log, pid):
         watch = RssWatch(pid)
         started = time.monotonic()
         cold = ask_all(port, closure, clients, seed)
         if time.monotonic() - started > age - 1:
             raise SystemExit(f"the cold run took {cold:.1f} s: give a larger --age than {age:g}")
+        if changed is not None:
+            original = changed.read_bytes()
+            republish(changed)
         time.sleep(age + 0.5 - (time.monotonic() - started))
         begin = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -92,11 +127,14 @@ def one(policy: Path, closure: Closure, tmp: Path, age: float, clients: int, see
                 if time.perf_counter() - begin > 60:
                     raise SystemExit("no gate-generation line within 60 s")
                 time.sleep(0.01)
-            if record.get("answers") == 0:
+            if record.get("steps" if changed else "answers") == 0:
                 raise SystemExit(f"nothing handed over: {record.get('reason')}")
+            again = int(str(record.get("steps_again", 0)))
         ask_all(port, closure, clients, seed + 1)
         took = time.perf_counter() - begin
-        return cold, took, watch.stop()
+        if changed is not None:
+            changed.write_bytes(original)  # (for the next gate)
+        return cold, took, watch.stop(), again
 
 
 def main() -> None:
@@ -106,6 +144,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--age", type=float, default=30.0,
                     help="--generation-max-age of the gates (longer than a cold run)")
+    ap.add_argument("--changed-trace", action="store_true",
+                    help="write one step's trace again between the generations")
     args = ap.parse_args()
     print(f"{'steps':>7} {'cold s':>7} {'next s':>7} {'next/cold':>9} {'RSS MiB':>8} "
           f"{'afresh cold s':>13} {'afresh next s':>13} {'next/cold':>9} {'RSS MiB':>8} "
@@ -117,15 +157,18 @@ def main() -> None:
                 tmp = Path(d)
                 closure, policy = with_policy(tmp, n)
                 order = [True, False] if run % 2 == 0 else [False, True]
-                got = {h: one(policy, closure, tmp, args.age, args.clients, run, h)
+                changed = middle_trace(closure) if args.changed_trace else None
+                got = {h: one(policy, closure, tmp, args.age, args.clients, run, h, changed)
                        for h in order}
-            (cold, nxt, rss), (a_cold, a_next, a_rss) = got[True], got[False]
+            (cold, nxt, rss, again), (a_cold, a_next, a_rss, _) = got[True], got[False]
             mine.append(nxt / cold)
             theirs.append(a_next / a_cold)
             versus.append(nxt / a_next)
             print(f"{len(closure.steps):>7} {cold:>7.2f} {nxt:>7.2f} {nxt / cold:>9.2f} "
                   f"{rss:>8.0f} {a_cold:>13.2f} {a_next:>13.2f} {a_next / a_cold:>9.2f} "
-                  f"{a_rss:>8.0f} {nxt / a_next:>18.2f}", flush=True)
+                  f"{a_rss:>8.0f} {nxt / a_next:>18.2f}"
+                  + (f"  (steps decided again: {again})" if args.changed_trace else ""),
+                  flush=True)
         for name, ratios in (("next / cold, handover", mine), ("next / cold, afresh", theirs),
                              ("next: handover / afresh", versus)):
             print(f"{name} at {n} steps: median {statistics.median(ratios):.2f} "
