@@ -142,6 +142,13 @@ def _middle(c: Closure) -> str:
     return drv
 
 
+def _request(record: dict[str, Any]) -> str:
+    """The path of the request an ``allowed`` record answered."""
+    if record["request"] == "narinfo":
+        return f"/{record['id']}"
+    return f"/realisations/{record['id']}.doi"
+
+
 def _stop(gate: GateProcess) -> dict[str, Any]:
     gate.proc.terminate()
     gate.proc.wait(timeout=15)
@@ -153,23 +160,30 @@ def _stop(gate: GateProcess) -> dict[str, Any]:
 def test_a_changed_trace_hands_on_the_steps_that_do_not_rest_on_it(
         closure: tuple[Closure, Path], gate: GateProcess) -> None:
     """The step whose trace changed and every step above it are decided again; every other
-    step is taken over (the answers are made again from them: a file changed)."""
+    step is taken over, with its answers (none of a step decided again)."""
     c, _ = closure
     began = time.monotonic()
     first = _ask_all(gate, c)
     assert {s for s, _ in first.values()} == {200}
     tamper_claimed_hash(_trace_of(c, _middle(c)))
+    decided = _allowed(gate)
     record = _next_generation(gate, c, began)
-    assert record["answers"] == 0 and record["reason"] is None, record
+    assert 0 < record["answers"] < len(first) and record["reason"] is None, record
     assert record["steps"] > 0, record
     second = _ask_all(gate, c)
     refused = {d for d, _ in c.steps
                if second[f"/realisations/{c.realisation_ids[d]}.doi"][0] == 404}
     assert _middle(c) in refused and 1 < len(refused) < len(c.steps), refused
     assert record["steps_again"] == len(refused), record
+    # no answer of a step decided again was handed on: its output's narinfo is refused too
+    assert {second[f"/{o.rsplit('/', 1)[1][:32]}.narinfo"][0] for d, o in c.steps
+            if d in refused} == {404}
     assert {p: a for p, a in second.items() if a[0] == 200} == {
         p: a for p, a in first.items() if second[p][0] == 200}
     assert {s for s, _ in second.values()} == {200, 404}
+    # every answer but those of the steps decided again was handed on: no allowed line
+    # (the narinfos of sources no step was walked to are made again: they log none)
+    assert _allowed(gate) == decided
     # decided afresh: exactly the steps that rest on the changed trace (it and those above)
     stop = _stop(gate)
     assert stop["planned"] == len(refused) and stop["taken_back"] > 0, stop
@@ -192,14 +206,19 @@ def test_a_trace_published_meanwhile_hands_on_every_step_taken(
                    if first[f"/realisations/{c.realisation_ids[d]}.doi"][0] == 404}
         assert _middle(c) in refused and 1 < len(refused) < len(c.steps), refused
         time.sleep(0.05)  # (a new trace file ends the generation: its directory's mtime)
+        before = gate.records()
         trace.write_bytes(data)
         # the next generation begins with a request once the gate looks at the store again
         wait_for(lambda: get(f"{gate.url}/{'0' * 32}.narinfo")[0] == 404
                  and bool(gate.events("gate-generation")), 30)
         (record,) = gate.events("gate-generation")
-        assert record["answers"] == 0 and record["reason"] is None, record
+        assert record["reason"] is None, record
         assert record["steps"] > 0 and record["steps_again"] == 0, record
         second = _ask_all(gate, c)
+        # the allowed answers went along (none rests on the step that had no trace): what
+        # is decided again is what was refused
+        again = {_request(r) for r in gate.records()[len(before):] if r["outcome"] == "allowed"}
+        assert record["answers"] > 0 and again == {p for p, a in first.items() if a[0] == 404}
         assert {s for s, _ in second.values()} == {200}
         assert {p: a for p, a in second.items() if first[p][0] == 200} == {
             p: a for p, a in first.items() if a[0] == 200}

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from tracehook.errors import ConfigError, EnvironmentFault, ParseError, Refusal, TracehookError
 from tracehook.gate import nowait
@@ -73,6 +73,9 @@ class Answer:
     content_type: str = "text/plain"
     reason: str | None = None  # for refusals: why (also in the log)
     transient: bool = False  # rests on what the binary caches hold now: never reused
+    # for an allowed path: the build step whose verdict admitted it (it rests on that
+    # step's closure and on the binary caches' files it was made from)
+    step: str | None = field(default=None, compare=False)
 
     @property
     def cacheable(self) -> bool:
@@ -202,7 +205,7 @@ class GateService:
             return self._refuse("realisation", request, drv_path, Refusal(exc.diagnostics()))
         body = self._render_realisation(drv_path, output, rid, value.path)
         self.log.allowed_realisation(request, drv_path, output, value, verdict)
-        return Answer(200, body, "application/json")
+        return Answer(200, body, "application/json", step=verdict.drv_path)
 
     def _serve_for(self, verdict: Verdict, values: Sequence[Value]
                    ) -> tuple[Value, Serve] | Refusal | Fault:
@@ -332,7 +335,8 @@ class GateService:
         if verdict is not None:
             self.log.allowed_path(request, expected.step, ni, verdict,
                                   self.urls[decision.upstream])
-        return Answer(200, narinfo.render(ni).encode(), "text/x-nix-narinfo")
+        return Answer(200, narinfo.render(ni).encode(), "text/x-nix-narinfo",
+                      step=expected.step)
 
     def _expected_for(self, hp: str) -> tuple[Expected, Verdict | None] | Refusal | None:
         """What the path with hash part ``hp`` must be, from the first step that says

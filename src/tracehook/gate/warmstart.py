@@ -37,7 +37,9 @@ changed (a builder published meanwhile: the post-build hook writes a trace for w
 then builds itself), the steps whose own trace keys changed and every step above them are
 decided again and the others taken back (:func:`still_standing`). Its allowed answers go
 into the next generation's memo, each for what it had left of ``--cache-ttl``, when
-nothing it read changed. Else the next generation decides afresh.
+nothing it read changed, or, when only trace files changed, those of the steps taken back
+(``Answer.step``: the step whose verdict admitted it) if the binary caches' files read the
+same. Else the next generation decides afresh.
 
 Nothing else is kept: refusals and faults are decided again;
 a generation that read an HTTP or S3 store, scanned a NAR for references, saw a file change
@@ -155,6 +157,7 @@ class WarmStart:
             seen = {path: replay.observe_file(path) for path in files}
             seen_stats = {path: readlog.stat_of(path) for path in stats}
             resting, same, changed = _compared(files, seen, cache_roots, verifier.trace_dirs())
+            standing: dict[str, tuple[int, KeptStep]] | None = None
             if kept and changed is not None and _holds(
                     s, bounds, same, stats, {p: seen[p] for p in same}, seen_stats, now):
                 standing = still_standing(kept, changed, self._inputs_of)
@@ -164,10 +167,20 @@ class WarmStart:
                 steps, again = len(standing), len(kept) - len(standing)
             if why is None and answers and _holds(s, bounds, files, stats, seen, seen_stats,
                                                   now):
-                new.merge(files, [], stats)
-                for key, expires, answer in answers:  # (each for what it had left to live)
+                taken = answers
+            elif why is None and answers and standing is not None and all(
+                    seen[path] == digest for path, digest in files.items()
+                    if path not in resting):
+                # only traces changed: the answers whose step stands (the binary caches'
+                # files they rest on read the same)
+                taken = [item for item in answers if item[2].step in standing]
+            else:
+                taken = []
+            if taken:
+                new.merge({p: d for p, d in files.items() if seen[p] == d}, [], stats)
+                for key, expires, answer in taken:  # (each for what it had left to live)
                     memo.put((key, s.new), answer, expires)
-                answered = len(answers)
+                answered = len(taken)
             if why is None and not steps and not answered:
                 why = "a file they were decided from changed, or a not-after has passed"
         if why is not None:
