@@ -177,7 +177,8 @@ class WarmStart:
             else:
                 taken = []
             if taken:
-                new.merge({p: d for p, d in files.items() if seen[p] == d}, [], stats)
+                unchanged = {p: d for p, d in files.items() if seen[p] == d}
+                new.merge(unchanged, [], stats)
                 for key, expires, answer in taken:  # (each for what it had left to live)
                     memo.put((key, s.new), answer, expires)
                 answered = len(taken)
@@ -190,7 +191,7 @@ class WarmStart:
                         f"{why}", reason=why, steps=0, answers=0, steps_again=0,
                         generation=s.new[1])
             return
-        checked = len(files) if answered else len(same)
+        checked = len(unchanged) if answered else len(same)
         events.emit("gate-generation", "ok",
                     f"generation {s.new[1]} took over {steps} verified steps and {answered} "
                     f"answers of generation {s.old[1]}: the {checked} files they were decided "
@@ -198,9 +199,8 @@ class WarmStart:
                     + ("" if not again else
                        f"; {again} steps are decided again: a trace they rest on changed")
                     + ("" if answered == len(answers) else
-                       f"; its {len(answers)} answers are decided again: "
-                       + ("a trace changed" if len(same) < len(resting) else
-                          "a binary cache's file changed")),
+                       f"; {len(answers) - answered} of its {len(answers)} answers are "
+                       "decided again: what they rest on changed"),
                     steps=steps, answers=answered, files=checked, steps_again=again,
                     generation=s.new[1])
 
