@@ -132,13 +132,13 @@ def _warm_start(cfg: GateConfig, key: crypto.SecretKey | None, policies: PolicyW
         kept, warm.kept = warm.kept, {}  # (the engine holds them from now on)
         service.verifier.take_back(gen, kept)
         took = time.monotonic() - started
-        if count:
+        if count and recorded == len(kept):
             said = (f"{count} answers and {len(kept)} verified steps of the last run kept: "
                     f"every file they were decided from is unchanged (checked in {took:.2f} s)")
         else:
-            said = (f"{len(kept)} verified steps of the last run kept, {recorded - len(kept)} "
-                    "decided again and every answer: traces changed since (checked in "
-                    f"{took:.2f} s)")
+            said = (f"{count} answers and {len(kept)} verified steps of the last run kept, "
+                    f"{recorded - len(kept)} steps and the other answers decided again: what "
+                    f"they rest on changed since (checked in {took:.2f} s)")
         events.emit("gate-warm-start", "ok", said, answers=count, steps=len(kept),
                     steps_again=recorded - len(kept))
     return warm

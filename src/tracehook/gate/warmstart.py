@@ -12,6 +12,8 @@ stops, it records the current generation's allowed answers (200) with those note
 - every file the generation read has the same bytes or is still absent (read again now);
 - the time is on the same side of every ``not-after`` in the policy.
 
+(When only trace files changed, the steps that rest on none of them are given back as
+below, with their answers if the binary caches' files are unchanged: :func:`still_standing`.)
 Then the answers go into the decision memo of the first generation, as if decided now,
 and live as any decision does (``--cache-ttl``, the generation: a changed policy or trace
 store ends it); the files they rest on are noted in that generation, so what it records in
@@ -229,17 +231,26 @@ class WarmStart:
         seen_stats = {path: readlog.stat_of(path) for path in stats}
         if replay.holds(record, seen, seen_stats, when):
             self.log.merge(files, [], stats)  # what the replayed answers rest on, checked now
-            for key, status, body, content_type in good:
-                memo.put((key, gen), Answer(status, body, content_type))
             self.kept = steps
-            return len(good), len(steps)
-        _, same, changed = _compared(files, seen, cache_roots, trace_dirs)
+            return self._replay(memo, gen, good), len(steps)
+        resting, same, changed = _compared(files, seen, cache_roots, trace_dirs)
         if changed is None or not replay.holds({**record, "files": same}, {
                 p: seen[p] for p in same}, seen_stats, when):
             return 0, 0
-        self.log.merge(same, [], stats)
         self.kept = still_standing(steps, changed, self._inputs_of)
-        return 0, len(steps)
+        if not all(seen[p] == d for p, d in files.items() if p not in resting):
+            self.log.merge(same, [], stats)
+            return 0, len(steps)  # a binary cache's file changed: every answer made again
+        # only traces changed: the answers of the steps that stand
+        self.log.merge({p: d for p, d in files.items() if seen[p] == d}, [], stats)
+        return self._replay(memo, gen, [a for a in good if a[4] in self.kept]), len(steps)
+
+    def _replay(self, memo: DecisionCache[Answer], gen: tuple[str, int],
+                answers: Sequence[tuple[tuple[object, ...], int, bytes, str, str | None]]
+                ) -> int:
+        for key, status, body, content_type, step in answers:
+            memo.put((key, gen), Answer(status, body, content_type, step=step))
+        return len(answers)
 
     def save(self, memo: DecisionCache[Answer], gen: tuple[str, int], policy: Policy,
              now: float | None = None,
@@ -252,7 +263,8 @@ class WarmStart:
             log.info("gate answers not kept for a restart: %s",
                      "; ".join(seen.opaque) or "hardware evidence in the policy")
             return 0
-        answers = [(key[0], a.status, a.body, a.content_type) for key, a in memo.fresh_items()
+        answers = [(key[0], a.status, a.body, a.content_type, a.step)
+                   for key, a in memo.fresh_items()
                    if isinstance(key, tuple) and len(key) == 2 and key[1] == gen
                    and a.status == 200]
         if not answers or len(seen.files) + len(seen.stats) > replay.MAX_ENTRIES:
@@ -363,5 +375,6 @@ def _step_shaped(path: object, item: object) -> bool:
 
 
 def _answer_shaped(item: object) -> bool:
-    return (isinstance(item, tuple) and len(item) == 4 and isinstance(item[0], tuple)
-            and item[1] == 200 and isinstance(item[2], bytes) and isinstance(item[3], str))
+    return (isinstance(item, tuple) and len(item) == 5 and isinstance(item[0], tuple)
+            and item[1] == 200 and isinstance(item[2], bytes) and isinstance(item[3], str)
+            and (item[4] is None or isinstance(item[4], str)))
