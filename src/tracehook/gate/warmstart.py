@@ -59,6 +59,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from tracehook.errors import ConfigError, TracehookError
 from tracehook.gate.memo import DecisionCache
@@ -158,29 +159,26 @@ class WarmStart:
             now = time.time()
             seen = {path: replay.observe_file(path) for path in files}
             seen_stats = {path: readlog.stat_of(path) for path in stats}
-            resting, same, changed = _compared(files, seen, cache_roots, verifier.trace_dirs())
+            cmp = _compared(files, seen, cache_roots, verifier.trace_dirs())
             standing: dict[str, tuple[int, KeptStep]] | None = None
-            if kept and changed is not None and _holds(
-                    s, bounds, same, stats, {p: seen[p] for p in same}, seen_stats, now):
-                standing = still_standing(kept, changed, self._inputs_of)
-                new.merge(same, [], stats)  # (what the next record must name in turn)
+            if kept and cmp.changed is not None and _holds(
+                    s, bounds, cmp.same, stats, cmp.same, seen_stats, now):
+                standing = still_standing(kept, cmp.changed, self._inputs_of)
+                new.merge(cmp.same, [], stats)  # (what the next record must name in turn)
                 if not verifier.take_back(s.new, standing):
                     why = "another generation began meanwhile"
                 steps, again = len(standing), len(kept) - len(standing)
             if why is None and answers and _holds(s, bounds, files, stats, seen, seen_stats,
                                                   now):
                 taken = answers
-            elif why is None and answers and standing is not None and all(
-                    seen[path] == digest for path, digest in files.items()
-                    if path not in resting):
+            elif why is None and answers and standing is not None and cmp.caches_same:
                 # only traces changed: the answers whose step stands (the binary caches'
                 # files they rest on read the same)
                 taken = [item for item in answers if item[2].step in standing]
             else:
                 taken = []
             if taken:
-                unchanged = {p: d for p, d in files.items() if seen[p] == d}
-                new.merge(unchanged, [], stats)
+                new.merge(cmp.unchanged, [], stats)
                 for key, expires, answer in taken:  # (each for what it had left to live)
                     memo.put((key, s.new), answer, expires)
                 answered = len(taken)
@@ -193,7 +191,7 @@ class WarmStart:
                         f"{why}", reason=why, steps=0, answers=0, steps_again=0,
                         generation=s.new[1])
             return
-        checked = len(unchanged) if answered else len(same)
+        checked = len(cmp.unchanged) if answered else len(cmp.same)
         events.emit("gate-generation", "ok",
                     f"generation {s.new[1]} took over {steps} verified steps and {answered} "
                     f"answers of generation {s.old[1]}: the {checked} files they were decided "
@@ -233,16 +231,16 @@ class WarmStart:
             self.log.merge(files, [], stats)  # what the replayed answers rest on, checked now
             self.kept = steps
             return self._replay(memo, gen, good), len(steps)
-        resting, same, changed = _compared(files, seen, cache_roots, trace_dirs)
-        if changed is None or not replay.holds({**record, "files": same}, {
-                p: seen[p] for p in same}, seen_stats, when):
+        cmp = _compared(files, seen, cache_roots, trace_dirs)
+        if cmp.changed is None or not replay.holds({**record, "files": cmp.same}, cmp.same,
+                                                   seen_stats, when):
             return 0, 0
-        self.kept = still_standing(steps, changed, self._inputs_of)
-        if not all(seen[p] == d for p, d in files.items() if p not in resting):
-            self.log.merge(same, [], stats)
+        self.kept = still_standing(steps, cmp.changed, self._inputs_of)
+        if not cmp.caches_same:
+            self.log.merge(cmp.same, [], stats)
             return 0, len(steps)  # a binary cache's file changed: every answer made again
         # only traces changed: the answers of the steps that stand
-        self.log.merge({p: d for p, d in files.items() if seen[p] == d}, [], stats)
+        self.log.merge(cmp.unchanged, [], stats)
         return self._replay(memo, gen, [a for a in good if a[4] in self.kept]), len(steps)
 
     def _replay(self, memo: DecisionCache[Answer], gen: tuple[str, int],
@@ -319,16 +317,25 @@ def resting_on(files: Mapping[str, str | None], cache_roots: Sequence[str],
             if not path.startswith(caches) or path.startswith(traces)}
 
 
+@dataclass(frozen=True)
+class _Compared:
+    """The files a generation read against what they read now."""
+
+    same: dict[str, str | None]  # the files the steps rest on that read the same
+    changed: frozenset[str] | None  # the trace keys of the others (None: not all traces)
+    unchanged: dict[str, str | None]  # every file that reads the same
+    caches_same: bool  # every file only answers rest on (the binary caches') reads the same
+
+
 def _compared(files: Mapping[str, str | None], seen: Mapping[str, str | None],
-              cache_roots: Sequence[str], trace_dirs: Sequence[str]
-              ) -> tuple[dict[str, str | None], dict[str, str | None], frozenset[str] | None]:
-    """Of the files a generation read (``files``, read again as ``seen``): those the steps
-    rest on, those of them that read the same, and the trace keys of the others (None if
-    one of the others is not a trace file)."""
+              cache_roots: Sequence[str], trace_dirs: Sequence[str]) -> _Compared:
+    """Pure: ``files`` (what a generation read) against ``seen`` (the same read now)."""
     resting = resting_on(files, cache_roots, trace_dirs)
-    same = {path: digest for path, digest in resting.items() if seen[path] == digest}
-    return resting, same, trace_keys([path for path in resting if path not in same],
-                                     trace_dirs)
+    unchanged = {path: digest for path, digest in files.items() if seen[path] == digest}
+    same = {path: digest for path, digest in resting.items() if path in unchanged}
+    return _Compared(
+        same, trace_keys([path for path in resting if path not in same], trace_dirs),
+        unchanged, all(path in unchanged for path in files if path not in resting))
 
 
 def trace_keys(paths: Iterable[str], trace_dirs: Sequence[str]) -> frozenset[str] | None:
