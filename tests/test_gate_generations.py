@@ -32,7 +32,7 @@ from tracehook.verify.trustedset import KeptStep
 from traceserver import serve_traces
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synth import SIGNERS, Closure, policy_text, with_policy
+from synth import SIGNERS, Closure, with_policy
 
 AGE = 5.0  # --generation-max-age: one round of the 25-step closure takes a fraction of it
 
@@ -314,8 +314,7 @@ def test_what_was_read_over_http_is_not_handed_on(closure: tuple[Closure, Path],
                                                   tmp_path: Path) -> None:
     c, policy = closure
     with serve_traces() as server:
-        server.serve_copy(c.traces)
-        policy.write_text(policy_text(c.traces).replace(f"file://{c.traces}", server.url))
+        server.stand_in(c.traces, policy)
         argv = gate_argv(policy, [f"file://{c.cache}"], c.root, tmp_path / "gate.log",
                          "--cache-dir", str(tmp_path / "cache-dir"),
                          "--generation-max-age", str(AGE))

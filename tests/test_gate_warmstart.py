@@ -21,7 +21,7 @@ from tracehook.trace import crypto
 from traceserver import serve_traces
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synth import SIGNERS, Closure, generate, policy_text, with_policy
+from synth import SIGNERS, Closure, generate, with_policy
 
 
 def _paths(c: Closure) -> list[str]:
@@ -146,8 +146,7 @@ def test_what_cannot_be_rechecked_is_not_kept(closure: tuple[Closure, Path],
     """A trace store over HTTP: its answers cannot be re-read at start; nothing is kept."""
     c, policy = closure
     with serve_traces() as server:
-        server.serve_copy(c.traces)
-        policy.write_text(policy_text(c.traces).replace(f"file://{c.traces}", server.url))
+        server.stand_in(c.traces, policy)
         first, records = _run(c, policy, tmp_path)
         assert {s for s, _ in first.values()} == {200}
         assert not [r for r in records if r["event"] == "gate-stop" and r["outcome"] == "ok"]

@@ -147,6 +147,12 @@ class TraceServer:
         for f in (store / "traces").iterdir():
             self.state.files[f.name] = f.read_bytes()
 
+    def stand_in(self, store: Path, policy: Path) -> None:
+        """Serve a copy of the file trace store at ``store`` in its place: ``policy`` names
+        this server instead."""
+        self.serve_copy(store)
+        policy.write_text(policy.read_text().replace(f"file://{store}", self.url))
+
 
 @contextlib.contextmanager
 def serve_traces() -> Iterator[TraceServer]:
