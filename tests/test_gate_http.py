@@ -166,6 +166,11 @@ def test_file_upstream_names_a_nar_by_its_file_url(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         up.file_url("nar/../../etc/passwd")
     assert FileUpstream("file:rel", Path("rel")).file_url("nar/x.nar") is None
+    # the characters a cache path may hold that quoting changes (a path without them is
+    # its own quoted form, and is not quoted)
+    for rel in ("nar/a+b.nar", "nar/a:b=c!.nar", "n+ar/x.nar", "nar/plain-1_2.nar.zst"):
+        assert up.file_url(rel) == ("file://" + urllib.parse.quote(str(root)) + "/"
+                                    + urllib.parse.quote(rel, safe="/"))
 
 
 def test_unknown_paths_and_ids_are_404(gate: RunningGate) -> None:

@@ -90,6 +90,18 @@ def test_render_reproduces_nix(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", [NIX_HELLO, NIX_WITHREF], ids=["hello", "withref"])
+def test_render_with_another_url_and_sigs_is_the_copy_rendered(text: str) -> None:
+    """The gate's answer renders the upstream narinfo with its own URL and Sig lines: the
+    same text as a copy of the narinfo with them."""
+    ni = narinfo.parse(text)
+    for url, sigs in (("file:///c/nar/x.nar", None), (None, ("k:c2ln",)),
+                      ("file:///c/nar/x.nar", ("k:c2ln", "j:c2ln")), (None, None)):
+        copy = dataclasses.replace(ni, url=ni.url if url is None else url,
+                                   sigs=ni.sigs if sigs is None else sigs)
+        assert narinfo.render(ni, url=url, sigs=sigs) == narinfo.render(copy)
+
+
+@pytest.mark.parametrize("text", [NIX_HELLO, NIX_WITHREF], ids=["hello", "withref"])
 def test_nix_signatures_verify_over_our_fingerprint(text: str) -> None:
     ni = narinfo.parse(text)
     for sig in ni.sigs:

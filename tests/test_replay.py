@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tracehook import cli
+from tracehook.stores import readlog
 from tracehook.trace import crypto
 from tracehook.verify import replay
 
@@ -312,3 +313,16 @@ def test_a_record_others_could_write_is_not_used(closure: tuple[Closure, Path],
     assert code == 0 and REPLAYED not in err and "writable by others" in err
     (cache / "runs").chmod(0o755)
     assert REPLAYED in _run(capsys, c, policy, cache)[2]
+
+
+@pytest.mark.parametrize("path", [
+    "/a/b", "/a//b", "/a/./b", "/a/../b", "/a/b/", "/a/b/.", "/a/b/..", "a/b", "/", "//",
+    "/.", "/..", "/a/.b", "/a/..b", "/a/b..", "/a/b.", "./a", "../a", "", "///a", "/a/b/./"])
+def test_a_read_is_noted_under_its_absolute_path(path: str) -> None:
+    """What a log notes a read under is ``os.path.abspath`` of the path, including where the
+    common case (an absolute, normal path) is taken as it is."""
+    with readlog.recording() as log:
+        readlog.note_read(path, b"x")
+        readlog.note_stat(path)
+    assert list(log.files) == [os.path.abspath(path)]
+    assert list(log.stats) == [os.path.abspath(path)]

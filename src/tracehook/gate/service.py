@@ -321,22 +321,21 @@ class GateService:
             return self._refuse("narinfo", request, subject, Refusal(exc.diagnostics()))
         ni = decision.narinfo
         direct = self._direct_url(decision.upstream, ni.url)
-        if direct is not None:
-            ni = replace(ni, url=direct)
-        elif ni.url is not None and NAR_URL.fullmatch(ni.url):
+        if direct is None and ni.url is not None and NAR_URL.fullmatch(ni.url):
             self._nar_routes.put(ni.url, decision.upstream)
+        sigs: tuple[str, ...] | None = None  # (None: the upstream narinfo's own)
         if self.signing_key is not None:
             try:
-                sig = crypto.nix_sign(self.signing_key, narinfo.fingerprint(ni, self.store_dir))
+                sigs = (crypto.nix_sign(self.signing_key,
+                                        narinfo.fingerprint(ni, self.store_dir)),)
             except ParseError as exc:
                 return self._refuse("narinfo", request, subject, Refusal(
                     f"cannot sign the narinfo of {ni.store_path}: {exc.diagnostics()}"))
-            ni = replace(ni, sigs=(sig,))
         if verdict is not None:
             self.log.allowed_path(request, expected.step, ni, verdict,
                                   self.urls[decision.upstream])
-        return Answer(200, narinfo.render(ni).encode(), "text/x-nix-narinfo",
-                      step=expected.step)
+        return Answer(200, narinfo.render(ni, url=direct, sigs=sigs).encode(),
+                      "text/x-nix-narinfo", step=expected.step)
 
     def _expected_for(self, hp: str) -> tuple[Expected, Verdict | None] | Refusal | None:
         """What the path with hash part ``hp`` must be, from the first step that says

@@ -98,11 +98,14 @@ def parse(text: str, what: str = "narinfo") -> NarInfo:
     )
 
 
-def render(ni: NarInfo) -> str:
-    """The narinfo text in Nix's field order; absent optional fields are left out."""
+def render(ni: NarInfo, url: str | None = None, sigs: tuple[str, ...] | None = None) -> str:
+    """The narinfo text in Nix's field order; absent optional fields are left out. ``url``
+    and ``sigs``, when given, stand for the narinfo's own (the gate's answer: cheaper than
+    a copy of the narinfo with them)."""
     lines = [f"StorePath: {ni.store_path}"]
-    if ni.url is not None:
-        lines.append(f"URL: {ni.url}")
+    url = ni.url if url is None else url
+    if url is not None:
+        lines.append(f"URL: {url}")
     if ni.compression is not None:
         lines.append(f"Compression: {ni.compression}")
     if ni.file_hash is not None:
@@ -116,7 +119,7 @@ def render(ni: NarInfo) -> str:
         lines.append(f"Deriver: {ni.deriver}")
     if ni.system is not None:
         lines.append(f"System: {ni.system}")
-    lines.extend(f"Sig: {sig}" for sig in ni.sigs)
+    lines.extend(f"Sig: {sig}" for sig in (ni.sigs if sigs is None else sigs))
     if ni.ca is not None:
         lines.append(f"CA: {ni.ca}")
     lines.extend(f"{key}: {value}" for key, value in ni.unknown)

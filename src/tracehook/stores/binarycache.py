@@ -39,6 +39,11 @@ _REL = re.compile(r"[A-Za-z0-9+_:=!-][A-Za-z0-9+_:=!.-]*(/[A-Za-z0-9+_:=!-][A-Za
 _ABSENT = (403, 404, 410)  # S3 answers 403 for a missing key
 
 
+# What urllib.parse.quote(safe="/") changes in a path check_relative let through: a path
+# without these characters is its own quoted form.
+_QUOTED = re.compile(r"[+:=!]")
+
+
 def check_relative(rel: str) -> str:
     """``rel`` if it is a safe relative cache path (no ``..``, no leading ``/`` or ``.``)."""
     if len(rel) > 1024 or not _REL.fullmatch(rel) or ".." in rel.split("/"):
@@ -104,7 +109,9 @@ class FileUpstream:
         is not an absolute path, e.g. ``file:relative``)."""
         if self._file_prefix is None:
             return None
-        return self._file_prefix + urllib.parse.quote(check_relative(rel), safe="/")
+        rel = check_relative(rel)
+        return self._file_prefix + (urllib.parse.quote(rel, safe="/")
+                                    if _QUOTED.search(rel) else rel)
 
     def get(self, rel: str) -> bytes | None:
         try:
