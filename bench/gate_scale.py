@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gate_scale.py [--sizes 1000 10000] [--clients 8] [--runs 1]
                                          [--client stdlib|lean] [--against-src DIR]
-                                         [--top-first]
+                                         [--top-first] [--cpu]
 
 For each size, a synthetic closure shaped like a package set (bench/synth.py: floating-CA
 steps, two signers, a file trace store and a file binary cache) and, in one run:
@@ -45,6 +45,11 @@ once, before any other request), then for every path as above, the whole on the 
 what the random order costs the gate (its engine is handed the steps one by one as they
 are asked for, and decisions and answers then alternate in one interpreter).
 
+With ``--cpu``, each run also prints where the CPU went: ``tracehook verify``'s (with its
+checker processes), the cold gate's over the clock (the gate, the processes it has and
+those it waited for), the clients', and the machine's busy cores in each (``/proc/stat``):
+on these 2 cores the cold run's time is bounded by its CPU (see the README).
+
 With ``--against-src DIR`` (the ``src`` directory of another checkout: ``git worktree add
 /tmp/old REV``), each run also asks a cold gate running that code for the whole closure
 (first or second, in turn), and prints the two cold times' ratio: a change measured
@@ -62,6 +67,7 @@ import multiprocessing
 import multiprocessing.queues
 import os
 import random
+import resource
 import shutil
 import socket
 import statistics
@@ -135,6 +141,39 @@ class RssWatch:
         self._stop.set()
         self._thread.join()
         return max(self.peak, peak_rss_mib(self.pid))
+
+
+def family_cpu(pid: int) -> float:
+    """CPU seconds (user and system) of the gate, the processes it still has and those it
+    waited for (its index workers once they ended)."""
+    total = 0
+    for p in _family(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that ended and were waited for."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def busy() -> tuple[int, int]:
+    """(all, idle) jiffies of the machine since it started (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(values), values[3] + values[4]
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
+    spent, idle = after[0] - before[0], after[1] - before[1]
+    return (spent - idle) / spent * (os.cpu_count() or 1) if spent else 0.0
+
+
+# --cpu: the cold run's CPU (the gate's family over the clock, the clients', the machine's
+# busy cores), filled in by run_gate
+CPU: dict[str, float] = {}
 
 
 class LeanClient:
@@ -271,7 +310,10 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
         ready = time.perf_counter() - started
         watch = RssWatch(proc.pid)
         try:
+            gate0, clients0, busy0 = family_cpu(proc.pid), children_cpu(), busy()
             elapsed = ask_all(port, closure, clients, seed, only, first)
+            CPU.update(gate=family_cpu(proc.pid) - gate0, clients=children_cpu() - clients0,
+                       cores=busy_cores(busy0, busy()))
             second = ask_all(port, closure, clients, seed + 7) if again else 0.0
         except SystemExit:
             print(log.read_text()[-3000:], file=sys.stderr)
@@ -351,6 +393,10 @@ def main() -> None:
     ap.add_argument("--top-first", action="store_true",
                     help="also a cold gate asked first for the closure's top step alone (its "
                     "realisation: the whole closure decided at once), then for every path")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also the CPU seconds of verify (with its checker processes) and of "
+                    "the cold run (the gate with its processes over the clock; the clients), "
+                    "and the machine's busy cores in each")
     ap.add_argument("--against-src", metavar="DIR",
                     help="also a cold gate run with the code in DIR (the src directory of "
                     "another checkout, e.g. `git worktree add /tmp/old REV`: /tmp/old/src), "
@@ -375,13 +421,17 @@ def main() -> None:
                 tmp = Path(d)
                 closure, policy = with_policy(tmp, n)
                 cache_dir = tmp / "cache-dir"
+                verify0, verify_busy0 = children_cpu(), busy()
                 verify_s = run_verify(policy, closure, tmp / "verify-cache")
+                verify_cpu = children_cpu() - verify0
+                verify_cores = busy_cores(verify_busy0, busy())
                 other = 0.0
                 if against is not None and run % 2:  # (the other code first every other run)
                     other = run_gate(policy, closure, tmp / "cache-dir-against", args.clients,
                                      run, src=against)[0]
                 cold, rss, memo, ready_cold = run_gate(policy, closure, cache_dir,
                                                        args.clients, run, again=True)
+                cold_cpu = dict(CPU)
                 if against is not None and not run % 2:
                     other = run_gate(policy, closure, tmp / "cache-dir-against", args.clients,
                                      run, src=against)[0]
@@ -414,6 +464,13 @@ def main() -> None:
                       f"{incremental / cold:>11.2f}"
                       + (f" {other:>9.2f} {cold / other:>12.2f}" if other else "")
                       + (f" {top:>11.2f} {top / verify_s:>10.2f}" if top else ""), flush=True)
+                if args.cpu:
+                    print(f"{'':>7} cpu: verify {verify_cpu:.2f} s on {verify_cores:.2f} busy "
+                          f"cores; cold: gate {cold_cpu['gate']:.2f} s, clients "
+                          f"{cold_cpu['clients']:.2f} s, on {cold_cpu['cores']:.2f} busy cores; "
+                          f"gate / verify {cold_cpu['gate'] / verify_cpu:.2f}, gate and clients "
+                          f"/ verify {(cold_cpu['gate'] + cold_cpu['clients']) / verify_cpu:.2f}",
+                          flush=True)
                 if other:
                     versus.setdefault(count, []).append(cold / other)
     for count, ratios in versus.items():
