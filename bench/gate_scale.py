@@ -64,7 +64,9 @@ import argparse
 import contextlib
 import http.client
 import multiprocessing
+import multiprocessing.context
 import multiprocessing.queues
+import multiprocessing.synchronize
 import os
 import random
 import resource
@@ -248,6 +250,8 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
     taken = ctx.Value("i", 0)
     ready = ctx.Barrier(clients + 1)
     failures: multiprocessing.queues.SimpleQueue[tuple[int, str]] = ctx.SimpleQueue()
+    if CLIENT[0] == "curl":
+        return _ask_with_curl(port, work, clients, first, ctx, ready)
     kind = CLIENTS[CLIENT[0]]
 
     def client() -> None:
@@ -292,6 +296,62 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
     crashed = [p.exitcode for p in procs if p.exitcode != 0]
     if crashed:
         raise SystemExit(f"{len(crashed)} client process(es) failed (exit {crashed[0]})")
+    return elapsed
+
+
+def _ask_with_curl(port: int, work: list[tuple[str, str]], clients: int, first: str | None,
+                   ctx: multiprocessing.context.ForkContext,
+                   ready: multiprocessing.synchronize.Barrier) -> float:
+    """``ask_all`` with curl (``--client curl``), the command-line tool over libcurl, the
+    library Nix fetches with: each client process runs one curl on its share of the pairs
+    (every ``clients``-th, in the shuffled order), which asks for them one after another on
+    one keep-alive connection, each answer to /dev/null and its status to a pipe. The
+    shares are fixed beforehand (a pair is not taken from a shared counter as the Python
+    clients take it), so one client may end a little after the others."""
+    curl = shutil.which("curl")
+    if curl is None:
+        raise SystemExit("--client curl: curl is not installed (apt-get install curl)")
+    with tempfile.TemporaryDirectory(prefix="tracehook-gate-scale-curl-") as d:
+        configs = []
+        for k in range(clients):
+            paths = [p for pair in work[k::clients] for p in pair if p]
+            config = Path(d) / f"client-{k}.cfg"
+            config.write_text("".join(f'url = "http://127.0.0.1:{port}{p}"\n'
+                                      'output = "/dev/null"\n' for p in paths))
+            configs.append((config, len(paths)))
+        statuses: multiprocessing.queues.SimpleQueue[tuple[int, int, str]] = ctx.SimpleQueue()
+
+        def client(config: Path, count: int) -> None:
+            ready.wait()
+            if not count:  # (fewer pairs than clients)
+                return
+            out = subprocess.run([curl, "-s", "-K", str(config), "-w", "%{http_code}\n"],
+                                 capture_output=True, check=False)
+            codes = out.stdout.decode().split()
+            bad = [c for c in codes if c != "200"]
+            if out.returncode or bad or len(codes) != count:
+                statuses.put((len(bad) + count - len(codes), out.returncode,
+                              out.stderr.decode()[-200:] or f"status {bad[:1]}"))
+
+        procs = [ctx.Process(target=client, args=c, daemon=True) for c in configs]
+        for p in procs:
+            p.start()
+        start = time.perf_counter()
+        if first is not None:  # asked alone before the clients start, on the clock
+            conn = StdlibClient(port)
+            status, body = conn.get(first)
+            conn.close()
+            if status != 200:
+                raise SystemExit(f"{first}: {status} {body[:200]!r}")
+        ready.wait(timeout=60)
+        if first is None:
+            start = time.perf_counter()
+        for p in procs:
+            p.join()
+        elapsed = time.perf_counter() - start
+    if not statuses.empty():
+        failed, code, why = statuses.get()
+        raise SystemExit(f"{failed} request(s) failed (curl exit {code}): {why}")
     return elapsed
 
 
@@ -387,9 +447,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--client", choices=sorted(CLIENTS), default="stdlib",
-                    help="the benchmark's HTTP client (default stdlib, http.client; lean: "
-                    "a diagnostic, see LeanClient)")
+    ap.add_argument("--client", choices=sorted([*CLIENTS, "curl"]), default="stdlib",
+                    help="the benchmark's HTTP client (default stdlib, http.client; curl: "
+                    "the curl tool, over libcurl as Nix fetches; lean: a diagnostic, see "
+                    "LeanClient)")
     ap.add_argument("--top-first", action="store_true",
                     help="also a cold gate asked first for the closure's top step alone (its "
                     "realisation: the whole closure decided at once), then for every path")
