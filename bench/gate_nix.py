@@ -21,6 +21,12 @@ not build anything):
   Nix reads the NARs itself and checks them against the NarHash the gate signed);
 - **gate-nars**: the same with ``--nar-urls gate``: every NAR streamed by the gate too.
 
+With ``--order`` the gates write their log file and the benchmark prints what Nix asked
+each, in order: Nix 2.26 asks for the top step's realisation, then for every path's narinfo
+(it follows the top path's references; the gate's realisation names no dependent
+realisations, so no other realisation is asked for). ``bench/gate_scale.py --pattern nix``
+asks in that order.
+
 Each substituter is started before the consumer instantiates the closure, as a gate
 service already runs when ``nix-instantiate`` writes the .drv files (the gate indexes them in
 the background meanwhile; ``--start-after-instantiate``: after, so the index is built at
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -178,6 +185,11 @@ def main() -> None:
         help="which substitutions to time (default: all; direct is always one of them)",
     )
     ap.add_argument(
+        "--order", action="store_true",
+        help="also print what Nix asked each gate, in order (from the gate's log file, which "
+        "the gate then writes: a line an answer, a few per cent of its time)",
+    )
+    ap.add_argument(
         "--start-after-instantiate", action="store_true",
         help="start each substituter after the consumer instantiated the closure (default: "
         "before, as a gate service runs while nix-instantiate writes the .drv files it will "
@@ -307,7 +319,7 @@ def substituter(
             str(env.root),
             "--listen",
             f"127.0.0.1:{port}",
-            "--quiet",
+            *(("--log-file", str(state / "gate.log")) if args.order else ("--quiet",)),
             "--signing-key",
             str(gate_key),
             "--cache-dir",
@@ -329,7 +341,28 @@ def substituter(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        if (state / "gate.log").exists():
+            print(f"{mode} run {n}: Nix asked the gate for {asked_in_order(state / 'gate.log')}")
         shutil.rmtree(state, ignore_errors=True)
+
+
+def asked_in_order(log: Path) -> str:
+    """What a gate was asked, in order, from its log's answer lines: runs of one kind of
+    request ("1 realisation, then 601 narinfos")."""
+    kinds: list[str] = []
+    counts: list[int] = []
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        kind = record.get("request")
+        if record.get("event") != "gate" or not isinstance(kind, str):
+            continue
+        if kinds and kinds[-1] == kind:
+            counts[-1] += 1
+        else:
+            kinds.append(kind)
+            counts.append(1)
+    return ", then ".join(f"{count} {kind}{'s' if count != 1 else ''}"
+                          for count, kind in zip(counts, kinds, strict=True)) or "nothing"
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gate_scale.py [--sizes 1000 10000] [--clients 8] [--runs 1]
                                          [--client stdlib|curl|lean] [--against-src DIR]
-                                         [--top-first] [--cpu]
+                                         [--top-first] [--cpu] [--pattern issue|nix]
 
 For each size, a synthetic closure shaped like a package set (bench/synth.py: floating-CA
 steps, two signers, a file trace store and a file binary cache) and, in one run:
@@ -45,6 +45,13 @@ closure's top step alone first (its realisation: the whole closure is then decid
 once, before any other request), then for every path as above, the whole on the clock:
 what the random order costs the gate (its engine is handed the steps one by one as they
 are asked for, and decisions and answers then alternate in one interpreter).
+
+With ``--pattern nix``, every run asks as Nix 2.26 asks a gate when it substitutes the
+closure's top (``nix-build --max-jobs 0``, bench/gate_nix.py; the gate's log of that run):
+the top step's realisation alone (on the clock, before the clients start), then every
+narinfo, the clients as above; no other realisation (Nix follows the top path's references,
+narinfo by narinfo: the gate's realisation names no dependent realisations). The default,
+``issue``, is the pattern issue 14 names (each step's realisation, then its narinfo).
 
 With ``--cpu``, each run also prints where the CPU went: ``tracehook verify``'s (with its
 checker processes), the cold gate's over the clock (the gate, the processes it has and
@@ -238,6 +245,7 @@ class StdlibClient:
 CLIENTS: dict[str, type[LeanClient] | type[StdlibClient]] = {
     "lean": LeanClient, "stdlib": StdlibClient}
 CLIENT = ["stdlib"]  # set from --client
+PATTERN = ["issue"]  # set from --pattern
 
 
 def ask_all(port: int, closure: Closure, clients: int, seed: int,
@@ -248,6 +256,9 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
     client threads of one interpreter take turns at its lock, which costs CPU of its own
     (``bench/client_cost.py``), taken from the gate on these 2 cores."""
     work = closure.requests(only)
+    if PATTERN[0] == "nix" and first is None:  # (see --pattern)
+        first = f"/realisations/{closure.realisation_ids[closure.target]}.doi"
+        work = [("", narinfo) for _, narinfo in work]
     random.Random(seed).shuffle(work)
     ctx = multiprocessing.get_context("fork")
     taken = ctx.Value("i", 0)
@@ -457,6 +468,10 @@ def main() -> None:
     ap.add_argument("--top-first", action="store_true",
                     help="also a cold gate asked first for the closure's top step alone (its "
                     "realisation: the whole closure decided at once), then for every path")
+    ap.add_argument("--pattern", choices=("issue", "nix"), default="issue",
+                    help="what is asked: issue (default): each step's realisation, then its "
+                    "narinfo; nix: the top step's realisation alone, then every narinfo, as "
+                    "Nix 2.26 substituting through the gate asks (see the module's docstring)")
     ap.add_argument("--cpu", action="store_true",
                     help="also the CPU seconds of verify (with its checker processes) and of "
                     "the cold run (the gate with its processes over the clock; the clients), "
@@ -470,6 +485,7 @@ def main() -> None:
     if against is not None and not (Path(against) / "tracehook" / "__init__.py").is_file():
         raise SystemExit(f"--against-src {args.against_src}: no tracehook package there")
     CLIENT[0] = args.client
+    PATTERN[0] = args.pattern
     print(f"{'steps':>7} {'verify s':>9} {'gate cold s':>12} {'us/step':>8} {'ratio':>6} "
           f"{'RSS MiB':>8} {'warm s':>7} {'warm/cold':>9} {'leaf s':>7} {'changed':>8} "
           f"{'leaf target s':>13} {'floor s':>8} {'warm/floor':>10} {'memo s':>7} "
