@@ -37,11 +37,6 @@ import gate_scale  # noqa: E402
 from synth import with_policy  # noqa: E402
 
 
-def _cpu(who: int) -> float:
-    r = resource.getrusage(who)
-    return r.ru_utime + r.ru_stime
-
-
 def in_threads(port: int, paths: list[str], threads: int, seed: int) -> None:
     """Every path once, by ``threads`` http.client threads of this process."""
     work = list(paths)
@@ -95,7 +90,7 @@ def main() -> None:
                 for name in order[run % 4:] + order[:run % 4]:
                     who = (resource.RUSAGE_SELF if name == "stdlib-8-threads"
                            else resource.RUSAGE_CHILDREN)
-                    before = _cpu(who)
+                    before = gate_scale.rusage_cpu(who)
                     if name == "curl":
                         subprocess.run([curl, "-s", "--fail", "-K", str(config)], check=True)
                     elif name == "stdlib-8-threads":
@@ -103,7 +98,7 @@ def main() -> None:
                     else:  # one client process
                         gate_scale.CLIENT[0] = name
                         gate_scale.ask_all(port, closure, 1, run)
-                    used = _cpu(who) - before
+                    used = gate_scale.rusage_cpu(who) - before
                     got[name] = used / len(paths) * 1e6
                     costs[name].append(got[name])
                 print(f"{run:>4} " + " ".join(f"{got[n]:>18.0f}" for n in order), flush=True)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -62,6 +61,7 @@ from gate_scale import wait_ready  # noqa: E402
 
 from gatekit import key, sign_closure, write_gate_key, write_policy  # noqa: E402
 from nixharness import NixEnv, get_tier  # noqa: E402
+from tracehook.stores.eventlog import read_events  # noqa: E402
 from tracehook.trace import crypto  # noqa: E402
 
 # The test harness turns Nix's narinfo cache off (its stores are reused between tests); a
@@ -351,8 +351,7 @@ def asked_in_order(log: Path) -> str:
     request ("1 realisation, then 601 narinfos")."""
     kinds: list[str] = []
     counts: list[int] = []
-    for line in log.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_events(log):
         kind = record.get("request")
         if record.get("event") != "gate" or not isinstance(kind, str):
             continue

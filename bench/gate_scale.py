@@ -164,9 +164,10 @@ def family_cpu(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def children_cpu() -> float:
-    """CPU seconds of this process's children that ended and were waited for."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+def rusage_cpu(who: int = resource.RUSAGE_CHILDREN) -> float:
+    """CPU seconds (user and system) of this process (``resource.RUSAGE_SELF``) or of its
+    children that ended and were waited for (the default)."""
+    r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
 
 
@@ -288,7 +289,20 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
         if failed:
             failures.put((failed, first))
 
-    procs = [ctx.Process(target=client, daemon=True) for _ in range(clients)]
+    elapsed = _clocked([ctx.Process(target=client, daemon=True) for _ in range(clients)],
+                       ready, port, first, kind)
+    if not failures.empty():
+        failed, first = failures.get()
+        raise SystemExit(f"{failed} request(s) failed, e.g. {first}")
+    return elapsed
+
+
+def _clocked(procs: list[multiprocessing.context.ForkProcess],
+             ready: multiprocessing.synchronize.Barrier, port: int, first: str | None,
+             kind: type[LeanClient] | type[StdlibClient]) -> float:
+    """Start the client processes (each waits at ``ready``), ask ``first`` alone (with a
+    ``kind`` client) when given, let them go, and wait for them: the seconds from the first
+    request (``first``'s, or the clients') to the last client's end."""
     for p in procs:
         p.start()
     start = time.perf_counter()
@@ -304,9 +318,6 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
     for p in procs:
         p.join()
     elapsed = time.perf_counter() - start
-    if not failures.empty():
-        failed, first = failures.get()
-        raise SystemExit(f"{failed} request(s) failed, e.g. {first}")
     crashed = [p.exitcode for p in procs if p.exitcode != 0]
     if crashed:
         raise SystemExit(f"{len(crashed)} client process(es) failed (exit {crashed[0]})")
@@ -347,22 +358,8 @@ def _ask_with_curl(port: int, work: list[tuple[str, str]], clients: int, first: 
                 statuses.put((len(bad) + count - len(codes), out.returncode,
                               out.stderr.decode()[-200:] or f"status {bad[:1]}"))
 
-        procs = [ctx.Process(target=client, args=c, daemon=True) for c in configs]
-        for p in procs:
-            p.start()
-        start = time.perf_counter()
-        if first is not None:  # asked alone before the clients start, on the clock
-            conn = StdlibClient(port)
-            status, body = conn.get(first)
-            conn.close()
-            if status != 200:
-                raise SystemExit(f"{first}: {status} {body[:200]!r}")
-        ready.wait(timeout=60)
-        if first is None:
-            start = time.perf_counter()
-        for p in procs:
-            p.join()
-        elapsed = time.perf_counter() - start
+        elapsed = _clocked([ctx.Process(target=client, args=c, daemon=True) for c in configs],
+                           ready, port, first, StdlibClient)
     if not statuses.empty():
         failed, code, why = statuses.get()
         raise SystemExit(f"{failed} request(s) failed (curl exit {code}): {why}")
@@ -384,9 +381,9 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
         ready = time.perf_counter() - started
         watch = RssWatch(proc.pid)
         try:
-            gate0, clients0, busy0 = family_cpu(proc.pid), children_cpu(), busy()
+            gate0, clients0, busy0 = family_cpu(proc.pid), rusage_cpu(), busy()
             elapsed = ask_all(port, closure, clients, seed, only, first)
-            CPU.update(gate=family_cpu(proc.pid) - gate0, clients=children_cpu() - clients0,
+            CPU.update(gate=family_cpu(proc.pid) - gate0, clients=rusage_cpu() - clients0,
                        cores=busy_cores(busy0, busy()))
             second = ask_all(port, closure, clients, seed + 7) if again else 0.0
         except SystemExit:
@@ -501,9 +498,9 @@ def main() -> None:
                 tmp = Path(d)
                 closure, policy = with_policy(tmp, n)
                 cache_dir = tmp / "cache-dir"
-                verify0, verify_busy0 = children_cpu(), busy()
+                verify0, verify_busy0 = rusage_cpu(), busy()
                 verify_s = run_verify(policy, closure, tmp / "verify-cache")
-                verify_cpu = children_cpu() - verify0
+                verify_cpu = rusage_cpu() - verify0
                 verify_cores = busy_cores(verify_busy0, busy())
                 other = 0.0
                 if against is not None and run % 2:  # (the other code first every other run)
