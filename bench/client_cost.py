@@ -1,4 +1,4 @@
-"""What one request costs the client: curl, http.client and bench/gate_scale.py's lean client.
+"""What one request costs the client: curl, http.client, libcurl's multi interface, a lean one.
 
     .venv/bin/python bench/client_cost.py [--steps 1000] [--runs 3]
 
@@ -11,10 +11,11 @@ requests. curl (the command-line tool over libcurl, as Nix uses libcurl) reads i
 from a config file and writes each answer to /dev/null. The order of the clients rotates
 from run to run.
 
-The last column is http.client again, as 8 threads of one process sharing the work (how
+The fourth column is http.client again, as 8 threads of one process sharing the work (how
 bench/gate_scale.py ran its clients before it forked them): the CPU the process used, per
 request. Threads of one interpreter take turns at its lock, and handing it over costs CPU
-of its own.
+of its own. The last is bench/gate_scale.py's ``--client multi``: one process driving
+libcurl's multi interface with 8 connections, as Nix's own file transfer asks.
 """
 
 from __future__ import annotations
@@ -82,12 +83,12 @@ def main() -> None:
             config.write_text("".join(f'url = "http://127.0.0.1:{port}{p}"\n'
                                       'output = "/dev/null"\n' for p in paths))
             costs: dict[str, list[float]] = {"curl": [], "stdlib": [], "lean": [],
-                                             "stdlib-8-threads": []}
+                                             "stdlib-8-threads": [], "multi-8": []}
             order = list(costs)
             print(f"{'run':>4} " + " ".join(f"{n + ' us/request':>18}" for n in order))
             for run in range(args.runs):
                 got: dict[str, float] = {}
-                for name in order[run % 4:] + order[:run % 4]:
+                for name in order[run % len(order):] + order[:run % len(order)]:
                     who = (resource.RUSAGE_SELF if name == "stdlib-8-threads"
                            else resource.RUSAGE_CHILDREN)
                     before = gate_scale.rusage_cpu(who)
@@ -95,6 +96,9 @@ def main() -> None:
                         subprocess.run([curl, "-s", "--fail", "-K", str(config)], check=True)
                     elif name == "stdlib-8-threads":
                         in_threads(port, paths, 8, run)
+                    elif name == "multi-8":  # one process, 8 connections (as gate_scale)
+                        gate_scale.CLIENT[0] = "multi"
+                        gate_scale.ask_all(port, closure, 8, run)
                     else:  # one client process
                         gate_scale.CLIENT[0] = name
                         gate_scale.ask_all(port, closure, 1, run)

@@ -1,7 +1,8 @@
 """Benchmark of the gate at NixOS scale: a whole closure requested as Nix requests it.
 
     .venv/bin/python bench/gate_scale.py [--sizes 1000 10000] [--clients 8] [--runs 1]
-                                         [--client stdlib|curl|lean] [--against-src DIR]
+                                         [--client stdlib|curl|multi|lean]
+                                         [--against-src DIR]
                                          [--top-first] [--cpu] [--pattern issue|nix]
 
 For each size, a synthetic closure shaped like a package set (bench/synth.py: floating-CA
@@ -13,8 +14,10 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
   narinfo (each source: its narinfo), steps in random order, ``--clients`` clients at once,
   each a process of its own on its own keep-alive connection (http.client; ``--client
   curl``: curl, the tool over libcurl, which Nix fetches with, one process a client asking
-  for its share of the pairs; ``--client lean`` for a diagnostic client that costs less
-  than either: see ``--cpu``); total
+  for its share of the pairs; ``--client multi``: one process driving libcurl's multi
+  interface with ``--clients`` connections, as Nix's own file transfer asks, one thread
+  for all its transfers; ``--client lean`` for a diagnostic client that costs less than
+  http.client or curl: see ``--cpu``); total
   time, cost per step, the peak RSS of the gate and all its processes together (checker
   processes, index workers: the largest sum of their resident sets, looked at every 0.1 s,
   or the sum of their VmHWM at the end if larger), and the ratio to verify;
@@ -88,6 +91,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -95,6 +99,9 @@ sys.path.insert(0, str(REPO / "bench"))
 import gate  # noqa: E402
 from gate import free_port  # noqa: E402
 from synth import Closure, generate, with_policy  # noqa: E402
+
+if TYPE_CHECKING:
+    import pycurl
 
 TRACEHOOK = str(Path(sys.executable).parent / "tracehook")
 
@@ -267,6 +274,8 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
     failures: multiprocessing.queues.SimpleQueue[tuple[int, str]] = ctx.SimpleQueue()
     if CLIENT[0] == "curl":
         return _ask_with_curl(port, work, clients, first, ctx, ready)
+    if CLIENT[0] == "multi":
+        return _ask_with_multi(port, work, clients, first, ctx)
     kind = CLIENTS[CLIENT[0]]
 
     def client() -> None:
@@ -366,6 +375,93 @@ def _ask_with_curl(port: int, work: list[tuple[str, str]], clients: int, first: 
     return elapsed
 
 
+def _ask_with_multi(port: int, work: list[tuple[str, str]], connections: int,
+                    first: str | None, ctx: multiprocessing.context.ForkContext) -> float:
+    """``ask_all`` as Nix's own file transfer asks (``--client multi``): one process, one
+    thread driving libcurl's multi interface (pycurl) with at most ``connections``
+    connections open at once (Nix: ``CURLMOPT_MAX_TOTAL_CONNECTIONS``, ``http-connections``),
+    each transfer an easy handle added to the multi handle and removed when done, answers
+    kept in memory; each pair asked in turn (the narinfo after the realisation's answer), up
+    to ``connections`` pairs at once, the next pair taken as one ends. The connections are
+    opened before the clock starts (each asks for ``/nix-cache-info``), as the other
+    clients' are."""
+    import pycurl  # (only this client needs it)
+
+    ready = ctx.Barrier(2)
+    failures: multiprocessing.queues.SimpleQueue[tuple[int, str]] = ctx.SimpleQueue()
+
+    def client() -> None:
+        multi = pycurl.CurlMulti()
+        multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, connections)
+        handles = [pycurl.Curl() for _ in range(connections)]
+        _drive(multi, handles, [["/nix-cache-info"]] * connections, port)
+        ready.wait()
+        failed, example = _drive(multi, handles, [[p for p in pair if p] for pair in work],
+                                 port)
+        multi.close()
+        if failed:
+            failures.put((failed, example))
+
+    elapsed = _clocked([ctx.Process(target=client, daemon=True)], ready, port, first,
+                       StdlibClient)
+    if not failures.empty():
+        failed, example = failures.get()
+        raise SystemExit(f"{failed} request(s) failed, e.g. {example}")
+    return elapsed
+
+
+def _drive(multi: pycurl.CurlMulti, handles: list[pycurl.Curl], work: list[list[str]],
+           port: int) -> tuple[int, str]:
+    """Ask for every item of ``work`` (each a list of paths asked one after another) with
+    ``handles`` on ``multi``; (requests that failed, the first one's reason)."""
+    import pycurl
+
+    base = f"http://127.0.0.1:{port}"
+    queue = work[::-1]
+    bodies: dict[int, list[bytes]] = {}
+    pending: dict[int, list[str]] = {}  # handle -> the rest of its item
+    failed, example = 0, ""
+
+    def start(handle: pycurl.Curl, paths: list[str]) -> None:
+        chunks: list[bytes] = []
+        bodies[id(handle)] = chunks
+        pending[id(handle)] = paths[1:]
+        handle.setopt(pycurl.URL, base + paths[0])
+        handle.setopt(pycurl.WRITEFUNCTION, chunks.append)
+        multi.add_handle(handle)
+
+    active = 0
+    for handle in handles[:len(queue)]:
+        start(handle, queue.pop())
+        active += 1
+    while active:
+        while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+            pass
+        _, done, errors = multi.info_read()
+        for handle, _code, message in errors:
+            url = handle.getinfo(pycurl.EFFECTIVE_URL)
+            failed, example = failed + 1, example or f"{url}: {message}"
+        for handle in done:
+            status = handle.getinfo(pycurl.RESPONSE_CODE)
+            if status != 200:
+                failed += 1
+                example = example or (f"{handle.getinfo(pycurl.EFFECTIVE_URL)}: {status} "
+                                      f"{b''.join(bodies[id(handle)])[:200]!r}")
+        for handle in [*done, *(e[0] for e in errors)]:
+            multi.remove_handle(handle)
+            rest = pending.pop(id(handle))
+            if rest:
+                start(handle, rest)
+            elif queue:
+                start(handle, queue.pop())
+            else:
+                active -= 1
+        if active and not done and not errors:  # (a handle just added runs at once)
+            wait = multi.timeout()  # (ms; -1: none asked for)
+            multi.select(0.1 if wait < 0 else min(wait / 1000, 0.1))
+    return failed, example
+
+
 def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
              seed: int, again: bool = False, only: set[str] | None = None,
              src: str | None = None, first: str | None = None
@@ -458,9 +554,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--client", choices=sorted([*CLIENTS, "curl"]), default="stdlib",
+    ap.add_argument("--client", choices=sorted([*CLIENTS, "curl", "multi"]), default="stdlib",
                     help="the benchmark's HTTP client (default stdlib, http.client; curl: "
-                    "the curl tool, over libcurl as Nix fetches; lean: a diagnostic, see "
+                    "the curl tool, over libcurl as Nix fetches; multi: libcurl's multi "
+                    "interface in one thread, as Nix fetches; lean: a diagnostic, see "
                     "LeanClient)")
     ap.add_argument("--top-first", action="store_true",
                     help="also a cold gate asked first for the closure's top step alone (its "
