@@ -266,6 +266,7 @@ def test_what_a_process_writes_is_kept_in_memory_only_within_the_bound(
     from tracehook.stores import factcache
 
     monkeypatch.setattr(factcache, "MEMORY_BOUND", 50_000)
+    monkeypatch.setattr(factcache, "BULK_AFTER", 0)  # (read whole at the first fact asked)
     cache = FactCache(tmp_path / "a")
     cache.put("test", b"first", b"v")
     cache.flush()
@@ -290,6 +291,33 @@ def test_what_a_process_writes_is_kept_in_memory_only_within_the_bound(
     assert writer.get("test", b"0199") == b"x" * 1000
     assert writer._loaded == {}
     writer.close()
+
+
+def test_a_few_facts_are_read_alone_many_in_one_query(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that needs a few facts of a large namespace (a restarted gate deciding the
+    steps that changed) reads those alone, not the whole namespace; one that asks for more
+    than BULK_AFTER reads the namespace in one query then. The answers are the same either
+    way, found or not, damaged rows dropped."""
+    from tracehook.stores import factcache
+
+    monkeypatch.setattr(factcache, "BULK_AFTER", 5)
+    cache = FactCache(tmp_path / "a")
+    for i in range(50):
+        cache.put("test", b"%04d" % i, b"v%d" % i)
+    cache.close()
+    cache = FactCache(tmp_path / "a")
+    asked = [3, 7, 49, 60, 3]  # (60: absent)
+    assert [cache.get("test", b"%04d" % i) for i in asked] == [b"v3", b"v7", b"v49", None,
+                                                               b"v3"]
+    assert "test" not in cache._loaded  # read one at a time
+    assert cache.get("test", b"0011") == b"v11" and cache.get("test", b"0099") is None
+    loaded = cache._loaded["test"]
+    assert loaded is not None and len(loaded) == 50  # the sixth: the namespace in one query
+    assert all(cache.get("test", b"%04d" % i) == b"v%d" % i for i in range(50))
+    cache.put("test", b"new", b"n")  # written after the read: joins it
+    assert cache.get("test", b"new") == b"n"
+    cache.close()
 
 
 # ----------------------------------------------------------------- never wrong, warm

@@ -22,9 +22,11 @@ replay a whole answer, from ``runs/`` next to this database, and a restarted gat
 run's allowed answers, from ``gate/``, when every input they were decided from is
 byte-identical: :mod:`tracehook.verify.replay`, :mod:`tracehook.gate.warmstart`.)
 
-A namespace is read into memory in one query the first time it is asked for (when it holds
-at most :data:`MEMORY_BOUND` bytes; a bigger one is read a row at a time): one query instead
-of one per fact is what makes a warm run fast. Facts another process writes meanwhile are
+A namespace is read into memory in one query once :data:`BULK_AFTER` of its facts were
+asked for one at a time (when it holds at most :data:`MEMORY_BOUND` bytes; a bigger one is
+read a row at a time): one query instead of one per fact is what makes a warm run fast, and
+a run that needs only a few facts (a restarted gate asked for the steps that changed) reads
+only those. Facts another process writes meanwhile are
 not seen by that snapshot; they are computed again, which is never wrong.
 
 One SQLite database (``facts.sqlite``, WAL mode) that a gate and several CLI runs may share:
@@ -67,6 +69,7 @@ _FLUSH_ROWS = 256  # facts written in one transaction
 _OPEN_ATTEMPTS = 5  # tries to open (or, closing, to write to) a database held by another
 _MAX_PENDING = 4 * _FLUSH_ROWS  # facts kept for a later write while the database is busy
 MEMORY_BOUND = 64 * 1024 * 1024  # bytes of one namespace read into memory at once
+BULK_AFTER = 256  # facts of a namespace read one at a time before it is read whole
 _FLUSH_SECONDS = 1.0
 
 
@@ -110,6 +113,7 @@ class FactCache:
         self._flushed = time.monotonic()
         self._loaded: dict[str, dict[bytes, tuple[bytes, bytes, int]] | None] = {}
         self._loaded_bytes: dict[str, int] = {}  # what each namespace in memory holds
+        self._asked: dict[str, int] = {}  # facts asked for one at a time, by namespace
         #: whole namespaces are read into memory (up to MEMORY_BOUND each); a process that
         #: mostly writes (drvpool's workers) sets this False and reads row by row
         self.mirror = True
@@ -141,6 +145,7 @@ class FactCache:
         self._flushed = time.monotonic()
         self._loaded = {}
         self._loaded_bytes = {}
+        self._asked = {}
         self.mirror = True
         self._touched = set()
         self._off = False
@@ -271,7 +276,7 @@ class FactCache:
         pending = self._pending.get((ns, key))
         if pending is not None:
             return pending
-        loaded = self._namespace(ns)
+        loaded = self._in_memory(ns)
         if loaded is not None:
             got = loaded.get(key)
             if got is None:
@@ -303,6 +308,20 @@ class FactCache:
             with self._lock:
                 self._touched.add((ns, key))  # its last use is written with the next flush
         return value
+
+    def _in_memory(self, ns: str) -> dict[bytes, tuple[bytes, bytes, int]] | None:
+        """The namespace in memory (:meth:`_namespace`) once :data:`BULK_AFTER` of its
+        facts were asked for one at a time; None before (read that fact alone): a run that
+        needs a few facts of a large cache (a restarted gate deciding the steps that
+        changed) does not read every fact, and one that needs many reads them in one
+        query after a few hundred single ones."""
+        if ns in self._loaded:
+            return self._loaded[ns]
+        asked = self._asked.get(ns, 0)
+        if asked < BULK_AFTER:
+            self._asked[ns] = asked + 1  # (threads may miscount by a few: only a count)
+            return None
+        return self._namespace(ns)
 
     def _namespace(self, ns: str) -> dict[bytes, tuple[bytes, bytes, int]] | None:
         """Every fact of ``ns`` in memory (read in one query), or None when it is larger
