@@ -12,12 +12,12 @@ steps, two signers, a file trace store and a file binary cache) and, in one run:
 - **cold**: ``tracehook gate`` (a subprocess, a fresh ``--cache-dir``) asked for every path
   of the closure as Nix substitutes it: for each build step its realisation, then its
   narinfo (each source: its narinfo), steps in random order, ``--clients`` clients at once,
-  each a process of its own on its own keep-alive connection (http.client; ``--client
-  curl``: curl, the tool over libcurl, which Nix fetches with, one process a client asking
-  for its share of the pairs; ``--client multi``: one process driving libcurl's multi
-  interface with ``--clients`` connections, as Nix's own file transfer asks, one thread
-  for all its transfers; ``--client lean`` for a diagnostic client that costs less than
-  http.client or curl: see ``--cpu``); total
+  each on its own keep-alive connection: by default (``--client multi``) one process
+  driving libcurl's multi interface (pycurl) with ``--clients`` connections, one thread for
+  all its transfers, as Nix's own file transfer asks (``--client stdlib``: a process a
+  client, http.client, the default until the fifteenth session; ``--client curl``: curl,
+  the tool over libcurl, one process a client asking for its share of the pairs;
+  ``--client lean`` for a diagnostic client: see ``--cpu``); total
   time, cost per step, the peak RSS of the gate and all its processes together (checker
   processes, index workers: the largest sum of their resident sets, looked at every 0.1 s,
   or the sum of their VmHWM at the end if larger), and the ratio to verify;
@@ -554,11 +554,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--client", choices=sorted([*CLIENTS, "curl", "multi"]), default="stdlib",
-                    help="the benchmark's HTTP client (default stdlib, http.client; curl: "
-                    "the curl tool, over libcurl as Nix fetches; multi: libcurl's multi "
-                    "interface in one thread, as Nix fetches; lean: a diagnostic, see "
-                    "LeanClient)")
+    ap.add_argument("--client", choices=sorted([*CLIENTS, "curl", "multi"]), default="multi",
+                    help="the benchmark's HTTP client (default multi: libcurl's multi "
+                    "interface in one thread, as Nix fetches; stdlib: http.client processes, "
+                    "the default until the fifteenth session; curl: the curl tool, over "
+                    "libcurl; lean: a diagnostic, see LeanClient)")
     ap.add_argument("--top-first", action="store_true",
                     help="also a cold gate asked first for the closure's top step alone (its "
                     "realisation: the whole closure decided at once), then for every path")
