@@ -9,12 +9,14 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tracehook.gate.index import DrvIndex
+from tracehook.nix.derivation import Derivation
 from tracehook.stores import drvpool
 from tracehook.stores.factcache import FactCache
 from tracehook.stores.nixstore import StoreReader
@@ -63,8 +65,6 @@ def _same(a: DrvIndex, b: DrvIndex) -> None:
 def _counting_reader(root: Path, parsed: list[str]) -> StoreReader:
     """A reader that keeps 10 parses and notes in ``parsed`` every .drv it reads from its
     file itself (what the worker processes left to this thread)."""
-    from tracehook.nix.derivation import Derivation
-
     reader = StoreReader(str(root), max_cached=10)
     real = reader._read
 
@@ -295,6 +295,62 @@ def test_a_store_larger_than_a_round_is_read_in_rounds_inputs_first(
     assert len(rounds) >= 5
     # (what else it tried to read: the input that is not in the store)
     assert [p for p in parsed if p in paths and p not in broken] == []
+
+
+def _as_they_come(batches: list[list[drvpool.Read]], paths: list[str]
+                  ) -> list[tuple[str, Derivation, int, bool]]:
+    """What :func:`drvpool.as_inputs_arrive` gives for ``batches``: (path, derivation,
+    batches taken when it was given, whether the batches had ended)."""
+    taken: list[int] = []
+    ended: list[bool] = []
+
+    def batched() -> Iterator[list[drvpool.Read]]:
+        for n, batch in enumerate(batches):
+            taken.append(n)
+            yield batch
+
+    return [(path, drv, len(taken), bool(ended)) for path, drv, _ in
+            drvpool.as_inputs_arrive(batched(), paths, lambda: ended.append(True))]
+
+
+def test_each_parse_is_given_as_soon_as_its_inputs_were(tmp_path: Path) -> None:
+    """Within a round the caller hashes parses as the workers send them: each is given once
+    every input of it among the paths read was given, whatever order the batches come in,
+    before the next batch is taken (the caller hashes while the workers read); what still
+    waits when the batches end (after an input that never came: the workers could not read
+    it, the caller reads it itself) is given then, inputs first."""
+    import marshal
+    import random
+
+    from tracehook.nix.aterm import to_plain
+
+    closure = generate(tmp_path, 80)
+    reader = StoreReader(str(closure.root))
+    store = closure.root / "nix" / "store"
+    paths = sorted(f"/nix/store/{p.name}" for p in store.iterdir() if p.name.endswith(".drv"))
+    drvs = {p: reader.read_derivation(p) for p in paths}
+    lost = next(d for d, _ in closure.steps[5:] if any(d in drvs[u].input_drvs
+                                                         for u in paths))
+    reads = [(p, marshal.dumps(to_plain(drvs[p])), 1) for p in paths if p != lost]
+    for seed in range(5):
+        random.Random(seed).shuffle(reads)
+        batches = [reads[i:i + 7] for i in range(0, len(reads), 7)]
+        given: dict[str, int] = {}  # path -> batches taken when it was given
+        came = {path: n + 1 for n, batch in enumerate(batches) for path, _, _ in batch}
+        out = _as_they_come(batches, paths)
+        for path, drv, taken, ended in out:
+            assert drv == drvs[path]
+            assert all(inp in given for inp in drv.input_drvs if inp in drvs and inp != lost)
+            if not ended:
+                assert lost not in drv.input_drvs  # (it waits for the end)
+                # given before the next batch was taken, once it came and its inputs were
+                # given
+                due = max([came[path]] + [given[i] for i in drv.input_drvs if i in given])
+                assert taken == due, path
+            given[path] = taken
+        assert sorted(given) == sorted(p for p in paths if p != lost)
+        assert sum(not ended for *_, ended in out) >= 20  # (the sources and more, early)
+        assert any(ended for *_, ended in out)  # (those above the lost input)
 
 
 def test_few_files_or_one_core_are_read_in_the_calling_thread(tmp_path: Path,

@@ -9,12 +9,13 @@ the same :meth:`~tracehook.stores.nixstore.StoreReader.load` (the path checked a
 bytes; the parse written to the verification cache by the worker itself) and sending the
 parse back as plain values, which cost the caller a fifth of parsing. Until the first
 worker answers (starting an interpreter takes a while) the calling thread reads batches
-too. The caller takes the parses inputs first (:func:`in_dependency_order`), each just
-before it hashes it, so that it never needs an input it let go of. A store larger than
-the parses the caller may hold at once (a NixOS store of tens of thousands of .drv files)
-is read in rounds (:func:`read_ordered`): the workers first read each file for the input
-paths it names, which gives an order in which no round needs a later one's, then parse
-round after round, the next while the caller hashes this one.
+too. The workers first read each file for the input paths it names, which gives an order,
+inputs first, to parse them in; the caller takes each parse as soon as those of its inputs
+were taken (:func:`as_inputs_arrive`), and hashes it while the workers parse the next, so
+that it never needs an input it let go of or has not had yet. A store larger than the
+parses the caller may hold at once (a NixOS store of tens of thousands of .drv files) is
+read in rounds in that order (:func:`read_ordered`), no round needing a later one's, the
+next parsed while the caller hashes this one.
 
 What a worker could not read or parse is not sent back: the caller reads it again itself
 and reports it as it always does, so a broken, missing or half-written .drv is handled in
@@ -29,12 +30,12 @@ import logging
 import marshal
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 from tracehook.errors import TracehookError
-from tracehook.nix.aterm import from_plain, to_plain
+from tracehook.nix.aterm import PlainDerivation, from_plain, to_plain
 from tracehook.nix.derivation import Derivation
 from tracehook.stores.factcache import FactCache
 from tracehook.stores.files import read_bounded
@@ -151,23 +152,28 @@ def read_ordered(reader: StoreReader, paths: Sequence[str],
     core (else none: the caller's own reads do it), as (drv path, derivation, size), each
     after those of its inputs that are among them (:func:`in_dependency_order`), however
     many there are: the parses the caller holds at once are at most :data:`TOTAL_BYTES`
-    (what does not fit is the caller's). When their files (``sizes``: path -> bytes) come
-    to more than :data:`ROUND_BYTES` (a parse holds about twice its file), they are read
-    in rounds of at most that many bytes, in an order worked out first (the workers read
-    every file once for the inputs it names), so that the caller never holds more than a
-    round's parses (and the workers read the next meanwhile) and never needs an input of a
-    later round. What is not given, the caller reads itself."""
+    (what does not fit is the caller's). The workers first read every file once for the
+    inputs it names, which gives an order, inputs first, to read them in: within a round,
+    each parse is given as soon as its inputs were (:func:`as_inputs_arrive`), so the
+    caller hashes it while the workers read the next. When their files (``sizes``: path ->
+    bytes) come to more than :data:`ROUND_BYTES` (a parse holds about twice its file), they
+    are read in rounds of at most that many bytes in that order, so that the caller never
+    holds more than a round's parses (and the workers read the next meanwhile) and never
+    needs an input of a later round. What is not given, the caller reads itself."""
     workers = workers or cores()
     if len(paths) < MIN_PATHS or workers < 2:
         return
     with _Readers(reader, workers) as readers:
-        graph = None
-        if sizes is not None and sum(sizes.get(p, 0) for p in paths) > ROUND_BYTES:
-            graph = readers.graph(paths)
-        if graph is None:  # one round: few enough bytes, or no order could be worked out
-            read = readers.parses(paths)
-            readers.close()  # (the workers' memory is given back before the caller's grows)
-            yield from in_dependency_order(read)
+        graph = readers.graph(paths)
+        if graph is None or sizes is None or sum(sizes.get(p, 0) for p in paths) <= ROUND_BYTES:
+            # one round (few enough bytes, or no order could be worked out): in the order
+            # worked out, inputs first, so that the caller can hash each parse soon after
+            # it comes, while the workers read the next
+            order = list(paths) if graph is None else _inputs_first(graph)
+            if len(order) < len(paths):  # (what the workers could not read: at the end)
+                placed = set(order)
+                order += [p for p in paths if p not in placed]
+            yield from as_inputs_arrive(readers.stream(order), paths, readers.close)
             return
         assert sizes is not None
         rounds: list[list[str]] = [[]]
@@ -216,37 +222,36 @@ class _Readers:
     def parses(self, paths: Sequence[str]) -> list[Read]:
         """The parses of ``paths`` (at most :data:`TOTAL_BYTES`); what is not among them is
         the caller's."""
-        done: list[Read] = []
+        return [read for batch in self.stream(paths) for read in batch]
 
-        def take(batch: list[Read]) -> int:
-            done.extend(batch)
-            return sum(len(plain) for _, plain, _ in batch)
-
-        self._run(paths, _read_batch,
-                  lambda batch: _parses(self.reader, batch, (LARGE, ANSWER_BYTES)), take)
-        return done
+    def stream(self, paths: Sequence[str]) -> Iterator[list[Read]]:
+        """:meth:`parses`, each batch as it is read (the workers go on reading while the
+        caller takes it)."""
+        yield from self._run(paths, _read_batch,
+                             lambda batch: _parses(self.reader, batch, (LARGE, ANSWER_BYTES)),
+                             lambda batch: sum(len(plain) for _, plain, _ in batch))
 
     def graph(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]] | None:
         """Each file's input .drv paths (what does not read is not among them); None when
         the workers could not read them all, or the inputs named would pass
         :data:`TOTAL_BYTES`."""
         found: dict[str, tuple[str, ...]] = {}
-
-        def take(batch: list[Edges]) -> int:
-            found.update(batch)
-            return sum(len(p) + sum(map(len, inputs)) for p, inputs in batch)
-
-        complete = self._run(paths, _graph_batch, lambda batch: _edges(self.reader, batch),
-                             take)
-        return found if complete else None
+        answers = self._run(paths, _graph_batch, lambda batch: _edges(self.reader, batch),
+                            lambda batch: sum(len(p) + sum(map(len, inputs))
+                                              for p, inputs in batch))
+        while True:
+            try:
+                found.update(next(answers))
+            except StopIteration as end:
+                return found if end.value else None
 
     def _run(self, paths: Sequence[str], remote: Callable[[Sequence[str]], list[T]],
-             local: Callable[[Sequence[str]], list[T]], take: Callable[[list[T]], int]
-             ) -> bool:
+             local: Callable[[Sequence[str]], list[T]], size: Callable[[list[T]], int]
+             ) -> Generator[list[T], None, bool]:
         """Hand ``paths`` to the workers in batches (``remote`` in a worker; ``local`` in this
-        thread while the workers start); ``take`` each answer, which says how many bytes it
-        holds. False when it stopped before the end: :data:`TOTAL_BYTES` taken, or the
-        workers failed (the rest is then the caller's)."""
+        thread while the workers start) and give each answer as it comes (``size``: how
+        many bytes it holds). Returns False when it stopped before the end:
+        :data:`TOTAL_BYTES` given, or the workers failed (the rest is then the caller's)."""
         pool = self._start()
         if pool is None:
             return False
@@ -274,7 +279,8 @@ class _Readers:
                         self._broken(f"reading .drv files in processes failed ({exc})")
                         return False
                     self._answered = True
-                held += take(batch)
+                held += size(batch)
+                yield batch
         finally:
             for fut in pending:
                 fut.cancel()
@@ -321,6 +327,44 @@ def _inputs_first(graph: dict[str, tuple[str, ...]]) -> list[str]:
     return order
 
 
+def as_inputs_arrive(batches: Iterable[list[Read]], paths: Sequence[str],
+                     done: Callable[[], None]) -> Iterator[tuple[str, Derivation, int]]:
+    """The parses of ``batches`` as they come, as (drv path, derivation, size), each once
+    those of its inputs that are among ``paths`` were given (the caller hashes each as it
+    is given, while the workers read the next batches); ``done`` when the batches end.
+    Then what still waits (an input the workers could not read, which the caller reads
+    itself; a cycle) is given inputs first, as :func:`in_dependency_order` does."""
+    wanted = set(paths)
+    given: set[str] = set()
+    held: dict[str, tuple[PlainDerivation, int]] = {}
+    missing: dict[str, int] = {}  # path -> its inputs among ``paths`` not given yet
+    waiting: dict[str, list[str]] = {}  # input -> the paths held for it
+    ready: list[str] = []
+    for batch in batches:
+        for path, data, size in batch:
+            plain: PlainDerivation = marshal.loads(data)
+            held[path] = (plain, size)
+            blocking = [inp for inp, _ in plain[1] if inp in wanted and inp not in given]
+            if not blocking:
+                ready.append(path)
+                continue
+            missing[path] = len(blocking)
+            for inp in blocking:
+                waiting.setdefault(inp, []).append(path)
+        while ready:
+            path = ready.pop()
+            plain, size = held.pop(path)
+            given.add(path)
+            yield path, from_plain(plain), size
+            for user in waiting.pop(path, ()):
+                missing[user] -= 1
+                if not missing[user]:
+                    del missing[user]
+                    ready.append(user)
+    done()
+    yield from _inputs_first_given(held)
+
+
 def in_dependency_order(read: list[Read]) -> Iterator[tuple[str, Derivation, int]]:
     """The parses :meth:`_Readers.parses` gave, as (drv path, derivation, size), each after those
     of its inputs that are among them: so the caller that hashes them in this order never
@@ -329,6 +373,12 @@ def in_dependency_order(read: list[Read]) -> Iterator[tuple[str, Derivation, int
     it is given."""
     plains = {path: (marshal.loads(plain), size) for path, plain, size in read}
     read.clear()
+    yield from _inputs_first_given(plains)
+
+
+def _inputs_first_given(plains: dict[str, tuple[PlainDerivation, int]]
+                        ) -> Iterator[tuple[str, Derivation, int]]:
+    """``plains`` (path -> (plain derivation, size)) given inputs first, each let go of."""
     order = _inputs_first({path: tuple(inp for inp, _ in plain[1])
                            for path, (plain, _) in plains.items()})
     for path in order:
