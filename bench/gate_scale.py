@@ -275,7 +275,7 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
     if CLIENT[0] == "curl":
         return _ask_with_curl(port, work, clients, first, ctx, ready)
     if CLIENT[0] == "multi":
-        return _ask_with_multi(port, work, clients, first, ctx)
+        return _ask_with_multi(port, work, clients, first, ctx, failures)
     kind = CLIENTS[CLIENT[0]]
 
     def client() -> None:
@@ -300,10 +300,15 @@ def ask_all(port: int, closure: Closure, clients: int, seed: int,
 
     elapsed = _clocked([ctx.Process(target=client, daemon=True) for _ in range(clients)],
                        ready, port, first, kind)
-    if not failures.empty():
-        failed, first = failures.get()
-        raise SystemExit(f"{failed} request(s) failed, e.g. {first}")
+    _stop_if_failed(failures)
     return elapsed
+
+
+def _stop_if_failed(failures: multiprocessing.queues.SimpleQueue[tuple[int, str]]) -> None:
+    """SystemExit when a client process said some of its requests failed."""
+    if not failures.empty():
+        failed, example = failures.get()
+        raise SystemExit(f"{failed} request(s) failed, e.g. {example}")
 
 
 def _clocked(procs: list[multiprocessing.context.ForkProcess],
@@ -376,7 +381,8 @@ def _ask_with_curl(port: int, work: list[tuple[str, str]], clients: int, first: 
 
 
 def _ask_with_multi(port: int, work: list[tuple[str, str]], connections: int,
-                    first: str | None, ctx: multiprocessing.context.ForkContext) -> float:
+                    first: str | None, ctx: multiprocessing.context.ForkContext,
+                    failures: multiprocessing.queues.SimpleQueue[tuple[int, str]]) -> float:
     """``ask_all`` as Nix's own file transfer asks (``--client multi``): one process, one
     thread driving libcurl's multi interface (pycurl) with at most ``connections``
     connections open at once (Nix: ``CURLMOPT_MAX_TOTAL_CONNECTIONS``, ``http-connections``),
@@ -387,8 +393,7 @@ def _ask_with_multi(port: int, work: list[tuple[str, str]], connections: int,
     clients' are."""
     import pycurl  # (only this client needs it)
 
-    ready = ctx.Barrier(2)
-    failures: multiprocessing.queues.SimpleQueue[tuple[int, str]] = ctx.SimpleQueue()
+    ready = ctx.Barrier(2)  # (one client process)
 
     def client() -> None:
         multi = pycurl.CurlMulti()
@@ -404,9 +409,7 @@ def _ask_with_multi(port: int, work: list[tuple[str, str]], connections: int,
 
     elapsed = _clocked([ctx.Process(target=client, daemon=True)], ready, port, first,
                        StdlibClient)
-    if not failures.empty():
-        failed, example = failures.get()
-        raise SystemExit(f"{failed} request(s) failed, e.g. {example}")
+    _stop_if_failed(failures)
     return elapsed
 
 
