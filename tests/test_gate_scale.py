@@ -340,6 +340,80 @@ def test_a_restarted_index_reads_only_the_new_drv_files(tmp_path: Path) -> None:
     facts.close()
 
 
+def test_a_restarted_index_reads_the_whole_index_in_one_fact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a scan has indexed SNAPSHOT_AFTER .drv files, the whole index is kept in one
+    fact: a gate started again reads that instead of a fact per .drv (or the files), for
+    the .drv files still in the store (one gone since is not indexed); a .drv added
+    meanwhile is hashed from the hashes it kept. A whole index of another shape, or a row
+    of another shape, is indexed from the facts of each .drv: the same maps."""
+    import marshal
+
+    from tracehook.gate import index as index_module
+    from tracehook.gate.index import SNAPSHOT_NS, DrvIndex
+    from tracehook.stores.factcache import FactCache
+    from tracehook.stores.nixstore import StoreReader
+
+    monkeypatch.setattr(index_module, "SNAPSHOT_AFTER", 10)
+    closure = generate(tmp_path, 40)
+    facts = FactCache(tmp_path / "facts")
+    first = DrvIndex(StoreReader(str(closure.root), facts=facts))
+    first.refresh()
+    facts.close()
+    gone = sorted(first._seen)[3]
+    (closure.root / gone.lstrip("/")).unlink()
+    facts = FactCache(tmp_path / "facts")
+    reader = StoreReader(str(closure.root), facts=facts)
+    asked: list[str] = []
+    real_get = facts.get
+
+    def get(ns: str, key: bytes) -> bytes | None:
+        asked.append(ns)
+        return real_get(ns, key)
+
+    facts.get = get  # type: ignore[method-assign]
+    reads: list[str] = []
+    real_read = reader.read_derivation
+
+    def counting(path: str) -> Any:
+        reads.append(path)
+        return real_read(path)
+
+    reader.read_derivation = counting  # type: ignore[method-assign,assignment]
+    again = DrvIndex(reader)
+    assert again.refresh() == len(first) - 1
+    assert asked == [SNAPSHOT_NS] and reads == []
+    expected_ids = {rid: at for rid, at in first._by_id.items() if at[0] != gone}
+    expected_outputs = {hp: [at for at in ats if at[0] != gone]
+                        for hp, ats in first._by_output.items()}
+    expected_outputs = {hp: ats for hp, ats in expected_outputs.items() if ats}
+    assert again._by_id == expected_ids and again._by_output == expected_outputs
+    assert gone not in again._seen
+    assert all(again._hashes[p] == first._hashes[p] for p in again._seen)
+    # a .drv added while the gate was stopped: hashed from the hashes kept
+    changed = generate(tmp_path / "changed", 40, changed="pkg-30", store=closure.root)
+    new = {d for d, _ in changed.steps} - {d for d, _ in closure.steps}
+    again.refresh()
+    assert all(again.by_realisation_id(changed.realisation_ids[d]) == (d, "out") for d in new)
+    assert set(reads) == new
+
+    key = str(closure.root).encode() + b"/nix/store"
+    whole = facts.get(SNAPSHOT_NS, key)
+    assert whole is not None
+    rows = marshal.loads(whole)
+    victim = sorted(rows)[0]
+    rows[victim] = ("another", "shape")
+    for value in (marshal.dumps(["not", "a", "dict"]), b"\x00not marshal",
+                  marshal.dumps(rows)):
+        facts.put(SNAPSHOT_NS, key, value)
+        asked.clear()
+        other = DrvIndex(reader)
+        other.refresh()
+        assert "index" in asked
+        assert other._by_id == again._by_id and other._by_output == again._by_output
+    facts.close()
+
+
 def _wait_for(cond: Any, within: float = 10.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:

@@ -18,6 +18,13 @@ gate's own interpreter only hashes them, and never needs an input it let go of: 
 cores, a store of 10,000 .drv files is indexed in 1.1 s instead of 1.7 s, one of 25,000
 (more than the reader keeps) in 4.8 to 5.1 s instead of 7.9.
 
+With a verification cache (``--cache-dir``), what indexing a .drv found is kept as a fact
+of that .drv (its path names its content), and once a scan has indexed
+:data:`SNAPSHOT_AFTER` files the whole index is kept in one more fact (written again after
+every :data:`SNAPSHOT_AFTER` more): a restarted gate reads that one fact for the .drv files
+still in the store (10,000 of them in 0.09 to 0.11 s instead of 0.15 to 0.19 s: the first
+requests wait for it), and the facts of each .drv for the others.
+
 Floating content-addressed output paths are not in any .drv: the gate learns them from
 verified traces (see :mod:`tracehook.gate.service`).
 
@@ -45,7 +52,8 @@ import marshal
 import os
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
 
 from tracehook.errors import EnvironmentFault, TracehookError
 from tracehook.gate import nowait
@@ -53,6 +61,7 @@ from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.nix.storepath import hash_part
 from tracehook.stores import drvpool
 from tracehook.stores.nixstore import StoreReader
+from tracehook.verify.walk import fewer_collections
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,8 @@ def next_look(interval: float, took: float) -> float:
 
 
 YOUNG_NS = 2_000_000_000  # a .drv that failed to parse and changed this recently is looked at again
+SNAPSHOT_NS = "index-all"  # the verification cache's namespace of the whole index
+SNAPSHOT_AFTER = 256  # entries indexed otherwise before the whole index is written again
 
 
 class DrvIndex:
@@ -90,6 +101,8 @@ class DrvIndex:
         self.skipped: dict[str, str] = {}  # drv path -> why it could not be indexed (yet)
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
+        self._snapshot_read = False  # the whole index was looked for in the cache
+        self._unsnapped = 0  # entries indexed otherwise since the whole index was written
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -122,17 +135,26 @@ class DrvIndex:
                 raise EnvironmentFault(f"cannot list the Nix store directory {self.real_dir}: "
                                        f"{exc.strerror or exc}") from None
             self._mtime = mtime
+            snapshot = self._read_snapshot()
             added = 0
             new: list[tuple[str, os.DirEntry[str]]] = []
-            for name, entry in found:
-                path = f"{self.store_dir}/{name}"
-                if path in self._seen or self._unchanged_failure(path, entry):
-                    continue
-                if self._known(path):
-                    added += 1
-                else:
-                    new.append((path, entry))
-            added += self._read_new(new)
+            with fewer_collections():  # (what it enters lives on, and makes no cycles)
+                for name, entry in found:
+                    path = f"{self.store_dir}/{name}"
+                    if path in self._seen or self._unchanged_failure(path, entry):
+                        continue
+                    row = snapshot.get(path)
+                    if row is not None and self._enter_row(path, row):
+                        added += 1
+                    elif self._known(path):
+                        added += 1
+                        self._unsnapped += 1
+                    else:
+                        new.append((path, entry))
+                del snapshot
+            fresh = self._read_new(new)
+            added += fresh
+            self._unsnapped += fresh
             young = time.time_ns() - YOUNG_NS
             if any(mtime_ns > young for _, mtime_ns in self._broken.values()):
                 # one that failed may still be being written (Nix writes a .drv in place):
@@ -140,7 +162,12 @@ class DrvIndex:
                 self._mtime = None
             if added:
                 log.info("indexed %d new derivation(s), %d in all", added, len(self._seen))
-            return added
+        if self._unsnapped >= SNAPSHOT_AFTER:
+            # (after the requests that waited for the scan went on with it)
+            with self._scan_lock:
+                if self._unsnapped >= SNAPSHOT_AFTER:
+                    self._write_snapshot()
+        return added
 
     def _read_new(self, new: list[tuple[str, os.DirEntry[str]]]) -> int:
         """Index new .drv files (after the ones indexed before: a new .drv's inputs'
@@ -237,14 +264,93 @@ class DrvIndex:
             return None  # a row of another shape: index the file again
 
     def _enter(self, drv_path: str, ids: dict[str, str], outputs: dict[str, str]) -> None:
+        self._enter_parts(drv_path, ids, [(output, hash_part(path))
+                                          for output, path in outputs.items()])
+
+    def _enter_parts(self, drv_path: str, ids: Mapping[str, str],
+                     hash_parts: Iterable[tuple[str, str]]) -> None:
         with self._lock:
             self.skipped.pop(drv_path, None)
             self._waiting.discard(drv_path)
             self._seen.add(drv_path)
             for output, rid in ids.items():
                 self._by_id[rid] = (drv_path, output)
-            for output, path in outputs.items():
-                self._by_output.setdefault(hash_part(path), []).append((drv_path, output))
+            for output, hp in hash_parts:
+                self._by_output.setdefault(hp, []).append((drv_path, output))
+
+    # ------------------------------------------------------- the whole index, in one fact
+
+    def _read_snapshot(self) -> dict[str, Any]:
+        """At the first scan, what the last run wrote of the whole index
+        (:meth:`_write_snapshot`): drv path -> what indexing it found, used for the .drv
+        files listed now (a restarted gate reads one fact instead of one per .drv file:
+        about a fifth of the time at 10,000 of them); empty later, without a cache, or when
+        there is none (or it is of another shape: then the facts of each .drv are read)."""
+        facts = self.reader.facts
+        if self._snapshot_read or facts is None:
+            return {}
+        self._snapshot_read = True
+        data = facts.get(SNAPSHOT_NS, self.real_dir.encode())
+        if data is None:
+            return {}
+        try:
+            with fewer_collections():  # (many small objects that live on, no cycles)
+                rows = marshal.loads(data)
+        except (ValueError, TypeError, EOFError):
+            rows = None
+        if not isinstance(rows, dict):
+            log.warning("the index kept in the verification cache is unreadable: "
+                        "indexing from each .drv's facts")
+            return {}
+        return rows
+
+    def _enter_row(self, drv_path: str, row: Any) -> bool:
+        """Index ``drv_path`` from its row of the whole index; False when the row is not
+        of the shape :meth:`_write_snapshot` writes (the .drv is then indexed otherwise)."""
+        try:
+            ids, hash_parts, kind, hashes = row
+            named, digests = dict(ids), dict(hashes)
+            if kind not in ("regular", "deferred") or not all(
+                    isinstance(d, bytes) and len(d) == 32 for d in digests.values()):
+                return False
+            parts = [(output, hp) for output, hp in hash_parts]
+        except (ValueError, TypeError):
+            return False
+        self._hashes.setdefault(drv_path, DrvHash(digests, kind))
+        self._enter_parts(drv_path, named, parts)
+        return True
+
+    def _write_snapshot(self) -> None:
+        """Keep the whole index in one fact of the verification cache, for the next start
+        (a function of the .drv files it names, which their paths name, as each .drv's own
+        ``index`` fact is; an entry of a .drv no longer in the store is not used). Written
+        after the first scan of a store and then whenever :data:`SNAPSHOT_AFTER` entries
+        came from elsewhere; called with the scan lock held, so nothing is indexed
+        meanwhile."""
+        facts = self.reader.facts
+        if facts is None:
+            return
+        with fewer_collections():
+            facts.put(SNAPSHOT_NS, self.real_dir.encode(), marshal.dumps(self._rows()))
+        self._unsnapped = 0
+
+    def _rows(self) -> dict[str, tuple[object, ...]]:
+        """The whole index, as :meth:`_write_snapshot` keeps it."""
+        ids: dict[str, list[tuple[str, str]]] = {}
+        for rid, (drv_path, output) in self._by_id.items():
+            ids.setdefault(drv_path, []).append((output, rid))
+        hash_parts: dict[str, list[tuple[str, str]]] = {}
+        for hp, entries in self._by_output.items():
+            for drv_path, output in entries:
+                hash_parts.setdefault(drv_path, []).append((output, hp))
+        rows: dict[str, tuple[object, ...]] = {}
+        for drv_path in self._seen:
+            own = self._hashes.get(drv_path)
+            if own is not None:
+                rows[drv_path] = (tuple(ids.get(drv_path, ())),
+                                  tuple(hash_parts.get(drv_path, ())), own.kind,
+                                  tuple(own.hashes.items()))
+        return rows
 
     def add(self, drv_path: str) -> bool:
         """Index one derivation now (e.g. one a request named directly)."""

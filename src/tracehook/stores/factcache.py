@@ -14,6 +14,8 @@ costs time to compute and can never become wrong, because its key names all of i
 - ``refs``: the references found by scanning a NAR, keyed by its NAR hash.
 - ``index``: what the gate's .drv index found in a .drv (its realisation ids, the output
   paths it names, its own unmasked hash modulo), keyed by its path.
+- ``index-all``: the gate's whole .drv index (the same findings, for every .drv it
+  indexed), keyed by the store's directory: one read at a restart instead of one a .drv.
 
 Decisions are never cached: which traces a store holds, which keys the policy trusts, and
 what satisfies the trust model are read and evaluated anew on every run, so a revoked key,
