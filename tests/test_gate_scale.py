@@ -414,6 +414,38 @@ def test_a_restarted_index_reads_the_whole_index_in_one_fact(
     facts.close()
 
 
+def test_the_whole_index_is_written_again_after_many_more_and_when_the_gate_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole index is not written again for a few new .drv files (a store that grows a
+    little at a time), but when the index is closed (the gate stops) it is, with them."""
+    import marshal
+
+    from tracehook.gate import index as index_module
+    from tracehook.gate.index import SNAPSHOT_NS, DrvIndex
+    from tracehook.stores.factcache import FactCache
+    from tracehook.stores.nixstore import StoreReader
+
+    monkeypatch.setattr(index_module, "SNAPSHOT_AFTER", 10)
+    closure = generate(tmp_path, 40)
+    facts = FactCache(tmp_path / "facts")
+    index = DrvIndex(StoreReader(str(closure.root), facts=facts))
+    index.refresh()
+    key = index.real_dir.encode()
+
+    def kept() -> set[str]:
+        return set(marshal.loads(facts.get(SNAPSHOT_NS, key) or b""))
+
+    assert kept() == index._seen
+    changed = generate(tmp_path / "changed", 40, changed="pkg-30", store=closure.root)
+    new = {d for d, _ in changed.steps} - {d for d, _ in closure.steps}
+    assert 0 < len(new) < 10
+    index.refresh()
+    assert new <= index._seen and not new & kept()
+    index.close()
+    assert kept() == index._seen
+    facts.close()
+
+
 def _wait_for(cond: Any, within: float = 10.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
