@@ -293,7 +293,7 @@ class DrvIndex:
         """At the first scan, what the last run wrote of the whole index
         (:meth:`_write_snapshot`): drv path -> what indexing it found, used for the .drv
         files listed now (a restarted gate reads one fact instead of one per .drv file:
-        about a fifth of the time at 10,000 of them); empty later, without a cache, or when
+        0.6 of the time at 10,000 of them); empty later, without a cache, or when
         there is none (or it is of another shape: then the facts of each .drv are read)."""
         facts = self.reader.facts
         if self._snapshot_read or facts is None:
