@@ -260,6 +260,19 @@ def test_a_realisations_checks_answer_the_narinfo_asked_for_next(
         assert get(gate.url, f"/{hash_part(syn.ia_out)}.narinfo")[0] == 200
 
 
+def _counting_reads(reader: Any) -> list[str]:
+    """The .drv paths ``reader`` reads from now on (a list it appends to)."""
+    reads: list[str] = []
+    real = reader.read_derivation
+
+    def counting(path: str) -> Any:
+        reads.append(path)
+        return real(path)
+
+    reader.read_derivation = counting
+    return reads
+
+
 def test_a_restarted_index_reads_what_it_found_from_the_facts(tmp_path: Path) -> None:
     """The .drv index's findings (realisation ids, output paths named) are facts of the
     .drv files: a gate started again on the same --cache-dir does not parse them again,
@@ -275,14 +288,7 @@ def test_a_restarted_index_reads_what_it_found_from_the_facts(tmp_path: Path) ->
     facts.close()
     facts = FactCache(tmp_path / "facts")
     reader = StoreReader(str(closure.root), facts=facts)
-    reads: list[str] = []
-    real = reader.read_derivation
-
-    def counting(path: str) -> Any:
-        reads.append(path)
-        return real(path)
-
-    reader.read_derivation = counting  # type: ignore[method-assign,assignment]
+    reads = _counting_reads(reader)
     again = DrvIndex(reader)
     assert again.refresh() == count and reads == []
     assert again._by_id == first._by_id and again._by_output == first._by_output
@@ -315,14 +321,7 @@ def test_a_restarted_index_reads_only_the_new_drv_files(tmp_path: Path) -> None:
     assert 0 < len(new) < 10
     facts = FactCache(tmp_path / "facts")
     reader = StoreReader(str(closure.root), facts=facts)
-    reads: list[str] = []
-    real = reader.read_derivation
-
-    def counting(path: str) -> Any:
-        reads.append(path)
-        return real(path)
-
-    reader.read_derivation = counting  # type: ignore[method-assign,assignment]
+    reads = _counting_reads(reader)
     again = DrvIndex(reader)
     again.refresh()
     assert set(reads) == new
@@ -372,14 +371,7 @@ def test_a_restarted_index_reads_the_whole_index_in_one_fact(
         return real_get(ns, key)
 
     facts.get = get  # type: ignore[method-assign]
-    reads: list[str] = []
-    real_read = reader.read_derivation
-
-    def counting(path: str) -> Any:
-        reads.append(path)
-        return real_read(path)
-
-    reader.read_derivation = counting  # type: ignore[method-assign,assignment]
+    reads = _counting_reads(reader)
     again = DrvIndex(reader)
     assert again.refresh() == len(first) - 1
     assert asked == [SNAPSHOT_NS] and reads == []
@@ -397,7 +389,7 @@ def test_a_restarted_index_reads_the_whole_index_in_one_fact(
     assert all(again.by_realisation_id(changed.realisation_ids[d]) == (d, "out") for d in new)
     assert set(reads) == new
 
-    key = str(closure.root).encode() + b"/nix/store"
+    key = again.real_dir.encode()
     whole = facts.get(SNAPSHOT_NS, key)
     assert whole is not None
     rows = marshal.loads(whole)

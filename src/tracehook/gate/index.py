@@ -265,10 +265,8 @@ class DrvIndex:
             return None
         try:
             ids, outputs, kind, hashes = marshal.loads(data)
-            if kind not in ("regular", "deferred") or not all(
-                    isinstance(d, bytes) and len(d) == 32 for _, d in hashes):
-                return None
-            return dict(ids), dict(outputs), DrvHash(dict(hashes), kind)
+            own = _own_hash(kind, hashes)
+            return None if own is None else (dict(ids), dict(outputs), own)
         except (ValueError, TypeError, EOFError):
             return None  # a row of another shape: index the file again
 
@@ -318,14 +316,13 @@ class DrvIndex:
         of the shape :meth:`_write_snapshot` writes (the .drv is then indexed otherwise)."""
         try:
             ids, hash_parts, kind, hashes = row
-            named, digests = dict(ids), dict(hashes)
-            if kind not in ("regular", "deferred") or not all(
-                    isinstance(d, bytes) and len(d) == 32 for d in digests.values()):
-                return False
+            named, own = dict(ids), _own_hash(kind, hashes)
             parts = [(output, hp) for output, hp in hash_parts]
         except (ValueError, TypeError):
             return False
-        self._hashes.setdefault(drv_path, DrvHash(digests, kind))
+        if own is None:
+            return False
+        self._hashes.setdefault(drv_path, own)
         self._enter_parts(drv_path, named, parts)
         return True
 
@@ -432,6 +429,17 @@ class DrvIndex:
         if drv_path in self._seen:
             return True
         return self.reader.exists(drv_path) and self.add(drv_path)
+
+
+def _own_hash(kind: object, hashes: Any) -> DrvHash | None:
+    """A .drv's own unmasked hash modulo as the index keeps it (its kind, and (output,
+    digest) pairs), or None when it is not of that shape (ValueError or TypeError when the
+    pairs are not pairs)."""
+    digests = dict(hashes)
+    if kind not in ("regular", "deferred") or not all(
+            isinstance(d, bytes) and len(d) == 32 for d in digests.values()):
+        return None
+    return DrvHash(digests, kind)
 
 
 def _sizes(entries: dict[str, os.DirEntry[str]]) -> dict[str, int]:
