@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tracehook.errors import EnvironmentFault, ParseError, UnresolvedInput
-from tracehook.nix.aterm import parse
+from tracehook.nix.aterm import aterm_parts, parse
 from tracehook.nix.derivation import Derivation, DerivationOutput, decode_drv, encode_drv, serialize
 from tracehook.nix.derivation_hash import (
     DrvHash,
@@ -450,6 +450,54 @@ def _chain(n: int) -> tuple[dict[str, Derivation], str]:
         previous = path
     assert previous is not None
     return graph, previous
+
+
+def _tricky(outputs: dict[str, DerivationOutput], env: dict[str, str],
+            args: tuple[str, ...]) -> Derivation:
+    return Derivation(outputs=outputs, input_drvs={FOD_REC: ("out",), IA1: ("dev", "out")},
+                      input_srcs=(f"{P}-src",), platform="x86_64-linux", builder="/bin/sh",
+                      args=args, env=dict(sorted(env.items())))
+
+
+_PAIR_LOOKALIKE = '("out","/nix/store/x")'  # an env entry as text, inside a string
+
+
+@pytest.mark.parametrize("drv", [
+    # input-addressed, two outputs; strings that hold what an env entry looks like
+    _tricky({"dev": DerivationOutput(f"{P}-t-dev", "", ""),
+             "out": DerivationOutput(f"{P}-t", "", "")},
+            {"a": _PAIR_LOOKALIKE, "dev": f"{P}-t-dev", "name": "t", "out": f"{P}-t",
+             "out2": "not an output", "z": 'quote " backslash \\ tab\t é \udcff'},
+            ("-c", _PAIR_LOOKALIKE, '("dev",')),
+    # an output with no env var of its name, one whose value is escaped
+    _tricky({"dev": DerivationOutput(f"{P}-t-dev", "", ""),
+             "out": DerivationOutput(f"{P}-t", "", "")},
+            {"name": "t", "out": 'odd "value"\n'}, ()),
+    # floating content-addressed: nothing to blank but the env
+    _tricky({"out": DerivationOutput("", "r:sha256", "")},
+            {"name": "t", "out": "/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9"},
+            ("(\"out\",",)),
+], ids=["lookalikes", "escaped", "floating"])
+def test_hashing_by_substitution_in_the_read_text_matches_writing_anew(
+        drvs: dict[str, Derivation], drv: Derivation) -> None:
+    """A derivation read from its .drv text is hashed by substitution in that text
+    (realisation_ids given its path): the same hashes as writing the modulo ATerm anew,
+    whatever its strings hold; one read from text Nix would not write (an escape it does
+    not use) is written anew."""
+    loads = {**drvs, derivation_path(drv): drv}
+    for text in (serialize(drv), serialize(drv).replace('"/bin/sh"', '"\\/bin/sh"')):
+        read = parse(text)
+        fast = aterm_parts(read, read_only=True) is not None
+        assert fast == (text == serialize(drv))  # (the second one has a needless escape)
+        anew = dataclasses.replace(read)  # the same, not read from a text: written anew
+        assert aterm_parts(anew, read_only=True) is None
+        cache: dict[str, DrvHash] = {}
+        path = derivation_path(read)
+        ids = realisation_ids(read, loads.__getitem__, cache, path=path)
+        assert ids == realisation_ids(anew, loads.__getitem__)
+        assert cache[path] == hash_derivation_modulo(anew, loads.__getitem__)
+        assert (hash_derivation_modulo(read, loads.__getitem__, mask_outputs=True)
+                == hash_derivation_modulo(anew, loads.__getitem__, mask_outputs=True))
 
 
 def test_deep_graph_does_not_recurse() -> None:

@@ -166,11 +166,15 @@ def from_plain(plain: PlainDerivation) -> Derivation:
 _ESCAPE_PAIR = re.compile(r"\\(.)", re.S)
 
 
-def aterm_parts(drv: Derivation) -> tuple[str, str, str] | None:
+def aterm_parts(drv: Derivation, read_only: bool = False) -> tuple[str, str, str] | None:
     """The derivation's :attr:`~Derivation.aterm` cut around its inputs and sources:
     ``("Derive([outputs]", '"platform",', "builder, args and env)")``; None where the fast
-    reader does not take that text (it then needs the long way)."""
+    reader does not take that text (it then needs the long way), and with ``read_only``
+    where the derivation was not read from such a text (finding the cuts would then cost a
+    serialization)."""
     cuts: _Cuts | None = drv.__dict__.get("_cuts")
+    if cuts is None and read_only:
+        return None
     text = drv.aterm
     if cuts is None:  # not parsed from this text: find the cuts in the serialization
         fast = _parse_fast(text)

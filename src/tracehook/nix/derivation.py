@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -231,7 +231,7 @@ def serialize(drv: Derivation) -> str:
 
 def serialize_modulo(
     drv: Derivation,
-    actual_inputs: Mapping[str, Iterable[str]] | None,
+    actual_inputs: Mapping[str, Collection[str]] | None,
     mask_outputs: bool,
 ) -> str:
     """Nix's ``unparse(store, maskOutputs, actualInputs)``, used by hashDerivationModulo.
@@ -244,34 +244,55 @@ def serialize_modulo(
 
 
 def serialize_modulo_both(
-    drv: Derivation, actual_inputs: Mapping[str, Iterable[str]]
+    drv: Derivation, actual_inputs: Mapping[str, Collection[str]]
 ) -> tuple[str, str]:
     """``serialize_modulo`` unmasked and masked, what they share written once."""
     middle = _middle(drv, actual_inputs)
     return _unparse(drv, middle, False), _unparse(drv, middle, True)
 
 
-def _middle(drv: Derivation, actual_inputs: Mapping[str, Iterable[str]] | None) -> str:
+def _middle(drv: Derivation, actual_inputs: Mapping[str, Collection[str]] | None) -> str:
     """From the input derivations to the arguments: what masking leaves alone."""
     inputs = drv.input_drvs if actual_inputs is None else actual_inputs
-    entries = ",".join(f'("{key}",[{quote_list(_sorted(inputs[key]))}])' for key in _sorted(inputs))
     return "".join((
-        "],[", entries, "],[", quote_list(_sorted(drv.input_srcs)),
+        "],[", input_entries(inputs), "],[", quote_list(_sorted(drv.input_srcs)),
         "],", _unquoted(drv.platform), ",", _quoted(drv.builder), ",[",
         ",".join([_quoted(a) for a in drv.args]), "],[",
     ))
 
 
-def _unparse(drv: Derivation, middle: str, mask_outputs: bool) -> str:
+def input_entries(inputs: Mapping[str, Collection[str]]) -> str:
+    """The entries of an inputDrvs list: ``("<key>",["<output>",...])``, sorted, unescaped."""
+    entries = []
+    for key in _sorted(inputs):
+        names = inputs[key]
+        if len(names) == 1:  # (most often)
+            for name in names:
+                entries.append(f'("{key}",["{name}"])')
+        else:
+            entries.append(f'("{key}",[{quote_list(_sorted(names))}])')
+    return ",".join(entries)
+
+
+def outputs_text(drv: Derivation, mask_outputs: bool) -> str:
+    """The entries of the outputs list (with blank paths when ``mask_outputs``)."""
     outputs = drv.outputs
-    outs = ",".join(
+    return ",".join(
         f'("{name}","{"" if mask_outputs else o.path}","{o.hash_algo}","{o.hash}")'
         for name in _sorted(outputs)
         for o in (outputs[name],)
     )
+
+
+def env_pair(key: str, value: str) -> str:
+    """One entry of the env list."""
+    return f"({_quoted(key)},{_quoted(value)})"
+
+
+def _unparse(drv: Derivation, middle: str, mask_outputs: bool) -> str:
+    outputs = drv.outputs
     env = drv.env
     pairs = ",".join(
-        f"({_quoted(key)},{_quoted('' if mask_outputs and key in outputs else env[key])})"
-        for key in _sorted(env)
+        env_pair(key, "" if mask_outputs and key in outputs else env[key]) for key in _sorted(env)
     )
-    return "".join(("Derive([", outs, middle, pairs, "])"))
+    return "".join(("Derive([", outputs_text(drv, mask_outputs), middle, pairs, "])"))

@@ -10,6 +10,12 @@ ids (``sha256:<hex>!<output>``) come from the masked hash.
 
 The input graph is walked with an explicit stack, so depth is limited only by memory, and a
 cycle is reported by name.
+
+A derivation read from a .drv as Nix writes it (the parser keeps that text and where its
+parts are) is not written anew to be hashed: its modulo ATerm is that text with the input
+derivations, sources and masked fields substituted (:func:`_substituted`), the same bytes at
+about half the cost; this is most of what a gate indexing a store of 10,000 .drv files does
+in its own interpreter (0.23 to 0.42 s instead of 0.49 to 0.73 s on 2 cores, inputs first).
 """
 
 from __future__ import annotations
@@ -20,9 +26,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tracehook.errors import ParseError
+from tracehook.nix.aterm import aterm_parts
 from tracehook.nix.derivation import (
     Derivation,
     encode_drv,
+    env_pair,
+    input_entries,
+    outputs_text,
+    quote_list,
     serialize_modulo,
     serialize_modulo_both,
 )
@@ -77,7 +88,7 @@ def _hash_one(
     if drv.kind == "fixed":
         return _fixed_hash(drv, store_dir)
     kind, inputs = _actual_inputs(drv, cache)
-    return _digest(drv, serialize_modulo(drv, inputs, mask_outputs), kind)
+    return _digest(drv, _modulo(drv, inputs, mask_outputs), kind)
 
 
 def _hash_both(drv: Derivation, cache: MutableMapping[str, DrvHash], store_dir: str
@@ -87,8 +98,61 @@ def _hash_both(drv: Derivation, cache: MutableMapping[str, DrvHash], store_dir: 
         fixed = _fixed_hash(drv, store_dir)
         return fixed, fixed
     kind, inputs = _actual_inputs(drv, cache)
-    unmasked, masked = serialize_modulo_both(drv, inputs)
+    unmasked, masked = _modulo_both(drv, inputs)
     return _digest(drv, unmasked, kind), _digest(drv, masked, kind)
+
+
+def _modulo_both(drv: Derivation, inputs: dict[str, set[str]]) -> tuple[str, str]:
+    """``serialize_modulo_both(drv, inputs)``, by substitution where it can
+    (:func:`_substituted`)."""
+    parts = aterm_parts(drv, read_only=True)
+    if parts is not None:
+        middle = _middle(drv, parts, inputs)
+        masked = _substituted(drv, parts, middle, True)
+        if masked is not None:
+            return parts[0] + middle + parts[2], masked
+    return serialize_modulo_both(drv, inputs)
+
+
+def _modulo(drv: Derivation, inputs: dict[str, set[str]], mask_outputs: bool) -> str:
+    """``serialize_modulo(drv, inputs, mask_outputs)``, by substitution where it can."""
+    parts = aterm_parts(drv, read_only=True)
+    text = (None if parts is None
+            else _substituted(drv, parts, _middle(drv, parts, inputs), mask_outputs))
+    return serialize_modulo(drv, inputs, mask_outputs) if text is None else text
+
+
+def _middle(drv: Derivation, parts: tuple[str, str, str], inputs: dict[str, set[str]]) -> str:
+    """What :func:`_substituted` writes between the outputs and the builder."""
+    return f",[{input_entries(inputs)}],[{quote_list(list(drv.input_srcs))}],{parts[1]}"
+
+
+def _substituted(drv: Derivation, parts: tuple[str, str, str], middle: str,
+                 mask_outputs: bool) -> str | None:
+    """The modulo ATerm written by substitution in the text the derivation was read from
+    (``parts``: :func:`~tracehook.nix.aterm.aterm_parts`, a .drv as Nix writes it; ``middle``:
+    :func:`_middle`, the inputs as hashDerivationModulo writes them, the sources and the
+    platform), which costs half of writing it anew; None where it cannot (never for a text
+    the parser kept).
+
+    Exact: that text is what serializing gives (the parser keeps its parts only then);
+    masking blanks the output paths, written here, and the value of each env var named
+    after an output, found in the text as ``("<output>",<value as written>)``: a ``("``
+    outside a string opens an env entry there (a quote inside a string is escaped), and
+    each name is written once."""
+    head, _, tail = parts
+    if not mask_outputs:
+        return head + middle + tail
+    for name in drv.outputs:
+        value = drv.env.get(name)
+        if value is None:
+            continue
+        pair = env_pair(name, value)
+        at = tail.find(pair[:len(name) + 4])  # ("<output>",
+        if at < 0 or not tail.startswith(pair, at):
+            return None
+        tail = tail[:at] + env_pair(name, "") + tail[at + len(pair):]
+    return f"Derive([{outputs_text(drv, True)}]" + middle + tail
 
 
 def _actual_inputs(drv: Derivation, cache: MutableMapping[str, DrvHash]
