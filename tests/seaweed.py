@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -225,6 +226,7 @@ class Seaweed:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        self._remove_sockets()
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -236,6 +238,19 @@ class Seaweed:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """The Unix sockets ``weed`` makes beside its ports
+        (``/tmp/seaweedfs-<server>[-grpc]-<port>.sock``, gRPC on the port + 10000) and
+        leaves there when it stops: removed, so that a test session leaves none behind (a
+        restart makes them again)."""
+        for tmp in {Path("/tmp"), Path(tempfile.gettempdir())}:
+            for port in self.ports:
+                for number in (port, port + 10000):
+                    for sock in tmp.glob(f"seaweedfs-*-{number}.sock"):
+                        with contextlib.suppress(OSError):
+                            sock.unlink()
 
     # ----------------------------------------------------------------------- buckets
 
