@@ -4,7 +4,7 @@ A gate starting on a store of 10,000 derivations reads, parses and checks each .
 before it can answer the first request (the index: :mod:`tracehook.gate.index`); in the
 gate's own process that is 1.7 s of one core under the interpreter's lock, which the HTTP
 front and the engine then wait for. :func:`read_ordered` hands batches of paths to worker
-processes (``spawn``: fresh interpreters, safe beside the gate's threads), each running
+processes (forked from a server process, :mod:`tracehook.stores.workers`), each running
 the same :meth:`~tracehook.stores.nixstore.StoreReader.load` (the path checked against the
 bytes; the parse written to the verification cache by the worker itself) and sending the
 parse back as plain values, which cost the caller a fifth of parsing. Until the first
@@ -387,10 +387,11 @@ def _inputs_first_given(plains: dict[str, tuple[PlainDerivation, int]]
 
 
 def _start(reader: StoreReader, workers: int) -> ProcessPoolExecutor:
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+    from tracehook.stores import workers as worker_processes
+
+    return ProcessPoolExecutor(workers, mp_context=worker_processes.context(),
                                initializer=_init,
                                initargs=(reader.root, reader.store_dir, reader.verify_paths,
                                          reader.facts, (LARGE, ANSWER_BYTES)))

@@ -36,7 +36,8 @@ from tracehook.verify.trusted import Checked, Facts, KeyRing, Plain, readmit, to
 
 if TYPE_CHECKING:  # multiprocessing is imported when processes start (~30 ms otherwise)
     from multiprocessing.connection import Connection
-    from multiprocessing.context import SpawnContext
+
+    from tracehook.stores.workers import Context
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class WorkerLost(BrokenExecutor):
 class _Worker:
     """One checker process, its pipe, and the batches it has not answered (in order)."""
 
-    def __init__(self, ctx: SpawnContext, args: tuple[Any, ...]) -> None:
+    def __init__(self, ctx: Context, args: tuple[Any, ...]) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_serve, args=(child, *args), daemon=True,
                                    name="tracehook-checker")
@@ -246,7 +247,8 @@ class _Worker:
 class CheckPool:
     """Worker processes that fetch and check batches of trace keys.
 
-    Started with ``spawn`` (a fresh interpreter: safe beside the caller's threads), each
+    Forked from a server process that imported their code (:mod:`tracehook.stores.workers`:
+    safe beside the caller's threads), each
     with a pipe of its own: a batch is one message each way, read back by one thread per
     worker. A batch goes to the worker with the fewest unanswered batches.
     """
@@ -255,9 +257,9 @@ class CheckPool:
                  workers: int, facts: Facts | None = None) -> None:
         self.workers = workers
         self.broken = False  # set when a batch found a worker gone
-        import multiprocessing
+        from tracehook.stores import workers as worker_processes
 
-        ctx = multiprocessing.get_context("spawn")
+        ctx = worker_processes.context()
         self._procs: list[_Worker] = []
         try:
             record = readlog.is_recording()
