@@ -513,11 +513,13 @@ def gate_process(policy: Path, closure: Closure, cache_dir: Path, log: Path | No
         wait_ready(port, proc)
         yield port, proc
     finally:
+        family = set(_family(proc.pid)) - {proc.pid}  # (its workers' server, its workers)
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        _reap(family)  # (those handed to this process when the gate ended)
 
 
 def run_floor(closure: Closure, tmp: Path, clients: int, seed: int) -> float:
@@ -546,18 +548,26 @@ def run_floor(closure: Closure, tmp: Path, clients: int, seed: int) -> float:
 def run_verify(policy: Path, closure: Closure, cache_dir: Path) -> float:
     """``tracehook verify`` as a user runs it the first time (a fresh verification cache).
     Its worker processes are forked from a server process it starts and does not wait for
-    (tracehook.stores.workers): this process is made their subreaper and waits for them
-    after verify ends, so that their CPU is in its RUSAGE_CHILDREN (``--cpu``)."""
-    _subreaper()
+    (tracehook.stores.workers): they are handed to this process (:func:`_subreaper`), which
+    waits for them after verify ends, so that their CPU is in its RUSAGE_CHILDREN
+    (``--cpu``)."""
     start = time.perf_counter()
     proc = subprocess.Popen([TRACEHOOK, "verify", closure.target, "--policy", str(policy),
                              "--store", str(closure.root), "--cache-dir", str(cache_dir)],
                             stdout=subprocess.DEVNULL)
-    seen: set[int] = set()
-    while proc.poll() is None:  # (its processes, to wait for when they are left to us)
-        seen.update(_family(proc.pid))
-        time.sleep(0.05)
+    seen: set[int] = set()  # its processes, to wait for when they are left to this one
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            seen.update(_family(proc.pid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    proc.wait()
     took = time.perf_counter() - start
+    done.set()
+    watcher.join()
     if proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, proc.args)
     _reap(seen - {proc.pid})
@@ -566,7 +576,8 @@ def run_verify(policy: Path, closure: Closure, cache_dir: Path) -> float:
 
 def _subreaper() -> None:
     """Make this process the one that orphans below it are handed to (Linux prctl
-    PR_SET_CHILD_SUBREAPER), so that it can wait for them and count their CPU."""
+    PR_SET_CHILD_SUBREAPER), so that it can wait for them and count their CPU; called once,
+    at the start."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -615,6 +626,7 @@ def main() -> None:
                     "another checkout, e.g. `git worktree add /tmp/old REV`: /tmp/old/src), "
                     "alternated with this one's, and their ratio")
     args = ap.parse_args()
+    _subreaper()
     against = str(Path(args.against_src).resolve()) if args.against_src else None
     if against is not None and not (Path(against) / "tracehook" / "__init__.py").is_file():
         raise SystemExit(f"--against-src {args.against_src}: no tracehook package there")
