@@ -20,7 +20,16 @@ _counter = itertools.count()
 # Every tracehook run of the suite (in process or not) shares one persistent verification
 # cache, fresh for the session: the suite runs cold and warm against it, never against the
 # user's ~/.cache/tracehook.
-os.environ.setdefault("TRACEHOOK_CACHE_DIR", tempfile.mkdtemp(prefix="tracehook-facts-"))
+# The directory is removed when the session ends (one given from outside is left alone).
+_SESSION_CACHE: str | None = None
+if "TRACEHOOK_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="tracehook-facts-")
+    os.environ["TRACEHOOK_CACHE_DIR"] = _SESSION_CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", params=TIERS, ids=[f"nix-{t}" for t in TIERS])
