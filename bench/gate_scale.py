@@ -59,7 +59,12 @@ narinfo by narinfo: the gate's realisation names no dependent realisations). The
 With ``--cpu``, each run also prints where the CPU went: ``tracehook verify``'s (with its
 checker processes), the cold gate's over the clock (the gate, the processes it has and
 those it waited for), the clients', and the machine's busy cores in each (``/proc/stat``):
-on these 2 cores the cold run's time is bounded by its CPU (see the README).
+on these 2 cores the cold run's time is bounded by its CPU (see the README). And each
+one's interpreter: the CPU of the gate's own process over the clock (all its threads: the
+HTTP loop, the engine, the index; one interpreter lock) and of verify's (looked at every
+50 ms while it runs: at most that short), each with its share of the time: the part of the
+work that cannot go to the other core (above 1 only where threads run C code, hashing or
+signature checks, without the interpreter's lock).
 
 With ``--against-src DIR`` (the ``src`` directory of another checkout: ``git worktree add
 /tmp/old REV``), each run also asks a cold gate running that code for the whole closure
@@ -171,6 +176,15 @@ def family_cpu(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def own_cpu(pid: int) -> float | None:
+    """CPU seconds (user and system) of the process ``pid`` alone, all its threads (one
+    interpreter), without its children; None once it is gone."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
 def rusage_cpu(who: int = resource.RUSAGE_CHILDREN) -> float:
     """CPU seconds (user and system) of this process (``resource.RUSAGE_SELF``) or of its
     children that ended and were waited for (the default)."""
@@ -190,8 +204,10 @@ def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 
 # --cpu: the cold run's CPU (the gate's family over the clock, the clients', the machine's
-# busy cores), filled in by run_gate
+# busy cores, the gate's own process: its one interpreter), filled in by run_gate
 CPU: dict[str, float] = {}
+# --cpu: the CPU of verify's own process (its interpreter), filled in by run_verify
+VERIFY_OWN = [0.0]
 
 
 class LeanClient:
@@ -481,9 +497,11 @@ def run_gate(policy: Path, closure: Closure, cache_dir: Path, clients: int,
         watch = RssWatch(proc.pid)
         try:
             gate0, clients0, busy0 = family_cpu(proc.pid), rusage_cpu(), busy()
+            own0 = own_cpu(proc.pid) or 0.0
             elapsed = ask_all(port, closure, clients, seed, only, first)
             CPU.update(gate=family_cpu(proc.pid) - gate0, clients=rusage_cpu() - clients0,
-                       cores=busy_cores(busy0, busy()))
+                       cores=busy_cores(busy0, busy()),
+                       own=(own_cpu(proc.pid) or 0.0) - own0, clock=elapsed)
             second = ask_all(port, closure, clients, seed + 7) if again else 0.0
         except SystemExit:
             print(log.read_text()[-3000:], file=sys.stderr)
@@ -552,6 +570,7 @@ def run_verify(policy: Path, closure: Closure, cache_dir: Path) -> float:
     waits for them after verify ends, so that their CPU is in its RUSAGE_CHILDREN
     (``--cpu``)."""
     start = time.perf_counter()
+    VERIFY_OWN[0] = 0.0
     proc = subprocess.Popen([TRACEHOOK, "verify", closure.target, "--policy", str(policy),
                              "--store", str(closure.root), "--cache-dir", str(cache_dir)],
                             stdout=subprocess.DEVNULL)
@@ -561,6 +580,9 @@ def run_verify(policy: Path, closure: Closure, cache_dir: Path) -> float:
     def watch() -> None:
         while not done.wait(0.05):
             seen.update(_family(proc.pid))
+            own = own_cpu(proc.pid)  # (the last look before it ends: at most 50 ms short)
+            if own is not None:
+                VERIFY_OWN[0] = own
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -620,7 +642,8 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true",
                     help="also the CPU seconds of verify (with its checker processes) and of "
                     "the cold run (the gate with its processes over the clock; the clients), "
-                    "and the machine's busy cores in each")
+                    "the machine's busy cores in each, and the CPU of each one's own process "
+                    "(its interpreter) with its share of the time")
     ap.add_argument("--against-src", metavar="DIR",
                     help="also a cold gate run with the code in DIR (the src directory of "
                     "another checkout, e.g. `git worktree add /tmp/old REV`: /tmp/old/src), "
@@ -649,7 +672,7 @@ def main() -> None:
                 cache_dir = tmp / "cache-dir"
                 verify0, verify_busy0 = rusage_cpu(), busy()
                 verify_s = run_verify(policy, closure, tmp / "verify-cache")
-                verify_cpu = rusage_cpu() - verify0
+                verify_cpu, verify_own = rusage_cpu() - verify0, VERIFY_OWN[0]
                 verify_cores = busy_cores(verify_busy0, busy())
                 other = 0.0
                 if against is not None and run % 2:  # (the other code first every other run)
@@ -695,7 +718,10 @@ def main() -> None:
                           f"cores; cold: gate {cold_cpu['gate']:.2f} s, clients "
                           f"{cold_cpu['clients']:.2f} s, on {cold_cpu['cores']:.2f} busy cores; "
                           f"gate / verify {cold_cpu['gate'] / verify_cpu:.2f}, gate and clients "
-                          f"/ verify {(cold_cpu['gate'] + cold_cpu['clients']) / verify_cpu:.2f}",
+                          f"/ verify {(cold_cpu['gate'] + cold_cpu['clients']) / verify_cpu:.2f}"
+                          f"; interpreter: gate {cold_cpu['own']:.2f} s "
+                          f"({cold_cpu['own'] / cold_cpu['clock']:.2f} of the clock), verify "
+                          f"{verify_own:.2f} s ({verify_own / verify_s:.2f})",
                           flush=True)
                 if other:
                     versus.setdefault(count, []).append(cold / other)
