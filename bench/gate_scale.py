@@ -165,24 +165,28 @@ class RssWatch:
         return max(self.peak, peak_rss_mib(self.pid))
 
 
+def _cpu_ticks(pid: int) -> tuple[int, int, int, int] | None:
+    """(utime, stime, cutime, cstime) of ``pid`` in clock ticks (/proc/PID/stat); None
+    once it is gone."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+        return utime, stime, cutime, cstime
+    return None
+
+
 def family_cpu(pid: int) -> float:
     """CPU seconds (user and system) of the gate, the processes it still has and those it
     waited for (its index workers once they ended)."""
-    total = 0
-    for p in _family(pid):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    total = sum(sum(ticks) for p in _family(pid) if (ticks := _cpu_ticks(p)) is not None)
     return total / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu(pid: int) -> float | None:
     """CPU seconds (user and system) of the process ``pid`` alone, all its threads (one
     interpreter), without its children; None once it is gone."""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return None
+    ticks = _cpu_ticks(pid)
+    return None if ticks is None else (ticks[0] + ticks[1]) / os.sysconf("SC_CLK_TCK")
 
 
 def rusage_cpu(who: int = resource.RUSAGE_CHILDREN) -> float:
@@ -206,8 +210,6 @@ def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
 # --cpu: the cold run's CPU (the gate's family over the clock, the clients', the machine's
 # busy cores, the gate's own process: its one interpreter), filled in by run_gate
 CPU: dict[str, float] = {}
-# --cpu: the CPU of verify's own process (its interpreter), filled in by run_verify
-VERIFY_OWN = [0.0]
 
 
 class LeanClient:
@@ -563,14 +565,16 @@ def run_floor(closure: Closure, tmp: Path, clients: int, seed: int) -> float:
         proc.wait(timeout=20)
 
 
-def run_verify(policy: Path, closure: Closure, cache_dir: Path) -> float:
-    """``tracehook verify`` as a user runs it the first time (a fresh verification cache).
+def run_verify(policy: Path, closure: Closure, cache_dir: Path) -> tuple[float, float]:
+    """``tracehook verify`` as a user runs it the first time (a fresh verification cache):
+    its seconds, and the CPU seconds of its own process (its interpreter; looked at every
+    50 ms while it runs, so at most that short).
     Its worker processes are forked from a server process it starts and does not wait for
     (tracehook.stores.workers): they are handed to this process (:func:`_subreaper`), which
     waits for them after verify ends, so that their CPU is in its RUSAGE_CHILDREN
     (``--cpu``)."""
     start = time.perf_counter()
-    VERIFY_OWN[0] = 0.0
+    own = 0.0
     proc = subprocess.Popen([TRACEHOOK, "verify", closure.target, "--policy", str(policy),
                              "--store", str(closure.root), "--cache-dir", str(cache_dir)],
                             stdout=subprocess.DEVNULL)
@@ -578,11 +582,10 @@ def run_verify(policy: Path, closure: Closure, cache_dir: Path) -> float:
     done = threading.Event()
 
     def watch() -> None:
+        nonlocal own
         while not done.wait(0.05):
             seen.update(_family(proc.pid))
-            own = own_cpu(proc.pid)  # (the last look before it ends: at most 50 ms short)
-            if own is not None:
-                VERIFY_OWN[0] = own
+            own = own_cpu(proc.pid) or own  # (the last look before it ends)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -593,7 +596,7 @@ def run_verify(policy: Path, closure: Closure, cache_dir: Path) -> float:
     if proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, proc.args)
     _reap(seen - {proc.pid})
-    return took
+    return took, own
 
 
 def _subreaper() -> None:
@@ -671,8 +674,8 @@ def main() -> None:
                 closure, policy = with_policy(tmp, n)
                 cache_dir = tmp / "cache-dir"
                 verify0, verify_busy0 = rusage_cpu(), busy()
-                verify_s = run_verify(policy, closure, tmp / "verify-cache")
-                verify_cpu, verify_own = rusage_cpu() - verify0, VERIFY_OWN[0]
+                verify_s, verify_own = run_verify(policy, closure, tmp / "verify-cache")
+                verify_cpu = rusage_cpu() - verify0
                 verify_cores = busy_cores(verify_busy0, busy())
                 other = 0.0
                 if against is not None and run % 2:  # (the other code first every other run)
