@@ -447,6 +447,27 @@ def _wait_for(cond: Any, within: float = 10.0) -> bool:
     return bool(cond())
 
 
+def test_the_realisation_of_a_fixed_output_step_is_answered_as_its_narinfo_is(
+        tmp_path: Path) -> None:
+    """A fixed-output step's value is pinned by its .drv, not by a NAR hash in a trace: its
+    realisation is checked against the upstream's narinfo as the narinfo request checks it
+    (it was checked against an empty NAR hash, and answered 500)."""
+    closure, policy = with_policy(tmp_path / "built", 30)
+    with running_gate(policy, [f"file://{closure.cache}"], str(closure.root),
+                      tmp_path / "gate.log") as gate:
+        index = gate.server.service.index
+        index.refresh()
+        reader = index.reader
+        fixed = [(rid, drv) for rid, (drv, _) in index._by_id.items()
+                 if reader.read_derivation(drv).kind == "fixed"]
+        assert fixed
+        for rid, drv in fixed:
+            status, body = get(gate.url, f"/realisations/{rid}.doi")
+            assert status == 200, body
+            out = reader.read_derivation(drv).outputs["out"].path
+            assert json.loads(body)["outPath"] == out.rsplit("/", 1)[1]
+
+
 def test_drv_files_written_while_the_gate_runs_are_indexed_before_a_request(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """What nix-instantiate writes while the gate runs is indexed in the background (every

@@ -114,7 +114,8 @@ class GateLog:
             f"allowed {printable(verdict.name)}^{output} -> {value.path}: "
             f"{admitted(verdict)}",
             reason=None, request="realisation", id=request, drv=drv_path, name=verdict.name,
-            output=output, path=value.path, nar_hash=format_nar_hash(value.nar_hash),
+            output=output, path=value.path,
+            nar_hash=format_nar_hash(value.nar_hash) if value.nar_hash else None,  # (fixed)
             trust=verdict.basis, signers=list(verdict.signers),
             cache_keys=list(verdict.cache_keys), cache_signed=list(verdict.relied),
             covered_without_traces=verdict.covered,

@@ -213,7 +213,15 @@ class GateService:
         refusal: Refusal | None = None
         fault: Fault | None = None
         for value in values:
-            expected = _expected(verdict, value)
+            if verdict.basis == "fixed":  # pinned by its .drv, as the narinfo path checks it
+                fixed = self._fixed(verdict.drv_path,
+                                    self.index.reader.read_derivation(verdict.drv_path))
+                if isinstance(fixed, Refusal):
+                    refusal = refusal or fixed
+                    continue
+                expected = fixed[0]
+            else:
+                expected = _expected(verdict, value)
             if value.conflict:
                 refusal = refusal or Refusal(
                     f"{value.path}: the trusted claims attest different references",
