@@ -209,3 +209,36 @@ def test_a_claim_whose_outputs_cannot_be_the_steps_is_tamper_evidence(
     [rejected] = trusted.rejected(STEP)
     assert rejected.kind == "wrong-output" and problem in rejected.detail, rejected
     assert any(problem in seen for seen in trusted.sightings(STEP))
+
+
+REF_A = ("/nix/store/" + "g" * 32 + "-dep",)
+REF_B = ("/nix/store/" + "f" * 32 + "-dep",)
+
+
+def _with_refs(refs: tuple[str, ...] | None, base: dict[str, OutputClaim] = OUT
+               ) -> dict[str, OutputClaim]:
+    return {"out": OutputClaim(base["out"].path, base["out"].nar_hash, refs)}
+
+
+@pytest.mark.parametrize(("case", "tokens", "attested"), [
+    ("one-signer", lambda: [token(outputs=_with_refs(REF_A))], (REF_A, False)),
+    ("two-agree", lambda: [token(outputs=_with_refs(REF_A)),
+                           token("builderB", outputs=_with_refs(REF_A))], (REF_A, False)),
+    ("two-differ", lambda: [token(outputs=_with_refs(REF_B)),
+                            token("builderB", outputs=_with_refs(REF_A))], (REF_B, True)),
+    ("one-says-none", lambda: [token(outputs=_with_refs(None)),
+                               token("builderB", outputs=_with_refs(REF_B))], (REF_B, False)),
+    ("none-say", lambda: [token(), token("builderB")], (None, False)),
+    ("another-value's-references-do-not-count",
+     lambda: [token(outputs=_with_refs(REF_A)),
+              token("builderB", outputs=_with_refs(REF_B, ALT))], (REF_A, False)),
+])
+def test_the_references_attested_for_a_value(
+        case: str, tokens: Callable[[], list[str]],
+        attested: tuple[tuple[str, ...] | None, bool]) -> None:
+    """What the gate checks a narinfo's References against: the references the accepted
+    claims of that value (same path and NAR hash) attest, and whether two disagree."""
+    p = policy(require='{ any-of = ["builderA", "builderB"] }')
+    trusted = TrustedSet(p.require)
+    _record(trusted, KeyRing(p, NOW), tokens())
+    assert trusted.attested_references(STEP, "out", OUT["out"]) == attested
