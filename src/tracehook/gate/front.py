@@ -113,8 +113,9 @@ def parse_head(buf: bytes | bytearray) -> tuple[_Request | Answer, int] | None:
     """The request head at the start of ``buf`` and how many bytes it took, or the error
     answer for a malformed one; None while it is incomplete and within the limits.
 
-    A plain head (:data:`_PLAIN_HEAD`, what Nix sends) is read by one match, which costs
-    half of reading it line by line (the HTTP loop reads one for every request); every
+    A plain head (:data:`_PLAIN_HEAD`, what Nix sends) is read by one match, about two
+    thirds of the cost of reading it line by line (the HTTP loop reads one for every
+    request: 3.5 against 5.4 us); every
     other head, and one that names a field looked at, is read line by line
     (:func:`_parse_lines`), which gives the same result for a plain one."""
     m = _PLAIN_HEAD.match(buf, 0, MAX_REQUEST_LINE)
