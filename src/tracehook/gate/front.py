@@ -115,9 +115,9 @@ def parse_head(buf: bytes | bytearray) -> tuple[_Request | Answer, int] | None:
 
     A plain head (:data:`_PLAIN_HEAD`, what Nix sends) is read by one match, about two
     thirds of the cost of reading it line by line (the HTTP loop reads one for every
-    request: 3.5 against 5.4 us); every
-    other head, and one that names a field looked at, is read line by line
-    (:func:`_parse_lines`), which gives the same result for a plain one."""
+    request: 3.5 against 5.4 us); every other head, and one that names a field looked at,
+    is read line by line (:func:`_parse_lines`), which gives the same result for a plain
+    one."""
     m = _PLAIN_HEAD.match(buf, 0, MAX_REQUEST_LINE)
     if m is not None:
         fields = m.group(4).lower()

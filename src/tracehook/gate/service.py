@@ -212,16 +212,15 @@ class GateService:
         """The first verified value an upstream serves as attested."""
         refusal: Refusal | None = None
         fault: Fault | None = None
+        pinned: Expected | None = None  # a fixed output: what its .drv pins, whatever the value
+        if verdict.basis == "fixed":  # (as the narinfo path checks it)
+            fixed = self._fixed(verdict.drv_path,
+                                self.index.reader.read_derivation(verdict.drv_path))
+            if isinstance(fixed, Refusal):
+                return Refusal(fixed.reason, verdict.drv_path, cause=fixed.cause)
+            pinned = fixed[0]
         for value in values:
-            if verdict.basis == "fixed":  # pinned by its .drv, as the narinfo path checks it
-                fixed = self._fixed(verdict.drv_path,
-                                    self.index.reader.read_derivation(verdict.drv_path))
-                if isinstance(fixed, Refusal):
-                    refusal = refusal or fixed
-                    continue
-                expected = fixed[0]
-            else:
-                expected = _expected(verdict, value)
+            expected = pinned if pinned is not None else _expected(verdict, value)
             if value.conflict:
                 refusal = refusal or Refusal(
                     f"{value.path}: the trusted claims attest different references",
