@@ -272,6 +272,7 @@ CLIENTS: dict[str, type[LeanClient] | type[StdlibClient]] = {
     "lean": LeanClient, "stdlib": StdlibClient}
 CLIENT = ["stdlib"]  # set from --client
 PATTERN = ["issue"]  # set from --pattern
+GATE_FLAGS: list[str] = []  # set from --gate-flag: more flags for every gate started
 
 
 def ask_all(port: int, closure: Closure, clients: int, seed: int,
@@ -526,7 +527,7 @@ def gate_process(policy: Path, closure: Closure, cache_dir: Path, log: Path | No
     proc = subprocess.Popen(
         [TRACEHOOK, "gate", "--policy", str(policy), "--upstream", f"file://{closure.cache}",
          "--store", str(closure.root), "--listen", f"127.0.0.1:{port}", "--quiet",
-         "--cache-dir", str(cache_dir), *extra],
+         "--cache-dir", str(cache_dir), *GATE_FLAGS, *extra],
         stdout=subprocess.DEVNULL, env=env,
         stderr=subprocess.DEVNULL if log is None else log.open("ab"))
     try:
@@ -651,7 +652,11 @@ def main() -> None:
                     help="also a cold gate run with the code in DIR (the src directory of "
                     "another checkout, e.g. `git worktree add /tmp/old REV`: /tmp/old/src), "
                     "alternated with this one's, and their ratio")
+    ap.add_argument("--gate-flag", action="append", default=[], metavar="FLAG",
+                    help="a flag for every gate this starts, e.g. --gate-flag=--verify-ahead=0 "
+                    "(repeat for more)")
     args = ap.parse_args()
+    GATE_FLAGS[:] = args.gate_flag
     _subreaper()
     against = str(Path(args.against_src).resolve()) if args.against_src else None
     if against is not None and not (Path(against) / "tracehook" / "__init__.py").is_file():

@@ -183,11 +183,12 @@ def test_gate_does_not_start_on_a_store_it_cannot_list(case: str, syn: Synthetic
     ("--index-interval", "-1", False), ("--index-interval", "nan", False),
     ("--verify-deadline", "0", False), ("--index-interval", "0", True),
     ("--generation-max-age", "0", False), ("--generation-max-age", "inf", False),
-    ("--generation-max-age", "5", True)])
+    ("--generation-max-age", "5", True), ("--verify-ahead", "-1", False),
+    ("--verify-ahead", "nan", False), ("--verify-ahead", "0", True)])
 def test_gate_checks_its_intervals(flag: str, value: str, ok: bool, syn: Synthetic,
                                    tmp_path: Path) -> None:
     """A negative or non-finite number of seconds is a one-line usage error (exit 2); 0
-    turns background indexing off."""
+    turns background indexing (and verifying ahead) off."""
     if ok:
         with start(syn, tmp_path / "gate.log", flag, value) as gate:
             assert get(f"{gate.url}/nix-cache-info")[0] == 200

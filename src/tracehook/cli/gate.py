@@ -116,6 +116,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between background looks at the store directory for new "
                         ".drv files to index (default %(default)g; 0: only when a request "
                         "names one the index does not know)")
+    p.add_argument("--verify-ahead", type=float, default=600.0, metavar="S",
+                   help="decide the closures of .drv files written at most S seconds before "
+                        "the index reads them (what nix-instantiate or nixos-rebuild just "
+                        "wrote) before Nix asks for them (default %(default)g; 0: only what "
+                        "requests ask for)")
     p.add_argument("--generation-max-age", type=float, default=60.0, metavar="S",
                    help="seconds a generation of decisions lasts at most: HTTP and S3 trace "
                         "stores are read again after it (default %(default)g; with "
@@ -131,9 +136,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> GateConfig:
     host, port = parse_listen(args.listen)
     for flag in ("policy_interval", "cache_ttl", "upstream_timeout", "verify_deadline",
-                 "index_interval", "generation_max_age"):
+                 "index_interval", "generation_max_age", "verify_ahead"):
         value = getattr(args, flag)
-        zero = flag in ("cache_ttl", "index_interval")  # 0: off
+        zero = flag in ("cache_ttl", "index_interval", "verify_ahead")  # 0: off
         if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
             raise ConfigError(f"--{flag.replace('_', '-')} {value:g}: give a number of "
                               f"seconds {'0 or more' if zero else 'above 0'}")
@@ -156,6 +161,7 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
         index_interval=args.index_interval,
         generation_max_age=args.generation_max_age,
         handover=not args.no_handover,
+        verify_ahead=args.verify_ahead,
     )
 
 

@@ -56,6 +56,8 @@ class GateConfig:
     direct_nars: bool = True  # a file:// upstream's narinfo names its NAR file (file:// URL)
     index_interval: float = 1.0  # seconds between background looks at the store (0: none)
     handover: bool = True  # a generation's steps and answers pass to the next if unchanged
+    verify_ahead: float = 600.0  # .drv files written this many seconds before they are
+    # indexed: their closures are decided before Nix asks (0: off)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -93,6 +95,8 @@ def build_server(cfg: GateConfig, events: EventLog) -> GateHTTPServer:
                             caches=upstreams, deadline=cfg.verify_deadline, facts=facts,
                             stores=lambda p: [open_store(u, cfg.upstream_timeout)
                                               for u in p.traces])
+    if cfg.verify_ahead > 0:
+        index.ahead, index.ahead_window = verifier.ahead, cfg.verify_ahead
     service = GateService(
         index, verifier, upstreams, key, events, DecisionCache[Answer](cfg.cache),
         cfg.priority, weak_hashes=lambda: policies.current()[0].weak_fixed_output_hashes,

@@ -29,6 +29,19 @@ gate reads that one fact for the .drv files still in the store (10,000 of them i
 Floating content-addressed output paths are not in any .drv: the gate learns them from
 verified traces (see :mod:`tracehook.gate.service`).
 
+**Verifying ahead.** A .drv file written shortly before a scan reads it (its inode
+changed within ``ahead_window`` seconds; Nix sets a store file's mtime to 1) is most
+likely part of what ``nix-instantiate`` or ``nixos-rebuild`` is about to substitute. After
+each scan the index tells ``ahead`` the roots of those files (the ones no other of them
+names as an input: :func:`ahead_roots`), and the gate starts deciding their closures at
+once, as one walk, before Nix asks for them. Only .drv files read from the store count
+(not those a restarted gate knew from its verification cache: their steps are taken back,
+not decided again), and only once at least :data:`AHEAD_MIN` of them were read (over
+one scan or several, within the window; then, for a window's time, every one a scan
+reads): a few new steps (a small change above a closure already decided) are decided as
+soon when asked, and were measured slower decided ahead (``bench/gate_scale.py``, one step
+changed). Nothing is answered or logged from this until a request asks.
+
 A running gate also indexes in the background (:meth:`DrvIndex.start_watch`): at start and
 then every ``interval`` seconds when the store directory changed (less often when a look
 takes long: at most a tenth of one core for a store that changes all the time), so the
@@ -53,7 +66,7 @@ import marshal
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from tracehook.errors import EnvironmentFault, TracehookError
@@ -69,6 +82,15 @@ log = logging.getLogger(__name__)
 DrvOutput = tuple[str, str]  # (drv path, output name)
 
 
+def ahead_roots(recent: Mapping[str, Collection[str]]) -> list[str]:
+    """The .drv files among ``recent`` (drv path -> its input .drv paths) that none of the
+    others names as an input, sorted: the tops of what was just instantiated."""
+    inputs: set[str] = set()
+    for named in recent.values():
+        inputs.update(named)
+    return sorted(path for path in recent if path not in inputs)
+
+
 def next_look(interval: float, took: float) -> float:
     """Seconds until the background indexing looks again, after a look that took ``took``
     seconds: ``interval``, or ten times as long as the look took, whichever is longer (a
@@ -78,6 +100,7 @@ def next_look(interval: float, took: float) -> float:
 
 
 YOUNG_NS = 2_000_000_000  # a .drv that failed to parse and changed this recently is looked at again
+AHEAD_MIN = 100  # recent .drv files read before their closures are decided ahead
 SNAPSHOT_NS = "index-all"  # the verification cache's namespace of the whole index
 SNAPSHOT_AFTER = 256  # entries indexed otherwise before the whole index is written again
 CLOSE_WAIT = 5.0  # seconds a stopping gate waits for a scan to keep the whole index
@@ -102,9 +125,18 @@ class DrvIndex:
         self._waiting: set[str] = set()  # failed for want of an input: retried on change
         self.skipped: dict[str, str] = {}  # drv path -> why it could not be indexed (yet)
         self._stop = threading.Event()
+        self._recent_since = 0  # ns since the epoch: see refresh
+        # recent .drv files read, not yet decided ahead: path -> (change time ns, inputs)
+        self._pending: dict[str, tuple[int, tuple[str, ...]]] = {}
+        self._burst_until = 0  # ns: until then, each recent .drv read is decided ahead
         self._watch: threading.Thread | None = None
         self._snapshot_read = False  # the whole index was looked for in the cache
         self._unsnapped = 0  # entries indexed otherwise since the whole index was written
+        #: told, after a scan, the roots of the .drv files it read that were written
+        #: within ``ahead_window`` seconds before (see "Verifying ahead" above)
+        self.ahead: Callable[[list[str]], None] | None = None
+        self.ahead_window = 0.0
+        self.ahead_min = AHEAD_MIN
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -130,6 +162,11 @@ class DrvIndex:
                                        f"{exc.strerror or exc}") from None
             if not force and mtime == self._mtime:
                 return 0
+            # .drv files read in this scan and written since then: verified ahead
+            recent: dict[str, tuple[int, tuple[str, ...]]] | None = None
+            if self.ahead is not None and self.ahead_window > 0:
+                recent = {}
+                self._recent_since = time.time_ns() - int(self.ahead_window * 1e9)
             try:
                 with os.scandir(self.real_dir) as entries:
                     found = [(e.name, e) for e in entries if e.name.endswith(".drv")]
@@ -154,7 +191,8 @@ class DrvIndex:
                     else:
                         new.append((path, entry))
                 del snapshot
-            fresh = self._read_new(new)
+            fresh = self._read_new(new, recent)
+            tell = self._ahead_due(recent) if recent is not None else None
             added += fresh
             self._unsnapped += fresh
             young = time.time_ns() - YOUNG_NS
@@ -164,12 +202,42 @@ class DrvIndex:
                 self._mtime = None
             if added:
                 log.info("indexed %d new derivation(s), %d in all", added, len(self._seen))
+        if tell:
+            self._tell_ahead(tell)
         if self._snapshot_due():
             # (after the requests that waited for the scan went on with it)
             with self._scan_lock:
                 if self._snapshot_due():
                     self._write_snapshot()
         return added
+
+    def _ahead_due(self, recent: dict[str, tuple[int, tuple[str, ...]]]
+                   ) -> dict[str, tuple[str, ...]] | None:
+        """(With the scan lock.) The recent .drv files to decide ahead now (path -> its
+        inputs), with those read before and not yet told, once there are
+        :attr:`ahead_min` of them or within a window after the last time; else None (they
+        wait, for a window's time at most)."""
+        now = time.time_ns()
+        pending = {p: v for p, v in self._pending.items() if v[0] >= self._recent_since}
+        pending.update(recent)
+        if not pending or (len(pending) < self.ahead_min and now >= self._burst_until):
+            self._pending = pending
+            return None
+        self._pending = {}
+        self._burst_until = now + int(self.ahead_window * 1e9)
+        return {path: inputs for path, (_, inputs) in pending.items()}
+
+    def _tell_ahead(self, recent: Mapping[str, Collection[str]]) -> None:
+        """Hand the roots of what a scan read that was written just before to ``ahead``
+        (outside the scan lock; a failure there is logged, never the scan's)."""
+        assert self.ahead is not None
+        roots = ahead_roots(recent)
+        log.info("verifying ahead the closures of %d derivation(s) of %d written in the "
+                 "last %g s", len(roots), len(recent), self.ahead_window)
+        try:
+            self.ahead(roots)
+        except Exception:  # a bug: said; requests decide these steps when they ask
+            log.exception("verifying ahead failed")
 
     def _snapshot_due(self) -> bool:
         """Whether the whole index is written again: once :data:`SNAPSHOT_AFTER` entries,
@@ -178,7 +246,8 @@ class DrvIndex:
         writes the rest when it stops, :meth:`close`)."""
         return self._unsnapped >= max(SNAPSHOT_AFTER, len(self._seen) // 10)
 
-    def _read_new(self, new: list[tuple[str, os.DirEntry[str]]]) -> int:
+    def _read_new(self, new: list[tuple[str, os.DirEntry[str]]],
+                  recent: dict[str, tuple[int, tuple[str, ...]]] | None = None) -> int:
         """Index new .drv files (after the ones indexed before: a new .drv's inputs'
         hashes are then at hand); returns how many. Many are read in processes first
         (:mod:`tracehook.stores.drvpool`) and indexed inputs first, each parse handed to
@@ -189,10 +258,10 @@ class DrvIndex:
         for path, drv, size in drvpool.read_ordered(self.reader, list(entries),
                                                     _sizes(entries)):
             self.reader.remember(path, drv, size)
-            if self._read(path, entries.pop(path)):
+            if self._read(path, entries.pop(path), recent):
                 added += 1
         for path, entry in entries.items():
-            if self._read(path, entry):
+            if self._read(path, entry, recent):
                 added += 1
         return added
 
@@ -216,17 +285,22 @@ class DrvIndex:
         self._enter(drv_path, ids, outputs)
         return True
 
-    def _read(self, drv_path: str, entry: os.DirEntry[str] | None = None) -> bool:
-        """Index ``drv_path`` from the file."""
+    def _read(self, drv_path: str, entry: os.DirEntry[str] | None = None,
+              recent: dict[str, tuple[int, tuple[str, ...]]] | None = None) -> bool:
+        """Index ``drv_path`` from the file; with ``recent``, note it there (its change
+        time and inputs) if it was written since ``_recent_since`` (its inode's change
+        time: Nix sets every store file's mtime to 1 when it registers it, which changes
+        the ctime)."""
         # What a failure is remembered by is looked at before the file is read: a file
         # still being written and read half, whose writing ends after the read, then
         # differs from it, and is read again (looked at after the read, it matched the
         # whole file, which was then never read again).
         before: tuple[int, int] | None = None
+        changed = 0
         if entry is not None:
             with contextlib.suppress(OSError):
                 st = entry.stat(follow_symlinks=False)  # (kept from the scan, if it looked)
-                before = (st.st_size, st.st_mtime_ns)
+                before, changed = (st.st_size, st.st_mtime_ns), st.st_ctime_ns
         try:
             drv = self.reader.read_derivation(drv_path)
             ids = realisation_ids(drv, self.reader.read_derivation, self._hashes,
@@ -245,6 +319,8 @@ class DrvIndex:
             log.debug("not indexing %s: %s", drv_path, exc.diagnostics())
             return False
         outputs = {name: out.path for name, out in drv.outputs.items() if out.path}
+        if recent is not None and changed >= self._recent_since:
+            recent[drv_path] = (changed, tuple(drv.input_drvs))
         if self.reader.facts is not None:
             own = self._hashes[drv_path]
             self.reader.facts.put("index", drv_path.encode(), marshal.dumps(

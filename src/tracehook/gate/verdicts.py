@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from tracehook.errors import EnvironmentFault, GraphError
+from tracehook.errors import ConfigError, EnvironmentFault, GraphError, TracehookError
 from tracehook.gate import nowait
 from tracehook.lru import Lru
 from tracehook.nix.storepath import hash_part
@@ -325,6 +325,30 @@ class GateVerifier:
             _add_hint(self.path_hints, hash_part(path), (step, output))
 
     # ------------------------------------------------------------------------- verdicts
+
+    def ahead(self, steps: Sequence[str]) -> None:
+        """Start deciding ``steps`` and everything below them (every output) on the current
+        generation's engine, without waiting for it: the roots of .drv files just written,
+        which Nix is about to ask for (:mod:`tracehook.gate.index`, "Verifying ahead"). A
+        request for one of their steps then waits for that step only, as always; nothing is
+        answered or logged from here. Not from the HTTP front's loop (it may start a
+        generation)."""
+        try:
+            engine, _ = self._current()
+        except ConfigError as exc:  # the policy file is broken: requests answer 503
+            log.debug("not verifying ahead: %s", exc.diagnostics())
+            return
+        if not self._handed.is_set():  # (as a request's walk: after what is handed on)
+            self._handed.wait(max(0.0, self._hold_until - self.clock()))
+        for step in steps:
+            try:
+                outputs = frozenset(self.reader.read_derivation(step).outputs)
+            except TracehookError as exc:  # (a request for it says why)
+                log.debug("not verifying %s ahead: %s", step, exc.diagnostics())
+                continue
+            target = Target(step, step, outputs)
+            if not engine.decided(target):
+                engine.submit(target)  # (its outcome is a request's to read)
 
     def verdict(self, step: str, output: str, rdrv_path: str | None = None) -> Verdict:
         """The verdict on ``output`` of the build step ``step``; with ``rdrv_path``, only
