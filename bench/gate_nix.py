@@ -190,6 +190,11 @@ def main() -> None:
         "the gate then writes: a line an answer, a few per cent of its time)",
     )
     ap.add_argument(
+        "--gate-flag", action="append", default=[], metavar="FLAG",
+        help="a flag for every gate this starts, e.g. --gate-flag=--verify-ahead=0 (repeat "
+        "for more)",
+    )
+    ap.add_argument(
         "--start-after-instantiate", action="store_true",
         help="start each substituter after the consumer instantiated the closure (default: "
         "before, as a gate service runs while nix-instantiate writes the .drv files it will "
@@ -326,6 +331,7 @@ def substituter(
             str(state / "cache"),
             "--nar-urls",
             "gate" if mode == "gate-nars" else "direct",
+            *args.gate_flag,
         ]
     elif shutil.which("nginx"):
         conf = state / "nginx.conf"

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from gatekit import running_gate
 from test_gate_http import get
@@ -124,3 +128,48 @@ def test_a_few_new_drv_files_are_decided_when_asked(tmp_path: Path) -> None:
         assert verifier.steps_planned == 0
         top = f"/realisations/{closure.realisation_ids[closure.target]}.doi"
         assert get(gate.url, top)[0] == 200
+
+
+def test_a_failure_deciding_ahead_is_logged_and_the_scan_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in what the index tells does not stop indexing: every .drv is indexed, the
+    failure is logged once; a .drv that does not parse is indexed as before (skipped, with
+    why) and is no root."""
+    from tracehook.gate.index import DrvIndex
+    from tracehook.stores.nixstore import StoreReader
+
+    closure = generate(tmp_path / "built", 5)
+    store = closure.root / "nix" / "store"
+    (store / ("0" * 32 + "-junk.drv")).write_text("Derive(oops")
+    index = DrvIndex(StoreReader(str(closure.root)))
+    told: list[list[str]] = []
+
+    def broken(roots: list[str]) -> None:
+        told.append(roots)
+        raise RuntimeError("a bug")
+
+    index.ahead, index.ahead_window, index.ahead_min = broken, 600.0, 1
+    caplog.set_level(logging.INFO, logger="tracehook.gate.index")
+    drvs = [p for p in store.glob("*.drv") if not p.name.endswith("-junk.drv")]
+    assert index.refresh() == len(drvs)
+    assert len(told) == 1 and closure.target in told[0]  # (and sources nothing uses)
+    assert "verifying ahead failed" in caplog.text
+    assert any(p.endswith("-junk.drv") for p in index.skipped)
+
+
+def test_deciding_ahead_under_a_broken_policy_does_nothing(tmp_path: Path) -> None:
+    """While the policy file does not parse, requests answer 503; nothing is decided ahead
+    (and nothing raises into the index)."""
+    from tracehook.errors import ConfigError
+    from tracehook.gate.verdicts import GateVerifier
+    from tracehook.stores.nixstore import StoreReader
+
+    closure = generate(tmp_path / "built", 5)
+
+    def broken() -> Any:
+        raise ConfigError("policy.toml: line 1: expected '='")
+
+    verifier = GateVerifier(broken, StoreReader(str(closure.root)))
+    verifier.ahead([closure.target])
+    assert verifier.steps_planned == 0
+    verifier.close()
