@@ -38,9 +38,9 @@ once, as one walk, before Nix asks for them. Only .drv files read from the store
 (not those a restarted gate knew from its verification cache: their steps are taken back,
 not decided again), and only once at least :data:`AHEAD_MIN` of them were read (over
 one scan or several, within the window; then, for a window's time, every one a scan
-reads): a few new steps (a small change above a closure already decided) are decided as
-soon when asked, and were measured slower decided ahead (``bench/gate_scale.py``, one step
-changed). Nothing is answered or logged from this until a request asks.
+reads): a few new steps (a small change above a closure already decided) gain nothing
+from it, and a local build's few new .drv files are not worth reading traces for ahead.
+Nothing is answered or logged from this until a request asks.
 
 A running gate also indexes in the background (:meth:`DrvIndex.start_watch`): at start and
 then every ``interval`` seconds when the store directory changed (less often when a look
