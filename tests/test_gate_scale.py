@@ -575,6 +575,32 @@ def test_a_drv_whose_writing_ends_just_after_a_failed_read_is_read_again(
     assert len(index) == len(drvs) and path not in index.skipped
 
 
+def test_a_drv_indexed_while_an_input_is_half_written_is_indexed_once_it_is_whole(
+        tmp_path: Path) -> None:
+    """nix-instantiate writes a consumer and its inputs in any order the scan may see: a
+    whole .drv whose input does not parse yet is not remembered as broken itself (its own
+    file never changes again); once the input is whole, both are indexed."""
+    from tracehook.gate.index import DrvIndex
+    from tracehook.stores.nixstore import StoreReader
+
+    closure = generate(tmp_path / "built", 5)
+    root = tmp_path / "consumer"
+    store = root / "nix" / "store"
+    shutil.copytree(closure.root / "nix" / "store", store)
+    reader = StoreReader(str(root))
+    top = closure.target
+    half = store / Path(sorted(reader.read_derivation(top).input_drvs)[0]).name
+    whole = half.read_bytes()
+    half.write_bytes(whole[: len(whole) // 2])
+    index = DrvIndex(reader)
+    index.refresh()
+    assert top in index.skipped and "input" in index.skipped[top]
+    with half.open("ab") as f:  # the writer ends (the store directory does not change)
+        f.write(whole[len(whole) // 2:])
+    index.refresh()  # (a failure this young makes the next look list the store again)
+    assert top not in index.skipped and len(index) == len(list(store.glob("*.drv")))
+
+
 def test_index_interval_0_indexes_only_when_a_request_asks(tmp_path: Path) -> None:
     import shutil
 

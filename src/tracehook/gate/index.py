@@ -71,6 +71,7 @@ from typing import Any
 
 from tracehook.errors import EnvironmentFault, TracehookError
 from tracehook.gate import nowait
+from tracehook.nix.derivation import Derivation
 from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.nix.storepath import hash_part
 from tracehook.stores import drvpool
@@ -303,10 +304,10 @@ class DrvIndex:
                 before, changed = (st.st_size, st.st_mtime_ns), st.st_ctime_ns
         try:
             drv = self.reader.read_derivation(drv_path)
-            ids = realisation_ids(drv, self.reader.read_derivation, self._hashes,
-                                  self.store_dir, drv_path)
+            ids = realisation_ids(drv, self._input, self._hashes, self.store_dir, drv_path)
         except EnvironmentFault as exc:
-            # An input .drv is missing or unreadable: try again when the store changes.
+            # An input .drv is missing, unreadable or does not parse (yet): try again when
+            # the store changes.
             self._waiting.add(drv_path)
             self.skipped[drv_path] = exc.diagnostics()
             log.debug("not indexing %s yet: %s", drv_path, exc.diagnostics())
@@ -328,6 +329,20 @@ class DrvIndex:
                  tuple(own.hashes.items()))))
         self._enter(drv_path, ids, outputs)
         return True
+
+    def _input(self, drv_path: str) -> Derivation:
+        """An input .drv of one being indexed. One that does not parse may still be being
+        written (``nix-instantiate`` writes inputs and their consumers in any order the
+        scan may see): that is the consumer's want of an input, tried again when the store
+        changes, never the consumer's own fault, which would keep it out of the index
+        until its own file changed (the input itself is remembered as broken when it is
+        indexed)."""
+        try:
+            return self.reader.read_derivation(drv_path)
+        except EnvironmentFault:
+            raise
+        except TracehookError as exc:
+            raise EnvironmentFault(f"input {exc.diagnostics()}") from None
 
     def _from_facts(self, drv_path: str
                     ) -> tuple[dict[str, str], dict[str, str], DrvHash] | None:
