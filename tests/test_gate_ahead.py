@@ -7,27 +7,18 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gatekit import running_gate
+from gatekit import RunningGate, running_gate
+from gateproc import wait_for
 from test_gate_http import get
 from tracehook.gate.index import ahead_roots
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from synth import generate, with_policy
-
-
-def _wait_for(cond: Callable[[], bool], within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def _consumer(tmp_path: Path, built: Path) -> tuple[Path, list[Path]]:
@@ -41,6 +32,15 @@ def _instantiate(root: Path, drvs: list[Path]) -> None:
     """Write the .drv files into the consumer's store, as nix-instantiate does."""
     for drv in drvs:
         shutil.copy(drv, root / "nix" / "store" / drv.name)
+
+
+def _indexed_not_decided(gate: RunningGate, drvs: list[Path]) -> None:
+    """Wait until ``gate``'s index holds every one of ``drvs``; then, a moment later, the
+    gate has decided nothing."""
+    index, verifier = gate.server.service.index, gate.server.service.verifier
+    wait_for(lambda: len(index) == len(drvs), 10)
+    time.sleep(0.3)
+    assert verifier.steps_planned == 0
 
 
 def test_the_roots_are_the_files_no_other_names_as_an_input() -> None:
@@ -67,7 +67,7 @@ def test_a_closure_written_while_the_gate_runs_is_decided_before_a_request(
         verifier = gate.server.service.verifier
         _instantiate(root, drvs)
         # every .drv file is a step of the closure: each planned once
-        assert _wait_for(lambda: verifier.steps_planned == len(drvs))
+        wait_for(lambda: verifier.steps_planned == len(drvs), 10)
         assert not log_file.exists() or "refused" not in log_file.read_text()  # not asked
         answers = [get(gate.url, real)[0] for real, _ in closure.requests() if real]
         assert 404 in answers and 200 in answers  # the missing trace, the steps below it
@@ -83,11 +83,9 @@ def test_verify_ahead_0_decides_only_what_requests_ask(tmp_path: Path) -> None:
     root, drvs = _consumer(tmp_path, closure.root)
     with running_gate(policy, [f"file://{closure.cache}"], str(root), tmp_path / "gate.log",
                       index_interval=0.05, verify_ahead=0) as gate:
-        index, verifier = gate.server.service.index, gate.server.service.verifier
+        verifier = gate.server.service.verifier
         _instantiate(root, drvs)
-        assert _wait_for(lambda: len(index) == len(drvs))
-        time.sleep(0.3)
-        assert verifier.steps_planned == 0
+        _indexed_not_decided(gate, drvs)
         real = f"/realisations/{closure.realisation_ids[closure.steps[0][0]]}.doi"
         assert get(gate.url, real)[0] == 200
         assert 0 < verifier.steps_planned < len(closure.steps)  # that step's closure only
@@ -102,18 +100,16 @@ def test_drv_files_written_before_the_window_are_not_verified_ahead(tmp_path: Pa
     time.sleep(1.2)  # older than the window below
     with running_gate(policy, [f"file://{closure.cache}"], str(root), tmp_path / "gate.log",
                       index_interval=0.05, verify_ahead=1.0) as gate:
-        index, verifier = gate.server.service.index, gate.server.service.verifier
-        assert _wait_for(lambda: len(index) == len(drvs))
-        time.sleep(0.3)
-        assert verifier.steps_planned == 0
+        verifier = gate.server.service.verifier
+        _indexed_not_decided(gate, drvs)
         # another closure instantiated now: decided at once
         other = generate(tmp_path / "other", 150, seed=2, store=root)
-        assert _wait_for(lambda: verifier.steps_planned >= len(other.steps))
+        wait_for(lambda: verifier.steps_planned >= len(other.steps), 10)
 
 
 def test_a_few_new_drv_files_are_decided_when_asked(tmp_path: Path) -> None:
-    """Fewer new .drv files than AHEAD_MIN in a scan (a small change): nothing is decided
-    until a request asks."""
+    """Fewer new .drv files than AHEAD_MIN within the window (a small change): nothing is
+    decided until a request asks."""
     from tracehook.gate.index import AHEAD_MIN
 
     closure, policy = with_policy(tmp_path / "built", 10)
@@ -121,11 +117,8 @@ def test_a_few_new_drv_files_are_decided_when_asked(tmp_path: Path) -> None:
     assert len(drvs) < AHEAD_MIN
     with running_gate(policy, [f"file://{closure.cache}"], str(root), tmp_path / "gate.log",
                       index_interval=0.05) as gate:
-        index, verifier = gate.server.service.index, gate.server.service.verifier
         _instantiate(root, drvs)
-        assert _wait_for(lambda: len(index) == len(drvs))
-        time.sleep(0.3)
-        assert verifier.steps_planned == 0
+        _indexed_not_decided(gate, drvs)
         top = f"/realisations/{closure.realisation_ids[closure.target]}.doi"
         assert get(gate.url, top)[0] == 200
 
