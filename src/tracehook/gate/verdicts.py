@@ -346,9 +346,8 @@ class GateVerifier:
             except TracehookError as exc:  # (a request for it says why)
                 log.debug("not verifying %s ahead: %s", step, exc.diagnostics())
                 continue
-            target = Target(step, step, outputs)
-            if not engine.decided(target):
-                engine.submit(target)  # (its outcome is a request's to read)
+            # (one decided already is not worked on again: Engine.submit looks first)
+            engine.submit(Target(step, step, outputs))  # (its outcome is a request's to read)
 
     def verdict(self, step: str, output: str, rdrv_path: str | None = None) -> Verdict:
         """The verdict on ``output`` of the build step ``step``; with ``rdrv_path``, only
