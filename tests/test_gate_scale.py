@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from gatekit import Synthetic, make_synthetic, running_gate, write_policy
+from gateproc import wait_for
 from test_gate_http import get
 from tracehook.gate.front import HttpLimits
 from tracehook.nix.storepath import hash_part
@@ -438,15 +439,6 @@ def test_the_whole_index_is_written_again_after_many_more_and_when_the_gate_stop
     facts.close()
 
 
-def _wait_for(cond: Any, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
-
-
 def test_the_realisation_of_a_fixed_output_step_is_answered_as_its_narinfo_is(
         tmp_path: Path) -> None:
     """A fixed-output step's value is pinned by its .drv, not by a NAR hash in a trace: its
@@ -487,7 +479,7 @@ def test_drv_files_written_while_the_gate_runs_are_indexed_before_a_request(
         drvs = sorted((closure.root / "nix" / "store").glob("*.drv"))
         for drv in drvs:  # as nix-instantiate writes them
             shutil.copy(drv, store / drv.name)
-        assert _wait_for(lambda: len(index) == len(drvs))
+        wait_for(lambda: len(index) == len(drvs), 10)
         reads: list[str] = []
         original = index.reader.read_derivation
 
@@ -501,11 +493,11 @@ def test_drv_files_written_while_the_gate_runs_are_indexed_before_a_request(
         assert status == 200, body
         assert not any(r.endswith(".drv") and r not in index._seen for r in reads)
         store.rename(root / "moved")  # the store directory is gone for a while
-        assert _wait_for(lambda: "background indexing" in caplog.text)
+        wait_for(lambda: "background indexing" in caplog.text, 10)
         time.sleep(0.3)
         assert caplog.text.count("background indexing") == 1  # once, not every look
         (root / "moved").rename(store)
-        assert _wait_for(lambda: "can be read again" in caplog.text)
+        wait_for(lambda: "can be read again" in caplog.text, 10)
     assert index._watch is None  # stopped with the server
 
 
@@ -533,13 +525,13 @@ def test_a_drv_read_while_it_was_being_written_is_indexed_once_it_is_whole(
     with running_gate(policy, [f"file://{closure.cache}"], str(root), tmp_path / "gate.log",
                       index_interval=0.05) as gate:
         index = gate.server.service.index
-        assert _wait_for(lambda: len(index) == len(drvs) - 1)
+        wait_for(lambda: len(index) == len(drvs) - 1, 10)
         with (store / last.name).open("wb") as f:
             f.write(whole[: len(whole) // 2])
             f.flush()
-            assert _wait_for(lambda: f"{index.store_dir}/{last.name}" in index.skipped)
+            wait_for(lambda: f"{index.store_dir}/{last.name}" in index.skipped, 10)
             f.write(whole[len(whole) // 2:])
-        assert _wait_for(lambda: len(index) == len(drvs), within=5)
+        wait_for(lambda: len(index) == len(drvs), 5)
 
 
 def test_a_drv_whose_writing_ends_just_after_a_failed_read_is_read_again(

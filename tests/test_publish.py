@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gateproc import wait_for
 from spoolhelp import OTHER, make_entry
 from tracehook import cli
 from tracehook.signer import agent_client
@@ -379,15 +380,6 @@ def test_cli_publish_missing_config(tmp_path: Path) -> None:
     assert cli.main(["publish", "--config", str(tmp_path / "missing.toml")]) == 2
 
 
-def _wait_for(cond: Callable[[], bool], seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("agent_ok", [True, False], ids=["with agent", "agent cannot start"])
 def test_cli_daemon_serves_agent_and_stops_on_sigterm(tmp_path: Path, agent_ok: bool) -> None:
     filled_spool(tmp_path, 2)
@@ -406,9 +398,9 @@ def test_cli_daemon_serves_agent_and_stops_on_sigterm(tmp_path: Path, agent_ok: 
         stderr=subprocess.PIPE, text=True, env=os.environ | {"TRACEHOOK_CONFIG": str(decoy)},
     )
     try:
-        assert _wait_for(lambda: not list((tmp_path / "spool" / "pending").iterdir()))
+        wait_for(lambda: not list((tmp_path / "spool" / "pending").iterdir()), 20)
         if agent_ok:
-            assert _wait_for(sock.exists)
+            wait_for(sock.exists, 20)
             reply = agent_client.ask_agent(str(sock), agent_client.request({"DRV_PATH": "x"}))
             assert reply is not None and reply.startswith(b"0\n")
             signed = [json.loads(line) for line in
@@ -490,7 +482,7 @@ def test_daemon_without_key_publishes_and_serves_no_agent(flags: list[str],
          "--config", str(config), "--agent-socket", str(sock), *flags],
         stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait_for(lambda: not list((tmp_path / "spool" / "pending").iterdir()))
+        wait_for(lambda: not list((tmp_path / "spool" / "pending").iterdir()), 20)
         assert proc.poll() is None and not sock.exists()
     finally:
         proc.send_signal(signal.SIGTERM)
