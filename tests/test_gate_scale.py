@@ -618,3 +618,83 @@ def test_the_background_index_looks_less_often_when_a_look_takes_long() -> None:
     assert next_look(1.0, 0.001) == 1.0  # a stat, or a few new files: every interval
     assert next_look(1.0, 0.3) == pytest.approx(3.0)  # a large store listed: 10 % of a core
     assert next_look(0.05, 0.0) == 0.05
+
+
+def _watched_index(tmp_path: Path, steps: int) -> tuple[Any, Path, list[Path]]:
+    """An index of an empty consumer store, and the .drv files of a closure of ``steps``."""
+    from tracehook.gate.index import DrvIndex
+    from tracehook.stores.nixstore import StoreReader
+
+    closure = generate(tmp_path / "built", steps)
+    root = tmp_path / "consumer"
+    store = root / "nix" / "store"
+    store.mkdir(parents=True)
+    return (DrvIndex(StoreReader(str(root))), store,
+            sorted((closure.root / "nix" / "store").glob("*.drv")))
+
+
+def test_a_drv_written_while_the_gate_runs_is_indexed_at_once_not_at_the_next_look(
+        tmp_path: Path) -> None:
+    """The store directory is watched (inotify): what nix-instantiate writes is read while
+    it writes, not at the next look (30 s here), so decisions ahead start with it."""
+    index, store, drvs = _watched_index(tmp_path, 20)
+    index.start_watch(30.0)
+    try:
+        time.sleep(0.2)  # (the first look, of the empty store)
+        started = time.monotonic()
+        for drv in drvs:
+            shutil.copy(drv, store / drv.name)
+        wait_for(lambda: len(index) == len(drvs), 10)
+        assert time.monotonic() - started < 5
+        more = store / "junk.drv"  # (one that does not parse is looked at, not indexed)
+        more.write_text("Derive(")
+        wait_for(lambda: f"{index.store_dir}/junk.drv" in index.skipped, 10)
+    finally:
+        index.close()
+    assert index._watch is None
+
+
+def test_without_a_watch_the_index_looks_every_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where there is no inotify (not Linux, its limits reached) the index looks every
+    interval, as before."""
+    from tracehook.stores.dirwatch import DirWatch
+
+    monkeypatch.setattr(DirWatch, "open", classmethod(lambda cls, path: None))
+    index, store, drvs = _watched_index(tmp_path, 5)
+    index.start_watch(30.0)
+    try:
+        time.sleep(0.2)
+        for drv in drvs:
+            shutil.copy(drv, store / drv.name)
+        time.sleep(0.5)
+        assert len(index) == 0  # not before the next look, 30 s on
+    finally:
+        index.close()
+    again = type(index)(index.reader)  # (a closed index does not start again)
+    again.start_watch(0.1)
+    try:
+        wait_for(lambda: len(again) == len(drvs), 10)
+    finally:
+        again.close()
+
+
+def test_a_store_directory_removed_and_made_again_is_watched_again(tmp_path: Path) -> None:
+    """The watch ends with its directory: the index goes on looking, and watches the new
+    one (or looks every interval until it can)."""
+    index, store, drvs = _watched_index(tmp_path, 5)
+    index.start_watch(0.2)
+    try:
+        time.sleep(0.2)
+        store.rmdir()
+        time.sleep(0.5)
+        store.mkdir()
+        for drv in drvs:
+            shutil.copy(drv, store / drv.name)
+        wait_for(lambda: len(index) == len(drvs), 10)
+        time.sleep(0.5)  # (watched again by now)
+        late = store / "late.drv"
+        late.write_text("Derive(")
+        wait_for(lambda: f"{index.store_dir}/late.drv" in index.skipped, 10)
+    finally:
+        index.close()

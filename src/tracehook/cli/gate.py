@@ -114,8 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "gate")
     p.add_argument("--index-interval", type=float, default=1.0, metavar="S",
                    help="seconds between background looks at the store directory for new "
-                        ".drv files to index (default %(default)g; 0: only when a request "
-                        "names one the index does not know)")
+                        ".drv files to index, and on Linux at once when one is written "
+                        "(default %(default)g; 0: only when a request names one the index "
+                        "does not know)")
     p.add_argument("--verify-ahead", type=float, default=600.0, metavar="S",
                    help="decide the closures of .drv files written at most S seconds before "
                         "the index reads them (what nix-instantiate or nixos-rebuild just "

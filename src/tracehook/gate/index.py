@@ -42,14 +42,20 @@ reads): a few new steps (a small change above a closure already decided) gain no
 from it, and a local build's few new .drv files are not worth reading traces for ahead.
 Nothing is answered or logged from this until a request asks.
 
-A running gate also indexes in the background (:meth:`DrvIndex.start_watch`): at start and
+A running gate also indexes in the background (:meth:`DrvIndex.start_watch`): at start,
 then every ``interval`` seconds when the store directory changed (less often when a look
-takes long: at most a tenth of one core for a store that changes all the time), so the
-.drv files that ``nix-instantiate`` (or ``nixos-rebuild``) writes are indexed while it
-runs, before the substitution that follows asks for them. A request that misses still
-rescans at once (or waits for the scan in progress); the watch only moves that work
-earlier, and a store directory it cannot read is logged (once until it can again), never
-taken as "absent".
+takes long: at most a tenth of one core for a store that changes all the time), and, on
+Linux, as soon as a .drv file is written there (the directory is watched with inotify,
+:mod:`tracehook.stores.dirwatch`; such looks follow each other at most every
+:data:`WATCH_GAP` seconds, or ten times as long as listing the directory took). So the
+.drv files that ``nix-instantiate`` (or ``nixos-rebuild``) writes are indexed, and their
+closures decided ahead, while it writes them, before the substitution that follows asks:
+with a look every second, an instantiation shorter than that was read only after it ended,
+and its closure was decided while Nix was already asking. Where no watch can be had
+(another system, inotify's limits reached) the index looks every interval. A request that
+misses still rescans at once (or waits for the scan in progress); the watch only moves
+that work earlier, and a store directory it cannot read is logged (once until it can
+again), never taken as "absent".
 
 Hardening against what a local user can put in the store directory: a .drv that does not
 parse is remembered by (size, mtime) and not read again until it changes; one that could not
@@ -75,6 +81,7 @@ from tracehook.nix.derivation import Derivation
 from tracehook.nix.derivation_hash import DrvHash, realisation_ids
 from tracehook.nix.storepath import hash_part
 from tracehook.stores import drvpool
+from tracehook.stores.dirwatch import ENDED, OVERFLOW, DirWatch
 from tracehook.stores.nixstore import StoreReader
 from tracehook.verify.walk import fewer_collections
 
@@ -90,6 +97,10 @@ def ahead_roots(recent: Mapping[str, Collection[str]]) -> list[str]:
     for named in recent.values():
         inputs.update(named)
     return sorted(path for path in recent if path not in inputs)
+
+
+WATCH_GAP = 0.05  # seconds: the soonest a look follows the last when .drv files are written
+STOP_POLL = 0.25  # seconds: how soon the indexing thread notices close() while it waits
 
 
 def next_look(interval: float, took: float) -> float:
@@ -138,6 +149,7 @@ class DrvIndex:
         self.ahead: Callable[[list[str]], None] | None = None
         self.ahead_window = 0.0
         self.ahead_min = AHEAD_MIN
+        self.listed_in = 0.0  # seconds the last scan took to list the store directory
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -168,12 +180,14 @@ class DrvIndex:
             if self.ahead is not None and self.ahead_window > 0:
                 recent = {}
                 self._recent_since = time.time_ns() - int(self.ahead_window * 1e9)
+            listing = time.monotonic()
             try:
                 with os.scandir(self.real_dir) as entries:
                     found = [(e.name, e) for e in entries if e.name.endswith(".drv")]
             except OSError as exc:
                 raise EnvironmentFault(f"cannot list the Nix store directory {self.real_dir}: "
                                        f"{exc.strerror or exc}") from None
+            self.listed_in = time.monotonic() - listing
             self._mtime = mtime
             snapshot = self._read_snapshot()
             added = 0
@@ -485,21 +499,56 @@ class DrvIndex:
         self._watch.start()
 
     def _watch_loop(self, interval: float) -> None:
+        watch = DirWatch.open(self.real_dir)  # None: looks every interval only
+        watching = watch is not None
+        log.debug("background indexing of %s every %g s%s", self.real_dir, interval,
+                  " and when a .drv is written" if watch is not None else "")
         failing = False
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    self.refresh()
+                    if failing:
+                        log.warning("the Nix store directory %s can be read again",
+                                    self.real_dir)
+                    failing = False
+                except EnvironmentFault as exc:  # requests answer 502 meanwhile
+                    if not failing:
+                        log.warning("background indexing: %s", exc.diagnostics())
+                    failing = True
+                except Exception:  # a bug: said, and requests still index what they miss
+                    log.exception("background indexing failed")
+                took = time.monotonic() - started
+                if watch is None and watching:  # (the directory was removed: back now?)
+                    watch = DirWatch.open(self.real_dir)
+                if watch is None:
+                    self._stop.wait(next_look(interval, took))
+                # (a look a .drv's writing brings is held back by the listing's cost alone:
+                # reading each new .drv once is work to be done anyway)
+                elif self._wait_written(watch, started + next_look(interval, took),
+                                        started + next_look(WATCH_GAP, self.listed_in)):
+                    watch.close()  # it ended with its directory
+                    watch = None
+        finally:
+            if watch is not None:
+                watch.close()
+
+    def _wait_written(self, watch: DirWatch, deadline: float, earliest: float) -> bool:
+        """Until ``deadline`` (the next look), or until a .drv is written and ``earliest``
+        (the soonest a look may follow the last) has come; or until :meth:`close`. Whether
+        the watch ended (the directory was removed)."""
         while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self.refresh()
-                if failing:
-                    log.warning("the Nix store directory %s can be read again", self.real_dir)
-                failing = False
-            except EnvironmentFault as exc:  # requests answer 502 meanwhile
-                if not failing:
-                    log.warning("background indexing: %s", exc.diagnostics())
-                failing = True
-            except Exception:  # a bug: said, and requests still index what they miss
-                log.exception("background indexing failed")
-            self._stop.wait(next_look(interval, time.monotonic() - started))
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            names = watch.wait(min(deadline - now, STOP_POLL))
+            if ENDED in names:
+                return True
+            if any(n.endswith(".drv") or n == OVERFLOW for n in names):
+                self._stop.wait(max(0.0, earliest - time.monotonic()))
+                return ENDED in watch.drain()  # (what was written meanwhile, the look reads)
+        return False
 
     def close(self) -> None:
         """Stop the background indexing (if any), and keep the whole index for the next

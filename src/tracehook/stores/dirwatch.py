@@ -1,0 +1,154 @@
+"""Being told when files are written in one directory (Linux inotify), instead of looking.
+
+The gate's index waits here for .drv files that ``nix-instantiate`` writes into the store
+directory, so that it reads them while they are written, not up to ``--index-interval``
+later (:mod:`tracehook.gate.index`). A watch covers the directory's own entries only (not
+recursive): a build's output tree does not fire it, only the output's top entry.
+
+:meth:`DirWatch.open` returns None where inotify is not there (not Linux) or cannot be had
+(``fs.inotify.max_user_instances`` or ``max_user_watches`` reached, a directory that cannot
+be watched); the caller then looks every interval, as before. A watch says only which
+names were written (closed after writing, moved in, or created): what they hold is read by
+the caller, as always. When the kernel's event queue overflowed, :meth:`DirWatch.wait` says
+so with :data:`OVERFLOW` (something may have been written that no event names: look at the
+whole directory); when the directory was removed, with :data:`ENDED`.
+
+libc's three inotify calls through ctypes: the package on PyPI (inotify_simple) does the
+same in more lines, and is not in the NixOS tree the module is evaluated in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import struct
+import sys
+
+log = logging.getLogger(__name__)
+
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000  # the watch is gone (the directory was removed)
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+WATCHED = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
+OVERFLOW = "\0overflow"  # (no file name holds a NUL byte)
+ENDED = "\0ended"  # the watch is gone: the directory was removed (or its file system)
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
+_READ_SIZE = 64 * 1024
+
+
+class DirWatch:
+    """One directory's written names; for one thread (the gate's indexing thread)."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd = fd
+        self.path = path
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    @classmethod
+    def open(cls, path: str) -> DirWatch | None:
+        """A watch of ``path``, or None where none can be had (said once, at debug)."""
+        libc = _libc()
+        if libc is None:
+            return None
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            log.debug("no inotify: %s", os.strerror(ctypes.get_errno()))
+            return None
+        wd = libc.inotify_add_watch(fd, os.fsencode(path), WATCHED)
+        if wd < 0:
+            log.debug("cannot watch %s: %s", path, os.strerror(ctypes.get_errno()))
+            os.close(fd)
+            return None
+        return cls(fd, path)
+
+    def wait(self, timeout: float) -> set[str]:
+        """The names written since the last call, waiting up to ``timeout`` seconds for
+        the first (an empty set: none in that time); :data:`OVERFLOW` among them when the
+        kernel dropped events, :data:`ENDED` when the watch ended (the directory was
+        removed: open another on what is there now)."""
+        if not self._poll.poll(max(0, int(timeout * 1000))):  # (Python retries on EINTR)
+            return set()
+        return self.drain()
+
+    def drain(self) -> set[str]:
+        """The names written since the last call, without waiting."""
+        names: set[str] = set()
+        while True:
+            try:
+                data = os.read(self._fd, _READ_SIZE)
+            except BlockingIOError:
+                return names
+            except OSError as exc:
+                log.debug("reading the watch of %s: %s", self.path, exc.strerror)
+                names.add(OVERFLOW)
+                return names
+            if not data:
+                return names
+            names.update(parse_events(data))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> DirWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def parse_events(data: bytes) -> set[str]:
+    """The names in a buffer of ``struct inotify_event`` records (the kernel writes whole
+    records only); :data:`OVERFLOW` for a queue overflow or a record cut short,
+    :data:`ENDED` for a watch that ended."""
+    names: set[str] = set()
+    at = 0
+    while at < len(data):
+        if at + _EVENT.size > len(data):
+            names.add(OVERFLOW)
+            break
+        _, mask, _, size = _EVENT.unpack_from(data, at)
+        at += _EVENT.size
+        if at + size > len(data):
+            names.add(OVERFLOW)
+            break
+        name = data[at:at + size].rstrip(b"\0")
+        at += size
+        if mask & IN_IGNORED:
+            names.add(ENDED)
+        elif mask & IN_Q_OVERFLOW:
+            names.add(OVERFLOW)
+        elif name:
+            names.add(os.fsdecode(name))
+    return names
+
+
+_LIBC: list[ctypes.CDLL | None] = []
+
+
+def _libc() -> ctypes.CDLL | None:
+    """libc with inotify's calls, or None (not Linux, or no such calls)."""
+    if not _LIBC:
+        libc: ctypes.CDLL | None = None
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)  # (the interpreter's own libc)
+                libc.inotify_init1.argtypes = [ctypes.c_int]
+                libc.inotify_init1.restype = ctypes.c_int
+                libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p,
+                                                   ctypes.c_uint32]
+                libc.inotify_add_watch.restype = ctypes.c_int
+            except (OSError, AttributeError) as exc:
+                log.debug("no inotify: %s", exc)
+                libc = None
+        _LIBC.append(libc)
+    return _LIBC[0]
+
