@@ -69,3 +69,18 @@ def test_events_are_parsed_overflow_and_short_records_said() -> None:
     assert parse_events(b"\0" * 7) == {OVERFLOW}
     assert parse_events(b"") == set()
     assert parse_events(_record(0x8, os.fsencode("é.drv"))) == {"é.drv"}
+
+
+def test_a_wait_is_woken_from_another_thread(tmp_path: Path) -> None:
+    import threading
+
+    watch = DirWatch.open(str(tmp_path))
+    assert watch is not None
+    threading.Timer(0.1, watch.wake).start()
+    started = time.monotonic()
+    assert watch.wait(10) == set()
+    assert time.monotonic() - started < 5
+    (tmp_path / "a.drv").write_text("")  # (told after a wake as before it)
+    assert watch.wait(5) == {"a.drv"}
+    watch.close()
+    watch.wake()  # (after close: nothing, no error)

@@ -650,8 +650,10 @@ def test_a_drv_written_while_the_gate_runs_is_indexed_at_once_not_at_the_next_lo
         more.write_text("Derive(")
         wait_for(lambda: f"{index.store_dir}/junk.drv" in index.skipped, 10)
     finally:
+        closing = time.monotonic()
         index.close()
     assert index._watch is None
+    assert time.monotonic() - closing < 2  # (the waiting thread is woken, not waited out)
 
 
 def test_without_a_watch_the_index_looks_every_interval(
@@ -687,12 +689,12 @@ def test_a_store_directory_removed_and_made_again_is_watched_again(tmp_path: Pat
     try:
         time.sleep(0.2)
         store.rmdir()
-        time.sleep(0.5)
+        wait_for(lambda: index._dirwatch is None, 10)  # the watch ended with it
         store.mkdir()
         for drv in drvs:
             shutil.copy(drv, store / drv.name)
         wait_for(lambda: len(index) == len(drvs), 10)
-        time.sleep(0.5)  # (watched again by now)
+        wait_for(lambda: index._dirwatch is not None, 10)  # watched again
         late = store / "late.drv"
         late.write_text("Derive(")
         wait_for(lambda: f"{index.store_dir}/late.drv" in index.skipped, 10)

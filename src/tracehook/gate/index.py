@@ -100,7 +100,6 @@ def ahead_roots(recent: Mapping[str, Collection[str]]) -> list[str]:
 
 
 WATCH_GAP = 0.05  # seconds: the soonest a look follows the last when .drv files are written
-STOP_POLL = 0.25  # seconds: how soon the indexing thread notices close() while it waits
 
 
 def next_look(interval: float, took: float) -> float:
@@ -142,6 +141,7 @@ class DrvIndex:
         self._pending: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._burst_until = 0  # ns: until then, each recent .drv read is decided ahead
         self._watch: threading.Thread | None = None
+        self._dirwatch: DirWatch | None = None  # the watch's, while it waits on one
         self._snapshot_read = False  # the whole index was looked for in the cache
         self._unsnapped = 0  # entries indexed otherwise since the whole index was written
         #: told, after a scan, the roots of the .drv files it read that were written
@@ -499,7 +499,7 @@ class DrvIndex:
         self._watch.start()
 
     def _watch_loop(self, interval: float) -> None:
-        watch = DirWatch.open(self.real_dir)  # None: looks every interval only
+        watch = self._dirwatch = DirWatch.open(self.real_dir)  # None: every interval only
         watching = watch is not None
         log.debug("background indexing of %s every %g s%s", self.real_dir, interval,
                   " and when a .drv is written" if watch is not None else "")
@@ -521,7 +521,7 @@ class DrvIndex:
                     log.exception("background indexing failed")
                 took = time.monotonic() - started
                 if watch is None and watching:  # (the directory was removed: back now?)
-                    watch = DirWatch.open(self.real_dir)
+                    watch = self._dirwatch = DirWatch.open(self.real_dir)
                 if watch is None:
                     self._stop.wait(next_look(interval, took))
                 # (a look a .drv's writing brings is held back by the listing's cost alone:
@@ -529,8 +529,9 @@ class DrvIndex:
                 elif self._wait_written(watch, started + next_look(interval, took),
                                         started + next_look(WATCH_GAP, self.listed_in)):
                     watch.close()  # it ended with its directory
-                    watch = None
+                    watch = self._dirwatch = None
         finally:
+            self._dirwatch = None
             if watch is not None:
                 watch.close()
 
@@ -542,7 +543,7 @@ class DrvIndex:
             now = time.monotonic()
             if now >= deadline:
                 return False
-            names = watch.wait(min(deadline - now, STOP_POLL))
+            names = watch.wait(deadline - now)  # (close() wakes it)
             if ENDED in names:
                 return True
             if any(n.endswith(".drv") or n == OVERFLOW for n in names):
@@ -555,6 +556,9 @@ class DrvIndex:
         start if it grew since it was last kept (unless a scan is still going on after
         :data:`CLOSE_WAIT` seconds)."""
         self._stop.set()
+        dirwatch = self._dirwatch
+        if dirwatch is not None:
+            dirwatch.wake()
         if self._watch is not None:
             self._watch.join(timeout=10)
             self._watch = None

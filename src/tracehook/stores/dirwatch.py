@@ -19,12 +19,14 @@ same in more lines, and is not in the NixOS tree the module is evaluated in.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import select
 import struct
 import sys
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +45,17 @@ _READ_SIZE = 64 * 1024
 
 
 class DirWatch:
-    """One directory's written names; for one thread (the gate's indexing thread)."""
+    """One directory's written names, for one thread (the gate's indexing thread); any
+    thread may :meth:`wake` it."""
 
     def __init__(self, fd: int, path: str) -> None:
         self._fd = fd
         self.path = path
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()  # (close and wake: never a closed descriptor written)
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
+        self._poll.register(self._wake_r, select.POLLIN)
 
     @classmethod
     def open(cls, path: str) -> DirWatch | None:
@@ -66,16 +72,32 @@ class DirWatch:
             log.debug("cannot watch %s: %s", path, os.strerror(ctypes.get_errno()))
             os.close(fd)
             return None
-        return cls(fd, path)
+        try:
+            return cls(fd, path)
+        except OSError as exc:  # (no descriptors left for its pipe)
+            log.debug("cannot watch %s: %s", path, exc.strerror)
+            os.close(fd)
+            return None
 
     def wait(self, timeout: float) -> set[str]:
         """The names written since the last call, waiting up to ``timeout`` seconds for
         the first (an empty set: none in that time); :data:`OVERFLOW` among them when the
         kernel dropped events, :data:`ENDED` when the watch ended (the directory was
         removed: open another on what is there now)."""
-        if not self._poll.poll(max(0, int(timeout * 1000))):  # (Python retries on EINTR)
+        ready = self._poll.poll(max(0, int(timeout * 1000)))  # (Python retries on EINTR)
+        if any(fd == self._wake_r for fd, _ in ready):
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+        if not any(fd == self._fd for fd, _ in ready):
             return set()
         return self.drain()
+
+    def wake(self) -> None:
+        """End a :meth:`wait` now (from another thread; it returns what it has)."""
+        with self._lock:
+            if self._fd >= 0:
+                with contextlib.suppress(BlockingIOError):  # (already woken)
+                    os.write(self._wake_w, b"\0")
 
     def drain(self) -> set[str]:
         """The names written since the last call, without waiting."""
@@ -94,9 +116,11 @@ class DirWatch:
             names.update(parse_events(data))
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                for fd in (self._fd, self._wake_r, self._wake_w):
+                    os.close(fd)
+                self._fd = -1
 
     def __enter__(self) -> DirWatch:
         return self
