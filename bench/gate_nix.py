@@ -27,21 +27,20 @@ each, in order: Nix 2.26 asks for the top step's realisation, then for every pat
 realisations, so no other realisation is asked for). ``bench/gate_scale.py --pattern nix``
 asks in that order.
 
-Each substituter is started before the consumer instantiates the closure, as a gate
-service already runs when ``nix-instantiate`` writes the .drv files (the gate indexes them in
-the background meanwhile; ``--start-after-instantiate``: after, so the index is built at
-the first request); the timed part is ``nix-build --max-jobs 0`` alone, after an
-``os.sync()`` (nothing written before is still being written back while it runs). A gate
-started before the instantiation decides the closure while it is written (verifying
-ahead, ``tracehook gate --verify-ahead``, on by default): its decisions are then made
-before the timed part, as a gate service makes them while ``nixos-rebuild`` instantiates.
-``--gate-flag=--verify-ahead=0`` keeps every decision on the clock (``--gate-flag`` passes
-any flag to the gates). Every
-consumer runs with Nix's default narinfo-cache settings (an empty cache directory,
-so nothing is known before the run) and ``fsync-metadata = false`` (``--fsync``: Nix's
-default). The order of the modes rotates from run to run (the machine drifts). Prints the
-four wall times per run, the gates' ratios to direct and to http, and
-the median and spread of each.
+Each substituter is started before the consumer instantiates the closure, as a gate service
+already runs when ``nix-instantiate`` writes the .drv files (the gate's index reads them as
+they are written: it watches the store directory; ``--start-after-instantiate``: after, so
+the index is built at the first request); the timed part is ``nix-build --max-jobs 0``
+alone, after an ``os.sync()`` (nothing written before is still being written back while it
+runs). A gate started before the instantiation decides the closure while it is written
+(verifying ahead, ``tracehook gate --verify-ahead``, on by default): its decisions are then
+made before the timed part, as a gate service makes them while ``nixos-rebuild``
+instantiates. ``--gate-flag=--verify-ahead=0`` keeps every decision on the clock
+(``--gate-flag`` passes any flag to the gates). Every consumer runs with Nix's default
+narinfo-cache settings (an empty cache directory, so nothing is known before the run) and
+``fsync-metadata = false`` (``--fsync``: Nix's default). The order of the modes rotates from
+run to run (the machine drifts). Prints the four wall times per run, the gates' ratios to
+direct and to http, and the median and spread of each.
 """
 
 from __future__ import annotations
