@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tracehook.stores.dirwatch import ENDED, OVERFLOW, DirWatch, parse_events
 
@@ -84,3 +87,26 @@ def test_a_wait_is_woken_from_another_thread(tmp_path: Path) -> None:
     assert watch.wait(5) == {"a.drv"}
     watch.close()
     watch.wake()  # (after close: nothing, no error)
+
+
+def test_no_watch_where_there_is_no_inotify(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another system, or inotify's limits reached: no watch (the index then looks every
+    interval), never an error."""
+    from tracehook.stores import dirwatch
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    dirwatch._libc.cache_clear()
+    try:
+        assert DirWatch.open(str(tmp_path)) is None
+    finally:
+        monkeypatch.undo()
+        dirwatch._libc.cache_clear()
+
+    class Exhausted:  # inotify_init1 failing as at fs.inotify.max_user_instances
+        @staticmethod
+        def inotify_init1(flags: int) -> int:
+            return -1
+
+    monkeypatch.setattr(dirwatch, "_libc", lambda: Exhausted())
+    assert DirWatch.open(str(tmp_path)) is None

@@ -11,16 +11,20 @@ be watched); the caller then looks every interval, as before. A watch says only 
 names were written (closed after writing, moved in, or created): what they hold is read by
 the caller, as always. When the kernel's event queue overflowed, :meth:`DirWatch.wait` says
 so with :data:`OVERFLOW` (something may have been written that no event names: look at the
-whole directory); when the directory was removed, with :data:`ENDED`.
+whole directory); when the directory was removed, with :data:`ENDED`. A file system that
+does not tell (a network one written from another machine) tells nothing: the caller's
+looks every interval still find what was written there.
 
-libc's three inotify calls through ctypes: the package on PyPI (inotify_simple) does the
-same in more lines, and is not in the NixOS tree the module is evaluated in.
+libc's two inotify calls through ctypes, the events read with ``os.read``: the package on
+PyPI (inotify_simple) does the same, and would be a new dependency of the Nix package that
+the subset of the NixOS tree its tests evaluate in does not hold.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import select
@@ -59,7 +63,7 @@ class DirWatch:
 
     @classmethod
     def open(cls, path: str) -> DirWatch | None:
-        """A watch of ``path``, or None where none can be had (said once, at debug)."""
+        """A watch of ``path``, or None where none can be had (why, at debug level)."""
         libc = _libc()
         if libc is None:
             return None
@@ -155,24 +159,18 @@ def parse_events(data: bytes) -> set[str]:
     return names
 
 
-_LIBC: list[ctypes.CDLL | None] = []
-
-
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     """libc with inotify's calls, or None (not Linux, or no such calls)."""
-    if not _LIBC:
-        libc: ctypes.CDLL | None = None
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)  # (the interpreter's own libc)
-                libc.inotify_init1.argtypes = [ctypes.c_int]
-                libc.inotify_init1.restype = ctypes.c_int
-                libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p,
-                                                   ctypes.c_uint32]
-                libc.inotify_add_watch.restype = ctypes.c_int
-            except (OSError, AttributeError) as exc:
-                log.debug("no inotify: %s", exc)
-                libc = None
-        _LIBC.append(libc)
-    return _LIBC[0]
-
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # (the interpreter's own libc)
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_init1.restype = ctypes.c_int
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        libc.inotify_add_watch.restype = ctypes.c_int
+    except (OSError, AttributeError) as exc:
+        log.debug("no inotify: %s", exc)
+        return None
+    return libc
