@@ -87,6 +87,8 @@ def with_policy(tmp: Path, steps: int) -> tuple[Closure, Path]:
 
 def generate(tmp: Path, steps: int, seed: int = 1, changed: str | None = None,
              store: Path | None = None) -> Closure:
+    if steps < 2:  # (one ordinary step and the aggregate above it, at least)
+        raise ValueError(f"a synthetic closure has at least 2 steps, not {steps}")
     rng = random.Random(seed)
     root = store or tmp / "store"
     store_dir = root / "nix" / "store"

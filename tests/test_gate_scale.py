@@ -700,3 +700,21 @@ def test_a_store_directory_removed_and_made_again_is_watched_again(tmp_path: Pat
         wait_for(lambda: f"{index.store_dir}/late.drv" in index.skipped, 10)
     finally:
         index.close()
+
+
+def test_a_drv_written_in_the_same_clock_tick_as_the_last_look_is_read(
+        tmp_path: Path) -> None:
+    """The store directory's mtime moves in clock ticks (milliseconds): a file created in
+    the tick of the last look's stat leaves it as that look saw it. A look the watch asks
+    for lists the directory whatever its mtime says."""
+    index, store, _ = _watched_index(tmp_path, 5)
+    index.start_watch(30.0)
+    try:
+        wait_for(lambda: index._mtime is not None, 10)  # (the first look, of the empty store)
+        seen = index._mtime
+        with index._scan_lock:  # (the look the watch asks for waits until the file is made)
+            (store / "same-tick.drv").write_text("Derive(")
+            os.utime(store, ns=(seen, seen))  # as if created in the tick of the last stat
+        wait_for(lambda: f"{index.store_dir}/same-tick.drv" in index.skipped, 10)
+    finally:
+        index.close()

@@ -504,11 +504,14 @@ class DrvIndex:
         log.debug("background indexing of %s every %g s%s", self.real_dir, interval,
                   " and when a .drv is written" if watch is not None else "")
         failing = False
+        told = False  # the watch told of a .drv written
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
                 try:
-                    self.refresh()
+                    # (told: listed whatever the directory's mtime says, which a file
+                    # created in the same clock tick as the last look's stat leaves as it was)
+                    self.refresh(force=told)
                     if failing:
                         log.warning("the Nix store directory %s can be read again",
                                     self.real_dir)
@@ -522,12 +525,16 @@ class DrvIndex:
                 took = time.monotonic() - started
                 if watch is None and watching:  # (the directory was removed: back now?)
                     watch = self._dirwatch = DirWatch.open(self.real_dir)
+                told = False
                 if watch is None:
                     self._stop.wait(next_look(interval, took))
+                    continue
                 # (a look a .drv's writing brings is held back by the listing's cost alone:
                 # reading each new .drv once is work to be done anyway)
-                elif self._wait_written(watch, started + next_look(interval, took),
-                                        started + next_look(WATCH_GAP, self.listed_in)):
+                got = self._wait_written(watch, started + next_look(interval, took),
+                                         started + next_look(WATCH_GAP, self.listed_in))
+                told = got is not None
+                if got == ENDED:
                     watch.close()  # it ended with its directory
                     watch = self._dirwatch = None
         finally:
@@ -535,21 +542,25 @@ class DrvIndex:
             if watch is not None:
                 watch.close()
 
-    def _wait_written(self, watch: DirWatch, deadline: float, earliest: float) -> bool:
-        """Until ``deadline`` (the next look), or until a .drv is written and ``earliest``
-        (the soonest a look may follow the last) has come; or until :meth:`close`. Whether
-        the watch ended (the directory was removed)."""
+    def _wait_written(self, watch: DirWatch, deadline: float, earliest: float) -> str | None:
+        """Until ``deadline`` (the next look: None), or until a .drv is written and
+        ``earliest`` (the soonest a look may follow the last) has come (its name, or
+        :data:`~tracehook.stores.dirwatch.OVERFLOW`), or the watch ended
+        (:data:`~tracehook.stores.dirwatch.ENDED`: the directory was removed); or until
+        :meth:`close` (None)."""
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= deadline:
-                return False
+                return None
             names = watch.wait(deadline - now)  # (close() wakes it)
             if ENDED in names:
-                return True
-            if any(n.endswith(".drv") or n == OVERFLOW for n in names):
+                return ENDED
+            written = next((n for n in names if n.endswith(".drv") or n == OVERFLOW), None)
+            if written is not None:
                 self._stop.wait(max(0.0, earliest - time.monotonic()))
-                return ENDED in watch.drain()  # (what was written meanwhile, the look reads)
-        return False
+                later = watch.drain()  # (what was written meanwhile, the look reads)
+                return ENDED if ENDED in later else written
+        return None
 
     def close(self) -> None:
         """Stop the background indexing (if any), and keep the whole index for the next
