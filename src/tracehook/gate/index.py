@@ -525,8 +525,8 @@ class DrvIndex:
                 took = time.monotonic() - started
                 if watch is None and watching:  # (the directory was removed: back now?)
                     watch = self._dirwatch = DirWatch.open(self.real_dir)
-                told = False
                 if watch is None:
+                    told = False
                     self._stop.wait(next_look(interval, took))
                     continue
                 # (a look a .drv's writing brings is held back by the listing's cost alone:

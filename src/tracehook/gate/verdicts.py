@@ -338,8 +338,7 @@ class GateVerifier:
         except ConfigError as exc:  # the policy file is broken: requests answer 503
             log.debug("not verifying ahead: %s", exc.diagnostics())
             return
-        if not self._handed.is_set():  # (as a request's walk: after what is handed on)
-            self._handed.wait(max(0.0, self._hold_until - self.clock()))
+        self._wait_handed()  # (as a request's walk)
         for step in steps:
             try:
                 outputs = frozenset(self.reader.read_derivation(step).outputs)
@@ -348,6 +347,12 @@ class GateVerifier:
                 continue
             # (one decided already is not worked on again: Engine.submit looks first)
             engine.submit(Target(step, step, outputs))  # (its outcome is a request's to read)
+
+    def _wait_handed(self) -> None:
+        """Before a walk: what the last generation hands on is taken first (waited for
+        until ``HANDOVER_HOLD`` seconds after the generation began, at most)."""
+        if not self._handed.is_set():
+            self._handed.wait(max(0.0, self._hold_until - self.clock()))
 
     def verdict(self, step: str, output: str, rdrv_path: str | None = None) -> Verdict:
         """The verdict on ``output`` of the build step ``step``; with ``rdrv_path``, only
@@ -362,8 +367,7 @@ class GateVerifier:
         try:
             if not engine.decided(target):  # (a step decided below another asks nothing)
                 nowait.check()
-                if not self._handed.is_set():  # (what the last generation hands on first)
-                    self._handed.wait(max(0.0, self._hold_until - self.clock()))
+                self._wait_handed()
                 engine.submit(target).result(timeout=self.deadline)
         except concurrent.futures.TimeoutError:
             return Verdict(step, _name(step), "?", fault=f"not decided within "
